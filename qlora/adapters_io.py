@@ -23,7 +23,7 @@ from torch import nn
 from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
-from qlora.lora import LoRAEmbedding, ModulesToSave, lora_class_for
+from qlora.lora import LoRAEmbedding, ModulesToSave, is_4bit, lora_class_for
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -65,8 +65,24 @@ def _config_json(model: nn.Module, config: LoraConfig) -> dict:
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "qlora": {**(config.qlora or {}), "adapter_dtype": dtype_name(_adapter_dtype_of(model))},
+        "qlora": {**(config.qlora or {}), **_model_facts(model)},
     }
+
+
+def _model_facts(model: nn.Module) -> dict:
+    """What an export needs to rebuild the trained model from the base folder alone."""
+    facts = {"architecture": type(model).__name__, "adapter_dtype": dtype_name(_adapter_dtype_of(model))}
+    frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point]
+    if frozen:
+        facts["base_dtype"] = dtype_name(frozen[0])   # dtype of the unquantized frozen weights
+    hf_config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("Classification"):
+        return facts
+    for key in ("id2label", "label2id", "problem_type", "num_labels"):
+        value = getattr(hf_config, key, None)
+        if value is not None:
+            facts.setdefault("config_overrides", {})[key] = value
+    return facts
 
 
 def _adapter_dtype_of(model: nn.Module) -> torch.dtype:
@@ -162,6 +178,11 @@ def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
         else:
             shapes[f"{path}.lora_A.weight"] = (r, module.in_features)
             shapes[f"{path}.lora_B.weight"] = (module.out_features, r)
+        if not is_4bit(module):
+            # PEFT also saves the base weights of a targeted embed_tokens / lm_head
+            # (save_embedding_layers="auto"); PeftModel loads them into the base layer, so do we.
+            for name, p in module.named_parameters():
+                shapes[f"{path}.base_layer.{name}"] = tuple(p.shape)
     for path, module in to_save.items():
         for name, p in module.named_parameters():
             shapes[f"{path}.{name}"] = tuple(p.shape)
@@ -200,7 +221,7 @@ def load_adapter(model: nn.Module, folder, dtype=None) -> nn.Module:
         raise QLoRAError(f"adapter file lacks {missing[0]!r} (and {len(missing) - 1} more) that its config "
                          "targets; the file is incomplete; the model was left as it was")
     add_lora(model, config)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: every name
     with torch.no_grad():
         for key, value in got.items():
             name = _param_name(key, to_save)

@@ -1,0 +1,440 @@
+"""Dequantize-and-merge export: base folder + adapter -> one plain bf16/fp16/fp32 model folder.
+
+    qlora export --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16] [--merge-onto dequantized]
+    export_adapter(base, adapter, out, dtype="bfloat16")         # the function behind it
+    export_merged(model, out, dtype="bfloat16")                   # from an in-memory QLoRA model
+
+The adapter was trained against dequant(quant(W)), not W: by default each adapted weight is
+re-quantized with the exact settings recorded in the adapter's config (quant type, blocksize,
+double quantization, and the dtype it was quantized from), dequantized, and s·B·A is added in
+fp32. Memory stays flat: the base is read one tensor at a time (safetensors' lazy `safe_open`)
+and the output streamed one tensor at a time (`shard_writer`), so peak memory is a few layers
+in fp32, whatever the model size. Everything is written into a temporary folder beside `out`
+and renamed at the end; a killed export leaves no `out`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from qlora.adapters_io import read_adapter_config, read_adapter_tensors
+from qlora.config import dtype_name, parse_dtype
+from qlora.errors import QLoRAError
+from qlora.shard_writer import ShardedWriter, plan_shards
+
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                "chat_template.jinja", "preprocessor_config.json")
+_DTYPE_OF = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass
+class LayerUpdate:
+    """One adapted weight: what was added and how big the NF4 rounding was next to it."""
+    name: str
+    update_norm: float          # ||s·B·A||_F
+    quant_error_norm: float     # ||W - dequant(quant(W))||_F (0 when the layer was not 4-bit)
+
+    @property
+    def ratio(self) -> float:
+        return self.quant_error_norm / max(self.update_norm, 1e-30)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    dtype: str
+    merge_onto: str
+    layers: list[LayerUpdate] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    verification: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading the inputs
+
+def base_weight_files(base) -> tuple[Path, dict, list[Path]]:
+    """(folder, config.json as dict, safetensors files) of a Hugging Face model folder."""
+    from qlora.bundled import resolve_model
+    folder = Path(resolve_model(str(base)))
+    if not folder.is_dir():
+        raise QLoRAError(f"base model folder {str(base)!r} does not exist (export needs the weights on disk)")
+    if not (folder / "config.json").is_file():
+        raise QLoRAError(f"{folder} has no config.json; give the Hugging Face model folder the adapter was trained on")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        extra = " (only pickled .bin weights: qlora never unpickles; re-save them as safetensors)" \
+            if list(folder.glob("*.bin")) else ""
+        raise QLoRAError(f"{folder} has no .safetensors weights{extra}")
+    return folder, json.loads((folder / "config.json").read_text()), files
+
+
+def tensor_specs(files: list[Path]) -> dict[str, tuple[Path, tuple, torch.dtype]]:
+    """checkpoint key -> (file, shape, dtype), from the headers only (no tensor is read)."""
+    specs = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                specs[key] = (path, tuple(sl.get_shape()), _DTYPE_OF.get(sl.get_dtype(), None) or _other(sl))
+    return specs
+
+
+def _other(sl) -> torch.dtype:
+    names = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F64": torch.float64}
+    return names[sl.get_dtype()]
+
+
+def key_prefix_fix(ckpt_keys: list[str], adapter_paths: list[str]) -> tuple[str, str]:
+    """(strip, add): checkpoint key -> trained model's name is `add + key.removeprefix(strip)`.
+
+    A base saved as `BertModel` has keys `encoder.layer.0...`; trained as
+    `BertForSequenceClassification`, the adapter says `bert.encoder.layer.0...`."""
+    keys = set(ckpt_keys)
+    for path in adapter_paths:
+        want = path + ".weight"
+        if want in keys:
+            return "", ""
+        for key in keys:
+            if want.endswith("." + key):
+                return "", want[: len(want) - len(key)]
+            if key.endswith("." + want):
+                return key[: len(key) - len(want)], ""
+    raise QLoRAError(f"adapter module {adapter_paths[0]!r} has no weight in the base checkpoint: "
+                     "the adapter was trained on another model")
+
+
+def adapter_updates(tensors: dict, paths: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """module path -> (A, B, kind) with kind 'linear' | 'embedding' | 'conv'."""
+    out = {}
+    for path in paths:
+        if f"{path}.lora_embedding_A" in tensors:
+            out[path] = (tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"], "embedding")
+        else:
+            a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+            out[path] = (a, b, "conv" if a.dim() == 4 else "linear")
+    return out
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, kind: str, scaling: float) -> torch.Tensor:
+    """s·B·A in fp32, in the base weight's layout (same formulas as the LoRA layers)."""
+    a, b = a.float(), b.float()
+    if kind == "embedding":
+        return (b @ a).T * scaling                                    # [n, d]
+    if kind == "conv":
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * scaling
+    return (b @ a) * scaling                                           # [out, in]
+
+
+def roundtrip_4bit(weight: torch.Tensor, settings: dict) -> torch.Tensor:
+    """dequant(quant(W)) exactly as the 4-bit layer held it during training, returned in fp32."""
+    import bitsandbytes.functional as bnbf
+    from_dtype = parse_dtype(settings.get("quantized_from_dtype") or settings.get("compute_dtype") or "bfloat16")
+    w = weight.to(from_dtype)
+    q, state = bnbf.quantize_4bit(w, blocksize=int(settings.get("blocksize", 64)),
+                                  compress_statistics=bool(settings.get("double_quant", True)),
+                                  quant_type=settings.get("quant_type", "nf4"))
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+# ---------------------------------------------------------------- writing
+
+def _staging_folder(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):       # left by a killed export
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace `out` with `tmp`; the old `out` is removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None) -> None:
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    config.update(overrides or {})
+    config["dtype"] = dtype_name(dtype)
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "dequantized", force: bool = False,
+                   verify: bool = True, verify_live: bool = True, max_shard_size: int = 2 << 30,
+                   progress: bool = True) -> ExportResult:
+    """Merge the adapter in `adapter` into the base folder `base` and write a plain model to `out`."""
+    dtype = parse_dtype(dtype)
+    if merge_onto not in ("dequantized", "original"):
+        raise QLoRAError(f"merge_onto={merge_onto!r}: use 'dequantized' (the weights the adapter was trained "
+                         "against, default) or 'original' (the unquantized base weights)")
+    out = Path(out)
+    folder, hf_config, files = base_weight_files(base)
+    config = read_adapter_config(adapter)
+    tensors = read_adapter_tensors(adapter)
+    settings = config.qlora or {}
+    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k}
+    saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
+    updates = adapter_updates(tensors, lora_paths)
+    specs = tensor_specs(files)
+    strip, add = key_prefix_fix(list(specs), sorted(lora_paths))
+    name_of = {key: add + key.removeprefix(strip) for key in specs}
+
+    # Check that everything fits before writing anything.
+    by_name = {name_of[k]: (k, *specs[k][1:]) for k in specs}
+    for path, (a, b, kind) in updates.items():
+        if path + ".weight" not in by_name:
+            raise QLoRAError(f"adapter module {path!r} has no weight {path}.weight in the base; "
+                             "the adapter was trained on another model. Nothing was written.")
+        shape = by_name[path + ".weight"][1]
+        expect = {"linear": (b.shape[0], a.shape[1]), "embedding": (a.shape[1], b.shape[0]),
+                  "conv": (b.shape[0], *a.shape[1:])}[kind]
+        if tuple(shape) != tuple(expect):
+            raise QLoRAError(f"adapter for {path!r} expects a weight of shape {expect} but the base has {shape}; "
+                             "the adapter was trained on another model size. Nothing was written.")
+    result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
+
+    out_specs = {}
+    for key, (path, shape, in_dtype) in specs.items():
+        out_specs[name_of[key]] = (shape, dtype if in_dtype.is_floating_point else in_dtype)
+    for name, value in saved.items():   # modules_to_save: new heads may not exist in the base at all
+        out_specs[name] = (tuple(value.shape), dtype if value.dtype.is_floating_point else value.dtype)
+    plan = plan_shards(out_specs, max_shard_size)
+
+    tmp = _staging_folder(out, force)
+    try:
+        handles = {p: safe_open(str(p), framework="pt") for p in files}
+        ckpt_key = {v: k for k, v in name_of.items()}
+        with ShardedWriter(tmp, plan) as writer:
+            for name in tqdm(plan.order, desc="export", unit="tensor", disable=not progress):
+                if name in saved:
+                    writer.write(name, saved[name].to(out_specs[name][1]))
+                    continue
+                key = ckpt_key[name]
+                w = handles[specs[key][0]].get_tensor(key)
+                path = name.removesuffix(".weight")
+                if name.endswith(".weight") and path in updates:
+                    w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
+                writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
+        del handles
+        write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config))
+        for extra in COPIED_FILES:
+            if (folder / extra).is_file():
+                shutil.copy2(folder / extra, tmp / extra)
+        _warn_small_updates(result)
+        if verify:
+            from qlora import export_verify as ev
+            live = None
+            if verify_live and settings.get("quantized_modules"):
+                live = ev.load_live_qlora(folder, adapter, ev.model_class_for(json.loads(
+                    (tmp / "config.json").read_text())), settings)
+            result.verification = ev.verify_export(
+                tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
+                live_model=live, input_folder=folder)
+        (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The fp32 weight the adapter at `path` saw in training: dequant(quant(W)) for a 4-bit layer,
+    W in the training dtype otherwise."""
+    if path in set(settings.get("quantized_modules", [])):
+        return roundtrip_4bit(w, settings)
+    train_dtype = parse_dtype(settings.get("base_dtype") or settings.get("compute_dtype")) if settings else None
+    return w.to(train_dtype).float() if train_dtype is not None else w.float()
+
+
+def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
+    """The merged fp32 weight of one adapted layer, recording the norms for the report."""
+    a, b, kind = update
+    delta = delta_weight(a, b, kind, scaling)
+    seen = training_weight(path, w, settings)
+    onto = seen if merge_onto == "dequantized" else w.float()
+    result.layers.append(LayerUpdate(path, delta.norm().item(), (w.float() - seen).norm().item()))
+    merged = onto + delta
+    if not torch.isfinite(merged).all():
+        raise QLoRAError(f"merging {path} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
+    return merged
+
+
+def _config_overrides(settings: dict, hf_config: dict) -> dict:
+    overrides = dict(settings.get("config_overrides") or {})
+    arch = settings.get("architecture")
+    if arch and arch not in (hf_config.get("architectures") or []):
+        overrides["architectures"] = [arch]
+    return overrides
+
+
+def _warn_small_updates(result: ExportResult) -> None:
+    if result.merge_onto != "original":
+        return
+    big = [l for l in result.layers if l.quant_error_norm > l.update_norm]
+    if big:
+        worst = max(big, key=lambda l: l.ratio)
+        result.warnings.append(
+            f"--merge-onto original: in {len(big)} of {len(result.layers)} layers the NF4 quantization error is "
+            f"larger than the LoRA update (worst {worst.name}: {worst.ratio:.1f}x); the merged model will not "
+            "behave like the trained one. Use --merge-onto dequantized.")
+
+
+def report_dict(result: ExportResult) -> dict:
+    return {
+        "out": str(result.out), "dtype": result.dtype, "merge_onto": result.merge_onto,
+        "layers": [{"name": l.name, "update_norm": l.update_norm, "quant_error_norm": l.quant_error_norm,
+                    "ratio": l.ratio} for l in result.layers],
+        "warnings": result.warnings, "verification": result.verification,
+    }
+
+
+# ---------------------------------------------------------------- from an in-memory model
+
+def _clean_name(key: str) -> str | None:
+    """Our module's state-dict key -> the plain model's key (None: not part of the plain model)."""
+    parts = key.split(".")
+    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
+        return None
+    if parts[-2:-1] == ["weight"] or "quant_state" in key:   # Linear4bit's weight.absmax, ... entries
+        return None
+    return ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
+
+
+def _plain_weight(module) -> torch.Tensor:
+    """A module's weight in fp32: dequantized for a 4-bit layer (what its forward uses)."""
+    from qlora.lora import is_4bit
+    if is_4bit(module):
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return module.weight.detach().float()
+
+
+def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: bool = True, tokenizer=None,
+                  max_shard_size: int = 2 << 30, progress: bool = True) -> ExportResult:
+    """Export an in-memory (Q)LoRA model as a plain model folder, one layer at a time: each 4-bit
+    weight is dequantized, s·B·A added in fp32, cast to `dtype` and streamed to disk."""
+    import tempfile
+
+    from qlora.adapters_io import save_adapter
+    from qlora.inject import lora_layers
+    from qlora.lora import is_4bit
+    dtype = parse_dtype(dtype)
+    out = Path(out)
+    if getattr(model, "config", None) is None:
+        raise QLoRAError("export_merged needs a transformers model (with .config); for other models use "
+                         "qlora.unload_lora on a non-quantized model and save its state_dict")
+    layers = lora_layers(model)
+    modules = dict(model.named_modules())
+    entries, seen_ids = {}, set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        name = _clean_name(key)
+        if name is None or id(value) in seen_ids:          # tied weights are written once
+            continue
+        seen_ids.add(id(value))
+        owner = modules.get(key.rsplit(".", 1)[0])
+        if name.endswith(".weight") and owner is not None and is_4bit(owner):
+            shape = tuple(owner.weight.quant_state.shape)
+        else:
+            shape = tuple(value.shape)
+        entries[name] = (key, owner, shape, dtype if value.dtype.is_floating_point or shape != tuple(value.shape)
+                         else value.dtype)
+    plan = plan_shards({n: (e[2], e[3]) for n, e in entries.items()}, max_shard_size)
+    result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto="dequantized")
+    lora_by_base = {id(layer.base_layer): (path, layer) for path, layer in layers.items()}
+    tmp = _staging_folder(out, force)
+    try:
+        state = model.state_dict(keep_vars=True)
+        with ShardedWriter(tmp, plan) as writer, torch.no_grad():
+            for name in tqdm(plan.order, desc="export", unit="tensor", disable=not progress):
+                key, owner, shape, out_dtype = entries[name]
+                if name.endswith(".weight") and owner is not None and id(owner) in lora_by_base:
+                    path, layer = lora_by_base[id(owner)]
+                    seen = _plain_weight(owner)
+                    delta = layer.delta_weight()
+                    result.layers.append(LayerUpdate(path, delta.norm().item(), 0.0))
+                    tensor = seen if layer.merged else seen + delta
+                elif name.endswith(".weight") and owner is not None and is_4bit(owner):
+                    tensor = _plain_weight(owner)
+                else:
+                    tensor = state[key].detach()
+                writer.write(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
+        write_config(tmp, config, dtype)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if verify and layers:
+            from qlora import export_verify as ev
+            with tempfile.TemporaryDirectory() as adapter_dir:
+                save_adapter(model, adapter_dir)
+                bases = {path: _plain_weight(layer.base_layer) for path, layer in layers.items()}
+                result.verification = ev.verify_export(tmp, adapter_dir, result, lambda p: bases[p],
+                                                       live_model=model, input_folder=tmp)
+        (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def summary(result: ExportResult) -> str:
+    """A few lines for the terminal: the layers, the verification, and any warning."""
+    lines = [f"exported {len(result.layers)} merged layers to {result.out} ({result.dtype}, "
+             f"merged onto {result.merge_onto} weights)"]
+    if result.layers:
+        worst = max(result.layers, key=lambda l: l.ratio)
+        mean_upd = sum(l.update_norm for l in result.layers) / len(result.layers)
+        lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g}; NF4 error / update: worst {worst.ratio:.3g} "
+                     f"({worst.name})")
+    v = result.verification
+    if v:
+        r = v["vs_reference"]
+        lines.append(f"  vs unmerged reference: max |Δ| {r['max_abs_error']:.3g}, relative {r['relative_error']:.3g}, "
+                     f"top-1 agreement {r['top1_agreement_pct']:.1f}%  -> {'PASS' if v['passed'] else 'FAIL'} "
+                     f"(limits: relative <= {v['thresholds']['relative_error']:g}, "
+                     f"agreement >= {v['thresholds']['top1_agreement_pct']:g}%)")
+        if "vs_live_qlora" in v:
+            r = v["vs_live_qlora"]
+            lines.append(f"  vs live QLoRA model (bitsandbytes 4-bit forward, for information): relative "
+                         f"{r['relative_error']:.3g}, top-1 agreement {r['top1_agreement_pct']:.1f}%")
+    lines += [f"  warning: {w}" for w in result.warnings]
+    return "\n".join(lines)

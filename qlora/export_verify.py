@@ -1,0 +1,128 @@
+"""Checks an exported folder against what was trained, on a few fixed inputs.
+
+1. Reference: the exported model with every adapted weight put back to the weight the adapter
+   saw in training (dequant(quant(W)) for 4-bit layers) and the adapter applied as a separate
+   path, in the export's dtype. The merged export must match it to rounding level: with fp32,
+   relative logit error <= 1e-4 and 100% teacher-forced top-1 agreement.
+2. For information: the live QLoRA model (bitsandbytes' 4-bit forward + adapter). bitsandbytes'
+   CPU 4-bit forward differs from x·dequant(W)ᵀ by ~0.3% per layer, so expect bf16-level noise.
+
+Memory: one model at a time; the reference is made from the exported model in place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qlora.config import parse_dtype
+
+# relative logit error (||Δ||/||ref||) and top-1 agreement an export must reach against the reference
+THRESHOLDS = {"float32": (1e-4, 100.0), "float16": (1e-2, 99.0), "bfloat16": (5e-2, 95.0)}
+SENTENCES = ["The capital of France is Paris, and it is known for the Eiffel Tower.",
+             "A surprisingly tender film that never quite finds its footing.",
+             "def add(a, b):\n    return a + b",
+             "Low-rank adapters train a small update beside a frozen, quantized base model."]
+
+
+def model_class_for(config: dict):
+    import transformers
+    for arch in config.get("architectures") or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
+    """Token ids of a few fixed sentences (random ids, seeded, without a tokenizer); pixels for vision."""
+    gen = torch.Generator().manual_seed(0)
+    if getattr(config, "model_type", "") == "vit" or hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        return {"pixel_values": torch.randn(n, config.num_channels, config.image_size, config.image_size,
+                                            generator=gen)}
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(SENTENCES[:n], return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    except Exception:  # no tokenizer in the folder: seeded random ids
+        ids = torch.randint(0, config.vocab_size, (n, seq), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def outputs(model, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    diff = (got - ref)
+    agree = got.argmax(-1) == ref.argmax(-1)
+    if mask is not None and agree.dim() == mask.dim():
+        agree = agree[mask.bool()]
+    return {"max_abs_error": diff.abs().max().item(),
+            "relative_error": (diff.norm() / ref.norm().clamp_min(1e-30)).item(),
+            "top1_agreement_pct": 100.0 * agree.float().mean().item()}
+
+
+def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None, input_folder=None) -> dict:
+    """Compare the export in `folder` with the unmerged reference (and `live_model`, if given).
+
+    `seen_weight(path)` gives the fp32 weight the adapter at module `path` saw in training."""
+    import json
+
+    from qlora.adapters_io import load_adapter
+    config_json = json.loads((Path(folder) / "config.json").read_text())
+    cls = model_class_for(config_json)
+    dtype = parse_dtype(result.dtype)
+    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    inputs = sample_inputs(Path(input_folder or folder), model.config)
+    mask = inputs.get("attention_mask")
+    exported = outputs(model, inputs)
+
+    # the reference: adapted weights back to what training saw, adapter as a separate path
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for layer in result.layers:
+            params[layer.name + ".weight"].copy_(seen_weight(layer.name).to(dtype))
+    load_adapter(model, adapter, dtype=dtype)
+    reference = outputs(model, inputs)
+    del model
+    report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
+              "vs_reference": compare(exported, reference, mask)}
+    limit_rel, limit_agree = THRESHOLDS[result.dtype]
+    report["thresholds"] = {"relative_error": limit_rel, "top1_agreement_pct": limit_agree}
+    vs = report["vs_reference"]
+    report["passed"] = vs["relative_error"] <= limit_rel and vs["top1_agreement_pct"] >= limit_agree
+    if live_model is not None:
+        report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
+    return report
+
+
+def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
+    """seen_weight(path) for an export from files: re-read W and redo what training did to it."""
+    from qlora.export import base_weight_files, tensor_specs, training_weight
+    specs = tensor_specs(base_weight_files(base_folder)[2])
+
+    def seen(path: str) -> torch.Tensor:
+        key = next(k for k in specs if (path + ".weight").endswith(k) or k.endswith(path + ".weight"))
+        with safe_open(str(specs[key][0]), framework="pt") as f:
+            w = f.get_tensor(key)
+        return w.float() if merge_onto == "original" else training_weight(path, w, settings)
+    return seen
+
+
+def load_live_qlora(base_folder: Path, adapter, cls, settings: dict):
+    """The trained QLoRA model as it ran: 4-bit base (same settings) + adapter."""
+    from qlora.adapters_io import load_adapter
+    from qlora.quant import load_4bit
+    labels = {k: v for k, v in (settings.get("config_overrides") or {}).items() if k in ("id2label", "label2id")}
+    live = load_4bit(str(base_folder), cls, quant_type=settings.get("quant_type", "nf4"),
+                     double_quant=settings.get("double_quant", True),
+                     compute_dtype=parse_dtype(settings.get("compute_dtype", "bfloat16")),
+                     blocksize=int(settings.get("blocksize", 64)), **labels)
+    return load_adapter(live, adapter)
