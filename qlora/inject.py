@@ -203,8 +203,12 @@ def print_trainable_parameters(model: nn.Module) -> str:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Add s·B·A into every adapted base weight (fp32 arithmetic). Idempotent."""
-    for layer in lora_layers(model).values():
+    """Add s·B·A into every adapted base weight (fp32 arithmetic). Idempotent. All layers are
+    checked first: when one can't be merged (non-finite result, 4-bit base), none is."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.check_merge()
+    for layer in layers:
         layer.merge()
     return model
 
@@ -222,8 +226,8 @@ def unload_lora(model: nn.Module) -> nn.Module:
     if any(is_4bit(layer.base_layer) for layer in layers.values()):
         raise QLoRAError("this model has a 4-bit base: merging into 4-bit weights changes the outputs. "
                          "Use qlora.export_merged(model, out_folder) to get a plain bf16/fp16 model.")
+    merge_lora(model)   # all or nothing, before any module is replaced
     for path, layer in layers.items():
-        layer.merge()
         _set_submodule(model, path, layer.base_layer)
     for path, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         _set_submodule(model, path, module.modules_to_save)

@@ -68,18 +68,27 @@ class LoRALayer(nn.Module):
         self._add_to_base(-self.delta_weight())
         self.merged = False
 
+    def check_merge(self) -> None:
+        """Raise QLoRAError if `merge()` would fail (4-bit base, non-finite result); changes nothing."""
+        if not self.merged:
+            self._new_weight(self.delta_weight())
+
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        self.base_layer.weight.data.copy_(self._new_weight(delta))
+
+    def _new_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """W + delta in fp32, cast to W's dtype; refused when not finite (also after the cast to fp16)."""
         if is_4bit(self.base_layer):
             raise QLoRAError(
                 "cannot merge a LoRA adapter into a 4-bit base in place: re-quantizing the sum changes the "
                 "outputs. Export a merged bf16/fp16 model instead: qlora.export_merged(model, out_folder) or "
                 "`qlora export --base ... --adapter ... --out ...`")
         weight = self.base_layer.weight
-        new = weight.data.float() + delta.to(weight.device)
+        new = (weight.data.float() + delta.to(weight.device)).to(weight.dtype)
         if not torch.isfinite(new).all():
             raise QLoRAError(f"merging the adapter into {type(self.base_layer).__name__} gives non-finite "
                              "weights (the adapter has inf/NaN or huge values); nothing was changed")
-        weight.data.copy_(new.to(weight.dtype))
+        return new
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"

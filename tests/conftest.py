@@ -1,0 +1,88 @@
+"""Shared tiny-model fixtures: transformers models built from configs with random (seeded) weights.
+
+No download, no Hub: every model is created from a config, in fp32, in eval mode. Each fixture
+returns a *factory* so a test can build several identical copies (same seed -> same weights):
+
+    def test_x(tiny_llama):
+        a, b = tiny_llama(), tiny_llama()          # equal weights, independent objects
+        seq_cls = tiny_llama(seq_cls=True)         # LlamaForSequenceClassification (head: `score`)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+SEED = 0
+VOCAB = 96
+
+
+def _build(cls, config, seed: int):
+    torch.manual_seed(seed)
+    model = cls(config)
+    return model.float().eval()
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test (restored after): tiny matmuls are many times faster without
+    thread hand-offs, especially on a busy machine. Opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory: a 2-layer Llama (hidden 32, 4 heads / 2 KV heads, untied lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    def make(seq_cls: bool = False, seed: int = SEED, **overrides):
+        cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   tie_word_embeddings=False, pad_token_id=0, num_labels=3)
+        cfg.update(overrides)
+        cls = LlamaForSequenceClassification if seq_cls else LlamaForCausalLM
+        return _build(cls, LlamaConfig(**cfg), seed)
+    return make
+
+
+@pytest.fixture
+def tiny_bert_cls():
+    """Factory: a 2-layer BertForSequenceClassification (hidden 32, 4 heads, 3 labels)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def make(seed: int = SEED, **overrides):
+        cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+        cfg.update(overrides)
+        return _build(BertForSequenceClassification, BertConfig(**cfg), seed)
+    return make
+
+
+@pytest.fixture
+def tiny_vit():
+    """Factory: a 1-layer ViTForImageClassification (image 32, patch 8, hidden 32, 5 labels)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def make(seed: int = SEED, **overrides):
+        cfg = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, intermediate_size=64,
+                   num_hidden_layers=1, num_attention_heads=4, num_labels=5)
+        cfg.update(overrides)
+        return _build(ViTForImageClassification, ViTConfig(**cfg), seed)
+    return make
+
+
+@pytest.fixture
+def token_ids():
+    """Seeded token ids [2, 7] in 1..VOCAB-1 (no padding token)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, VOCAB, (2, 7), generator=g)
+
+
+@pytest.fixture
+def pixel_values():
+    """Seeded images [2, 3, 32, 32] for `tiny_vit`."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(2, 3, 32, 32, generator=g)
