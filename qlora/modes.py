@@ -1,0 +1,71 @@
+"""Training configurations: which weights train, in which precision, with or without checkpointing.
+
+    model = build_for_mode("qlora-ckpt", load_float=..., load_4bit=..., lora=LoraConfig(...))
+
+| mode       | base weights          | trainable                         |
+|------------|-----------------------|-----------------------------------|
+| full       | float (bf16 or fp32)  | everything                        |
+| head       | float, frozen         | the output head only              |
+| lora       | float, frozen         | LoRA adapters (+ modules_to_save) |
+| qlora      | NF4 4-bit, frozen     | LoRA adapters in bf16 (+ head)    |
+| *-ckpt     | as above              | as above; activations recomputed  |
+
+Shared by the recipes (accuracy tables) and by `qlora.profile` (memory tables).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from qlora.config import LoraConfig
+from qlora.errors import QLoRAError
+from qlora.inject import add_lora, output_head_paths
+
+MODES = ("full", "head", "lora", "qlora")
+CONFIGURATIONS = ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
+
+
+def check_mode(mode: str, allowed=CONFIGURATIONS) -> str:
+    if mode not in allowed:
+        raise QLoRAError(f"mode {mode!r} is not known; allowed: {', '.join(allowed)}")
+    return mode
+
+
+def unfreeze_head(model: nn.Module) -> int:
+    """Freeze everything except the output head (lm_head / classifier / score); returns its param count."""
+    heads = output_head_paths(model)
+    if not heads:
+        raise QLoRAError(f"{type(model).__name__} has no output head (lm_head, classifier or score) to train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    count, modules = 0, dict(model.named_modules())
+    for name in sorted(heads):
+        if any(name.startswith(other + ".") for other in heads):
+            continue
+        for p in modules[name].parameters():
+            if not p.requires_grad:
+                p.requires_grad_(True)
+                count += p.numel()
+    return count
+
+
+def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit: Callable[[], nn.Module],
+                   lora: LoraConfig | None = None) -> nn.Module:
+    """A fresh model set up for `mode` (one of CONFIGURATIONS)."""
+    check_mode(mode)
+    base, _, ckpt = mode.partition("-")
+    if base in ("lora", "qlora") and lora is None:
+        raise QLoRAError(f"mode {mode!r} needs a LoraConfig")
+    model = load_4bit() if base == "qlora" else load_float()
+    if base == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif base == "head":
+        unfreeze_head(model)
+    else:
+        add_lora(model, LoraConfig(**{**lora.__dict__, "qlora": {}}))
+    if ckpt:
+        from qlora.checkpointing import enable_checkpointing
+        enable_checkpointing(model)
+    return model

@@ -1,0 +1,76 @@
+"""Recipe configs: a YAML file, `key=value` overrides from the command line, typed dataclasses.
+
+    cfg = load_recipe_config("recipes/configs/seq_cls.yaml", ["lora.r=16", "train.epochs=1"], SeqClsConfig)
+
+Overrides are parsed as YAML values (`train.lr=3e-4` is a float, `mode=all` a string). Every key is
+checked against the dataclass: an unknown key or a bad value names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from qlora.errors import QLoRAError
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise QLoRAError(f"override {assignment!r} is not key=value (e.g. lora.r=16 train.epochs=1)")
+    key, _, raw = assignment.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise QLoRAError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys fail."""
+    if not isinstance(data, dict):
+        raise QLoRAError(f"{where or 'config'} must be a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise QLoRAError(f"unknown config key {where + unknown[0]!r}; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except QLoRAError as e:
+        raise QLoRAError(f"{where.rstrip('.') or 'config'}: {e}") from None
+    except TypeError as e:
+        raise QLoRAError(f"{where.rstrip('.') or 'config'}: {e}") from None
+
+
+def load_recipe_config(path, overrides: list[str], cls):
+    path = Path(path)
+    if not path.is_file():
+        raise QLoRAError(f"config file {str(path)!r} not found (see recipes/configs/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QLoRAError(f"{path} is not valid YAML: {e}") from None
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    tree.pop("recipe", None)
+    return from_dict(cls, tree)
+
+
+def recipe_name(path) -> str:
+    """The `recipe:` key of a config file (which script in recipes/ runs it)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    name = tree.get("recipe")
+    if not name:
+        raise QLoRAError(f"{path} has no 'recipe:' key naming the script in recipes/ that runs it")
+    return name

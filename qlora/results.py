@@ -1,0 +1,44 @@
+"""The seed-style comparison table a recipe writes: table.md and table.json.
+
+| Model | Mode | Learnable Params | %Trainable | Accuracy | Peak memory | Step time |
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+COLUMNS = ("Model", "Mode", "Learnable Params", "%Trainable", "Accuracy", "Peak memory", "Step time")
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        acc = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
+        step = f"{r['step_seconds'] * 1000:.0f} ms" if r.get("step_seconds") else "-"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['trainable_params']:,} | "
+                     f"{100 * r['trainable_params'] / r['total_params']:.4f}% | {acc} | "
+                     f"{human_bytes(r.get('peak_bytes'))} | {step} |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], out_dir, extra: dict | None = None) -> str:
+    """Write table.md and table.json (temp name, then rename); returns the markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown_table(rows)
+    for name, content in (("table.md", text + "\n"), ("table.json", json.dumps({"rows": rows, **(extra or {})},
+                                                                                 indent=2))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, out / name)
+    return text

@@ -1,0 +1,427 @@
+"""The training loop: accelerate underneath, so one code path serves CPU, one GPU and DDP.
+
+    result = train(model, train_set, collate, loss_fn, TrainConfig(epochs=1, lr=2e-4), eval_fn=evaluate)
+    # accelerate launch --multi_gpu --num_processes 2 my_script.py   (no code change)
+
+- AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW (`optimizer=`); linear warm-up then cosine decay.
+- tqdm bar with loss, learning rate and samples/s; `metrics.jsonl` (one JSON object per log line)
+  and `curves.png` (loss and eval metric) in `out_dir`.
+- Checkpoints every `save_every` steps: trainable weights (+ the adapter in PEFT format), optimizer,
+  scheduler, RNG states and position, written to a temp folder and renamed; the last `keep_last`
+  are kept. `resume=True` continues from the newest and reproduces the uninterrupted run's losses
+  exactly on CPU (the data order is a function of (seed, epoch), not of any RNG state).
+- A NaN/inf loss stops training with a clear message; the last good checkpoint is kept.
+- The first step's peak memory and time are logged (memprofile's allocator account on CPU,
+  `torch.cuda.max_memory_allocated` on CUDA).
+No pickles: every checkpoint file is safetensors or JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora.errors import QLoRAError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+class TrainingDiverged(QLoRAError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Passes over the training set."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (None: run all epochs)."""
+    batch_size: int = 16
+    """Examples per micro-batch per process. Activation memory grows linearly with it."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: a larger effective batch at the memory cost of one."""
+    lr: float = 2e-4
+    """Peak learning rate after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = 0.06
+    """Fraction of the steps spent ramping the learning rate linearly from 0."""
+    optimizer: str = "adamw"
+    """adamw (2 fp32-or-param-dtype moments per trainable weight), adamw8bit (1 byte each), paged_adamw8bit."""
+    max_grad_norm: Optional[float] = 1.0
+    """Gradient clipping (None: off)."""
+    bf16: bool = False
+    """bf16 autocast for the forward pass (mixed precision)."""
+    eval_every: Optional[int] = None
+    """Evaluate every N optimizer steps, in addition to the end of each epoch."""
+    save_every: Optional[int] = None
+    """Checkpoint every N optimizer steps (None: no checkpoints)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    log_every: int = 10
+    """Write a metrics line every N optimizer steps."""
+    seed: int = 0
+    """Seeds model init, dropout and the data order."""
+    out_dir: str = "runs/train"
+    """Where metrics.jsonl, curves.png and checkpoints/ go."""
+    resume: bool = False
+    """Continue from the newest checkpoint in out_dir/checkpoints."""
+    progress: bool = True
+    """Show the tqdm bar."""
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise QLoRAError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
+        if not self.lr > 0:
+            raise QLoRAError(f"lr={self.lr!r}: must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list = field(default_factory=list)        # (step, loss) per optimizer step
+    evals: list = field(default_factory=list)         # (step, {metric: value})
+    first_step_peak_bytes: Optional[int] = None
+    first_step_seconds: Optional[float] = None
+    mean_step_seconds: Optional[float] = None
+    peak_method: str = ""
+
+
+def make_optimizer(params, config: TrainConfig):
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    import bitsandbytes as bnb
+    cls = bnb.optim.AdamW8bit if config.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for one epoch: a permutation fixed
+    by (seed, epoch), cut into batches, dealt round-robin to the processes."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    usable = len(batches) - len(batches) % world   # every process gets the same count (DDP)
+    return batches[rank:usable:world]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_rng_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py = random.getstate()
+    return tensors, {"python_rng": [py[0], list(py[1]), py[2]]}
+
+
+def _set_rng_state(tensors: dict, info: dict) -> None:
+    torch.set_rng_state(tensors["torch_rng"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("cuda_rng_")])
+    v, state, gauss = info["python_rng"]
+    random.setstate((v, tuple(state), gauss))
+
+
+def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, info: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in info["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, keep_last: int) -> Path:
+    """out_dir/checkpoints/step-000123: trainable.safetensors, adapter/, optimizer.*, rng.*, state.json."""
+    from qlora.adapters_io import save_adapter
+    root = folder / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{position['step']:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    if getattr(model, "qlora_config", None) is not None:
+        save_adapter(model, tmp / "adapter")
+    opt_tensors, opt_info = _optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_info = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state = {"position": position, "optimizer": opt_info, "rng": rng_info, "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    found = sorted((folder / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path / "trainable.safetensors")).items():
+            if name not in params:
+                raise QLoRAError(f"checkpoint {path} holds {name!r}, which this model lacks: resume with the "
+                                 "same model and mode, or start a new out_dir")
+            params[name].copy_(value)
+    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                                                    state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state["position"]
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainConfig,
+          eval_fn: Optional[Callable] = None) -> TrainResult:
+    """Train the parameters of `model` that require grad.
+
+    `collate(list_of_examples) -> batch`; `loss_fn(model, batch) -> scalar loss`;
+    `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(config.out_dir)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
+                              gradient_accumulation_steps=config.grad_accum,
+                              cpu=not torch.cuda.is_available())
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    n_batches = len(epoch_batches(len(train_set), config.batch_size, config.seed, 0, rank, world))
+    steps_per_epoch = max(1, n_batches // config.grad_accum)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise QLoRAError("the model has no trainable parameters: add LoRA (qlora.add_lora) or unfreeze a head")
+    optimizer = make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, int(total * config.warmup_ratio)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+
+    position = {"step": 0, "epoch": 0, "batch": 0}
+    if config.resume and (ckpt := latest_checkpoint(out)) is not None:
+        position = load_checkpoint(ckpt, plain, optimizer.optimizer, scheduler)
+        accelerator.print(f"resumed from {ckpt} (step {position['step']})")
+    elif accelerator.is_main_process and not config.resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()        # a fresh run starts a fresh log
+    out.mkdir(parents=True, exist_ok=True)
+    result = TrainResult(steps=position["step"])
+    log = _MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    bar = tqdm(total=total, initial=position["step"], desc="train", disable=not (config.progress and
+                                                                                 accelerator.is_main_process))
+    step_times, t_last, seen_samples = [], time.perf_counter(), 0
+    step = position["step"]
+    model.train()
+    for epoch in range(position["epoch"], config.epochs):
+        batches = epoch_batches(len(train_set), config.batch_size, config.seed, epoch, rank, world)
+        start = position["batch"] if epoch == position["epoch"] else 0
+        for b in range(start, len(batches) - len(batches) % config.grad_accum):
+            if step >= total:
+                break
+            batch = _to(collate([train_set[i] for i in batches[b]]), accelerator.device)
+            first = step == 0 and result.first_step_peak_bytes is None
+            tracker = _FirstStepPeak(accelerator.device) if first else None
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss.detach()).all():
+                    last = latest_checkpoint(out)
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); training stopped. "
+                        f"Last good checkpoint: {last or 'none (set save_every)'}. Lower lr, enable "
+                        "max_grad_norm, or check the data.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen_samples += len(batches[b]) * world
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            now = time.perf_counter()
+            step_times.append(now - t_last)
+            if tracker is not None:
+                result.first_step_peak_bytes, result.peak_method = tracker.stop()
+                result.first_step_seconds = step_times[-1]
+                log.write({"step": step, "first_step_peak_bytes": result.first_step_peak_bytes,
+                           "first_step_seconds": round(step_times[-1], 4), "peak_method": result.peak_method})
+            loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
+            result.losses.append((step, loss_value))
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen_samples / (now - t_last):.1f}")
+            if step % config.log_every == 0 or step == total:
+                log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                           "samples_per_s": seen_samples / max(now - t_last, 1e-9)})
+            seen_samples, t_last = 0, time.perf_counter()
+            position = {"step": step, "epoch": epoch, "batch": b + 1}
+            if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
+                save_checkpoint(out, plain, optimizer.optimizer, scheduler, position, config.keep_last)
+            if eval_fn and config.eval_every and step % config.eval_every == 0:
+                result.evals.append((step, _evaluate(model, eval_fn, accelerator, log, step)))
+                t_last = time.perf_counter()
+        else:
+            position = {"step": step, "epoch": epoch + 1, "batch": 0}
+            if eval_fn and not (config.eval_every and step % config.eval_every == 0):
+                result.evals.append((step, _evaluate(model, eval_fn, accelerator, log, step)))
+                t_last = time.perf_counter()
+            continue
+        break
+    bar.close()
+    if eval_fn and (not result.evals or result.evals[-1][0] != step):
+        result.evals.append((step, _evaluate(model, eval_fn, accelerator, log, step)))
+    result.steps = step
+    timed = step_times[1:] or step_times
+    result.mean_step_seconds = sum(timed) / len(timed) if timed else None
+    if accelerator.is_main_process:
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def _evaluate(model, eval_fn, accelerator, log, step) -> dict:
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        metrics = eval_fn(accelerator.unwrap_model(model))
+    model.train()
+    log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+class _FirstStepPeak:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda.max_memory_allocated"
+        else:
+            from memprofile.peak import CpuPeakTracker
+            self.baseline = _live_bytes_estimate()
+            self.tracker = CpuPeakTracker()
+            self.tracker.start()
+            self.method = "cpu-profiler-allocator-events (+ bytes of parameters and buffers before the step)"
+
+    def stop(self) -> tuple[int, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), self.method
+        self.tracker.stop()
+        return self.baseline + self.tracker.max_increase(), self.method
+
+
+def _live_bytes_estimate() -> int:
+    """Bytes of all live CPU tensor storages (each once): the baseline under the step's peak."""
+    import gc
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and not obj.is_meta and obj.device.type == "cpu":
+            try:
+                st = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total
+
+
+class _MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Loss per step and each eval metric, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("eval_") and isinstance(v, (int, float)):
+                evals.setdefault(k, []).append((r["step"], v))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    if loss:
+        axes[0].plot(*zip(*loss), label="train loss")
+    for k, pts in evals.items():
+        if "loss" in k:
+            axes[0].plot(*zip(*pts), "o-", label=k)
+        else:
+            axes[1].plot(*zip(*pts), "o-", label=k)
+    axes[0].set(xlabel="optimizer step", ylabel="loss", title="loss")
+    axes[1].set(xlabel="optimizer step", title="evaluation")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
