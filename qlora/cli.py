@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qlora.errors import QLoRAError
 
@@ -17,7 +18,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="a short QLoRA fine-tune on bundled data (no download)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of recipes/configs/demo.yaml")
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train", help="run a recipe: qlora train recipes/configs/X.yaml [key=value ...]")
+    tr.add_argument("config", help="a recipe config (recipes/configs/*.yaml)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=16 train.epochs=1 mode=qlora")
+    tr.set_defaults(func=_train)
+
+    prof = sub.add_parser("profile", help="measure and predict memory of each training configuration")
+    prof.add_argument("--model", required=True, help="model folder, or a bundled name: minilm, smollm2")
+    prof.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls (default causal-lm)")
+    prof.add_argument("--configs", default="full,head,lora,lora-ckpt,qlora,qlora-ckpt")
+    prof.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
+    prof.add_argument("--seq", default="128,512", help="comma-separated sequence lengths (image sizes for image-cls)")
+    prof.add_argument("--rank", default="8", help="comma-separated LoRA ranks")
+    prof.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (bfloat16 | float32)")
+    prof.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
+    prof.add_argument("--out", default="runs/profile", help="report folder (default runs/profile)")
+    prof.set_defaults(func=_profile)
+
+    plan = sub.add_parser("plan", help="which configurations fit in a memory budget (estimator only, no weights)")
+    plan.add_argument("--model", required=True, help="model folder or config.json (or a bundled name)")
+    plan.add_argument("--memory", required=True, help="memory budget, e.g. 24GiB")
+    plan.add_argument("--seq", type=int, default=2048)
+    plan.add_argument("--rank", type=int, default=16)
+    plan.add_argument("--task", default="causal-lm")
+    plan.add_argument("--dtype", default="bfloat16")
+    plan.add_argument("--device", default="cuda", help="cuda | cpu: which kernels to assume (default cuda)")
+    plan.set_defaults(func=_plan)
 
     exp = sub.add_parser("export", help="merge an adapter into its base: a plain bf16/fp16/fp32 model folder")
     exp.add_argument("--base", required=True, help="base model folder the adapter was trained on (or a bundled name)")
@@ -50,6 +79,48 @@ def parse_size(text: str) -> int:
         raise QLoRAError(f"size {text!r} is not understood; write e.g. 24GiB, 2GB, 512MB") from None
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise QLoRAError(f"--{what} {text!r}: give comma-separated integers, e.g. 1,4") from None
+    if not values or min(values) < 1:
+        raise QLoRAError(f"--{what} {text!r}: give comma-separated integers >= 1")
+    return values
+
+
+def _profile(args) -> int:
+    from qlora.profile import sweep
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
+                 batches=_ints(args.batch, "batch"), seqs=_ints(args.seq, "seq"), ranks=_ints(args.rank, "rank"),
+                 dtype=args.dtype, target_modules=targets, out=args.out)
+    from memprofile.report import markdown_report
+    print(markdown_report(rows))
+    print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
+    return 0
+
+
+def _plan(args) -> int:
+    from memprofile.estimate import plan
+    from memprofile.report import human
+    from qlora.bundled import resolve_model
+    from qlora.profile import check_task
+    check_task(args.task)
+    model = resolve_model(args.model)
+    budget = parse_size(args.memory)
+    result = plan(model, budget, seq=args.seq, rank=args.rank, task=args.task, dtype=args.dtype, device=args.device)
+    print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
+    print("| configuration | fits | largest batch | peak at that batch | weights | grads+optimizer | activations |")
+    print("|---|---|---|---|---|---|---|")
+    for conf, r in result.items():
+        b = r["bytes"]
+        weights = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        print(f"| {conf} | {'yes' if r['fits'] else 'no'} | {r['batch']} | {human(r['peak'])} | {human(weights)} | "
+              f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    return 0
+
+
 def _export(args) -> int:
     from qlora.export import export_adapter, summary
     result = export_adapter(args.base, args.adapter, args.out, dtype=args.dtype, merge_onto=args.merge_onto,
@@ -62,9 +133,41 @@ def _export(args) -> int:
     return 0
 
 
+def recipes_dir() -> Path:
+    """recipes/ beside the qlora package (a source checkout or an editable install)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def run_recipe(config_path: str, overrides: list[str]):
+    """Load the recipe script that `config_path` names, build its config, run its main()."""
+    import dataclasses
+    import runpy
+
+    from qlora.recipe_common import RecipeBase
+    from qlora.recipe_config import load_recipe_config, recipe_name
+    if not Path(config_path).is_file():
+        raise QLoRAError(f"config file {config_path!r} not found; the recipes' configs are in {recipes_dir() / 'configs'}")
+    name = recipe_name(config_path)
+    script = recipes_dir() / f"{name}.py"
+    if not script.is_file():
+        known = sorted(p.stem for p in recipes_dir().glob("*.py"))
+        raise QLoRAError(f"{config_path} names recipe {name!r}, but there is no {script}; known recipes: {known}")
+    namespace = runpy.run_path(str(script), run_name=f"recipe_{name}")
+    config_classes = [v for v in namespace.values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+                      and issubclass(v, RecipeBase) and v is not RecipeBase]
+    cfg = load_recipe_config(config_path, overrides, config_classes[0] if config_classes else RecipeBase)
+    return namespace["main"](cfg)
+
+
+def _train(args) -> int:
+    run_recipe(args.config, args.overrides)
+    return 0
+
+
 def _demo(args) -> int:
-    from qlora.demo import run_demo
-    return run_demo(args)
+    overrides = [f"out_dir={args.out}"] + list(args.overrides)
+    run_recipe(str(recipes_dir() / "configs" / "demo.yaml"), overrides)
+    return 0
 
 
 def main(argv=None) -> int:
