@@ -47,9 +47,16 @@ class RecipeBase:
             raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}, all")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype)
-        missing = [m for m in MODES if m not in (self.lr or {})]
+        if not isinstance(self.lr, dict):
+            raise QLoRAError(f"lr={self.lr!r}: give one learning rate per mode (lr.full=5e-5 lr.lora=1e-3 ...)")
+        missing = [m for m in MODES if m not in self.lr]
         if missing:
             raise QLoRAError(f"lr has no value for mode {missing[0]!r}; give lr.{missing[0]}=...")
+        for m, v in self.lr.items():
+            if m not in MODES:
+                raise QLoRAError(f"unknown config key 'lr.{m}'; allowed keys here: {', '.join(MODES)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise QLoRAError(f"lr.{m}={v!r}: must be a number > 0 (e.g. 1e-3)")
         for name in ("train_size", "test_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):

@@ -8,6 +8,7 @@ checked against the dataclass: an unknown key or a bad value names the key and w
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -16,11 +17,23 @@ import yaml
 from qlora.errors import QLoRAError
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 3e-4 / 1e3 as floats (YAML 1.1 wants a dot: 3.0e-4)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise QLoRAError(f"override {assignment!r} is not key=value (e.g. lora.r=16 train.epochs=1)")
     key, _, raw = assignment.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml(raw) if raw.strip() else None
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -44,6 +57,9 @@ def from_dict(cls, data: dict, where: str = ""):
         hint = hints.get(name)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = from_dict(hint, value, f"{where}{name}.")
+        elif dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            keys = ", ".join(f.name for f in dataclasses.fields(hint))
+            raise QLoRAError(f"{where}{name} must be a section with keys {keys}; got {value!r}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -58,7 +74,7 @@ def load_recipe_config(path, overrides: list[str], cls):
     if not path.is_file():
         raise QLoRAError(f"config file {str(path)!r} not found (see recipes/configs/)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise QLoRAError(f"{path} is not valid YAML: {e}") from None
     for assignment in overrides:

@@ -77,14 +77,17 @@ class TrainConfig:
     """Continue from the newest checkpoint in out_dir/checkpoints."""
     progress: bool = True
     """Show the tqdm bar."""
+    offload_activations: bool = False
+    """CUDA only: keep what autograd saves for backward in pinned CPU memory (less GPU memory, slower)."""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise QLoRAError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
-        if not self.lr > 0:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise QLoRAError(f"lr={self.lr!r}: must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
@@ -250,8 +253,15 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     if config.resume and (ckpt := latest_checkpoint(out)) is not None:
         position = load_checkpoint(ckpt, plain, optimizer.optimizer, scheduler)
         accelerator.print(f"resumed from {ckpt} (step {position['step']})")
-    elif accelerator.is_main_process and not config.resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()        # a fresh run starts a fresh log
+        if accelerator.is_main_process and (out / "metrics.jsonl").exists():
+            # rows the interrupted run wrote after this checkpoint are written again below
+            rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= position["step"]]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif accelerator.is_main_process and not config.resume:
+        if (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
+        for old in (out / "checkpoints").glob("step-*"):   # and fresh checkpoints: an earlier run's
+            shutil.rmtree(old, ignore_errors=True)        # would outrank them (keep_last, resume, NaN)
     out.mkdir(parents=True, exist_ok=True)
     result = TrainResult(steps=position["step"])
     log = _MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
@@ -269,7 +279,7 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
             batch = _to(collate([train_set[i] for i in batches[b]]), accelerator.device)
             first = step == 0 and result.first_step_peak_bytes is None
             tracker = _FirstStepPeak(accelerator.device) if first else None
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(model), accelerator.autocast(), _offload(config, accelerator.device):
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss.detach()).all():
                     last = latest_checkpoint(out)
@@ -327,6 +337,14 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     accelerator.wait_for_everyone()
     return result
+
+
+def _offload(config: TrainConfig, device):
+    """save_on_cpu moves every saved activation to pinned host memory and back in backward."""
+    import contextlib
+    if config.offload_activations and torch.device(device).type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
 
 
 def _to(batch, device):
