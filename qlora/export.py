@@ -237,7 +237,6 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
 
     tmp = _staging_folder(out, force)
     try:
-        handles = {p: safe_open(str(p), framework="pt") for p in files}
         ckpt_key = {v: k for k, v in name_of.items()}
         with ShardedWriter(tmp, plan) as writer:
             for name in tqdm(plan.order, desc="export", unit="tensor", disable=not progress):
@@ -245,12 +244,11 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     writer.write(name, saved[name].to(out_specs[name][1]))
                     continue
                 key = ckpt_key[name]
-                w = handles[specs[key][0]].get_tensor(key)
+                w = _read_tensor(specs[key][0], key)
                 path = name.removesuffix(".weight")
                 if name.endswith(".weight") and path in updates:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
                 writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
-        del handles
         write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config))
         for extra in COPIED_FILES:
             if (folder / extra).is_file():
@@ -271,6 +269,14 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor, its file opened just for it. safetensors memory-maps the file and every page read
+    through an open handle stays in this process's RSS until the handle closes: handles kept open for
+    the whole export grew RSS to the size of the model."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:

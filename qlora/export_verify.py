@@ -89,7 +89,7 @@ def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None
     with torch.no_grad():
         for layer in result.layers:
             params[layer.name + ".weight"].copy_(seen_weight(layer.name).to(dtype))
-    load_adapter(model, adapter, dtype=dtype)
+    load_adapter(model, adapter, dtype=dtype).eval()   # the new LoRA layers start in train mode: no dropout here
     reference = outputs(model, inputs)
     del model
     report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
@@ -109,7 +109,10 @@ def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
     specs = tensor_specs(base_weight_files(base_folder)[2])
 
     def seen(path: str) -> torch.Tensor:
-        key = next(k for k in specs if (path + ".weight").endswith(k) or k.endswith(path + ".weight"))
+        # the exact key, else one that differs by whole leading module names ("bert." added or dropped);
+        # a bare endswith() also took "audio_model.layers.0..." for "model.layers.0..."
+        want = path + ".weight"
+        key = want if want in specs else next(k for k in specs if want.endswith("." + k) or k.endswith("." + want))
         with safe_open(str(specs[key][0]), framework="pt") as f:
             w = f.get_tensor(key)
         return w.float() if merge_onto == "original" else training_weight(path, w, settings)

@@ -118,7 +118,8 @@ class ShardedWriter:
         if index != self._open_index:
             self._start_file(index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._fh.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # the array's own buffer: .tobytes() would copy the tensor once more (the peak, for the largest)
+        self._fh.write(data.view(torch.uint8).numpy() if data.numel() else b"")
 
     def _finish(self) -> None:
         if next(self._expected, None) is not None:
