@@ -6,7 +6,8 @@
 Model: Llama-style, hidden 768, 8 layers, GQA 12/4 heads, MLP 2048, vocab 32,000, untied head
 (99.5M params), random bf16 weights written once to a temp folder. Both paths: NF4 + double
 quantization, bf16 compute, LoRA r=16 / alpha 16 on all linear layers, gradient checkpointing
-(non-reentrant), AdamW, batch 4 x 512 tokens.
+(non-reentrant), AdamW, batch 4 x 512 tokens. `--dtype float32` runs both paths in fp32 (for timing
+on CPUs where bf16 matmuls are slow; memory ratios are then those of an fp32 step).
   peft:  from_pretrained(BitsAndBytesConfig) + prepare_model_for_kbit_training + get_peft_model
   qlora: qlora.load_4bit + add_lora + prepare_for_training + chunked head/loss (qlora.losses)
 Each run is a fresh process; runs alternate A B A B. Memory is measured by the same method for
@@ -50,20 +51,20 @@ class StepModule(torch.nn.Module):
         return self.loss(self.model, input_ids, labels)
 
 
-def build(path: str, folder: str, rank: int, chunk: int, upcast: bool = False):
+def build(path: str, folder: str, rank: int, chunk: int, upcast: bool = False, dtype=torch.bfloat16):
     if path == "peft":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16)
+                                 bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
         return StepModule(model, lambda m, ids, y: m(input_ids=ids, labels=y).loss)
     import qlora
     from qlora.losses import causal_lm_loss
-    model = qlora.load_4bit(folder, compute_dtype=torch.bfloat16)
+    model = qlora.load_4bit(folder, compute_dtype=dtype)
     qlora.add_lora(model, qlora.LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear"))
     qlora.prepare_for_training(model, checkpointing=True, upcast_norms=upcast)
     if chunk <= 0:
@@ -75,7 +76,7 @@ def worker(args) -> dict:
     """One fresh process: build, measure one step, time a few more. Prints one JSON line."""
     from memprofile.measure import measure_step_or_oom
     torch.manual_seed(1)
-    step = build(args.worker, args.folder, args.rank, args.chunk, args.upcast)
+    step = build(args.worker, args.folder, args.rank, args.chunk, args.upcast, getattr(torch, args.dtype))
     ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "labels": ids}
     with torch.no_grad():
@@ -93,7 +94,8 @@ def worker(args) -> dict:
 def run_worker(path: str, folder: str, batch: int, seq: int, opts, **variant) -> dict:
     v = {"chunk": opts.chunk, "upcast": False, "optim": "adamw", **variant}
     cmd = [sys.executable, __file__, "--worker", path, "--folder", folder, "--batch", str(batch), "--seq", str(seq),
-           "--rank", str(opts.rank), "--chunk", str(v["chunk"]), "--timed", str(opts.timed), "--optim", v["optim"]]
+           "--rank", str(opts.rank), "--chunk", str(v["chunk"]), "--timed", str(opts.timed), "--optim", v["optim"],
+           "--dtype", opts.dtype]
     cmd += ["--upcast"] if v["upcast"] else []
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -141,6 +143,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--chunk", type=int, default=1024, help="qlora's loss chunk in tokens (0: the model's own loss)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="compute dtype of both paths (bf16 is ~5x slower than fp32 on CPUs without AVX512-BF16)")
     p.add_argument("--upcast", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--optim", default="adamw", help=argparse.SUPPRESS)
     p.add_argument("--ablate", action="store_true", help="also measure each qlora saver on its own")

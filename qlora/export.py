@@ -227,6 +227,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             raise QLoRAError(f"adapter for {path!r} expects a weight of shape {expect} but the base has {shape}; "
                              "the adapter was trained on another model size. Nothing was written.")
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
+    quantized = set(settings.get("quantized_modules", []))
 
     out_specs = {}
     for key, (path, shape, in_dtype) in specs.items():
@@ -248,6 +249,8 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 path = name.removesuffix(".weight")
                 if name.endswith(".weight") and path in updates:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
+                elif name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
+                    w = roundtrip_4bit(w, settings)   # a frozen 4-bit layer: the weights training used
                 writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
         write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config))
         for extra in COPIED_FILES:

@@ -161,9 +161,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if any(is_4bit(m) for m in model.modules()):
         from qlora.quant import quant_settings  # only 4-bit models need bitsandbytes imported
         config.qlora.update(quant_settings(model) or {})
-        # which adapted layers sat on 4-bit weights: the export re-creates exactly those
+        # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those
         config.qlora["quantized_modules"] = sorted(
-            set(config.qlora.get("quantized_modules", [])) | {p for p, m in targets.items() if is_4bit(m)})
+            {n.removesuffix(".base_layer") for n, m in model.named_modules() if is_4bit(m)})
     if previous is not None:  # a second add_lora on other modules: record the explicit union
         config.target_modules = sorted(lora_layers(model))
         config.modules_to_save = sorted(set(previous.modules_to_save or []) | set(config.modules_to_save or [])) or None
