@@ -95,7 +95,7 @@ def _profile(args) -> int:
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=_ints(args.batch, "batch"), seqs=_ints(args.seq, "seq"), ranks=_ints(args.rank, "rank"),
                  dtype=args.dtype, target_modules=targets, out=args.out)
-    from memprofile.report import markdown_report
+    from memprofile.report import markdown_table as markdown_report
     print(markdown_report(rows))
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
     return 0
@@ -105,11 +105,11 @@ def _plan(args) -> int:
     from memprofile.estimate import plan
     from memprofile.report import human
     from qlora.bundled import resolve_model
-    from qlora.profile import check_task
+    from qlora.profile import ESTIMATOR_TASK, check_task
     check_task(args.task)
     model = resolve_model(args.model)
     budget = parse_size(args.memory)
-    result = plan(model, budget, seq=args.seq, rank=args.rank, task=args.task, dtype=args.dtype, device=args.device)
+    result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype, device=args.device)
     print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
     print("| configuration | fits | largest batch | peak at that batch | weights | grads+optimizer | activations |")
     print("|---|---|---|---|---|---|---|")

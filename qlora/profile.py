@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-from pathlib import Path
 
 import torch
 
@@ -20,6 +19,8 @@ from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.modes import CONFIGURATIONS, build_for_mode, check_mode
 
+ESTIMATOR_TASK = {"causal-lm": "causal-lm", "seq-cls": "sequence-classification",
+                  "image-cls": "image-classification"}
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification"}
 
@@ -64,6 +65,7 @@ def sweep(model: str, *, task: str = "causal-lm", configurations=CONFIGURATIONS,
 
     from memprofile.estimate import estimate
     from memprofile.measure import free_memory, measure_step_or_oom
+    from memprofile.report import make_row
     from qlora.bundled import resolve_model
     check_task(task)
     for c in configurations:
@@ -81,27 +83,18 @@ def sweep(model: str, *, task: str = "causal-lm", configurations=CONFIGURATIONS,
         model_obj = build_for_mode(conf, load_float=load_float, load_4bit=load_4bit, lora=lora)
         inputs = make_batch(model_obj.config, task, batch, seq)
         measured = measure_step_or_oom(model_obj, inputs)
-        predicted = estimate(hf_config, conf, batch, seq, rank, task=task, dtype=dtype_name(dtype),
+        predicted = estimate(hf_config, conf, batch, seq, rank, task=ESTIMATOR_TASK[task], dtype=dtype_name(dtype),
                              lora_targets=target_modules, train_head=is_cls, device=measured.device)
-        rows.append(row(conf, batch, seq, rank, measured, predicted))
+        rows.append(make_row(conf, batch, seq, rank, measured, predicted))
         del model_obj, inputs
         free_memory()
         gc.collect()
     if out is not None:
-        from memprofile.report import write_reports
-        write_reports(rows, out, title=f"{Path(path).name} · {task} · {dtype_name(dtype)}")
+        from memprofile.report import environment, write_report
+        write_report(rows, out, env={**environment(), "model": str(path), "task": task, "dtype": dtype_name(dtype)})
     return rows
 
 
 def _head_name(config, task: str) -> str:
     return "classifier" if task == "image-cls" or getattr(config, "model_type", "") in (
         "bert", "roberta", "vit", "distilbert") else "score"
-
-
-def row(conf, batch, seq, rank, measured, predicted) -> dict:
-    """One report.json row (schema in the README)."""
-    return {"config": conf, "batch": batch, "seq": seq, "rank": rank, "fits": measured.fits,
-            "bytes": measured.bytes(), "predicted_bytes": predicted.bytes(),
-            "peak_method": measured.peak_method, "step_seconds": measured.step_seconds,
-            "trainable_params": measured.trainable_params, "total_params": measured.total_params,
-            "dtypes": measured.dtypes, "device": measured.device, "error": measured.error}
