@@ -107,7 +107,7 @@ def _plan(args) -> int:
     from qlora.bundled import resolve_model
     from qlora.profile import ESTIMATOR_TASK, check_task
     check_task(args.task)
-    model = resolve_model(args.model)
+    model = args.model if args.model.endswith(".json") else resolve_model(args.model)
     budget = parse_size(args.memory)
     result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype, device=args.device)
     print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
