@@ -207,16 +207,24 @@ def bert(m: Model) -> Sym:
     h, H = c.hidden_size, c.num_attention_heads
     d = h // H
     tr = m.training
-    pfx = "roberta." if c.model_type == "roberta" else "bert."
+    roberta = c.model_type == "roberta"
+    pfx = "roberta." if roberta else "bert."
     e = pfx + "embeddings."
     ids = t.external((b, s), torch.int64)
+    if roberta:
+        # position ids from the input ids (cumsum of the non-pad mask): a new (b, s) int64; the
+        # token types gathered from the buffer at those positions: another
+        pos = t.tensor((b, s), torch.int64)
+        tt = t.tensor((b, s), torch.int64)
+    else:
+        # position ids: a slice of a buffer; token types: one gathered (1, s) copy, expanded
+        pos = t.external((1, s), torch.int64)
+        tt = t.view(t.tensor((1, s), torch.int64), (b, s))
     x = m.embedded(ops.embedding(t, ids, m.p(e + "word_embeddings.weight")))
-    # token_type_ids / position_ids: slices of registered buffers (a gather makes one copy)
-    tt = t.tensor((1, s), torch.int64)
-    x = ops.add(t, x, ops.embedding(t, t.view(tt, (b, s)), m.p(e + "token_type_embeddings.weight")))
+    x = ops.add(t, x, ops.embedding(t, tt, m.p(e + "token_type_embeddings.weight")))
     del tt
-    pos = t.external((1, s), torch.int64)
     x = ops.add(t, x, ops.embedding(t, pos, m.p(e + "position_embeddings.weight")))
+    del pos
     x = ops.layer_norm(t, x, m.p(e + "LayerNorm.weight"), m.p(e + "LayerNorm.bias"))
     x = ops.dropout(t, x, c.hidden_dropout_prob, tr)
     emb = x  # BertModel.forward keeps `embedding_output` alive through the encoder
@@ -244,14 +252,23 @@ def bert(m: Model) -> Sym:
     for i in range(c.num_hidden_layers):
         x = m.layer(x, block, i)
     del emb
-    # pooler: dense(x[:, 0]) -> tanh; the slice keeps the whole (b, s, h) storage alive if saved
+    p_drop = _cfg(c, "classifier_dropout", default=c.hidden_dropout_prob)
+    # x[:, 0]: a view; if saved it keeps the whole (b, s, h) storage alive
     first = ops.view_node(t, x, (b, h), "select")
     del x
-    pooled = ops.unary_saving_result(t, m.lin(first, pfx + "pooler.dense"), "tanh")
-    del first
-    p_drop = _cfg(c, "classifier_dropout", default=c.hidden_dropout_prob)
-    pooled = ops.dropout(t, pooled, p_drop, tr)
-    logits = m.lin(pooled, "classifier")                               # (b, num_labels)
+    if roberta:
+        # RobertaClassificationHead: dropout -> dense -> tanh -> dropout -> out_proj
+        f = ops.dropout(t, first, p_drop, tr)
+        del first
+        f = ops.unary_saving_result(t, m.lin(f, "classifier.dense"), "tanh")
+        logits = m.lin(ops.dropout(t, f, p_drop, tr), "classifier.out_proj")
+        del f
+    else:
+        # BertPooler: tanh(dense(x[:, 0])); then dropout and the classifier
+        pooled = ops.unary_saving_result(t, m.lin(first, pfx + "pooler.dense"), "tanh")
+        del first
+        logits = m.lin(ops.dropout(t, pooled, p_drop, tr), "classifier")   # (b, num_labels)
+        del pooled
     return ops.classification_loss(t, logits)
 
 

@@ -34,7 +34,7 @@ How each category is predicted:
 
 Scope and limits: transformers' default "sdpa" attention, no padding mask, HF's own
 activation checkpointing (non-reentrant, every block; for text models it also makes the input
-embeddings require grad). Calibrated on CPU against memprofile.measure (exact to within ~1%
+embeddings require grad). Calibrated on CPU against memprofile.measure (within 1.2%
 on the test sweep). device="cuda" switches to the CUDA kernels' rules (bool dropout masks,
 flash/efficient attention with dropout and its backward scratch, fp32 LayerNorm statistics,
 foreach AdamW, no checkpoint RNG stash in device memory) taken from the kernels' code but not
@@ -57,6 +57,9 @@ from memprofile.symbolic import Tape, itemsize
 from memprofile.tensors import CATEGORIES
 
 CONFIGURATIONS = ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
+SUPPORTED = {("llama", "causal-lm"), ("mistral", "causal-lm"), ("qwen2", "causal-lm"),
+             ("gpt2", "causal-lm"), ("bert", "sequence-classification"),
+             ("roberta", "sequence-classification"), ("vit", "image-classification")}
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -148,12 +151,19 @@ def estimate(config, configuration: str, batch: int, seq: int | None = None, ran
         raise ValueError(f"configuration {configuration!r} is not one of {CONFIGURATIONS}")
     dtype = _dtype(dtype)
     adapter_dtype = _dtype(adapter_dtype) if adapter_dtype is not None else dtype
-    device = device or _default_device()
+    device = torch.device(device or _default_device()).type  # "cuda:0" -> "cuda"
     config = load_config(config)
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl != "sdpa":
+        raise ValueError(f"attention implementation {impl!r} is not modelled; only transformers' "
+                         "default 'sdpa' is (see memprofile.ops.sdpa)")
     if config.model_type == "vit" and seq is not None and seq != config.image_size:
         config = copy.deepcopy(config)
         config.image_size = seq
     lay = layout(config, task, dtype)
+    if (config.model_type, lay.task) not in SUPPORTED:
+        raise ValueError(f"{config.model_type} for {lay.task} is not modelled; supported: "
+                         + ", ".join(f"{m} ({t})" for m, t in sorted(SUPPORTED)))
     if seq is None and lay.task != "image-classification":
         raise ValueError("seq is required for text models")
     if train_head is None:

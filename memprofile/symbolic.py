@@ -12,7 +12,8 @@ saves for backward and allocates in backward. The `Tape` keeps a running total o
 * `Tape.backward` replays the autograd engine: nodes in reverse creation order (what the CPU engine
   does: it runs the ready node with the highest sequence number), each allocating its input
   gradients and temporaries, then releasing its saved storages and the incoming gradient;
-  gradients of one tensor from several consumers are summed in place; parameter gradients stay;
+  gradients of one tensor from several consumers are summed in place unless both arrive as
+  views (then `old + new` is a third buffer); parameter gradients stay (AccumulateGrad);
 * `Tape.checkpoint` marks a region run under non-reentrant activation checkpointing: its saved
   storages are dropped at the end of the forward (only the region's inputs stay) and re-created
   when backward reaches the region, together with the recompute's transient peak;
@@ -25,8 +26,9 @@ state, the batch), which memprofile.estimate adds back.
     x = tape.tensor((b, s, h), torch.bfloat16)          # a new activation
     w = tape.param((h, h), torch.bfloat16, trainable=True)
     ...ops...
+    activations = tape.saved_bytes()                    # right after the forward
     tape.backward(loss); tape.adamw_step(param_bytes)
-    tape.peak, tape.saved_bytes_at_forward_end
+    tape.peak, tape.peak_where                           # max live bytes, and where
 """
 from __future__ import annotations
 
@@ -140,7 +142,10 @@ VIEW = "view"  # backward hands this input a view (narrow) of the incoming gradi
 
 
 class Node:
-    __slots__ = ("name", "saved", "outs", "ins", "temp", "region", "out_bytes")
+    """An autograd node: saved storages, output gradient slots, (input slot, gradient bytes or
+    PASS/VIEW, stealable) per input that needs grad, backward scratch bytes."""
+
+    __slots__ = ("name", "saved", "outs", "ins", "temp", "region")
 
     def __init__(self, name, saved, outs, ins, temp, region):
         self.name, self.saved, self.outs, self.ins, self.temp, self.region = (
@@ -170,6 +175,8 @@ class Region:
 
 
 class Tape:
+    """The live-bytes account of one replayed step: forward ops, backward, optimizer step."""
+
     def __init__(self, device: str = "cpu", threads: int = 1):
         self.device = device
         self.threads = threads  # CPU kernels with per-thread scratch (flash attention)
