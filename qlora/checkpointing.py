@@ -188,14 +188,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _upcast_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from qlora.inject import output_embedding
     modules = dict(model.named_modules())
-    out_emb = None
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out_emb = get_out()
-        except (NotImplementedError, AttributeError):
-            out_emb = None
+    out_emb = output_embedding(model)
     targets = []
     for name, module in modules.items():
         if _is_quantized_layer(module):

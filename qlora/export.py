@@ -175,6 +175,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _finish(tmp: Path, out: Path, result) -> None:
+    (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
+    _publish(tmp, out)
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Replace `out` with `tmp`; the old `out` is removed only once the new one is in place."""
     old = None
@@ -266,8 +271,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             result.verification = ev.verify_export(
                 tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
                 live_model=live, input_folder=folder)
-        (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
-        _publish(tmp, out)
+        _finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -417,8 +421,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                 bases = {path: _plain_weight(layer.base_layer) for path, layer in layers.items()}
                 result.verification = ev.verify_export(tmp, adapter_dir, result, lambda p: bases[p],
                                                        live_model=model, input_folder=tmp)
-        (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
-        _publish(tmp, out)
+        _finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

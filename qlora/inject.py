@@ -40,23 +40,23 @@ def _matches(name: str, spec) -> bool:
     return any(name == s or name.endswith("." + s) for s in spec)
 
 
+def output_embedding(model: nn.Module):
+    """`model.get_output_embeddings()`, or None for models without one."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out):
+        return None
+    try:
+        return get_out()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def output_head_paths(model: nn.Module) -> set[str]:
     """Paths of the output head: lm_head / classifier / score (and their insides), get_output_embeddings()."""
-    heads = set()
-    modules = dict(model.named_modules())
-    for name in modules:
-        if any(part in OUTPUT_HEAD_NAMES for part in name.split(".")):
-            heads.add(name)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out_emb = get_out()
-        except (NotImplementedError, AttributeError):
-            out_emb = None
-        for name, m in modules.items():
-            if out_emb is not None and m is out_emb:
-                heads.add(name)
-    return heads
+    out_emb = output_embedding(model)
+    return {name for name, m in model.named_modules()
+            if name and (any(part in OUTPUT_HEAD_NAMES for part in name.split(".")) or
+                         (out_emb is not None and m is out_emb))}
 
 
 def _closest(asked: str, names: list[str], n: int = 6) -> list[str]:

@@ -207,16 +207,8 @@ def _mark_layer(layer: nn.Module, compute_dtype: torch.dtype) -> None:
 # quantize_model
 # --------------------------------------------------------------------------------------------
 def _head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    heads = {n for n in modules if n and any(p in OUTPUT_HEAD_NAMES for p in n.split("."))}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out_emb = get_out()
-        except (NotImplementedError, AttributeError):
-            out_emb = None
-        if out_emb is not None:
-            heads |= {n for n, m in modules.items() if m is out_emb}
-    return heads
+    from qlora.inject import output_head_paths
+    return output_head_paths(model)
 
 
 def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
