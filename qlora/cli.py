@@ -141,7 +141,7 @@ def recipes_dir() -> Path:
 def run_recipe(config_path: str, overrides: list[str]):
     """Load the recipe script that `config_path` names, build its config, run its main()."""
     import dataclasses
-    import runpy
+    import importlib.util
 
     from qlora.recipe_common import RecipeBase
     from qlora.recipe_config import load_recipe_config, recipe_name
@@ -152,7 +152,12 @@ def run_recipe(config_path: str, overrides: list[str]):
     if not script.is_file():
         known = sorted(p.stem for p in recipes_dir().glob("*.py"))
         raise QLoRAError(f"{config_path} names recipe {name!r}, but there is no {script}; known recipes: {known}")
-    namespace = runpy.run_path(str(script), run_name=f"recipe_{name}")
+    # a real module (registered in sys.modules) so dataclass type hints in the recipe resolve
+    spec = importlib.util.spec_from_file_location(f"qlora_recipe_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    namespace = vars(module)
     config_classes = [v for v in namespace.values() if isinstance(v, type) and dataclasses.is_dataclass(v)
                       and issubclass(v, RecipeBase) and v is not RecipeBase]
     cfg = load_recipe_config(config_path, overrides, config_classes[0] if config_classes else RecipeBase)

@@ -149,8 +149,9 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
         assert (out / mode / "adapter" / "adapter_model.safetensors").is_file()
         assert (out / mode / "adapter" / "adapter_config.json").is_file()
     assert not (out / "full" / "adapter").exists()
-    # qlora trained on an NF4 base (every targeted Linear), lora on the float one
+    # qlora trained on an NF4 base (every Linear but the head: 6 per layer + the pooler), lora on the float one
     qlora_facts = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())["qlora"]
-    assert qlora_facts["quant_type"] == "nf4" and len(qlora_facts["quantized_modules"]) == layers * 6
+    assert qlora_facts["quant_type"] == "nf4" and len(qlora_facts["quantized_modules"]) == layers * 6 + 1
+    assert "bert.pooler.dense" in qlora_facts["quantized_modules"]
     lora_facts = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())["qlora"]
     assert "quantized_modules" not in lora_facts
