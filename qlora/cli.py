@@ -121,8 +121,20 @@ def _plan(args) -> int:
     return 0
 
 
+def _release_freed_memory_early() -> None:
+    """glibc keeps freed large blocks for reuse and raises its mmap threshold as it goes, so an
+    export that allocates and frees one layer after another holds on to ~75 MB more than it uses.
+    A fixed 1 MiB threshold returns big blocks to the system at once (Linux/glibc only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _export(args) -> int:
     from qlora.export import export_adapter, summary
+    _release_freed_memory_early()
     result = export_adapter(args.base, args.adapter, args.out, dtype=args.dtype, merge_onto=args.merge_onto,
                             force=args.force, verify=not args.no_verify, max_shard_size=parse_size(args.max_shard_size))
     print(summary(result))
@@ -159,7 +171,7 @@ def run_recipe(config_path: str, overrides: list[str]):
     spec.loader.exec_module(module)
     namespace = vars(module)
     config_classes = [v for v in namespace.values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-                      and issubclass(v, RecipeBase) and v is not RecipeBase]
+                      and issubclass(v, RecipeBase) and v.__module__ == spec.name]
     cfg = load_recipe_config(config_path, overrides, config_classes[0] if config_classes else RecipeBase)
     return namespace["main"](cfg)
 

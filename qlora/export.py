@@ -297,12 +297,17 @@ def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:
 
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
     """The merged fp32 weight of one adapted layer, recording the norms for the report."""
+    # Memory: quantize first (bitsandbytes' CPU quantizer needs ~3x the layer in fp32 scratch), then
+    # build the update, and add it in place: at most two fp32 copies of the layer live at once.
+    seen = training_weight(path, w, settings)                       # fp32 [out, in]
+    qerr = torch.linalg.vector_norm(w - seen).item()                # one fp32 temporary
+    merged = seen if merge_onto == "dequantized" else w.float()
+    del seen
     a, b, kind = update
     delta = delta_weight(a, b, kind, scaling)
-    seen = training_weight(path, w, settings)
-    onto = seen if merge_onto == "dequantized" else w.float()
-    result.layers.append(LayerUpdate(path, delta.norm().item(), (w.float() - seen).norm().item()))
-    merged = onto + delta
+    result.layers.append(LayerUpdate(path, torch.linalg.vector_norm(delta).item(), qerr))
+    merged += delta
+    del delta
     if not torch.isfinite(merged).all():
         raise QLoRAError(f"merging {path} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
     return merged
