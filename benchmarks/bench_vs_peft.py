@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=1024, help="qlora's loss chunk in tokens (0: the model's own loss)")
+    p.add_argument("--chunk", type=int, default=256, help="qlora's loss chunk in tokens (0: the model's own loss)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="compute dtype of both paths (bf16 is ~5x slower than fp32 on CPUs without AVX512-BF16)")
     p.add_argument("--upcast", action="store_true", help=argparse.SUPPRESS)

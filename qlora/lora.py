@@ -207,9 +207,12 @@ class LoRAConv2d(LoRALayer):
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
-    """Default adapter dtype: the base's float dtype; bf16 on a 4-bit base (its packed weight is uint8)."""
+    """Default adapter dtype: the base's float dtype; on a 4-bit base (packed uint8) its compute dtype,
+    bf16 by default. (With fp32 compute, as on CPUs without fast bf16, bf16 adapters would make the
+    adapter matmuls ~7x slower for no memory worth having.)"""
     if is_4bit(base_layer):
-        return torch.bfloat16
+        compute = getattr(base_layer, "compute_dtype", None)
+        return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.bfloat16
     return base_layer.weight.dtype
 
 
