@@ -22,6 +22,7 @@ _LAZY = {
     "load_4bit": "qlora.quant", "quantize_model": "qlora.quant",
     "enable_checkpointing": "qlora.checkpointing", "prepare_for_training": "qlora.checkpointing",
     "export_merged": "qlora.export", "export_adapter": "qlora.export",
+    "causal_lm_loss": "qlora.losses", "chunked_cross_entropy": "qlora.losses",
 }
 
 
