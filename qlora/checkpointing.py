@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qlora.errors import QLoRAError
 
-_HEAD_NAMES = ("lm_head", "classifier", "score")  # as qlora.inject.OUTPUT_HEAD_NAMES
+from qlora.inject import OUTPUT_HEAD_NAMES as _HEAD_NAMES  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ Targets = Union[str, list, tuple, None]
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
 
@@ -28,8 +28,9 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
     """`None`, a float `torch.dtype`, or one of the names in `_DTYPES` -> a float torch.dtype."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
+    name = dtype.lower().removeprefix("torch.") if isinstance(dtype, str) else None
+    if name in _DTYPES:
+        return _DTYPES[name]
     raise QLoRAError(f"dtype {dtype!r} is not a float dtype; use one of float32, bfloat16, float16")
 
 

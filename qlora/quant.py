@@ -44,20 +44,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlora.config import _DTYPES, dtype_name
 from qlora.errors import QLoRAError
 
 QUANT_TYPES = ("nf4", "fp4")
 # What bitsandbytes.functional.quantize_4bit accepts (CPU and CUDA alike; 32 is CUDA/CPU only,
 # not ROCm with 64-wide warps).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 # Modules that stay in compute_dtype: the output head (same names as qlora.inject's
 # OUTPUT_HEAD_NAMES) -- it is small next to the body and is where rounding hurts most.
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score")
+from qlora.inject import OUTPUT_HEAD_NAMES  # noqa: E402  (one list of head names for the package)
 # Insides of LoRA wrappers (qlora.lora): the adapters and trainable copies are never quantized.
 _ADAPTER_PARTS = ("lora_A", "lora_B", "modules_to_save", "original_module")
 # transformers' BitsAndBytesConfig has no block size: its Linear4bit placeholders use 64.
@@ -67,11 +63,6 @@ _TRANSFORMERS_BLOCKSIZE = 64
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bfloat16'."""
-    return str(dtype).removeprefix("torch.")
-
-
 def check_quant_type(quant_type: Any) -> str:
     if not isinstance(quant_type, str) or quant_type.lower() not in QUANT_TYPES:
         raise QLoRAError(f"quant_type={quant_type!r} is not supported; accepted: 'nf4' (QLoRA's "
@@ -87,8 +78,8 @@ def check_blocksize(blocksize: Any) -> int:
 
 
 def check_compute_dtype(compute_dtype: Any) -> torch.dtype:
-    if isinstance(compute_dtype, str) and compute_dtype.lower().removeprefix("torch.") in COMPUTE_DTYPES:
-        return COMPUTE_DTYPES[compute_dtype.lower().removeprefix("torch.")]
+    if isinstance(compute_dtype, str) and compute_dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[compute_dtype.lower().removeprefix("torch.")]
     if isinstance(compute_dtype, torch.dtype) and compute_dtype in (torch.float32, torch.bfloat16, torch.float16):
         return compute_dtype
     raise QLoRAError(f"compute_dtype={compute_dtype!r} is not a float type 4-bit layers can compute in; "
