@@ -1,6 +1,7 @@
 """Dequantize-and-merge export: base folder + adapter -> one plain bf16/fp16/fp32 model folder.
 
     qlora export --base BASE --adapter ADAPTER --out OUT [--dtype bfloat16] [--merge-onto dequantized]
+                 [--requantize nf4]                              # 4-bit output (qlora/requantize.py)
     export_adapter(base, adapter, out, dtype="bfloat16")         # the function behind it
     export_merged(model, out, dtype="bfloat16")                   # from an in-memory QLoRA model
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from qlora.adapters_io import read_adapter_config, read_adapter_tensors
 from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
+from qlora.requantize import Requantizer, check_requantize
 from qlora.shard_writer import ShardedWriter, plan_shards
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -55,6 +57,7 @@ class ExportResult:
     layers: list[LayerUpdate] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
+    requantizer: Requantizer | None = None     # --requantize: its settings and per-layer added error
 
 
 # ---------------------------------------------------------------- reading the inputs
@@ -191,19 +194,26 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None) -> None:
+def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None,
+                 quantization_config: dict | None = None) -> None:
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     config.update(overrides or {})
     config["dtype"] = dtype_name(dtype)
     config.pop("torch_dtype", None)
+    if quantization_config:
+        config["quantization_config"] = quantization_config
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "dequantized", force: bool = False,
                    verify: bool = True, verify_live: bool = True, max_shard_size: int = 2 << 30,
-                   progress: bool = True) -> ExportResult:
-    """Merge the adapter in `adapter` into the base folder `base` and write a plain model to `out`."""
+                   progress: bool = True, requantize: str | None = None) -> ExportResult:
+    """Merge the adapter in `adapter` into the base folder `base` and write a plain model to `out`.
+
+    `requantize="nf4"` (or "fp4"): the layers that were 4-bit in training are written re-quantized
+    (bitsandbytes' 4-bit format with a quantization_config; see qlora.requantize), the rest in `dtype`."""
     dtype = parse_dtype(dtype)
+    requantize = check_requantize(requantize)
     if merge_onto not in ("dequantized", "original"):
         raise QLoRAError(f"merge_onto={merge_onto!r}: use 'dequantized' (the weights the adapter was trained "
                          "against, default) or 'original' (the unquantized base weights)")
@@ -233,19 +243,20 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                              "the adapter was trained on another model size. Nothing was written.")
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
     quantized = set(settings.get("quantized_modules", []))
+    rq = result.requantizer = Requantizer.create(requantize, settings, dtype, quantized) if requantize else None
 
     out_specs = {}
     for key, (path, shape, in_dtype) in specs.items():
         out_specs[name_of[key]] = (shape, dtype if in_dtype.is_floating_point else in_dtype)
     for name, value in saved.items():   # modules_to_save: new heads may not exist in the base at all
         out_specs[name] = (tuple(value.shape), dtype if value.dtype.is_floating_point else value.dtype)
-    plan = plan_shards(out_specs, max_shard_size)
+    plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
 
     tmp = _staging_folder(out, force)
     try:
         ckpt_key = {v: k for k, v in name_of.items()}
         with ShardedWriter(tmp, plan) as writer:
-            for name in tqdm(plan.order, desc="export", unit="tensor", disable=not progress):
+            for name in tqdm(out_specs, desc="export", unit="tensor", disable=not progress):
                 if name in saved:
                     writer.write(name, saved[name].to(out_specs[name][1]))
                     continue
@@ -256,8 +267,12 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
                 elif name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
                     w = roundtrip_4bit(w, settings)   # a frozen 4-bit layer: the weights training used
-                writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
-        write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config))
+                if rq is not None and rq.wants(name):
+                    rq.write(writer, path, w.float(), result.layers[-1].update_norm if path in updates else 0.0)
+                else:
+                    writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
+        write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config),
+                     rq.quantization_config(out_specs) if rq else None)
         for extra in COPIED_FILES:
             if (folder / extra).is_file():
                 shutil.copy2(folder / extra, tmp / extra)
@@ -268,9 +283,9 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             if verify_live and settings.get("quantized_modules"):
                 live = ev.load_live_qlora(folder, adapter, ev.model_class_for(json.loads(
                     (tmp / "config.json").read_text())), settings)
-            result.verification = ev.verify_export(
-                tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
-                live_model=live, input_folder=folder)
+            check = ev.verify_requantized if rq else ev.verify_export
+            result.verification = check(tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
+                                        live_model=live, input_folder=folder)
         _finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -334,12 +349,15 @@ def _warn_small_updates(result: ExportResult) -> None:
 
 
 def report_dict(result: ExportResult) -> dict:
-    return {
+    report = {
         "out": str(result.out), "dtype": result.dtype, "merge_onto": result.merge_onto,
         "layers": [{"name": l.name, "update_norm": l.update_norm, "quant_error_norm": l.quant_error_norm,
                     "ratio": l.ratio} for l in result.layers],
         "warnings": result.warnings, "verification": result.verification,
     }
+    if result.requantizer is not None:
+        report["requantize"] = result.requantizer.report()
+    return report
 
 
 # ---------------------------------------------------------------- from an in-memory model
@@ -364,15 +382,18 @@ def _plain_weight(module) -> torch.Tensor:
 
 
 def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: bool = True, tokenizer=None,
-                  max_shard_size: int = 2 << 30, progress: bool = True) -> ExportResult:
+                  max_shard_size: int = 2 << 30, progress: bool = True, requantize: str | None = None) -> ExportResult:
     """Export an in-memory (Q)LoRA model as a plain model folder, one layer at a time: each 4-bit
-    weight is dequantized, s·B·A added in fp32, cast to `dtype` and streamed to disk."""
+    weight is dequantized, s·B·A added in fp32, cast to `dtype` (or re-quantized, with
+    `requantize="nf4"`/"fp4") and streamed to disk."""
     import tempfile
 
     from qlora.adapters_io import save_adapter
     from qlora.inject import lora_layers
     from qlora.lora import is_4bit
+    from qlora.quant import quant_settings
     dtype = parse_dtype(dtype)
+    requantize = check_requantize(requantize)
     out = Path(out)
     if getattr(model, "config", None) is None:
         raise QLoRAError("export_merged needs a transformers model (with .config); for other models use "
@@ -392,40 +413,52 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
             shape = tuple(value.shape)
         entries[name] = (key, owner, shape, dtype if value.dtype.is_floating_point or shape != tuple(value.shape)
                          else value.dtype)
-    plan = plan_shards({n: (e[2], e[3]) for n, e in entries.items()}, max_shard_size)
+    out_specs = {n: (e[2], e[3]) for n, e in entries.items()}
+    four_bit = {n.removesuffix(".weight"): e[1] for n, e in entries.items()
+                if n.endswith(".weight") and e[1] is not None and is_4bit(e[1])}
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto="dequantized")
+    rq = result.requantizer = Requantizer.create(requantize, quant_settings(model) or {}, dtype, four_bit) \
+        if requantize else None
+    plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
     lora_by_base = {id(layer.base_layer): (path, layer) for path, layer in layers.items()}
     tmp = _staging_folder(out, force)
     try:
         state = model.state_dict(keep_vars=True)
         with ShardedWriter(tmp, plan) as writer, torch.no_grad():
-            for name in tqdm(plan.order, desc="export", unit="tensor", disable=not progress):
+            for name in tqdm(out_specs, desc="export", unit="tensor", disable=not progress):
                 key, owner, shape, out_dtype = entries[name]
+                update_norm = 0.0
                 if name.endswith(".weight") and owner is not None and id(owner) in lora_by_base:
                     path, layer = lora_by_base[id(owner)]
                     seen = _plain_weight(owner)
                     delta = layer.delta_weight()
-                    result.layers.append(LayerUpdate(path, delta.norm().item(), 0.0))
+                    update_norm = delta.norm().item()
+                    result.layers.append(LayerUpdate(path, update_norm, 0.0))
                     tensor = seen if layer.merged else seen + delta
                 elif name.endswith(".weight") and owner is not None and is_4bit(owner):
                     tensor = _plain_weight(owner)
                 else:
                     tensor = state[key].detach()
-                writer.write(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                if rq is not None and rq.wants(name):
+                    rq.write(writer, name.removesuffix(".weight"), tensor.float(), update_norm)
+                else:
+                    writer.write(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]
-        write_config(tmp, config, dtype)
+        write_config(tmp, config, dtype, quantization_config=rq.quantization_config(out_specs) if rq else None)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if verify and layers:
             from qlora import export_verify as ev
+            # what each adapted (and, for --requantize, each 4-bit) layer held in training, read when asked
+            sources = {**four_bit, **{path: layer.base_layer for path, layer in layers.items()}}
+            check = ev.verify_requantized if rq else ev.verify_export
             with tempfile.TemporaryDirectory() as adapter_dir:
                 save_adapter(model, adapter_dir)
-                bases = {path: _plain_weight(layer.base_layer) for path, layer in layers.items()}
-                result.verification = ev.verify_export(tmp, adapter_dir, result, lambda p: bases[p],
-                                                       live_model=model, input_folder=tmp)
+                result.verification = check(tmp, adapter_dir, result, lambda p: _plain_weight(sources[p]),
+                                            live_model=model, input_folder=tmp)
         _finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -442,13 +475,18 @@ def summary(result: ExportResult) -> str:
         mean_upd = sum(l.update_norm for l in result.layers) / len(result.layers)
         lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g}; NF4 error / update: worst {worst.ratio:.3g} "
                      f"({worst.name})")
+    if result.requantizer is not None:
+        lines += result.requantizer.summary()
     v = result.verification
     if v:
         r = v["vs_reference"]
+        if v["passed"] is None:      # requantized output: no limit
+            verdict = f"-> for information: {v['note']}"
+        else:
+            verdict = (f"-> {'PASS' if v['passed'] else 'FAIL'} (limits: relative <= {v['thresholds']['relative_error']:g}, "
+                       f"agreement >= {v['thresholds']['top1_agreement_pct']:g}%)")
         lines.append(f"  vs unmerged reference: max |Δ| {r['max_abs_error']:.3g}, relative {r['relative_error']:.3g}, "
-                     f"top-1 agreement {r['top1_agreement_pct']:.1f}%  -> {'PASS' if v['passed'] else 'FAIL'} "
-                     f"(limits: relative <= {v['thresholds']['relative_error']:g}, "
-                     f"agreement >= {v['thresholds']['top1_agreement_pct']:g}%)")
+                     f"top-1 agreement {r['top1_agreement_pct']:.1f}%  {verdict}")
         if "vs_live_qlora" in v:
             r = v["vs_live_qlora"]
             lines.append(f"  vs live QLoRA model (bitsandbytes 4-bit forward, for information): relative "

@@ -7,6 +7,9 @@
 2. For information: the live QLoRA model (bitsandbytes' 4-bit forward + adapter). bitsandbytes'
    CPU 4-bit forward differs from x·dequant(W)ᵀ by ~0.3% per layer, so expect bf16-level noise.
 
+3. A --requantize export has no limit: its logits against the same reference are reported for
+   information (verify_requantized).
+
 Memory: one model at a time; the reference is made from the exported model in place.
 """
 from __future__ import annotations
@@ -98,6 +101,44 @@ def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None
     report["thresholds"] = {"relative_error": limit_rel, "top1_agreement_pct": limit_agree}
     vs = report["vs_reference"]
     report["passed"] = vs["relative_error"] <= limit_rel and vs["top1_agreement_pct"] >= limit_agree
+    if live_model is not None:
+        report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
+    return report
+
+
+REQUANTIZED_NOTE = ("no pass/fail limit for requantized output: the 4-bit rounding of the merged weights is "
+                    "a choice, its size is reported above")
+
+
+def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model=None, input_folder=None) -> dict:
+    """A --requantize export, loaded by transformers + bitsandbytes on CPU, against the unmerged
+    reference: the same model with each 4-bit layer put back to a float Linear holding what training
+    saw, plus the adapter as a separate path. For information: `passed` is None (no limit)."""
+    import json
+
+    from torch import nn
+
+    from qlora.adapters_io import load_adapter
+    cls = model_class_for(json.loads((Path(folder) / "config.json").read_text()))
+    dtype = parse_dtype(result.dtype)
+    model = cls.from_pretrained(folder, dtype=dtype, device_map="cpu").eval()
+    inputs = sample_inputs(Path(input_folder or folder), model.config)
+    mask = inputs.get("attention_mask")
+    exported = outputs(model, inputs)
+    with torch.no_grad():
+        for layer in result.requantizer.layers:
+            old = model.get_submodule(layer.name)
+            new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, dtype=dtype)
+            new.weight.copy_(seen_weight(layer.name).to(dtype))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+            model.set_submodule(layer.name, new)
+    load_adapter(model, adapter, dtype=dtype).eval()
+    reference = outputs(model, inputs)
+    del model
+    report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
+              "vs_reference": compare(exported, reference, mask),
+              "thresholds": None, "passed": None, "note": REQUANTIZED_NOTE}
     if live_model is not None:
         report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
     return report
