@@ -28,16 +28,26 @@ from pathlib import Path
 
 import torch
 
-CONFIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-              num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=32768)
+CONFIGS = {
+    # the issue's CPU setting: 99.5M params
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=32768),
+    # the GPU setting: TinyLlama-1.1B's shape (1.10B params), for benchmarks/gpu.sh
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=131072),
+}
+CONFIG = CONFIGS["100m"]
 
 
 def make_model(folder: Path, config: dict) -> None:
+    """Random bf16 weights, written once (built on the GPU when there is one: seconds, not minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     if (folder / "config.json").exists():
         return
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).save_pretrained(folder)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(folder)
 
 
 class StepModule(torch.nn.Module):
@@ -77,8 +87,10 @@ def worker(args) -> dict:
     from memprofile.measure import measure_step_or_oom
     torch.manual_seed(1)
     step = build(args.worker, args.folder, args.rank, args.chunk, args.upcast, getattr(torch, args.dtype))
+    if args.longest:
+        return longest_in_process(step, args)
     ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
-    batch = {"input_ids": ids, "labels": ids}
+    batch = {"input_ids": ids.to(_device(step)), "labels": ids.to(_device(step))}
     with torch.no_grad():
         first_loss = step(**batch).item()
     optimizer = None
@@ -91,12 +103,60 @@ def worker(args) -> dict:
             "bytes": m.bytes(), "peak_method": m.peak_method, "step_seconds": m.step_seconds}
 
 
+def _device(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def longest_in_process(step, args) -> dict:
+    """CUDA: the longest batch-1 sequence whose step fits the budget, probed in this process.
+
+    The allocator is capped at the budget (set_per_process_memory_fraction), so a probe that would
+    need more fails with OOM like it would on a card of that size; a probe fits when the step ran
+    and max_memory_allocated stayed within the budget. Doubling from 1024, then bisection to 1024."""
+    from memprofile.measure import measure_step_or_oom
+    from qlora.cli import parse_size
+    budget, device = parse_size(args.longest), _device(step)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    probes = {}
+
+    def fits(seq):
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(2)).to(device)
+        t = time.perf_counter()
+        m = measure_step_or_oom(step, {"input_ids": ids, "labels": ids}, loss_fn=lambda out, b: out,
+                                warmup_steps=0, timed_steps=0)
+        ok = bool(m.fits and m.peak is not None and m.peak <= budget)
+        probes[seq] = {"fits": ok, "peak": m.peak, "seconds": time.perf_counter() - t}
+        print(f"  {args.worker}: seq {seq:>6}: peak {(m.peak or 0) / 2**20:10.1f} MiB -> {'fits' if ok else 'no'}",
+              file=sys.stderr, flush=True)
+        return ok
+
+    good, bad, hi, t0 = 0, None, CONFIG["max_position_embeddings"], time.perf_counter()
+    in_time = lambda: time.perf_counter() - t0 < args.search_seconds
+    seq = 1024
+    while bad is None and seq <= hi and in_time():
+        if fits(seq):
+            good, seq = seq, seq * 2
+        else:
+            bad = seq
+    while bad is not None and bad - good > 1024 and in_time():
+        mid = (good + bad) // 2 // 1024 * 1024
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    complete = bad is not None and bad - good <= 1024 or bad is None and seq > hi
+    return {"path": args.worker, "budget": budget, "longest_seq": good, "complete": complete, "probes": probes}
+
+
 def run_worker(path: str, folder: str, batch: int, seq: int, opts, **variant) -> dict:
     v = {"chunk": opts.chunk, "upcast": False, "optim": "adamw", **variant}
     cmd = [sys.executable, __file__, "--worker", path, "--folder", folder, "--batch", str(batch), "--seq", str(seq),
            "--rank", str(opts.rank), "--chunk", str(v["chunk"]), "--timed", str(opts.timed), "--optim", v["optim"],
            "--dtype", opts.dtype]
     cmd += ["--upcast"] if v["upcast"] else []
+    cmd += ["--search-seconds", str(opts.search_seconds), "--size", opts.size] + (["--longest", variant["longest"]] if variant.get("longest") else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -131,6 +191,26 @@ def longest_seq(path: str, folder: str, budget: int, opts, lo: int = 128, hi: in
     return good
 
 
+def compare(runs: dict, result: dict, args) -> None:
+    """Medians, ratios and the per-category table of the A B A B runs (printed; added to `result`)."""
+    med = {k: {"step": statistics.median(r["step_seconds"] for r in v),
+               "peak": statistics.median(r["bytes"]["peak"] for r in v)} for k, v in runs.items()}
+    result.update(median=med, step_time_ratio=med["qlora"]["step"] / med["peft"]["step"],
+                  peak_ratio=med["qlora"]["peak"] / med["peft"]["peak"])
+    print(f"\nbatch {args.batch} x {args.seq}, r={args.rank}, {args.repeats} repeats\n")
+    print("| category (MiB) | PEFT + bitsandbytes | qlora | ratio |\n|---|---|---|---|")
+    for key in runs["peft"][0]["bytes"]:
+        a, b = runs["peft"][-1]["bytes"][key], runs["qlora"][-1]["bytes"][key]
+        print(f"| {key} | {mib(a)} | {mib(b)} | {b / a if a else float('nan'):.3f} |")
+    print(f"| step time (s, median) | {med['peft']['step']:.3f} | {med['qlora']['step']:.3f} | "
+          f"{result['step_time_ratio']:.3f} |")
+    tokens = args.batch * args.seq
+    result["tokens_per_second"] = {k: tokens / v["step"] for k, v in med.items()}
+    print(f"| tokens/s | {tokens / med['peft']['step']:,.0f} | {tokens / med['qlora']['step']:,.0f} | "
+          f"{med['peft']['step'] / med['qlora']['step']:.3f} |")
+    print(f"\nfirst loss: PEFT {runs['peft'][0]['first_loss']:.5f}, qlora {runs['qlora'][0]['first_loss']:.5f}")
+
+
 def mib(n) -> str:
     return f"{n / 2**20:,.1f}"
 
@@ -139,6 +219,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", choices=["peft", "qlora"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help="model folder (default: generated once in the temp dir)")
+    p.add_argument("--size", default="100m", choices=sorted(CONFIGS), help="model shape (1b: for GPUs)")
+    p.add_argument("--longest", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--in-process", action="store_true",
+                   help="longest-context search inside one process per path with the allocator capped at the "
+                        "budget (CUDA only; default: one fresh process per probe)")
+    p.add_argument("--search-seconds", type=float, default=float("inf"), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rank", type=int, default=16)
@@ -153,34 +239,34 @@ def main() -> None:
     p.add_argument("--budget", default="1GiB", help="memory budget for the longest-context search ('' to skip)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    global CONFIG
+    CONFIG = CONFIGS[args.size]
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    folder = Path(args.folder or Path(tempfile.gettempdir()) / "qlora-bench-llama-100m")
+    folder = Path(args.folder or Path(tempfile.gettempdir()) / f"qlora-bench-llama-{args.size}")
     make_model(folder, CONFIG)
     runs = {"peft": [], "qlora": []}
     t0 = time.time()
+    print(f"model {args.size} in {folder}; device: "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
     for i in range(args.repeats):
         for path in ("peft", "qlora"):       # alternate A B A B
             r = run_worker(path, str(folder), args.batch, args.seq, args)
             runs[path].append(r)
             print(f"run {i + 1} {path}: step {r['step_seconds']:.2f} s, peak {mib(r['bytes']['peak'])} MiB, "
                   f"first loss {r['first_loss']:.5f}", flush=True)
-    med = {k: {"step": statistics.median(r["step_seconds"] for r in v),
-               "peak": statistics.median(r["bytes"]["peak"] for r in v)} for k, v in runs.items()}
     result = {"machine": os.uname().nodename, "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-              "date": time.strftime("%Y-%m-%d"), "args": vars(args), "runs": runs, "median": med,
-              "step_time_ratio": med["qlora"]["step"] / med["peft"]["step"],
-              "peak_ratio": med["qlora"]["peak"] / med["peft"]["peak"]}
-    print(f"\nbatch {args.batch} x {args.seq}, r={args.rank}, {args.repeats} repeats, {time.time() - t0:.0f} s\n")
-    print("| category (MiB) | PEFT + bitsandbytes | qlora | ratio |\n|---|---|---|---|")
-    for key in runs["peft"][0]["bytes"]:
-        a, b = runs["peft"][-1]["bytes"][key], runs["qlora"][-1]["bytes"][key]
-        print(f"| {key} | {mib(a)} | {mib(b)} | {b / a if a else float('nan'):.3f} |")
-    print(f"| step time (s, median) | {med['peft']['step']:.2f} | {med['qlora']['step']:.2f} | "
-          f"{result['step_time_ratio']:.3f} |")
-    print(f"\nfirst loss: PEFT {runs['peft'][0]['first_loss']:.5f}, qlora {runs['qlora'][0]['first_loss']:.5f}")
+              "date": time.strftime("%Y-%m-%d"), "args": vars(args), "runs": runs}
+    def save():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.repeats > 0:
+        compare(runs, result, args)
+        save()
+    print(f"\n{time.time() - t0:.0f} s so far", flush=True)
     if args.ablate:
         print("\nqlora savers, each changed on its own (peak MiB / step s):")
         variants = {"default (chunked loss, no up-cast, AdamW)": {}, "model's own loss (no chunking)": {"chunk": 0},
@@ -195,13 +281,16 @@ def main() -> None:
         from qlora.cli import parse_size
         budget = parse_size(args.budget)
         print(f"\nlongest context at batch 1 within {args.budget}:")
-        longest = {path: longest_seq(path, str(folder), budget, args) for path in ("peft", "qlora")}
+        if args.in_process:
+            searches = {path: run_worker(path, str(folder), 1, 0, args, longest=args.budget) for path in ("peft", "qlora")}
+            result["longest_search"] = searches
+            longest = {path: r["longest_seq"] for path, r in searches.items()}
+        else:
+            longest = {path: longest_seq(path, str(folder), budget, args) for path in ("peft", "qlora")}
         result["longest_seq"] = longest
         result["longest_seq_ratio"] = longest["qlora"] / max(longest["peft"], 1)
         print(f"PEFT {longest['peft']}, qlora {longest['qlora']} tokens (ratio {result['longest_seq_ratio']:.2f})")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save()
 
 
 if __name__ == "__main__":

@@ -32,9 +32,19 @@ def check_mode(mode: str, allowed=CONFIGURATIONS) -> str:
     return mode
 
 
-def unfreeze_head(model: nn.Module) -> int:
-    """Freeze everything except the output head (lm_head / classifier / score); returns its param count."""
-    heads = output_head_paths(model)
+def unfreeze_head(model: nn.Module, names: list[str] | None = None) -> int:
+    """Freeze everything except the output head; returns its param count.
+
+    The head is `names` (module names or dotted suffixes, e.g. a recipe's modules_to_save such as
+    ['classifier', 'pooler']) or, when None, the modules called lm_head / classifier / score."""
+    if names:
+        heads = [n for n, _ in model.named_modules() if n and any(n == x or n.endswith("." + x) for x in names)]
+        missing = [x for x in names if not any(n == x or n.endswith("." + x) for n in heads)]
+        if missing:
+            raise QLoRAError(f"head module {missing[0]!r} not found in {type(model).__name__}; "
+                             f"top-level modules: {', '.join(n for n, _ in model.named_children())}")
+    else:
+        heads = output_head_paths(model)
     if not heads:
         raise QLoRAError(f"{type(model).__name__} has no output head (lm_head, classifier or score) to train")
     for p in model.parameters():
@@ -51,8 +61,9 @@ def unfreeze_head(model: nn.Module) -> int:
 
 
 def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit: Callable[[], nn.Module],
-                   lora: LoraConfig | None = None) -> nn.Module:
-    """A fresh model set up for `mode` (one of CONFIGURATIONS)."""
+                   lora: LoraConfig | None = None, head: list[str] | None = None) -> nn.Module:
+    """A fresh model set up for `mode` (one of CONFIGURATIONS); `head` names what head-only trains
+    (default: lm_head / classifier / score)."""
     check_mode(mode)
     base, _, ckpt = mode.partition("-")
     if base in ("lora", "qlora") and lora is None:
@@ -62,7 +73,7 @@ def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit:
         for p in model.parameters():
             p.requires_grad_(True)
     elif base == "head":
-        unfreeze_head(model)
+        unfreeze_head(model, head)
     else:
         add_lora(model, LoraConfig(**{**lora.__dict__, "qlora": {}}))
     if ckpt:

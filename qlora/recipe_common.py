@@ -6,6 +6,7 @@ mode (full, head, lora, qlora) on the same data and writes the seed-style table.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,14 @@ class RecipeBase:
     out_dir: str = "runs/recipe"
     """table.md, table.json and one folder per mode (metrics, curves, adapter) go here."""
     lr: dict = field(default_factory=lambda: {"full": 5e-5, "head": 1e-3, "lora": 1e-3, "qlora": 1e-3})
-    """Learning rate per mode."""
+    """Learning rate per mode (ignored for a mode that has an lr_grid entry)."""
+    lr_grid: Optional[dict] = None
+    """Learning-rate search: candidate rates per mode ({full: [2e-5, 5e-5, 1e-4], ...}). Each candidate
+    trains on the training split minus a held-out validation part (val_fraction); the candidate with
+    the best validation accuracy is the one reported (its test accuracy). Same budget for every mode:
+    give each mode the same number of candidates. None: one run per mode at lr.<mode>."""
+    val_fraction: float = 0.1
+    """Share of the training split held out (seeded) for the learning-rate search."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules="all-linear"))
     """Adapter settings for the lora and qlora modes."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -57,6 +65,17 @@ class RecipeBase:
                 raise QLoRAError(f"unknown config key 'lr.{m}'; allowed keys here: {', '.join(MODES)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise QLoRAError(f"lr.{m}={v!r}: must be a number > 0 (e.g. 1e-3)")
+        if self.lr_grid is not None:
+            if not isinstance(self.lr_grid, dict) or any(m not in MODES for m in self.lr_grid):
+                raise QLoRAError(f"lr_grid={self.lr_grid!r}: a mapping from mode ({', '.join(MODES)}) "
+                                 f"to a list of learning rates, e.g. lr_grid.lora=[1e-3,3e-3,1e-2]")
+            for m, values in self.lr_grid.items():
+                if (not isinstance(values, list) or not values or
+                        any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values)):
+                    raise QLoRAError(f"lr_grid.{m}={values!r}: must be a non-empty list of numbers > 0")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 < self.val_fraction < 1:
+            raise QLoRAError(f"val_fraction={self.val_fraction!r}: must be a number between 0 and 1 (e.g. 0.1)")
         for name in ("train_size", "test_size"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -77,29 +96,79 @@ class RecipeBase:
         return [items[i] for i in sorted(order.tolist())]
 
 
+def split_validation(items: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """(fit, validation): a seeded random `fraction` of `items` held out for model selection."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(items) * fraction))
+    held = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_set, collate, loss_fn, evaluate,
-              tokenizer=None, after_mode=None) -> list[dict]:
-    """Train one fresh model per mode and write out_dir/table.md + table.json. Returns the rows."""
+              make_eval=None, head=None, tokenizer=None, after_mode=None) -> list[dict]:
+    """Train one fresh model per mode and write out_dir/table.md + table.json. Returns the rows.
+
+    `evaluate(model)` measures the test split. With cfg.lr_grid, `make_eval(examples)` must return the
+    same kind of function for any list of examples (used on the validation split). `head` names what
+    head-only trains (default: lm_head / classifier / score)."""
+    if cfg.lr_grid and make_eval is None:
+        raise QLoRAError("this recipe has no validation split, so lr_grid is not supported; set lr.<mode> instead")
     rows = []
     for mode in cfg.modes():
-        torch.manual_seed(cfg.train.seed)
-        lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (
-            cfg.resolved_compute_dtype() if mode == "qlora" else None))
-        model = build_for_mode(mode, load_float=load_float, load_4bit=load_4bit, lora=lora)
-        trainable, total = count_parameters(model)
-        print(f"\n== {model_name} · {mode}: {trainable:,} trainable of {total:,} ({100 * trainable / total:.4f}%)")
-        config = dataclasses.replace(cfg.train, lr=cfg.lr[mode], out_dir=str(Path(cfg.out_dir) / mode))
-        result = train(model, train_set, collate, loss_fn, config, eval_fn=evaluate)
-        metrics = result.evals[-1][1] if result.evals else {}
-        rows.append({"model": model_name, "mode": mode, "trainable_params": trainable, "total_params": total,
-                     "accuracy": metrics.get("accuracy"), "metrics": metrics,
-                     "peak_bytes": result.first_step_peak_bytes, "peak_method": result.peak_method,
-                     "step_seconds": result.mean_step_seconds, "steps": result.steps, "lr": cfg.lr[mode]})
-        if mode in ("lora", "qlora"):
-            save_adapter(model, Path(cfg.out_dir) / mode / "adapter")
-        if after_mode is not None:
-            after_mode(mode, model)
-        del model
+        grid = (cfg.lr_grid or {}).get(mode)
+        if grid:
+            fit_set, val_set = split_validation(train_set, cfg.val_fraction, cfg.train.seed)
+            runs = [_run_one(cfg, mode, lr, Path(cfg.out_dir) / mode / f"lr-{lr:g}", model_name, load_float,
+                             load_4bit, fit_set, collate, loss_fn, evaluate, make_eval(val_set), head, after_mode)
+                    for lr in grid]
+            best = max(runs, key=lambda r: r["val_accuracy"])
+            row = {**best, "search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"]}
+                                      for r in runs], "train_examples": len(fit_set), "val_examples": len(val_set)}
+            adapter = Path(cfg.out_dir) / mode / f"lr-{best['lr']:g}" / "adapter"
+            if adapter.is_dir():
+                target = Path(cfg.out_dir) / mode / "adapter"
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(adapter, target)
+            print(f"== {mode}: validation accuracy by lr " + ", ".join(
+                f"{r['lr']:g}: {100 * r['val_accuracy']:.2f}%" for r in runs) + f" -> lr {best['lr']:g}")
+        else:
+            row = _run_one(cfg, mode, cfg.lr[mode], Path(cfg.out_dir) / mode, model_name, load_float, load_4bit,
+                           train_set, collate, loss_fn, evaluate, None, head, after_mode)
+            row["train_examples"] = len(train_set)
+        rows.append(row)
+        write_table(rows, cfg.out_dir)          # after every mode, so a long run leaves partial results
     text = write_table(rows, cfg.out_dir)
     print("\n" + text)
     return rows
+
+
+def _run_one(cfg, mode, lr, out_dir: Path, model_name, load_float, load_4bit, train_set, collate, loss_fn,
+             evaluate, validate, head, after_mode) -> dict:
+    """One fresh model, trained at `lr`; evaluated on the test split (and the validation split if given)."""
+    torch.manual_seed(cfg.train.seed)
+    lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (
+        cfg.resolved_compute_dtype() if mode == "qlora" else None))
+    model = build_for_mode(mode, load_float=load_float, load_4bit=load_4bit, lora=lora, head=head)
+    trainable, total = count_parameters(model)
+    print(f"\n== {model_name} · {mode} · lr {lr:g}: {trainable:,} trainable of {total:,} "
+          f"({100 * trainable / total:.4f}%)")
+    config = dataclasses.replace(cfg.train, lr=lr, out_dir=str(out_dir))
+    result = train(model, train_set, collate, loss_fn, config, eval_fn=validate or evaluate)
+    metrics = result.evals[-1][1] if result.evals else {}
+    row = {"model": model_name, "mode": mode, "trainable_params": trainable, "total_params": total,
+           "peak_bytes": result.first_step_peak_bytes, "peak_method": result.peak_method,
+           "step_seconds": result.mean_step_seconds, "steps": result.steps, "lr": lr}
+    if validate is not None:
+        row["val_accuracy"] = metrics.get("accuracy")
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate(model)
+        model.train(was_training)
+    row.update(accuracy=metrics.get("accuracy"), metrics=metrics)
+    if mode in ("lora", "qlora"):
+        save_adapter(model, out_dir / "adapter")
+    if after_mode is not None:
+        after_mode(mode, model)
+    del model
+    return row

@@ -59,19 +59,26 @@ def main(cfg: SeqClsConfig) -> list[dict]:
     def loss_fn(model, batch):
         return model(**batch).loss
 
-    def evaluate(model):
-        correct = 0
-        for i in range(0, len(test_set), 128):
-            batch = collate(test_set[i:i + 128])
-            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-            correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
-        return {"accuracy": correct / len(test_set)}
+    def make_eval(examples):
+        def evaluate(model):
+            correct = 0
+            for i in range(0, len(examples), 128):
+                batch = collate(examples[i:i + 128])
+                batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+                correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
+            return {"accuracy": correct / len(examples)}
+        return evaluate
 
+    # The head is what LoRA trains in full (modules_to_save): for BERT-style models the pooler
+    # (dense + tanh on the first token) and the classifier, like RoBERTa's two-layer classification
+    # head in the seed. In QLoRA it stays in float, like any module that trains in full.
+    head = list(cfg.lora.modules_to_save or []) or None
     load_float = lambda: AutoModelForSequenceClassification.from_pretrained(path, **labels)
-    load_4bit = lambda: qlora.load_4bit(path, AutoModelForSequenceClassification,
+    load_4bit = lambda: qlora.load_4bit(path, AutoModelForSequenceClassification, skip_modules=head,
                                         compute_dtype=cfg.resolved_compute_dtype(), **labels)
     return run_modes(cfg, model_name=cfg.model, load_float=load_float, load_4bit=load_4bit,
-                     train_set=train_set, collate=collate, loss_fn=loss_fn, evaluate=evaluate, tokenizer=tokenizer)
+                     train_set=train_set, collate=collate, loss_fn=loss_fn, evaluate=make_eval(test_set),
+                     make_eval=make_eval, head=head, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":

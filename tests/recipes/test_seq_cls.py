@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import runpy
 import shutil
 from pathlib import Path
@@ -48,8 +49,8 @@ def test_config_loads_with_overrides_as_typed_values(recipe):
     assert cfg.lora.r == 16 and cfg.train.epochs == 1 and cfg.mode == "qlora" and cfg.train_size == 100
     # 3e-4 without a dot is a string to plain YAML 1.1; the loader reads it as the float it means
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.lr["full"] == 5e-5 and cfg.lr["lora"] == 1e-3
-    assert cfg.lora.target_modules[-1] == "word_embeddings" and cfg.lora.modules_to_save == ["classifier"]
+    assert cfg.lr["full"] == 5e-5 and cfg.lr["lora"] == 3e-3
+    assert cfg.lora.target_modules[-1] == "word_embeddings" and cfg.lora.modules_to_save == ["classifier", "pooler"]
 
 
 @pytest.mark.parametrize("override, needles", [
@@ -107,7 +108,7 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
     folder, encoder_params = tiny_bert_folder
     out = tmp_path / "seq_cls"
     cfg = _load(recipe, [f"model={folder}", "train_size=32", "test_size=32", "max_length=16", "train.epochs=1",
-                         "train.batch_size=16", "mode=all", f"out_dir={out}", "train.progress=false"])
+                         "train.batch_size=16", "mode=all", f"out_dir={out}", "train.progress=false", "lr_grid=null"])
     rows = recipe["main"](cfg)
 
     # the table, both forms, all four modes
@@ -124,15 +125,16 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
                                                     "vocab_size"))
     r, labels = cfg.lora.r, 2                                   # rotten / fresh
     classifier = h * labels + labels
+    head = classifier + h * h + h                               # modules_to_save: classifier + pooler
     per_layer = (4 * r * (h + h)                                # query, key, value, attention.output.dense
                  + r * (h + inter)                              # intermediate.dense
                  + r * (inter + h))                             # output.dense
     adapters = layers * per_layer + r * (vocab + h)             # + word_embeddings
     full = encoder_params + classifier
     assert by_mode["full"]["trainable_params"] == by_mode["full"]["total_params"] == full
-    assert by_mode["head"]["trainable_params"] == classifier and by_mode["head"]["total_params"] == full
+    assert by_mode["head"]["trainable_params"] == head and by_mode["head"]["total_params"] == full
     for mode in ("lora", "qlora"):
-        assert by_mode[mode]["trainable_params"] == adapters + classifier, mode
+        assert by_mode[mode]["trainable_params"] == adapters + head, mode
         assert by_mode[mode]["total_params"] == full + adapters, mode
 
     for mode in MODES:
@@ -149,9 +151,44 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
         assert (out / mode / "adapter" / "adapter_model.safetensors").is_file()
         assert (out / mode / "adapter" / "adapter_config.json").is_file()
     assert not (out / "full" / "adapter").exists()
-    # qlora trained on an NF4 base (every Linear but the head: 6 per layer + the pooler), lora on the float one
+    # qlora trained on an NF4 base (every Linear but the head: 6 per layer; the pooler trains, so stays float)
     qlora_facts = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())["qlora"]
-    assert qlora_facts["quant_type"] == "nf4" and len(qlora_facts["quantized_modules"]) == layers * 6 + 1
-    assert "bert.pooler.dense" in qlora_facts["quantized_modules"]
+    assert qlora_facts["quant_type"] == "nf4" and len(qlora_facts["quantized_modules"]) == layers * 6
+    assert "bert.pooler.dense" not in qlora_facts["quantized_modules"]
     lora_facts = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())["qlora"]
     assert "quantized_modules" not in lora_facts
+
+
+def test_lr_search_reports_the_validation_best_and_its_test_accuracy(recipe, tiny_bert_folder, tmp_path):
+    folder, _ = tiny_bert_folder
+    out = tmp_path / "search"
+    cfg = _load(recipe, [f"model={folder}", "train_size=40", "test_size=24", "max_length=16", "train.epochs=1",
+                         "train.batch_size=16", "mode=lora", f"out_dir={out}", "train.progress=false",
+                         "lr_grid={lora: [1.0e-4, 1.0e-1]}", "val_fraction=0.25"])
+    (row,) = recipe["main"](cfg)
+    # 40 training examples: 10 held out for validation, 30 to fit (2 steps of 16)
+    assert row["train_examples"] == 30 and row["val_examples"] == 10 and row["steps"] == 2
+    assert [r["lr"] for r in row["search"]] == [1e-4, 1e-1]
+    best = max(row["search"], key=lambda r: r["val_accuracy"])          # first best on ties, like max()
+    assert row["lr"] == best["lr"] and row["accuracy"] == best["accuracy"]
+    # each candidate's validation accuracy is what its own training log recorded at the end
+    for r in row["search"]:
+        logged = [json.loads(l) for l in (out / "lora" / f"lr-{r['lr']:g}" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["eval_accuracy"] for m in logged if "eval_accuracy" in m][-1] == r["val_accuracy"]
+        assert r["val_accuracy"] in {k / 10 for k in range(11)}           # 10 validation examples
+        assert r["accuracy"] in {k / 24 for k in range(25)}               # 24 test examples
+    # the reported adapter is the chosen candidate's
+    chosen = out / "lora" / f"lr-{row['lr']:g}" / "adapter" / "adapter_model.safetensors"
+    assert (out / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == chosen.read_bytes()
+    assert json.loads((out / "table.json").read_text())["rows"][0]["search"] == row["search"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lr_grid={lora: []}", "lr_grid.lora=[]"),
+    ("lr_grid={lora: [-1]}", "lr_grid.lora=[-1]"),
+    ("lr_grid={bogus: [1.0e-3]}", "a mapping from mode"),
+    ("val_fraction=1.5", "val_fraction=1.5"),
+])
+def test_bad_lr_grid_is_named(recipe, override, needle):
+    with pytest.raises(QLoRAError, match=re.escape(needle)):
+        _load(recipe, [override])
