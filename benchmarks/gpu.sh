@@ -33,7 +33,7 @@ timeout 220 $PY benchmarks/bench_vs_peft.py --size 1b --batch 4 --seq 2048 --rep
 
 # 2. beside each other (memory only, so sharing the GPU changes nothing measured): the longest
 #    context in 24 GiB, and the seq-cls recipe, one process per mode
-timeout 270 $PY benchmarks/bench_vs_peft.py --size 1b --repeats 0 --budget 24GiB --in-process --search-seconds 120 \
+timeout 270 $PY benchmarks/bench_vs_peft.py --size 1b --repeats 0 --budget 24GiB --in-process --search-seconds 90 \
   --folder /tmp/qlora-bench-llama-1b --json "$OUT_DIR/longest.json" > "$OUT_DIR/longest.log" 2>&1 &
 mkdir -p runs/gpu-seq-cls
 for mode in full head lora qlora; do
