@@ -19,7 +19,7 @@ from qlora.errors import QLoRAError
 from qlora.inject import count_parameters
 from qlora.modes import MODES, build_for_mode
 from qlora.results import write_table
-from qlora.train import TrainConfig, train
+from qlora.train import TrainConfig, TrainingDiverged, train
 
 
 @dataclass
@@ -121,16 +121,21 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
             runs = [_run_one(cfg, mode, lr, Path(cfg.out_dir) / mode / f"lr-{lr:g}", model_name, load_float,
                              load_4bit, fit_set, collate, loss_fn, evaluate, make_eval(val_set), head, after_mode)
                     for lr in grid]
-            best = max(runs, key=lambda r: r["val_accuracy"])
-            row = {**best, "search": [{"lr": r["lr"], "val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"]}
-                                      for r in runs], "train_examples": len(fit_set), "val_examples": len(val_set)}
+            done = [r for r in runs if r.get("val_accuracy") is not None]
+            if not done:
+                raise QLoRAError(f"mode {mode!r}: every learning rate in lr_grid.{mode}={grid} diverged or "
+                                 f"gave no validation accuracy; try smaller rates")
+            best = max(done, key=lambda r: r["val_accuracy"])
+            row = {**best, "search": [{k: r.get(k) for k in ("lr", "val_accuracy", "accuracy", "diverged")
+                                       if k != "diverged" or r.get(k)} for r in runs], "train_examples": len(fit_set), "val_examples": len(val_set)}
             adapter = Path(cfg.out_dir) / mode / f"lr-{best['lr']:g}" / "adapter"
             if adapter.is_dir():
                 target = Path(cfg.out_dir) / mode / "adapter"
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(adapter, target)
             print(f"== {mode}: validation accuracy by lr " + ", ".join(
-                f"{r['lr']:g}: {100 * r['val_accuracy']:.2f}%" for r in runs) + f" -> lr {best['lr']:g}")
+                f"{r['lr']:g}: " + (f"{100 * r['val_accuracy']:.2f}%" if r.get("val_accuracy") is not None
+                                    else "diverged") for r in runs) + f" -> lr {best['lr']:g}")
         else:
             row = _run_one(cfg, mode, cfg.lr[mode], Path(cfg.out_dir) / mode, model_name, load_float, load_4bit,
                            train_set, collate, loss_fn, evaluate, None, head, after_mode)
@@ -153,7 +158,14 @@ def _run_one(cfg, mode, lr, out_dir: Path, model_name, load_float, load_4bit, tr
     print(f"\n== {model_name} · {mode} · lr {lr:g}: {trainable:,} trainable of {total:,} "
           f"({100 * trainable / total:.4f}%)")
     config = dataclasses.replace(cfg.train, lr=lr, out_dir=str(out_dir))
-    result = train(model, train_set, collate, loss_fn, config, eval_fn=validate or evaluate)
+    try:
+        result = train(model, train_set, collate, loss_fn, config, eval_fn=validate or evaluate)
+    except TrainingDiverged as e:
+        if validate is None:            # a single run: nothing else to report
+            raise
+        print(f"   lr {lr:g} diverged: {e}")  # in a search, a diverged rate is a result, not the end
+        return {"model": model_name, "mode": mode, "lr": lr, "val_accuracy": None, "accuracy": None,
+                "diverged": str(e)}
     metrics = result.evals[-1][1] if result.evals else {}
     row = {"model": model_name, "mode": mode, "trainable_params": trainable, "total_params": total,
            "peak_bytes": result.first_step_peak_bytes, "peak_method": result.peak_method,

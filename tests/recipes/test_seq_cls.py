@@ -49,7 +49,7 @@ def test_config_loads_with_overrides_as_typed_values(recipe):
     assert cfg.lora.r == 16 and cfg.train.epochs == 1 and cfg.mode == "qlora" and cfg.train_size == 100
     # 3e-4 without a dot is a string to plain YAML 1.1; the loader reads it as the float it means
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.lr["full"] == 5e-5 and cfg.lr["lora"] == 3e-3
+    assert cfg.lr["full"] == 5e-5 and cfg.lr["lora"] == 3e-4
     assert cfg.lora.target_modules[-1] == "word_embeddings" and cfg.lora.modules_to_save == ["classifier", "pooler"]
 
 
@@ -181,6 +181,16 @@ def test_lr_search_reports_the_validation_best_and_its_test_accuracy(recipe, tin
     chosen = out / "lora" / f"lr-{row['lr']:g}" / "adapter" / "adapter_model.safetensors"
     assert (out / "lora" / "adapter" / "adapter_model.safetensors").read_bytes() == chosen.read_bytes()
     assert json.loads((out / "table.json").read_text())["rows"][0]["search"] == row["search"]
+
+
+def test_lr_search_survives_a_diverging_rate(recipe, tiny_bert_folder, tmp_path):
+    folder, _ = tiny_bert_folder
+    cfg = _load(recipe, [f"model={folder}", "train_size=40", "test_size=24", "max_length=16", "train.epochs=1",
+                         "train.batch_size=16", "mode=lora", f"out_dir={tmp_path}", "train.progress=false",
+                         "lr_grid={lora: [1.0e+30, 1.0e-4]}", "val_fraction=0.25", "train.max_grad_norm=null"])
+    (row,) = recipe["main"](cfg)
+    assert "diverged" in row["search"][0] and row["search"][0]["val_accuracy"] is None
+    assert row["lr"] == 1e-4 and row["accuracy"] == row["search"][1]["accuracy"] is not None
 
 
 @pytest.mark.parametrize("override, needle", [
