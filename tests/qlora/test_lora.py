@@ -304,3 +304,41 @@ def test_merge_refuses_4bit_base():
     with pytest.raises(QLoRAError, match="4-bit"):
         layer.check_merge()
     assert torch.equal(base.weight, w0) and not layer.merged
+
+
+def _saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> tuple[int, list]:
+    """Bytes autograd saves for backward in module(x), each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(n for ptr, n in storages.items() if ptr not in params), saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_linear_saves_its_input_once_and_the_rank_r_activation(dtype, four_bit):
+    # Frozen base + adapter: backward needs x (for dA) and A(x) (for dB); the frozen base needs
+    # neither (its weight has no gradient), so the step should keep x once, in the adapter's dtype.
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(256, 512, bias=False, dtype=dtype)
+
+        def forward(self, x):
+            return self.proj(x)
+    model = Holder()
+    if four_bit:
+        from qlora.quant import quantize_model
+        quantize_model(model, compute_dtype=dtype)
+    model.proj.requires_grad_(False)
+    model.proj = LoRALinear(model.proj, r=8, lora_alpha=8, dtype=dtype)
+    x = torch.randn(4, 64, 256, dtype=dtype, requires_grad=True)
+    nbytes, saved = _saved_activation_bytes(model, x)
+    element = torch.finfo(dtype).bits // 8
+    assert nbytes == (4 * 64 * 256 + 4 * 64 * 8) * element, [(tuple(t.shape), t.dtype) for t in saved]
