@@ -141,15 +141,47 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, kind: str, scaling: float) ->
     return (b @ a) * scaling                                           # [out, in]
 
 
-def roundtrip_4bit(weight: torch.Tensor, settings: dict) -> torch.Tensor:
-    """dequant(quant(W)) exactly as the 4-bit layer held it during training, returned in fp32."""
+def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = 1 << 20) -> torch.Tensor:
+    """dequant(quant(W)) exactly as the 4-bit layer held it during training, returned in fp32.
+
+    Computed `chunk_elements` at a time: bitsandbytes' CPU quantizer needs ~3.4x its input in fp32
+    scratch, which for a whole [5632, 2048] MLP weight was the export's peak. Chunks are whole
+    quantization blocks, so codes and absmax are those of the whole tensor; the second-level
+    (double) quantization of the absmax vector needs the whole vector (its offset is the mean) and
+    is done once, as bitsandbytes does it. Tests compare it with bitsandbytes' own round trip."""
     import bitsandbytes.functional as bnbf
     from_dtype = parse_dtype(settings.get("quantized_from_dtype") or settings.get("compute_dtype") or "bfloat16")
-    w = weight.to(from_dtype)
-    q, state = bnbf.quantize_4bit(w, blocksize=int(settings.get("blocksize", 64)),
-                                  compress_statistics=bool(settings.get("double_quant", True)),
-                                  quant_type=settings.get("quant_type", "nf4"))
-    return bnbf.dequantize_4bit(q, state).float()
+    blocksize, quant_type = int(settings.get("blocksize", 64)), settings.get("quant_type", "nf4")
+    flat = weight.to(from_dtype).reshape(-1)
+    step = max(blocksize, chunk_elements // blocksize * blocksize)
+    chunks = []                                  # (codes, absmax) per chunk: n/2 + 4n/blocksize bytes
+    for i in range(0, flat.numel(), step):
+        chunks.append(torch.ops.bitsandbytes.quantize_4bit.default(flat[i:i + step], blocksize, quant_type,
+                                                                   torch.uint8))
+    absmax = torch.cat([a for _, a in chunks])
+    if bool(settings.get("double_quant", True)):  # bitsandbytes.functional.quantize_4bit/dequantize_4bit
+        offset = absmax.mean()
+        q_absmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        absmax = bnbf.dequantize_blockwise(q_absmax, state2)
+        absmax += offset
+        absmax = absmax.float()
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    for k, (codes, _) in enumerate(chunks):
+        i = k * step
+        n = min(step, flat.numel() - i)
+        blocks = absmax[i // blocksize:(i + n + blocksize - 1) // blocksize]
+        out[i:i + n] = torch.ops.bitsandbytes.dequantize_4bit.default(codes, blocks, blocksize, quant_type, (n,),
+                                                                      from_dtype)
+    return out.view(weight.shape)
+
+
+def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float:
+    """||a - b||_F with fp32 temporaries of `chunk_rows` rows, not a whole-layer copy."""
+    a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    total = 0.0
+    for i in range(0, a2.shape[0], chunk_rows):
+        total += torch.linalg.vector_norm(a2[i:i + chunk_rows].float() - b2[i:i + chunk_rows]).item() ** 2
+    return total ** 0.5
 
 
 # ---------------------------------------------------------------- writing
@@ -315,7 +347,7 @@ def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.
     # Memory: quantize first (bitsandbytes' CPU quantizer needs ~3x the layer in fp32 scratch), then
     # build the update, and add it in place: at most two fp32 copies of the layer live at once.
     seen = training_weight(path, w, settings)                       # fp32 [out, in]
-    qerr = torch.linalg.vector_norm(w - seen).item()                # one fp32 temporary
+    qerr = _diff_norm(w, seen)                                     # chunked: no whole-layer temporary
     merged = seen if merge_onto == "dequantized" else w.float()
     del seen
     a, b, kind = update

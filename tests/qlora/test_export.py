@@ -605,3 +605,22 @@ def test_smollm2_export(tmp_path):
     print(f"  fp32 export vs our reference: relative {rel:.3g}, top-1 {agree:.1f}%; "
           f"the adapter moves the logits by {compare(without, ref)[0]:.3g} (relative)")
     assert rel <= 1e-4 and agree == 100.0
+
+
+@pytest.mark.parametrize("shape, dtype, double_quant, quant_type, blocksize", [
+    ((256, 512), torch.bfloat16, True, "nf4", 64),
+    ((300, 77), torch.float32, True, "fp4", 64),        # a partial last block
+    ((1000, 333), torch.float16, False, "nf4", 128),
+    ((512, 512), torch.bfloat16, True, "nf4", 256),
+])
+@pytest.mark.parametrize("chunk", [1 << 20, 4096, 448])
+def test_chunked_roundtrip_equals_bitsandbytes_whole_tensor(shape, dtype, double_quant, quant_type, blocksize, chunk):
+    import bitsandbytes.functional as bnbf
+    from qlora.export import roundtrip_4bit
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    q, state = bnbf.quantize_4bit(w.to(dtype), blocksize=blocksize, compress_statistics=double_quant,
+                                  quant_type=quant_type)
+    expected = bnbf.dequantize_4bit(q, state).float()
+    settings = {"quantized_from_dtype": str(dtype).removeprefix("torch."), "blocksize": blocksize,
+                "double_quant": double_quant, "quant_type": quant_type}
+    assert torch.equal(roundtrip_4bit(w, settings, chunk_elements=chunk), expected)
