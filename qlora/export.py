@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,8 +294,15 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     writer.write(name, saved[name].to(out_specs[name][1]))
                     continue
                 key = ckpt_key[name]
-                w = _read_tensor(specs[key][0], key)
                 path = name.removesuffix(".weight")
+                touched = name.endswith(".weight") and (path in updates or (path in quantized and
+                                                                           merge_onto == "dequantized"))
+                if not touched and not (rq is not None and rq.wants(name)):
+                    pieces = _stream_tensor(specs[key][0], key, out_specs[name][1])
+                    if pieces is not None:      # copied through in pieces: never whole in memory
+                        writer.write_stream(name, pieces)
+                        continue
+                w = _read_tensor(specs[key][0], key)
                 if name.endswith(".weight") and path in updates:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
                 elif name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
@@ -331,6 +339,42 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
     the whole export grew RSS to the size of the model."""
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(key)
+
+
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def _stream_tensor(path: Path, key: str, out_dtype: torch.dtype, piece_bytes: int = 16 << 20):
+    """Pieces (flat, cast to `out_dtype` when floating) of one tensor, read with plain file reads.
+
+    A tensor copied through unchanged (embeddings, the head, norms) is the largest thing an export
+    touches: reading it whole costs its size in memory, and through safetensors' memory map its pages
+    stay in RSS as well. Here at most `piece_bytes` of it is in memory. None for a dtype we don't know
+    (the caller then reads it whole)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        entry = json.loads(f.read(n))[key]
+    dtype = _ST_TORCH.get(entry["dtype"])
+    if dtype is None:
+        return None
+    start, end = entry["data_offsets"]
+    item = torch.empty((), dtype=dtype).element_size()
+    step = max(item, piece_bytes // item * item)
+
+    def pieces():
+        with open(path, "rb") as f:
+            f.seek(8 + n + start)
+            remaining = end - start
+            while remaining > 0:
+                raw = bytearray(f.read(min(step, remaining)))
+                if not raw:
+                    raise QLoRAError(f"{path} ends inside tensor {key!r}: the file is truncated")
+                remaining -= len(raw)
+                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                yield t.to(out_dtype) if t.is_floating_point() else t
+    return pieces()
 
 
 def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:

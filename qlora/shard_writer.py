@@ -14,6 +14,7 @@ tensor as it is produced.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,26 @@ class ShardedWriter:
         self._fh = open(self.folder / self._names[index], "wb")
         self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._open_index = index
+
+    def write_stream(self, name: str, chunks) -> None:
+        """Write tensor `name` from an iterable of flat pieces (in order, the planned dtype), so a large
+        tensor never has to sit in memory whole."""
+        expected = next(self._expected, None)
+        if name != expected:
+            raise QLoRAError(f"internal: tensor {name!r} written out of plan order (expected {expected!r})")
+        shape, dtype = self.plan.specs[name]
+        index = self._file_of[name]
+        if index != self._open_index:
+            self._start_file(index)
+        written = 0
+        for piece in chunks:
+            if piece.dtype != dtype:
+                raise QLoRAError(f"internal: a piece of {name} is {piece.dtype}, planned {dtype}")
+            data = piece.detach().to("cpu").contiguous().reshape(-1)
+            self._fh.write(data.view(torch.uint8).numpy() if data.numel() else b"")
+            written += data.numel()
+        if written != math.prod(shape):
+            raise QLoRAError(f"internal: {name} got {written} elements, planned {math.prod(shape)}")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected = next(self._expected, None)

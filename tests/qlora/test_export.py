@@ -352,18 +352,30 @@ def test_export_maps_one_input_shard_at_a_time(llama, exports, tmp_path, monkeyp
     from qlora.export import export_adapter
     shards = sorted(str(p) for p in exports.sharded.glob("*.safetensors"))
     assert len(shards) >= 3
-    mapped_counts = []
-    write = shard_writer.ShardedWriter.write
+    mapped_counts, streamed = [], []
+    write, write_stream = shard_writer.ShardedWriter.write, shard_writer.ShardedWriter.write_stream
 
-    def write_and_count(self, name, tensor):
+    def count():
         maps = Path("/proc/self/maps").read_text()
         mapped_counts.append(sum(s in maps for s in shards))
+
+    def write_and_count(self, name, tensor):
+        count()
         return write(self, name, tensor)
 
+    def write_stream_and_count(self, name, pieces):
+        count()
+        streamed.append(name)
+        return write_stream(self, name, pieces)
+
     monkeypatch.setattr(shard_writer.ShardedWriter, "write", write_and_count)
+    monkeypatch.setattr(shard_writer.ShardedWriter, "write_stream", write_stream_and_count)
     export_adapter(exports.sharded, llama.adapter, tmp_path / "out", dtype="float32", verify=False, progress=False)
     assert len(mapped_counts) == len(load_file(str(exports.fp32 / "model.safetensors")))
     assert max(mapped_counts) <= 1, mapped_counts
+    # tensors copied through unchanged (embeddings, norms, the head) are streamed in pieces
+    assert "model.embed_tokens.weight" in streamed and "model.norm.weight" in streamed
+    assert not any(".self_attn." in n and n.endswith("proj.weight") for n in streamed)   # merged ones are not
 
 
 def test_checkpoint_key_ending_like_an_adapted_module(llama, exports, tmp_path):
@@ -624,3 +636,24 @@ def test_chunked_roundtrip_equals_bitsandbytes_whole_tensor(shape, dtype, double
     settings = {"quantized_from_dtype": str(dtype).removeprefix("torch."), "blocksize": blocksize,
                 "double_quant": double_quant, "quant_type": quant_type}
     assert torch.equal(roundtrip_4bit(w, settings, chunk_elements=chunk), expected)
+
+
+@pytest.mark.parametrize("piece_bytes", [2, 6, 1000, 1 << 20])
+def test_stream_tensor_pieces_rebuild_the_tensor(tmp_path, piece_bytes):
+    from qlora.errors import QLoRAError
+    from qlora.export import _stream_tensor
+    tensors = {"a": torch.randn(37, 11).to(torch.bfloat16), "ids": torch.arange(50, dtype=torch.int64),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    for key, out_dtype in (("a", torch.float32), ("a", torch.bfloat16), ("ids", torch.int64), ("empty", torch.float16)):
+        pieces = list(_stream_tensor(tmp_path / "m.safetensors", key, out_dtype, piece_bytes=piece_bytes))
+        got = torch.cat(pieces) if pieces else torch.empty(0, dtype=out_dtype)
+        want = tensors[key].reshape(-1)
+        assert got.dtype == (out_dtype if want.is_floating_point() else want.dtype)
+        assert torch.equal(got, want.to(got.dtype))
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-10])          # truncated inside the last tensor
+    last = max(tensors, key=lambda k: json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])[k]["data_offsets"][1]
+               if k in json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]) else -1)
+    with pytest.raises(QLoRAError, match="truncated"):
+        list(_stream_tensor(tmp_path / "cut.safetensors", last, torch.float32, piece_bytes=piece_bytes))
