@@ -132,14 +132,18 @@ def adapter_updates(tensors: dict, paths: set[str]) -> dict[str, tuple[torch.Ten
     return out
 
 
-def delta_weight(a: torch.Tensor, b: torch.Tensor, kind: str, scaling: float) -> torch.Tensor:
-    """s·B·A in fp32, in the base weight's layout (same formulas as the LoRA layers)."""
+def add_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str, scaling: float) -> float:
+    """weight += s·B·A in place (fp32 `weight`), without a whole-layer temporary; returns ||s·B·A||_F.
+
+    The norm comes from the r×r Gram matrices: ||B·A||² = trace((BᵀB)(AAᵀ)), in float64."""
     a, b = a.float(), b.float()
+    a2, b2 = a.flatten(1), b.flatten(1)                                  # [r, in...], [out, r]
     if kind == "embedding":
-        return (b @ a).T * scaling                                    # [n, d]
-    if kind == "conv":
-        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * scaling
-    return (b @ a) * scaling                                           # [out, in]
+        weight.addmm_(a2.T, b2.T, alpha=scaling)                       # (B·A)ᵀ: [n, d]
+    else:
+        weight.view(weight.shape[0], -1).addmm_(b2, a2, alpha=scaling)  # [out, in] (conv: flattened)
+    gram = (b2.double().T @ b2.double()) * (a2.double() @ a2.double().T)
+    return abs(scaling) * max(gram.sum().item(), 0.0) ** 0.5
 
 
 def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = 1 << 20) -> torch.Tensor:
@@ -388,17 +392,15 @@ def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:
 
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
     """The merged fp32 weight of one adapted layer, recording the norms for the report."""
-    # Memory: quantize first (bitsandbytes' CPU quantizer needs ~3x the layer in fp32 scratch), then
-    # build the update, and add it in place: at most two fp32 copies of the layer live at once.
+    # Memory: one fp32 copy of the layer (the round trip is chunked, the update added in place),
+    # plus the layer as read and as written in the output dtype.
     seen = training_weight(path, w, settings)                       # fp32 [out, in]
     qerr = _diff_norm(w, seen)                                     # chunked: no whole-layer temporary
     merged = seen if merge_onto == "dequantized" else w.float()
     del seen
     a, b, kind = update
-    delta = delta_weight(a, b, kind, scaling)
-    result.layers.append(LayerUpdate(path, torch.linalg.vector_norm(delta).item(), qerr))
-    merged += delta
-    del delta
+    update_norm = add_delta_(merged, a, b, kind, scaling)            # in place: no [out, in] temporary
+    result.layers.append(LayerUpdate(path, update_norm, qerr))
     if not torch.isfinite(merged).all():
         raise QLoRAError(f"merging {path} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
     return merged

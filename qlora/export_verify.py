@@ -162,11 +162,13 @@ def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
 
 def load_live_qlora(base_folder: Path, adapter, cls, settings: dict):
     """The trained QLoRA model as it ran: 4-bit base (same settings) + adapter."""
-    from qlora.adapters_io import load_adapter
+    from qlora.adapters_io import load_adapter, read_adapter_config
     from qlora.quant import load_4bit
     labels = {k: v for k, v in (settings.get("config_overrides") or {}).items() if k in ("id2label", "label2id")}
+    # modules trained in full (e.g. a pooler + classifier head) stayed in float during training
+    keep = list(read_adapter_config(adapter).modules_to_save or []) or None
     live = load_4bit(str(base_folder), cls, quant_type=settings.get("quant_type", "nf4"),
                      double_quant=settings.get("double_quant", True),
                      compute_dtype=parse_dtype(settings.get("compute_dtype", "bfloat16")),
-                     blocksize=int(settings.get("blocksize", 64)), **labels)
+                     blocksize=int(settings.get("blocksize", 64)), skip_modules=keep, **labels)
     return load_adapter(live, adapter)
