@@ -180,6 +180,12 @@ def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = 1
     return out.view(weight.shape)
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """torch.isfinite(t).all() in pieces: on a whole layer it allocates an fp32 |t| plus two masks."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float:
     """||a - b||_F with fp32 temporaries of `chunk_rows` rows, not a whole-layer copy."""
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -401,7 +407,7 @@ def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.
     a, b, kind = update
     update_norm = add_delta_(merged, a, b, kind, scaling)            # in place: no [out, in] temporary
     result.layers.append(LayerUpdate(path, update_norm, qerr))
-    if not torch.isfinite(merged).all():
+    if not _all_finite(merged):
         raise QLoRAError(f"merging {path} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
     return merged
 
