@@ -387,14 +387,18 @@ def _live_bytes_estimate() -> int:
     import gc
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if torch.is_tensor(obj) and not obj.is_meta and obj.device.type == "cpu":
-            try:
-                st = obj.untyped_storage()
-            except (RuntimeError, NotImplementedError):
+        if not torch.is_tensor(obj):
+            continue
+        try:   # tensor subclasses and storage-less tensors (left by other code) raise on these
+            if obj.is_meta or obj.device.type != "cpu":
                 continue
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
+            st = obj.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if ptr not in seen:
+            seen.add(ptr)
+            total += nbytes
     return total
 
 
