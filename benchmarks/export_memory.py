@@ -219,6 +219,8 @@ def main(argv=None) -> int:
                     help="working folder for the model, adapter, exports and the results (default: new /tmp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and the exports")
     ap.add_argument("--skip-peft", action="store_true", help="measure qlora export only")
+    ap.add_argument("--requantize", action="store_true",
+                    help="also measure `qlora export --requantize nf4` (merged layers re-quantized to 4-bit)")
     args = ap.parse_args(argv)
 
     work = args.out_dir or Path(tempfile.mkdtemp(prefix="qlora-export-bench-", dir="/tmp"))
@@ -238,6 +240,11 @@ def main(argv=None) -> int:
     runs.append(measure("module", "qlora.cli", ["export", "--base", str(base), "--adapter", str(adapter), "--out",
                                                 str(work / "out-qlora"), "--dtype", "bfloat16", "--no-verify"],
                         "qlora export --no-verify", work))
+    if args.requantize:
+        runs.append(measure("module", "qlora.cli", ["export", "--base", str(base), "--adapter", str(adapter), "--out",
+                                                    str(work / "out-nf4"), "--dtype", "bfloat16", "--no-verify",
+                                                    "--requantize", "nf4"],
+                            "qlora export --requantize nf4 --no-verify", work))
     if not args.skip_peft:
         runs.append(measure("code", PEFT_SCRIPT, [str(base), str(adapter), str(work / "out-peft")],
                             "PEFT from_pretrained + merge_and_unload + save_pretrained", work))
