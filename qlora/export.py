@@ -27,6 +27,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from qlora.adapters_io import read_adapter_config, read_adapter_tensors
+from qlora.chunked4bit import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantize_4bit_chunked
 from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.requantize import Requantizer, check_requantize
@@ -146,38 +147,17 @@ def add_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str
     return abs(scaling) * max(gram.sum().item(), 0.0) ** 0.5
 
 
-def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = 1 << 20) -> torch.Tensor:
+def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """dequant(quant(W)) exactly as the 4-bit layer held it during training, returned in fp32.
 
-    Computed `chunk_elements` at a time: bitsandbytes' CPU quantizer needs ~3.4x its input in fp32
-    scratch, which for a whole [5632, 2048] MLP weight was the export's peak. Chunks are whole
-    quantization blocks, so codes and absmax are those of the whole tensor; the second-level
-    (double) quantization of the absmax vector needs the whole vector (its offset is the mean) and
-    is done once, as bitsandbytes does it. Tests compare it with bitsandbytes' own round trip."""
-    import bitsandbytes.functional as bnbf
+    In pieces (qlora.chunked4bit): bit-exact with bitsandbytes' whole-tensor round trip without its
+    ~3.4x-the-layer fp32 scratch, which was the export's peak."""
     from_dtype = parse_dtype(settings.get("quantized_from_dtype") or settings.get("compute_dtype") or "bfloat16")
-    blocksize, quant_type = int(settings.get("blocksize", 64)), settings.get("quant_type", "nf4")
-    flat = weight.to(from_dtype).reshape(-1)
-    step = max(blocksize, chunk_elements // blocksize * blocksize)
-    chunks = []                                  # (codes, absmax) per chunk: n/2 + 4n/blocksize bytes
-    for i in range(0, flat.numel(), step):
-        chunks.append(torch.ops.bitsandbytes.quantize_4bit.default(flat[i:i + step], blocksize, quant_type,
-                                                                   torch.uint8))
-    absmax = torch.cat([a for _, a in chunks])
-    if bool(settings.get("double_quant", True)):  # bitsandbytes.functional.quantize_4bit/dequantize_4bit
-        offset = absmax.mean()
-        q_absmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-        absmax = bnbf.dequantize_blockwise(q_absmax, state2)
-        absmax += offset
-        absmax = absmax.float()
-    out = torch.empty(flat.numel(), dtype=torch.float32)
-    for k, (codes, _) in enumerate(chunks):
-        i = k * step
-        n = min(step, flat.numel() - i)
-        blocks = absmax[i // blocksize:(i + n + blocksize - 1) // blocksize]
-        out[i:i + n] = torch.ops.bitsandbytes.dequantize_4bit.default(codes, blocks, blocksize, quant_type, (n,),
-                                                                      from_dtype)
-    return out.view(weight.shape)
+    packed, state = quantize_4bit_chunked(weight.to(from_dtype), quant_type=settings.get("quant_type", "nf4"),
+                                          blocksize=int(settings.get("blocksize", 64)),
+                                          double_quant=bool(settings.get("double_quant", True)),
+                                          chunk_elements=chunk_elements)
+    return dequantize_4bit_chunked(packed, state, chunk_elements).float()
 
 
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:

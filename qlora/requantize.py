@@ -1,7 +1,7 @@
 """`qlora export --requantize nf4|fp4`: the merged weights re-quantized to 4-bit, as transformers saves them.
 
 After merging W' = dequant(quant(W)) + s·B·A in fp32, each layer that was 4-bit in training is
-quantized again (``qlora.quant.make_params4bit``, from W' cast to the export dtype, with the
+quantized again (``qlora.chunked4bit``, in pieces, bit-exact with bitsandbytes; from W' cast to the export dtype, with the
 adapter's blocksize and double quantization) and written in bitsandbytes' serialized form, per
 layer ``X``: ``X.weight`` (packed uint8 codes), ``X.weight.absmax``, ``X.weight.quant_map``,
 (with double quantization) ``X.weight.nested_absmax`` and ``X.weight.nested_quant_map``, and
@@ -124,17 +124,16 @@ class Requantizer:
 
     def write(self, writer, path: str, merged: torch.Tensor, update_norm: float) -> RequantizedLayer:
         """Quantize the fp32 merged weight of `path`, write its tensors, and record the added error."""
-        import bitsandbytes.functional as F
-
-        from qlora.quant import make_params4bit
-        param = make_params4bit(merged.to(self.dtype), quant_type=self.quant_type, double_quant=self.double_quant,
-                                blocksize=self.blocksize)
-        back = F.dequantize_4bit(param.data, param.quant_state).float()
+        from qlora.chunked4bit import dequantize_4bit_chunked, quantize_4bit_chunked
+        # In pieces (bit-exact with bitsandbytes' whole-tensor quantize_4bit; no 3.4x-layer scratch)
+        packed, state = quantize_4bit_chunked(merged.to(self.dtype), quant_type=self.quant_type,
+                                              blocksize=self.blocksize, double_quant=self.double_quant)
+        back = dequantize_4bit_chunked(packed, state).float()
         layer = RequantizedLayer(path, torch.linalg.vector_norm(merged).item(),
                                  torch.linalg.vector_norm(back.sub_(merged)).item(), update_norm)
         del back
-        stored = {"": param.data, **{"." + k: v for k, v in param.quant_state.as_dict(packed=True).items()}}
-        for name, (shape, _) in self.specs(path, tuple(param.quant_state.shape)).items():
+        stored = {"": packed, **{"." + k: v for k, v in state.as_dict(packed=True).items()}}
+        for name, (shape, _) in self.specs(path, tuple(state.shape)).items():
             tensor = stored[name.removeprefix(path + ".weight")]
             if name.endswith(self._state_key()):      # pad the JSON to its planned length
                 tensor = torch.cat([tensor, torch.full((shape[0] - tensor.numel(),), ord(" "), dtype=torch.uint8)])
