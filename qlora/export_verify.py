@@ -72,37 +72,45 @@ def compare(got: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> 
             "top1_agreement_pct": 100.0 * agree.float().mean().item()}
 
 
-def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None, input_folder=None) -> dict:
-    """Compare the export in `folder` with the unmerged reference (and `live_model`, if given).
-
-    `seen_weight(path)` gives the fp32 weight the adapter at module `path` saw in training."""
+def _against_reference(folder: Path, adapter, result, put_back, *, live_model=None, input_folder=None,
+                       **load_kwargs) -> dict:
+    """Logits of the export in `folder` vs the unmerged reference built from the same loaded model:
+    `put_back(model, dtype)` restores what training saw in each adapted layer, then the adapter is
+    attached as a separate path. Also vs `live_model`, if given (for information)."""
     import json
 
     from qlora.adapters_io import load_adapter
-    config_json = json.loads((Path(folder) / "config.json").read_text())
-    cls = model_class_for(config_json)
+    cls = model_class_for(json.loads((Path(folder) / "config.json").read_text()))
     dtype = parse_dtype(result.dtype)
-    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    model = cls.from_pretrained(folder, dtype=dtype, **load_kwargs).eval()
     inputs = sample_inputs(Path(input_folder or folder), model.config)
     mask = inputs.get("attention_mask")
     exported = outputs(model, inputs)
-
-    # the reference: adapted weights back to what training saw, adapter as a separate path
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for layer in result.layers:
-            params[layer.name + ".weight"].copy_(seen_weight(layer.name).to(dtype))
+        put_back(model, dtype)
     load_adapter(model, adapter, dtype=dtype).eval()   # the new LoRA layers start in train mode: no dropout here
     reference = outputs(model, inputs)
     del model
     report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
               "vs_reference": compare(exported, reference, mask)}
+    if live_model is not None:
+        report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
+    return report
+
+
+def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None, input_folder=None) -> dict:
+    """Compare the export in `folder` with the unmerged reference (and `live_model`, if given).
+
+    `seen_weight(path)` gives the fp32 weight the adapter at module `path` saw in training."""
+    def put_back(model, dtype):                 # adapted weights back to what training saw
+        params = dict(model.named_parameters())
+        for layer in result.layers:
+            params[layer.name + ".weight"].copy_(seen_weight(layer.name).to(dtype))
+    report = _against_reference(folder, adapter, result, put_back, live_model=live_model, input_folder=input_folder)
     limit_rel, limit_agree = THRESHOLDS[result.dtype]
     report["thresholds"] = {"relative_error": limit_rel, "top1_agreement_pct": limit_agree}
     vs = report["vs_reference"]
     report["passed"] = vs["relative_error"] <= limit_rel and vs["top1_agreement_pct"] >= limit_agree
-    if live_model is not None:
-        report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
     return report
 
 
@@ -114,18 +122,9 @@ def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model
     """A --requantize export, loaded by transformers + bitsandbytes on CPU, against the unmerged
     reference: the same model with each 4-bit layer put back to a float Linear holding what training
     saw, plus the adapter as a separate path. For information: `passed` is None (no limit)."""
-    import json
-
     from torch import nn
 
-    from qlora.adapters_io import load_adapter
-    cls = model_class_for(json.loads((Path(folder) / "config.json").read_text()))
-    dtype = parse_dtype(result.dtype)
-    model = cls.from_pretrained(folder, dtype=dtype, device_map="cpu").eval()
-    inputs = sample_inputs(Path(input_folder or folder), model.config)
-    mask = inputs.get("attention_mask")
-    exported = outputs(model, inputs)
-    with torch.no_grad():
+    def put_back(model, dtype):                 # 4-bit layers back to float Linears holding what training saw
         for layer in result.requantizer.layers:
             old = model.get_submodule(layer.name)
             new = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, dtype=dtype)
@@ -133,14 +132,9 @@ def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model
             if old.bias is not None:
                 new.bias.copy_(old.bias)
             model.set_submodule(layer.name, new)
-    load_adapter(model, adapter, dtype=dtype).eval()
-    reference = outputs(model, inputs)
-    del model
-    report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
-              "vs_reference": compare(exported, reference, mask),
-              "thresholds": None, "passed": None, "note": REQUANTIZED_NOTE}
-    if live_model is not None:
-        report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
+    report = _against_reference(folder, adapter, result, put_back, live_model=live_model, input_folder=input_folder,
+                                device_map="cpu")
+    report.update(thresholds=None, passed=None, note=REQUANTIZED_NOTE)
     return report
 
 
