@@ -325,7 +325,6 @@ def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
     if opt is not None:
         opt.zero_grad(set_to_none=True)
 
-    trainable, total = param_counts(model)
     return StepMemory(
         **weights,
         gradients=gradients,
@@ -336,12 +335,16 @@ def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
         peak_method=method,
         step_seconds=seconds,
         step_seconds_method="the measured step itself (profiled, hooks on)",
-        trainable_params=trainable,
-        total_params=total,
-        dtypes=param_dtypes(model),
-        device=str(device),
         loss=loss_value,
+        **_model_facts(model, device),
     )
+
+
+def _model_facts(model: nn.Module, device) -> dict:
+    """The StepMemory fields that describe the model rather than the step."""
+    trainable, total = param_counts(model)
+    return {"trainable_params": trainable, "total_params": total, "dtypes": param_dtypes(model),
+            "device": str(device)}
 
 
 def measure_step_or_oom(model: nn.Module, batch, **kwargs) -> StepMemory:
@@ -352,17 +355,13 @@ def measure_step_or_oom(model: nn.Module, batch, **kwargs) -> StepMemory:
     for p in model.parameters():
         p.grad = None
     free_memory()
-    trainable, total = param_counts(model)
     return StepMemory(
         **weight_bytes(model),
         gradients=None,
         optimizer=None,
         activations=None,
         peak=None,
-        trainable_params=trainable,
-        total_params=total,
-        dtypes=param_dtypes(model),
-        device=str(kwargs.get("device") or _model_device(model)),
+        **_model_facts(model, kwargs.get("device") or _model_device(model)),
         fits=False,
         error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
     )

@@ -285,18 +285,20 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     continue
                 key = ckpt_key[name]
                 path = name.removesuffix(".weight")
-                touched = name.endswith(".weight") and (path in updates or (path in quantized and
-                                                                           merge_onto == "dequantized"))
-                if not touched and not (rq is not None and rq.wants(name)):
+                adapted = name.endswith(".weight") and path in updates
+                # a frozen 4-bit layer: written as the weights training used
+                roundtrip = (name.endswith(".weight") and not adapted and path in quantized
+                             and merge_onto == "dequantized")
+                if not (adapted or roundtrip or (rq is not None and rq.wants(name))):
                     pieces = _stream_tensor(specs[key][0], key, out_specs[name][1])
                     if pieces is not None:      # copied through in pieces: never whole in memory
                         writer.write_stream(name, pieces)
                         continue
                 w = _read_tensor(specs[key][0], key)
-                if name.endswith(".weight") and path in updates:
+                if adapted:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
-                elif name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
-                    w = roundtrip_4bit(w, settings)   # a frozen 4-bit layer: the weights training used
+                elif roundtrip:
+                    w = roundtrip_4bit(w, settings)
                 if rq is not None and rq.wants(name):
                     rq.write(writer, path, w.float(), result.layers[-1].update_norm if path in updates else 0.0)
                 else:

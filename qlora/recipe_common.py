@@ -126,8 +126,9 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
                 raise QLoRAError(f"mode {mode!r}: every learning rate in lr_grid.{mode}={grid} diverged or "
                                  f"gave no validation accuracy; try smaller rates")
             best = max(done, key=lambda r: r["val_accuracy"])
-            row = {**best, "search": [{k: r.get(k) for k in ("lr", "val_accuracy", "accuracy", "diverged")
-                                       if k != "diverged" or r.get(k)} for r in runs], "train_examples": len(fit_set), "val_examples": len(val_set)}
+            search = [{"lr": r["lr"], "val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"],
+                       **({"diverged": r["diverged"]} if "diverged" in r else {})} for r in runs]
+            row = {**best, "search": search, "train_examples": len(fit_set), "val_examples": len(val_set)}
             adapter = Path(cfg.out_dir) / mode / f"lr-{best['lr']:g}" / "adapter"
             if adapter.is_dir():
                 target = Path(cfg.out_dir) / mode / "adapter"

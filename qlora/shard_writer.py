@@ -111,6 +111,15 @@ class ShardedWriter:
     def write_stream(self, name: str, chunks) -> None:
         """Write tensor `name` from an iterable of flat pieces (in order, the planned dtype), so a large
         tensor never has to sit in memory whole."""
+        self._write_pieces(name, chunks)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shape, dtype = self.plan.specs[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise QLoRAError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+        self._write_pieces(name, [tensor])
+
+    def _write_pieces(self, name: str, pieces) -> None:
         expected = next(self._expected, None)
         if name != expected:
             raise QLoRAError(f"internal: tensor {name!r} written out of plan order (expected {expected!r})")
@@ -119,28 +128,15 @@ class ShardedWriter:
         if index != self._open_index:
             self._start_file(index)
         written = 0
-        for piece in chunks:
+        for piece in pieces:
             if piece.dtype != dtype:
                 raise QLoRAError(f"internal: a piece of {name} is {piece.dtype}, planned {dtype}")
             data = piece.detach().to("cpu").contiguous().reshape(-1)
+            # the array's own buffer: .tobytes() would copy the tensor once more (the peak, for the largest)
             self._fh.write(data.view(torch.uint8).numpy() if data.numel() else b"")
             written += data.numel()
         if written != math.prod(shape):
             raise QLoRAError(f"internal: {name} got {written} elements, planned {math.prod(shape)}")
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = next(self._expected, None)
-        if name != expected:
-            raise QLoRAError(f"internal: tensor {name!r} written out of plan order (expected {expected!r})")
-        shape, dtype = self.plan.specs[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            raise QLoRAError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
-        index = self._file_of[name]
-        if index != self._open_index:
-            self._start_file(index)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        # the array's own buffer: .tobytes() would copy the tensor once more (the peak, for the largest)
-        self._fh.write(data.view(torch.uint8).numpy() if data.numel() else b"")
 
     def _finish(self) -> None:
         if next(self._expected, None) is not None:
