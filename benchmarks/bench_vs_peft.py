@@ -132,21 +132,9 @@ def longest_in_process(step, args) -> dict:
               file=sys.stderr, flush=True)
         return ok
 
-    good, bad, hi, t0 = 0, None, CONFIG["max_position_embeddings"], time.perf_counter()
-    in_time = lambda: time.perf_counter() - t0 < args.search_seconds
-    seq = 1024
-    while bad is None and seq <= hi and in_time():
-        if fits(seq):
-            good, seq = seq, seq * 2
-        else:
-            bad = seq
-    while bad is not None and bad - good > 1024 and in_time():
-        mid = (good + bad) // 2 // 1024 * 1024
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    complete = bad is not None and bad - good <= 1024 or bad is None and seq > hi
+    t0 = time.perf_counter()
+    good, complete = search_longest(fits, 1024, CONFIG["max_position_embeddings"], 1024,
+                                    in_time=lambda: time.perf_counter() - t0 < args.search_seconds)
     return {"path": args.worker, "budget": budget, "longest_seq": good, "complete": complete, "probes": probes}
 
 
@@ -156,7 +144,8 @@ def run_worker(path: str, folder: str, batch: int, seq: int, opts, **variant) ->
            "--rank", str(opts.rank), "--chunk", str(v["chunk"]), "--timed", str(opts.timed), "--optim", v["optim"],
            "--dtype", opts.dtype]
     cmd += ["--upcast"] if v["upcast"] else []
-    cmd += ["--search-seconds", str(opts.search_seconds), "--size", opts.size] + (["--longest", variant["longest"]] if variant.get("longest") else [])
+    cmd += ["--search-seconds", str(opts.search_seconds), "--size", opts.size]
+    cmd += ["--longest", variant["longest"]] if variant.get("longest") else []
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -171,24 +160,25 @@ def longest_seq(path: str, folder: str, budget: int, opts, lo: int = 128, hi: in
         ok = r["fits"] and r["bytes"]["peak"] <= budget
         print(f"  {path}: seq {seq:>6}: peak {r['bytes']['peak'] / 2**20:8.1f} MiB -> {'fits' if ok else 'no'}", flush=True)
         return ok
-    if not fits(lo):
-        return 0
-    good, bad = lo, None
-    while bad is None:                       # double until it no longer fits
-        nxt = good * 2
-        if nxt > hi:
-            return good
-        if fits(nxt):
-            good = nxt
+    return search_longest(fits, lo, hi, 128)[0]
+
+
+def search_longest(fits, start: int, hi: int, step: int, in_time=lambda: True) -> tuple[int, bool]:
+    """(largest length that fits, whether the search finished): doubling from `start` up to `hi`,
+    then bisection to `step`; stops early (complete=False) once `in_time()` turns false."""
+    good, bad, seq = 0, None, start
+    while bad is None and seq <= hi and in_time():
+        if fits(seq):
+            good, seq = seq, seq * 2
         else:
-            bad = nxt
-    while bad - good > 128:                  # then bisect
-        mid = (good + bad) // 2 // 128 * 128
+            bad = seq
+    while bad is not None and bad - good > step and in_time():
+        mid = (good + bad) // 2 // step * step
         if fits(mid):
             good = mid
         else:
             bad = mid
-    return good
+    return good, (bad is not None and bad - good <= step) or (bad is None and seq > hi)
 
 
 def compare(runs: dict, result: dict, args) -> None:
