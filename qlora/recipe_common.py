@@ -131,9 +131,7 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
             row = {**best, "search": search, "train_examples": len(fit_set), "val_examples": len(val_set)}
             adapter = Path(cfg.out_dir) / mode / f"lr-{best['lr']:g}" / "adapter"
             if adapter.is_dir():
-                target = Path(cfg.out_dir) / mode / "adapter"
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(adapter, target)
+                _replace_folder(adapter, Path(cfg.out_dir) / mode / "adapter")
             print(f"== {mode}: validation accuracy by lr " + ", ".join(
                 f"{r['lr']:g}: " + (f"{100 * r['val_accuracy']:.2f}%" if r.get("val_accuracy") is not None
                                     else "diverged") for r in runs) + f" -> lr {best['lr']:g}")
@@ -146,6 +144,18 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
     text = write_table(rows, cfg.out_dir)
     print("\n" + text)
     return rows
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """target := a copy of source, never leaving target missing or half-written (temp name, renames)."""
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_one(cfg, mode, lr, out_dir: Path, model_name, load_float, load_4bit, train_set, collate, loss_fn,
