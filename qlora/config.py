@@ -57,7 +57,8 @@ class LoraConfig:
     modules_to_save: Optional[list] = None
     """Modules trained in full (e.g. a new classifier head); the original is kept beside the copy."""
     init_lora_weights: Union[bool, str] = True
-    """True: A Kaiming-uniform (normal for Embedding), B zero. "gaussian": A ~ N(0, 1/r). False: both random."""
+    """True: A Kaiming-uniform, B zero. "gaussian": A ~ N(0, 1/r), B zero. Embedding: A zero, B ~ N(0, 1)
+    either way (A is per token). False: both random."""
     dtype: Optional[Union[str, torch.dtype]] = None
     """Adapter dtype; None = the base layer's float dtype (bf16 for a 4-bit base)."""
     task_type: Optional[str] = None

@@ -218,6 +218,29 @@ def test_merge_refuses_non_finite(bad):
     assert not layer.merged
 
 
+def test_embedding_init_is_peft_s_and_leaves_unseen_tokens_alone():
+    """Embedding adapters start with A = 0, B random (PEFT's and loralib's choice): after training on
+    some tokens, every other token's update is still exactly zero."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    torch.manual_seed(0)
+    peft_layer = get_peft_model(nn.Sequential(nn.Embedding(50, 8)),
+                                PeftLoraConfig(r=4, lora_alpha=4, target_modules=["0"]))
+    ours = LoRAEmbedding(nn.Embedding(50, 8), r=4, lora_alpha=4)
+    for A, B in ((peft_layer.base_model.model[0].lora_embedding_A["default"],
+                  peft_layer.base_model.model[0].lora_embedding_B["default"]),
+                 (ours.lora_embedding_A, ours.lora_embedding_B)):
+        assert torch.count_nonzero(A) == 0 and torch.count_nonzero(B) == B.numel()
+    opt = torch.optim.AdamW([ours.lora_embedding_A, ours.lora_embedding_B], lr=1e-2)
+    seen = torch.tensor([[3, 7, 7, 11]])
+    for _ in range(3):
+        opt.zero_grad()
+        ours(seen).square().sum().backward()
+        opt.step()
+    delta = ours.delta_weight()                                     # [50, 8]
+    moved = delta.abs().sum(-1) > 0
+    assert moved.nonzero().flatten().tolist() == [3, 7, 11]
+
+
 def test_gaussian_and_false_init():
     torch.manual_seed(0)
     g = LoRALinear(nn.Linear(256, 256), r=8, lora_alpha=8, init_lora_weights="gaussian")
