@@ -41,7 +41,9 @@ timeout 270 $PY benchmarks/bench_vs_peft.py --size 1b --repeats 0 --budget 24GiB
 pids=($!)
 mkdir -p runs/gpu-seq-cls
 for mode in full head lora qlora; do
-  timeout 270 $PY recipes/seq_cls.py recipes/configs/seq_cls.yaml mode=$mode train.bf16=true out_dir=runs/gpu-seq-cls/$mode \
+  timeout 270 $PY recipes/seq_cls.py recipes/configs/seq_cls.yaml mode=$mode train.bf16=true train.epochs=3 \
+    "lr_grid.full=[2e-5,5e-5,1e-4]" "lr_grid.head=[1e-3,1e-2,1e-1]" "lr_grid.lora=[1e-4,3e-4,1e-3]" \
+    "lr_grid.qlora=[1e-4,3e-4,1e-3]" out_dir=runs/gpu-seq-cls/$mode \
     > "runs/gpu-seq-cls-$mode.log" 2>&1 &
   pids+=($!)
 done

@@ -40,7 +40,7 @@ def main(cfg: DemoConfig) -> dict:
 
     profile_rows = sweep(cfg.model, task="seq-cls", batches=(cfg.profile_batch,), seqs=(cfg.profile_seq,),
                          ranks=(cfg.lora.r,), dtype="float32", out=out / "profile",
-                         target_modules=cfg.lora.target_modules)
+                         target_modules=cfg.lora.target_modules, lora_dropout=cfg.lora.lora_dropout)
     t_profile = time.perf_counter() - t0 - t_train
 
     export = None

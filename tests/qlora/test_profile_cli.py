@@ -53,3 +53,16 @@ def test_plan_from_config_json_alone(llama_folder, capsys):
     text = capsys.readouterr().out
     for conf in ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt"):
         assert f"| {conf} |" in text
+
+
+def test_sweep_measures_and_predicts_what_lora_dropout_costs(llama_folder):
+    """Dropout on the adapters' input makes each adapted layer save a dropped copy (+ mask): the
+    sweep passes it to both the measurement and the estimate, and they agree to the byte."""
+    from qlora.profile import sweep
+    rows = {p: sweep(str(llama_folder), configurations=("lora", "lora-ckpt"), batches=(2,), seqs=(16,), ranks=(4,),
+                     dtype="float32", lora_dropout=p, progress=False) for p in (0.0, 0.1)}
+    for p, found in rows.items():
+        for row in found:
+            assert row["bytes"]["activations"] == row["predicted_bytes"]["activations"], (p, row["config"])
+    act = {p: found[0]["bytes"]["activations"] for p, found in rows.items()}
+    assert act[0.1] > act[0.0]
