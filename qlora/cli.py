@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--rank", default="8", help="comma-separated LoRA ranks")
     prof.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (bfloat16 | float32)")
     prof.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
+    prof.add_argument("--lora-dropout", type=float, default=0.0,
+                      help="LoRA dropout (default 0); > 0 saves a dropped copy of each adapted layer's input")
     prof.add_argument("--out", default="runs/profile", help="report folder (default runs/profile)")
     prof.set_defaults(func=_profile)
 
@@ -97,7 +99,7 @@ def _profile(args) -> int:
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=_ints(args.batch, "batch"), seqs=_ints(args.seq, "seq"), ranks=_ints(args.rank, "rank"),
-                 dtype=args.dtype, target_modules=targets, out=args.out)
+                 dtype=args.dtype, target_modules=targets, lora_dropout=args.lora_dropout, out=args.out)
     from memprofile.report import markdown_table as markdown_report
     print(markdown_report(rows))
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")

@@ -42,6 +42,8 @@ def test_profile_and_plan_reject_bad_input_cleanly(llama_folder, tmp_path, capsy
     assert main(["profile", "--model", str(llama_folder), "--configs", "qlora,fast", "--out", str(tmp_path)]) == 2
     assert "fast" in capsys.readouterr().err
     assert main(["profile", "--model", str(llama_folder), "--batch", "0", "--out", str(tmp_path)]) == 2
+    assert main(["profile", "--model", str(llama_folder), "--lora-dropout", "1.5", "--out", str(tmp_path)]) == 2
+    assert "lora_dropout=1.5" in capsys.readouterr().err
     assert main(["plan", "--model", str(llama_folder), "--memory", "lots"]) == 2
     assert "24GiB" in capsys.readouterr().err
 
