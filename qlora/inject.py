@@ -104,19 +104,25 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     return found
 
 
-def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+def find_modules(model: nn.Module, names: list[str], what: str = "module") -> dict[str, nn.Module]:
+    """Module path -> module for each of `names` (module-path suffixes), outermost matches only
+    (e.g. 'classifier' and not also 'classifier.dense'). An unknown name raises QLoRAError naming the
+    closest modules; `what` says what the names are for (e.g. "modules_to_save entry")."""
     candidates = _candidate_modules(model)
     found = {}
-    for one in config.modules_to_save or []:
+    for one in names:
         hits = {n: m for n, m in candidates.items() if _matches(n, [one])}
         if not hits:
-            raise QLoRAError(f"modules_to_save entry {one!r} matches no module. "
+            raise QLoRAError(f"{what} {one!r} matches no module. "
                              f"Closest names in this model: {_closest(one, list(candidates))}")
-        # keep the outermost match only (e.g. 'classifier' and not also 'classifier.dense')
         for n, m in hits.items():
             if not any(n.startswith(other + ".") for other in hits):
                 found[n] = m
     return found
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    return find_modules(model, config.modules_to_save or [], "modules_to_save entry")
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from qlora.config import LoraConfig
 from qlora.errors import QLoRAError
-from qlora.inject import add_lora, output_head_paths
+from qlora.inject import add_lora, find_modules, output_head_paths
 
 MODES = ("full", "head", "lora", "qlora")
 CONFIGURATIONS = ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
@@ -37,14 +37,7 @@ def unfreeze_head(model: nn.Module, names: list[str] | None = None) -> int:
 
     The head is `names` (module names or dotted suffixes, e.g. a recipe's modules_to_save such as
     ['classifier', 'pooler']) or, when None, the modules called lm_head / classifier / score."""
-    if names:
-        heads = [n for n, _ in model.named_modules() if n and any(n == x or n.endswith("." + x) for x in names)]
-        missing = [x for x in names if not any(n == x or n.endswith("." + x) for n in heads)]
-        if missing:
-            raise QLoRAError(f"head module {missing[0]!r} not found in {type(model).__name__}; "
-                             f"top-level modules: {', '.join(n for n, _ in model.named_children())}")
-    else:
-        heads = output_head_paths(model)
+    heads = set(find_modules(model, names, what="head module")) if names else output_head_paths(model)
     if not heads:
         raise QLoRAError(f"{type(model).__name__} has no output head (lm_head, classifier or score) to train")
     for p in model.parameters():

@@ -490,3 +490,13 @@ def test_second_add_on_other_modules_records_union(tiny_llama):
     add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
     assert model.qlora_config.target_modules == sorted(
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+
+
+def test_unfreeze_head_by_name_trains_exactly_those_modules_and_names_the_closest_on_a_typo(tiny_bert_cls):
+    from qlora.modes import unfreeze_head
+    model = tiny_bert_cls()
+    count = unfreeze_head(model, ["classifier", "pooler"])
+    expected = sum(p.numel() for m in (model.classifier, model.bert.pooler) for p in m.parameters())
+    assert count == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(QLoRAError, match=r"head module 'poolr' matches no module\. Closest names.*pooler"):
+        unfreeze_head(tiny_bert_cls(), ["poolr"])
