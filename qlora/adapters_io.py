@@ -71,7 +71,7 @@ def _config_json(model: nn.Module, config: LoraConfig) -> dict:
 
 def _model_facts(model: nn.Module) -> dict:
     """What an export needs to rebuild the trained model from the base folder alone."""
-    facts = {"architecture": type(model).__name__, "adapter_dtype": dtype_name(_adapter_dtype_of(model))}
+    facts = {"architecture": _architecture(model), "adapter_dtype": dtype_name(_adapter_dtype_of(model))}
     frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point]
     if frozen:
         facts["base_dtype"] = dtype_name(frozen[0])   # dtype of the unquantized frozen weights
@@ -83,6 +83,14 @@ def _model_facts(model: nn.Module) -> dict:
         if value is not None:
             facts.setdefault("config_overrides", {})[key] = value
     return facts
+
+
+def _architecture(model: nn.Module) -> str:
+    """The model's class name; FSDP2's fully_shard swaps in a subclass named FSDP<name> (qlora.fsdp)."""
+    cls = type(model)
+    while cls.__name__.startswith("FSDP") and any(b.__name__ == cls.__name__[4:] for b in cls.__bases__):
+        cls = next(b for b in cls.__bases__ if b.__name__ == cls.__name__[4:])
+    return cls.__name__
 
 
 def _adapter_dtype_of(model: nn.Module) -> torch.dtype:

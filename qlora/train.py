@@ -79,6 +79,9 @@ class TrainConfig:
     """Show the tqdm bar."""
     offload_activations: bool = False
     """CUDA only: keep what autograd saves for backward in pinned CPU memory (less GPU memory, slower)."""
+    fsdp: bool = False
+    """Shard the model (4-bit base included), gradients and optimizer state over the processes with
+    FSDP2 (qlora.fsdp; launch with torchrun / accelerate launch). With one process it does nothing."""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -91,6 +94,11 @@ class TrainConfig:
             raise QLoRAError(f"lr={self.lr!r}: must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        if not isinstance(self.fsdp, bool):
+            raise QLoRAError(f"fsdp={self.fsdp!r}: must be true or false")
+        if self.fsdp and self.optimizer != "adamw":
+            raise QLoRAError(f"fsdp=True with optimizer={self.optimizer!r}: bitsandbytes' 8-bit optimizers do not "
+                             "take sharded (DTensor) parameters; use optimizer='adamw' (its state is sharded too)")
 
 
 @dataclass
@@ -102,6 +110,7 @@ class TrainResult:
     first_step_seconds: Optional[float] = None
     mean_step_seconds: Optional[float] = None
     peak_method: str = ""
+    local_bytes: dict = field(default_factory=dict)   # this process's own tensors at the end (qlora.fsdp.local_bytes)
 
 
 def make_optimizer(params, config: TrainConfig):
@@ -149,12 +158,13 @@ def _set_rng_state(tensors: dict, info: dict) -> None:
 
 
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    from qlora.fsdp import full
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            if torch.is_tensor(v):   # sharded (FSDP) moments are gathered: a collective, on every rank
+                tensors[f"{pid}.{k}"] = full(v).detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -171,8 +181,19 @@ def _optimizer_from_files(tensors: dict, info: dict) -> dict:
     return {"state": state, "param_groups": info["param_groups"]}
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, keep_last: int) -> Path:
-    """out_dir/checkpoints/step-000123: trainable.safetensors, adapter/, optimizer.*, rng.*, state.json."""
+def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, keep_last: int,
+                    write: bool = True) -> Optional[Path]:
+    """out_dir/checkpoints/step-000123: trainable.safetensors, adapter/, optimizer.*, rng.*, state.json.
+
+    A sharded (FSDP) model is gathered first: every rank calls this, only the one with `write`
+    writes, and the files are those of an unsharded run (whole tensors)."""
+    from qlora.fsdp import gathered
+    with gathered(model):            # a no-op unless the model is sharded
+        opt_files = _optimizer_to_files(optimizer)
+        return _write_checkpoint(folder, model, opt_files, scheduler, position, keep_last) if write else None
+
+
+def _write_checkpoint(folder: Path, model, opt_files: tuple, scheduler, position: dict, keep_last: int) -> Path:
     from qlora.adapters_io import save_adapter
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +205,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, k
     save_file(trainable, str(tmp / "trainable.safetensors"))
     if getattr(model, "qlora_config", None) is not None:
         save_adapter(model, tmp / "adapter")
-    opt_tensors, opt_info = _optimizer_to_files(optimizer)
+    opt_tensors, opt_info = opt_files
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_info = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -203,6 +224,8 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Every rank reads the whole files; a sharded (FSDP) parameter or moment keeps its own part."""
+    from qlora.fsdp import shard_full_, shard_optimizer_state
     state = json.loads((path / "state.json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -210,9 +233,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             if name not in params:
                 raise QLoRAError(f"checkpoint {path} holds {name!r}, which this model lacks: resume with the "
                                  "same model and mode, or start a new out_dir")
-            params[name].copy_(value)
-    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
-                                                    state["optimizer"]))
+            shard_full_(params[name], value)
+    opt_state = _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer))
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state["position"]
@@ -237,16 +260,28 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     random.seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     n_batches = len(epoch_batches(len(train_set), config.batch_size, config.seed, 0, rank, world))
+    if n_batches < config.grad_accum:
+        raise QLoRAError(f"{len(train_set)} training examples in micro-batches of batch_size={config.batch_size} "
+                         f"over {world} process(es) with grad_accum={config.grad_accum} give no optimizer step: "
+                         f"use at least {config.batch_size * world * config.grad_accum} examples or a smaller "
+                         "batch_size / grad_accum / process count")
     steps_per_epoch = max(1, n_batches // config.grad_accum)
     total = config.epochs * steps_per_epoch
     if config.max_steps:
         total = min(total, config.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise QLoRAError("the model has no trainable parameters: add LoRA (qlora.add_lora) or unfreeze a head")
+    sharded = config.fsdp and world > 1
+    if sharded:   # FSDP2 instead of DDP: shard first, the optimizer then holds (and shards) the DTensors
+        from qlora.fsdp import shard_model
+        shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, int(total * config.warmup_ratio)))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
 
     position = {"step": 0, "epoch": 0, "batch": 0}
@@ -290,7 +325,11 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                         "max_grad_norm, or check the data.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    if sharded:
+                        from qlora.fsdp import clip_grad_norm_
+                        clip_grad_norm_(params, config.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             seen_samples += len(batches[b]) * world
@@ -315,8 +354,9 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                            "samples_per_s": seen_samples / max(now - t_last, 1e-9)})
             seen_samples, t_last = 0, time.perf_counter()
             position = {"step": step, "epoch": epoch, "batch": b + 1}
-            if config.save_every and step % config.save_every == 0 and accelerator.is_main_process:
-                save_checkpoint(out, plain, optimizer.optimizer, scheduler, position, config.keep_last)
+            if config.save_every and step % config.save_every == 0 and (sharded or accelerator.is_main_process):
+                save_checkpoint(out, plain, optimizer.optimizer, scheduler, position, config.keep_last,
+                                write=accelerator.is_main_process)
             if eval_fn and config.eval_every and step % config.eval_every == 0:
                 result.evals.append((step, _evaluate(model, eval_fn, accelerator, log, step)))
                 t_last = time.perf_counter()
@@ -333,10 +373,24 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     result.steps = step
     timed = step_times[1:] or step_times
     result.mean_step_seconds = sum(timed) / len(timed) if timed else None
+    from qlora.fsdp import local_bytes
+    result.local_bytes = local_bytes(plain, optimizer.optimizer)
+    if getattr(plain, "qlora_config", None) is not None:
+        save_final_adapter(plain, out / "adapter", write=accelerator.is_main_process)
     if accelerator.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     accelerator.wait_for_everyone()
     return result
+
+
+def save_final_adapter(model, folder: Path, write: bool = True) -> None:
+    """The trained adapter in PEFT format (qlora.save_adapter), whole tensors, written by one process.
+    Every rank calls it when the model is sharded (the tensors are gathered first)."""
+    from qlora.adapters_io import save_adapter
+    from qlora.fsdp import gathered
+    with gathered(model):
+        if write:
+            save_adapter(model, folder)
 
 
 def _offload(config: TrainConfig, device):

@@ -1,0 +1,161 @@
+"""QLoRA sharded with FSDP2 (qlora.fsdp) on 2 gloo CPU processes, against one process.
+
+One torchrun launch of tests/qlora/fsdp_script.py checks several things at once (see its docstring);
+this file runs the one-process reference in the test process and compares:
+  - sharding is real: each rank holds half of the packed 4-bit bytes, adapters, frozen floats and
+    AdamW state of the one-process run (measured from each rank's own tensors);
+  - same maths: 12 steps on 2 ranks x batch 2 give the loss curve and final adapter of 1 process x batch 4;
+  - the packed bytes and quant states are unchanged by training; the sharded model's logits and LoRA
+    gradients equal, bit for bit, those of the unsharded model with the same adapter;
+  - every 16-bit pattern (NaN as bf16/fp16 included) survives sharding and the all-gather bit for bit;
+  - kill + resume reproduce the uninterrupted curve; the adapter loads in PEFT and exports;
+  - bad input (too few examples to split, a rank with another model) gets a clear error.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+SCRIPT = Path(__file__).with_name("fsdp_script.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("fsdp_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The 2-process run (facts per rank, rank 0's tensors) and the 1-process reference."""
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun with 2 gloo processes did not finish in 240 s:\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    facts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    s = _script_module()
+    from qlora.train import train
+    torch.set_num_threads(1)
+    ref_model = s.qlora_llama()
+    fresh_packed = s.packed_state(ref_model)
+    ref = train(ref_model, s.data(), s.collate, s.lm_loss, s.train_config(out / "ref", 2 * s.PER_RANK_BATCH))
+    return {"out": out, "facts": facts, "s": s, "ref": ref, "ref_model": ref_model, "fresh_packed": fresh_packed,
+            "tensors": load_file(str(out / "A_tensors.safetensors"))}
+
+
+def test_two_ranks_hold_half_of_everything(run):
+    f0, f1 = run["facts"]
+    assert (f0["rank"], f1["rank"], f0["world"], f0["backend"]) == (0, 1, 2, "gloo")
+    assert f1["meta_before"] and not f0["meta_before"]          # rank 1 never held the model's values
+    assert f0["A_n_shard_layers"] == 14                         # 7 linears x 2 blocks, all 4-bit and sharded
+    assert f0["A_placements"] == ["(Shard(dim=0),)"]            # every parameter is a dim-0 DTensor shard
+    one = run["ref"].local_bytes
+    n_steps = 4 * 28                                            # AdamW's fp32 step counter per tensor, replicated
+    assert one["packed_4bit"] > 30_000 and one["optimizer"] == 2 * one["trainable"] + n_steps   # 2 fp32 moments
+    for kind in ("packed_4bit", "trainable", "frozen_float", "optimizer"):
+        # FSDP2's local shard is torch.chunk's: the two halves add up to the whole
+        both = f0["A_local_bytes"][kind] + f1["A_local_bytes"][kind]
+        assert both == one[kind] + (n_steps if kind == "optimizer" else 0), kind
+        for f in (f0, f1):
+            assert abs(f["A_local_bytes"][kind] - one[kind] / 2) <= 0.02 * one[kind], kind
+    # the code books / nested absmax / offset are replicated (~1.1 KiB a layer)
+    assert f0["A_local_bytes"]["quant_constants"] == f1["A_local_bytes"]["quant_constants"] == one["quant_constants"]
+
+
+def test_same_loss_curve_and_adapter_as_one_process_with_twice_the_batch(run):
+    f0, f1 = run["facts"]
+    ref = [loss for _, loss in run["ref"].losses]
+    two = [loss for _, loss in f0["A_losses"]]
+    assert len(ref) == len(two) == run["s"].STEPS
+    assert f0["A_losses"] == f1["A_losses"]
+    assert max(abs(a - b) for a, b in zip(ref, two)) < 1e-5
+    assert max(ref) - min(ref) > 1e-3                       # it trained: the curve moves
+    ours = load_file(str(run["out"] / "A" / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(run["out"] / "ref" / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) == 28
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5
+    assert any(k.endswith("lora_B.weight") and ours[k].abs().max() > 1e-3 for k in ours)
+
+
+def test_packed_bytes_unchanged_and_sharded_layers_compute_exactly(run):
+    s, t = run["s"], run["tensors"]
+    packed = {k.removeprefix("packed."): v for k, v in t.items() if k.startswith("packed.")}
+    assert packed.keys() == run["fresh_packed"].keys()
+    for k, v in run["fresh_packed"].items():
+        assert v.dtype == packed[k].dtype and torch.equal(v, packed[k]), k
+    # the unsharded model carrying the adapter trained sharded: the same logits and gradients, bit for bit
+    model = s.qlora_llama()
+    saved = load_file(str(run["out"] / "A" / "adapter" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(saved[f"base_model.model.{n}"])
+    model.train()
+    probe = s.probe(model)
+    assert torch.equal(probe["logits"], t["probe.logits"])
+    grads = [k for k in probe if k.startswith("grad.")]
+    assert len(grads) == 28
+    for k in grads:
+        assert torch.equal(probe[k], t[f"probe.{k}"]), k
+
+
+def test_every_byte_pattern_survives_sharding_and_all_gather(run):
+    for f in run["facts"]:
+        assert f["B_nan_as_bf16"] == 254 and f["B_nan_as_fp16"] == 2046   # such pairs are in the packed bytes
+        assert f["B_gathered_equal"] == [True, True]        # uint8 in forward, the same 131,072 bytes
+        assert f["B_local_shard_bytes"] == [65536, 65536]   # each rank stored half
+        assert f["B_output_equal"]                          # output of the unsharded layers, exactly
+
+
+def test_kill_and_resume_reproduce_the_curve(run):
+    f0, f1 = run["facts"]
+    assert f0["C_interrupted_at"] == f1["C_interrupted_at"] == run["s"].KILL_AT
+    assert [step for step, _ in f0["C_resumed_losses"]][0] == 5            # from the step-4 checkpoint
+    assert f0["C_curve"] == f0["A_losses"]                                 # metrics.jsonl: the uninterrupted curve
+    assert f0["C_resumed_losses"] == f0["A_losses"][4:]
+
+
+def test_adapter_loads_in_peft_and_exports(run, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+    from qlora.export import export_adapter
+    s, folder = run["s"], run["out"] / "A" / "adapter"
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert json.loads((folder / "adapter_config.json").read_text())["qlora"]["architecture"] == "LlamaForCausalLM"
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(s.llama_config()).float()
+    base.save_pretrained(tmp_path / "base")
+    pm = peft.PeftModel.from_pretrained(base, str(folder))
+    loaded = {n.replace(".default", ""): p for n, p in pm.named_parameters() if "lora_" in n}
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k].detach(), saved[k]) for k in saved)
+    result = export_adapter(tmp_path / "base", folder, tmp_path / "merged", dtype="float32", progress=False)
+    assert len(result.layers) == 14 and result.verification["passed"], result.verification
+
+
+def test_bad_input_gets_a_clear_error(run):
+    for f in run["facts"]:
+        assert f["D_too_few"].startswith("2 training examples in micro-batches of batch_size=2 over 2 process(es)")
+        assert "use at least 4 examples" in f["D_too_few"]
+        assert f["D_other_model"].startswith("rank(s) [1] hold a different model than rank 0")
