@@ -207,14 +207,15 @@ def meta_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool =
               skip_modules: list[str] | None = None) -> nn.Module:
     """What `qlora.quantize_model` makes of `model`, on the meta device (no memory, no values):
     the same modules, names, shapes and dtypes, for the ranks that receive their shards from rank 0.
-    Same arguments and the same choice of layers as `quantize_model`. In place; returns `model`."""
+    Same arguments and the same choice of layers as `quantize_model`; the other parameters keep
+    their dtypes (build `model` in the dtype rank 0 loads in). In place; returns `model`."""
     from qlora.config import dtype_name
     from qlora.quant import (_check_skip_modules, _plan, check_blocksize, check_compute_dtype, check_double_quant,
                              check_quant_type)
     compute_dtype = check_compute_dtype(compute_dtype)
     kw = dict(quant_type=check_quant_type(quant_type), double_quant=check_double_quant(double_quant),
               blocksize=check_blocksize(blocksize), compute_dtype=compute_dtype)
-    model.to(device="meta", dtype=compute_dtype)
+    model.to(device="meta")
     to_quantize, _ = _plan(model, _check_skip_modules(skip_modules))
     for name in to_quantize:
         parent_name, _, child = name.rpartition(".")
@@ -241,11 +242,15 @@ def load_4bit(name_or_path, model_class=None, *, compute_dtype: torch.dtype = to
     import transformers
     from qlora.bundled import resolve_model
     path = resolve_model(name_or_path)
-    skeleton = quant._skeleton(path, model_class or transformers.AutoModelForCausalLM, from_pretrained_kwargs)
-    if skeleton is None:
-        raise QLoRAError(f"could not build {path!r} from its config.json on the meta device; check the folder "
-                         "with qlora.load_4bit in one process first")
-    skeleton.eval()   # from_pretrained returns eval-mode models
+    model_class = model_class or transformers.AutoModelForCausalLM
+    keys = ("trust_remote_code", "revision", "token", "cache_dir", "subfolder")
+    config = transformers.AutoConfig.from_pretrained(path, **{k: from_pretrained_kwargs[k] for k in keys
+                                                              if k in from_pretrained_kwargs})
+    factory = getattr(model_class, "from_config", None) or model_class._from_config
+    extra = {"trust_remote_code": True} if from_pretrained_kwargs.get("trust_remote_code") else {}
+    with torch.device("meta"):      # as from_pretrained builds it: parameters in compute_dtype, buffers their own
+        skeleton = factory(config, dtype=compute_dtype, **extra)
+    skeleton.eval()                 # from_pretrained returns eval-mode models
     return meta_4bit(skeleton, compute_dtype=compute_dtype, **kw)
 
 
@@ -253,15 +258,22 @@ def load_4bit(name_or_path, model_class=None, *, compute_dtype: torch.dtype = to
 # sharding
 # --------------------------------------------------------------------------------------------
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The units FSDP shards one by one: every child of an nn.ModuleList that holds parameters
-    (a transformer's layers), outermost lists only."""
+    """The units FSDP shards one by one, before the root: every child of an nn.ModuleList that holds
+    parameters (a transformer's layers; outermost lists only), and the input and output embeddings
+    when they are separate modules with untied weights. Each unit is all-gathered just before it
+    runs and freed after it; the root's own parameters stay gathered from forward to backward, so
+    keeping the (large) embedding and head out of the root keeps them out of the per-rank peak."""
     found, lists = [], [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     inner = {id(sub) for lst in lists for child in lst for sub in child.modules() if sub is not child}
     for lst in lists:
         if id(lst) in inner:
             continue
         found.extend(child for child in lst if any(True for _ in child.parameters()))
-    return found
+    ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    ends = [m for m in ends if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+    shared = len(ends) == 2 and {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}
+    taken = {id(sub) for b in found for sub in b.modules()}
+    return found + [m for m in ends if not shared and id(m) not in taken]
 
 
 def _signature(model: nn.Module) -> str:

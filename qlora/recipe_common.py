@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from qlora.adapters_io import save_adapter
 from qlora.config import LoraConfig, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import count_parameters
@@ -189,8 +188,7 @@ def _run_one(cfg, mode, lr, out_dir: Path, model_name, load_float, load_4bit, tr
             metrics = evaluate(model)
         model.train(was_training)
     row.update(accuracy=metrics.get("accuracy"), metrics=metrics)
-    if mode in ("lora", "qlora"):
-        save_adapter(model, out_dir / "adapter")
+    # the adapter of lora/qlora modes: train() wrote it to out_dir/adapter (gathered under FSDP)
     if after_mode is not None:
         after_mode(mode, model)
     del model

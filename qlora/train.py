@@ -1,7 +1,8 @@
-"""The training loop: accelerate underneath, so one code path serves CPU, one GPU and DDP.
+"""The training loop: accelerate underneath, so one code path serves CPU, one GPU, DDP and FSDP2.
 
     result = train(model, train_set, collate, loss_fn, TrainConfig(epochs=1, lr=2e-4), eval_fn=evaluate)
-    # accelerate launch --multi_gpu --num_processes 2 my_script.py   (no code change)
+    # accelerate launch --multi_gpu --num_processes 2 my_script.py   (DDP, no code change)
+    # torchrun --nproc_per_node 2 my_script.py with TrainConfig(fsdp=True): sharded (qlora.fsdp)
 
 - AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW (`optimizer=`); linear warm-up then cosine decay.
 - tqdm bar with loss, learning rate and samples/s; `metrics.jsonl` (one JSON object per log line)
@@ -11,6 +12,9 @@
   are kept. `resume=True` continues from the newest and reproduces the uninterrupted run's losses
   exactly on CPU (the data order is a function of (seed, epoch), not of any RNG state).
 - A NaN/inf loss stops training with a clear message; the last good checkpoint is kept.
+- The final adapter (models with LoRA adapters) goes to `out_dir/adapter` in PEFT format, written
+  once (by rank 0); `qlora export` takes it as it is. Under FSDP, checkpoints and the adapter hold
+  the gathered whole tensors, the same files as an unsharded run (resume works across world sizes).
 - The first step's peak memory and time are logged (memprofile's allocator account on CPU,
   `torch.cuda.max_memory_allocated` on CUDA).
 No pickles: every checkpoint file is safetensors or JSON.
