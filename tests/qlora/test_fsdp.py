@@ -8,7 +8,8 @@ this file runs the one-process reference in the test process and compares:
   - the packed bytes and quant states are unchanged by training; the sharded model's logits and LoRA
     gradients equal, bit for bit, those of the unsharded model with the same adapter;
   - every 16-bit pattern (NaN as bf16/fp16 included) survives sharding and the all-gather bit for bit;
-  - kill + resume reproduce the uninterrupted curve; the adapter loads in PEFT and exports;
+  - kill + resume reproduce the uninterrupted curve, also resumed in one process; the adapter loads
+    in PEFT and exports;
   - bad input (too few examples to split, a rank with another model) gets a clear error.
 """
 from __future__ import annotations
@@ -134,6 +135,20 @@ def test_kill_and_resume_reproduce_the_curve(run):
     assert [step for step, _ in f0["C_resumed_losses"]][0] == 5            # from the step-4 checkpoint
     assert f0["C_curve"] == f0["A_losses"]                                 # metrics.jsonl: the uninterrupted curve
     assert f0["C_resumed_losses"] == f0["A_losses"][4:]
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(run, tmp_path):
+    """Gathered checkpoints are one-process files: resume at the same global batch (1 x 4 = 2 x 2)."""
+    import shutil
+    from qlora.train import train
+    s = run["s"]
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(run["out"] / "C" / "checkpoints" / "step-0000008", tmp_path / "checkpoints" / "step-0000008")
+    resumed = train(s.qlora_llama(), s.data(), s.collate, s.lm_loss,
+                    s.train_config(tmp_path, 2 * s.PER_RANK_BATCH, resume=True, save_every=None))
+    two = dict(map(tuple, run["facts"][0]["A_losses"]))
+    assert [step for step, _ in resumed.losses] == [9, 10, 11, 12]
+    assert max(abs(loss - two[step]) for step, loss in resumed.losses) < 1e-5
 
 
 def test_adapter_loads_in_peft_and_exports(run, tmp_path):
