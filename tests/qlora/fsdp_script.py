@@ -123,7 +123,7 @@ def main(out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
     from accelerate.state import PartialState
-    from qlora.fsdp import Linear4bitShard, local_bytes, shard_model
+    from qlora.fsdp import Linear4bitShard, shard_model
     from qlora.train import read_metrics, train
     torch.set_num_threads(1)
     state = PartialState(cpu=not torch.cuda.is_available())   # the process group train() uses (gloo on CPU)

@@ -174,3 +174,62 @@ def test_bad_input_gets_a_clear_error(run):
         assert f["D_too_few"].startswith("2 training examples in micro-batches of batch_size=2 over 2 process(es)")
         assert "use at least 4 examples" in f["D_too_few"]
         assert f["D_other_model"].startswith("rank(s) [1] hold a different model than rank 0")
+
+
+# ---------------------------------------------------------------- in-process (no launch)
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_shardable_layer_computes_what_linear4bit_does(quant_type, double_quant):
+    """Linear4bitShard on the same bytes: forward, input and bias gradients bit for bit; to_linear4bit back."""
+    from torch import nn
+    from qlora.fsdp import Linear4bitShard
+    from qlora.quant import dequantize_weight, make_linear4bit
+    torch.manual_seed(0)
+    ref = make_linear4bit(nn.Linear(96, 40), quant_type=quant_type, double_quant=double_quant,
+                          compute_dtype=torch.float32)
+    ref.bias.requires_grad_(True)
+    shard = Linear4bitShard.from_linear4bit(ref)
+    assert shard.weight.dtype == shard.absmax.dtype == torch.uint8 and not shard.weight.requires_grad
+    assert shard.absmax.numel() == ref.weight.quant_state.absmax.numel() * (1 if double_quant else 4)
+    outs = []
+    for layer in (ref, shard):
+        x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        outs.append((y.detach(), x.grad, layer.bias.grad.clone()))
+        layer.bias.grad = None
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    back = shard.to_linear4bit()
+    assert torch.equal(dequantize_weight(back), dequantize_weight(ref))
+
+
+def test_meta_model_matches_the_quantized_one():
+    """qlora.fsdp.meta_4bit builds what quantize_model does (names, shapes, dtypes), without values."""
+    s = _script_module()
+    from qlora.fsdp import _signature, to_shardable
+    real, meta = s.qlora_llama(), s.qlora_llama(meta=True)
+    assert all(p.is_meta for p in meta.parameters()) and not any(p.is_meta for p in real.parameters())
+    assert _signature(to_shardable(meta)) == _signature(to_shardable(real))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"fsdp": True, "optimizer": "adamw8bit"}, "fsdp=True with optimizer='adamw8bit'"),
+    ({"fsdp": "yes"}, "fsdp='yes': must be true or false"),
+])
+def test_fsdp_config_rejects_bad_values(kw, needle):
+    from qlora import QLoRAError
+    from qlora.train import TrainConfig
+    with pytest.raises(QLoRAError) as info:
+        TrainConfig(**kw)
+    assert needle in str(info.value)
+
+
+def test_one_process_fsdp_just_trains_and_writes_the_adapter(tmp_path):
+    """No process group: fsdp=True runs the ordinary loop, and the final adapter lands in out_dir/adapter."""
+    s = _script_module()
+    from qlora.train import train
+    result = train(s.qlora_llama(), s.data(8), s.collate, s.lm_loss, s.train_config(tmp_path, 4, save_every=None))
+    assert result.steps == 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
