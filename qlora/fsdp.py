@@ -412,7 +412,7 @@ def local_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
     `packed_4bit` (packed codes + absmax of the 4-bit layers: sharded), `quant_constants` (their
     code books, nested absmax and offset: replicated, ~1.1 KiB a layer), `trainable`, `frozen_float`
     and `optimizer` (its state tensors). Each tensor is counted once."""
-    from qlora.quant import is_linear4bit
+    from qlora.lora import is_4bit   # by type name: no bitsandbytes import for models without 4-bit layers
     out = dict.fromkeys(("packed_4bit", "quant_constants", "trainable", "frozen_float", "optimizer"), 0)
     seen = set()
 
@@ -425,7 +425,7 @@ def local_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
         if isinstance(m, Linear4bitShard):
             parts = [m.weight, m.absmax], [m.code, getattr(m, "offset", None), getattr(m, "absmax2", None),
                                            getattr(m, "code2", None)]
-        elif is_linear4bit(m) and m.weight.quant_state is not None:
+        elif is_4bit(m) and m.weight.quant_state is not None:
             qs = m.weight.quant_state
             nested = [qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else []
             parts = [m.weight, qs.absmax], [qs.code, *nested]
