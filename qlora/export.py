@@ -464,6 +464,11 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
     if getattr(model, "config", None) is None:
         raise QLoRAError("export_merged needs a transformers model (with .config); for other models use "
                          "qlora.unload_lora on a non-quantized model and save its state_dict")
+    from qlora.fsdp import is_sharded
+    if is_sharded(model):   # FSDP (qlora.fsdp): no rank holds the whole model in memory
+        raise QLoRAError("export_merged needs the whole model in memory, and this one is sharded (FSDP): export "
+                         "the adapter train() wrote instead, from one process: qlora export --base BASE_FOLDER "
+                         "--adapter OUT_DIR/adapter --out MERGED")
     layers = lora_layers(model)
     modules = dict(model.named_modules())
     entries, seen_ids = {}, set()

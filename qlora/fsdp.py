@@ -317,8 +317,8 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mp_poli
     from torch.distributed.tensor import distribute_tensor
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise QLoRAError("FSDP needs a process group: launch with torchrun --nproc_per_node N (or accelerate "
-                         "launch --num_processes N), or call train() which starts one")
+        raise QLoRAError("FSDP needs a process group: launch the script with torchrun --nproc_per_node N (on GPUs "
+                         "also accelerate launch --multi_gpu --num_processes N); train(fsdp=True) starts it then")
     if is_sharded(model):
         raise QLoRAError("this model is already sharded (shard_model runs once per model)")
     device, rank = device_for_rank(), dist.get_rank()

@@ -101,8 +101,8 @@ class TrainConfig:
         if not isinstance(self.fsdp, bool):
             raise QLoRAError(f"fsdp={self.fsdp!r}: must be true or false")
         if self.fsdp and self.optimizer != "adamw":
-            raise QLoRAError(f"fsdp=True with optimizer={self.optimizer!r}: bitsandbytes' 8-bit optimizers do not "
-                             "take sharded (DTensor) parameters; use optimizer='adamw' (its state is sharded too)")
+            raise QLoRAError(f"fsdp=True with optimizer={self.optimizer!r}: the sharded path supports "
+                             "optimizer='adamw' only (its moments are sharded with the parameters)")
 
 
 @dataclass
