@@ -10,6 +10,7 @@ Each rank writes OUT/rank{r}.json (facts) and rank 0 the tensors the test compar
      sharded under a bf16 MixedPrecisionPolicy: the all-gathered bytes seen in forward, and the output.
   C. Interrupted at step KILL_AT, then resume=True: the curve.
   D. Bad input: too few examples; a rank with another model.
+  E. grad_accum=2 with micro-batches of 1: the final adapter (compared with A's).
 The builders below are imported by the test for its one-process reference.
 """
 from __future__ import annotations
@@ -200,6 +201,9 @@ def main(out: Path) -> None:
     facts["C_resumed_losses"] = resumed.losses
     if rank == 0:
         facts["C_curve"] = [(r["step"], r["loss"]) for r in read_metrics(out / "C" / "metrics.jsonl") if "loss" in r]
+
+    # ---- E: gradient accumulation: 2 micro-batches of 1 per rank and step (the same examples as A's steps)
+    train(qlora_llama(), data(), collate, lm_loss, train_config(out / "E", 1, grad_accum=2, save_every=None))
 
     # ---- D: bad input
     try:

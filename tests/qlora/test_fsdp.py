@@ -99,6 +99,14 @@ def test_same_loss_curve_and_adapter_as_one_process_with_twice_the_batch(run):
     assert any(k.endswith("lora_B.weight") and ours[k].abs().max() > 1e-3 for k in ours)
 
 
+def test_gradient_accumulation_under_fsdp_gives_the_same_adapter(run):
+    """2 ranks x 2 micro-batches of 1 per step = 2 ranks x batch 2: the same examples, the same mean gradient."""
+    acc = load_file(str(run["out"] / "E" / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(run["out"] / "A" / "adapter" / "adapter_model.safetensors"))
+    assert acc.keys() == ref.keys()
+    assert max((acc[k] - ref[k]).abs().max().item() for k in acc) < 1e-5
+
+
 def test_packed_bytes_unchanged_and_sharded_layers_compute_exactly(run):
     s, t = run["s"], run["tensors"]
     packed = {k.removeprefix("packed."): v for k, v in t.items() if k.startswith("packed.")}
