@@ -85,7 +85,9 @@ class TrainConfig:
     """CUDA only: keep what autograd saves for backward in pinned CPU memory (less GPU memory, slower)."""
     fsdp: bool = False
     """Shard the model (4-bit base included), gradients and optimizer state over the processes with
-    FSDP2 (qlora.fsdp; launch with torchrun / accelerate launch). With one process it does nothing."""
+    FSDP2 (qlora.fsdp; launch with torchrun / accelerate launch). The model is sharded in place: after
+    train() its parameters are DTensor shards (read the saved adapter, or use qlora.fsdp.gathered).
+    With one process it does nothing."""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
