@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/fsdp_cpu.py --json runs/fsdp_cpu.json      # launches the three runs
 
-Model: random Llama (hidden 512, MLP 1376, 4 layers, 8/4 heads, vocab 4096, untied head: 21.5M params),
+Model: random Llama (hidden 512, MLP 1376, 4 layers, 8/4 heads, vocab 4096, untied head: 15.8M params),
 quantized to NF4 + double quant (fp32 compute: CPUs without AVX512-BF16 are slow in bf16), LoRA r=16
 on all linear layers, dropout 0, gradient checkpointing, AdamW; 2 ranks x batch 4 or 1 process x batch 8,
 sequence 128, STEPS steps. Each rank reports its own tensors (qlora.fsdp.local_bytes) at the end, the
