@@ -120,6 +120,9 @@ def read_adapter_config(folder) -> LoraConfig:
     """LoraConfig from a PEFT/qlora adapter folder, refusing features we don't implement."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
+    if folder.is_file():
+        raise QLoRAError(f"adapter {str(folder)!r} is a file; give the adapter folder (with {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME}) that holds it")
     if not folder.is_dir():
         raise QLoRAError(f"adapter folder {str(folder)!r} does not exist")
     if not path.is_file():
