@@ -12,7 +12,6 @@ Weights are read with safetensors only; pickled `adapter_model.bin` files are re
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
 from qlora.lora import LoRAEmbedding, ModulesToSave, is_4bit, lora_class_for
+from qlora.staging import atomic_write
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -92,16 +92,6 @@ def _adapter_dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(model: nn.Module, folder) -> Path:
     """Write adapter_config.json and adapter_model.safetensors (each to a temp name, then renamed)."""
     config = getattr(model, "qlora_config", None)
@@ -110,9 +100,9 @@ def save_adapter(model: nn.Module, folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(_config_json(model, config), indent=2, sort_keys=True)
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(text))
+    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(text))
     return folder
 
 

@@ -16,7 +16,6 @@ and renamed at the end; a killed export leaves no `out`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.requantize import Requantizer, check_requantize
 from qlora.shard_writer import ShardedWriter, plan_shards
+from qlora.staging import publish, staging_folder
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -178,43 +178,17 @@ def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float
 # ---------------------------------------------------------------- writing
 
 def _staging_folder(out: Path, force: bool) -> Path:
+    """The temp folder the export is written into (qlora.staging: stale ones of killed exports removed)."""
     if out.exists() and not force:
         raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):       # left by a killed export
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    if out.exists() and not out.is_dir():
+        raise QLoRAError(f"{out} is a file, not a model folder; remove it or choose another --out")
+    return staging_folder(out)
 
 
 def _finish(tmp: Path, out: Path, result) -> None:
     (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
-    _publish(tmp, out)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace `out` with `tmp`; the old `out` is removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, out)
 
 
 def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None,

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora.errors import QLoRAError
+from qlora.staging import clean_stale, publish, staging_folder
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -75,6 +76,8 @@ class TrainConfig:
     """Where metrics.jsonl, curves.png and checkpoints/ go."""
     resume: bool = False
     """Continue from the newest checkpoint in out_dir/checkpoints."""
+    overwrite: bool = False
+    """A fresh run into an out_dir that holds an earlier run's checkpoints deletes them (else it refuses)."""
     progress: bool = True
     """Show the tqdm bar."""
     offload_activations: bool = False
@@ -177,9 +180,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, k
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position['step']:07d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    clean_stale(root / "step-*")       # .step-N.tmp-PID of killed runs: removed, and named with their size
+    tmp = staging_folder(final)
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     if getattr(model, "qlora_config", None) is not None:
@@ -190,8 +192,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, k
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"position": position, "optimizer": opt_info, "rng": rng_info, "scheduler": scheduler.state_dict()}
     (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -257,11 +258,16 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
             # rows the interrupted run wrote after this checkpoint are written again below
             rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= position["step"]]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif accelerator.is_main_process and not config.resume:
-        if (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
-        for old in (out / "checkpoints").glob("step-*"):   # and fresh checkpoints: an earlier run's
-            shutil.rmtree(old, ignore_errors=True)        # would outrank them (keep_last, resume, NaN)
+    elif not config.resume:
+        earlier = sorted((out / "checkpoints").glob("step-*"))
+        if earlier and not config.overwrite:   # an earlier run's work: never deleted unasked
+            raise QLoRAError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run (newest {earlier[-1].name}); "
+                             "continue it with resume=true, replace it with overwrite=true, or choose another out_dir")
+        if accelerator.is_main_process:
+            if (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
+            for old in earlier:                 # overwrite=true: an earlier run's checkpoints would
+                shutil.rmtree(old, ignore_errors=True)   # outrank the new ones (keep_last, resume, NaN)
     out.mkdir(parents=True, exist_ok=True)
     result = TrainResult(steps=position["step"])
     log = _MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)

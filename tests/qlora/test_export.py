@@ -480,7 +480,9 @@ def test_killed_export_leaves_no_out_and_next_export_cleans_up(llama, tmp_path, 
 
     # the next export succeeds (CLI, in process) and removes the dead export's staging folder
     assert cli.main([*args, "--no-verify"]) == 0
-    assert "exported 14 merged layers" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "exported 14 merged layers" in printed.out
+    assert f"removed {staging}" in printed.err and f"left by process {proc.pid}" in printed.err   # and says so
     assert not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert torch.equal(load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"],

@@ -7,6 +7,7 @@ different losses. The DDP test launches torchrun with two gloo processes on a pl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -122,6 +123,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_llama, tmp_path):
     model_b = _lora_llama(tiny_llama)
     result_b = train(model_b, data, _collate, _lm_loss, _config(run_b, resume=True))
     assert result_b.steps == 12
+    assert not half.exists()            # the dead process's half-written checkpoint was removed
     assert result_b.losses == [(s, loss) for s, loss in result_a.losses if s > 4]     # exact floats
     final_b = _trainable(model_b)
     assert final_b.keys() == final_a.keys()
@@ -160,8 +162,12 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_llama, t
         loss = _lm_loss(model, batch)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    with pytest.raises(TrainingDiverged) as info:
+    # a fresh run refuses to delete it, naming both ways on; overwrite=true replaces it
+    with pytest.raises(QLoRAError, match="resume=true.*overwrite=true") as refused:
         train(_lora_llama(tiny_llama), data, _collate, nan_at_3, _config(out))
+    assert "step-0000099" in str(refused.value) and stale.is_dir() and not calls
+    with pytest.raises(TrainingDiverged) as info:
+        train(_lora_llama(tiny_llama), data, _collate, nan_at_3, dataclasses.replace(_config(out), overwrite=True))
     assert isinstance(info.value, QLoRAError)
     good = out / "checkpoints" / "step-0000002"
     message = str(info.value)
