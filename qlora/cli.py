@@ -277,6 +277,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import os
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # torch's profiler: no "USDT ... profiler_start" lines
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from qlora.adapters_io import read_adapter_config, read_adapter_tensors
 from qlora.chunked4bit import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantize_4bit_chunked
 from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
+from qlora.quantized import is_4bit
 from qlora.requantize import Requantizer, check_requantize
 from qlora.shard_writer import ShardedWriter, plan_shards
 from qlora.staging import publish, staging_folder
@@ -414,7 +415,6 @@ def _clean_name(key: str) -> str | None:
 
 def _plain_weight(module) -> torch.Tensor:
     """A module's weight in fp32: dequantized for a 4-bit layer (what its forward uses)."""
-    from qlora.lora import is_4bit
     if is_4bit(module):
         import bitsandbytes.functional as bnbf
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -430,7 +430,6 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
 
     from qlora.adapters_io import save_adapter
     from qlora.inject import lora_layers
-    from qlora.lora import is_4bit
     from qlora.quant import quant_settings
     dtype = parse_dtype(dtype)
     requantize = check_requantize(requantize)
