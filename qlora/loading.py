@@ -16,20 +16,26 @@ import logging
 import sys
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 @contextlib.contextmanager
 def _no_load_report():
-    """transformers logs the report as a warning of `transformers.modeling_utils` (and of its peft
-    integration): raise those loggers to ERROR for the duration of the load."""
+    """transformers logs the report as one warning of `transformers.modeling_utils` (and of its peft
+    integration): drop that record, and only it, for the duration of the load. (Not by raising the
+    logger's level: at WARNING or above transformers runs and logs its tensor-parallel plan check.)"""
     loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.integrations.peft",
                                               "transformers.modeling_layers")]
-    levels = [lg.level for lg in loggers]
+    drop = _DropLoadReport()
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.addFilter(drop)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def _modules_of(keys) -> list[str]:

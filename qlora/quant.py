@@ -387,12 +387,14 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=llm_int8_skip_modules)
+    from qlora.loading import from_pretrained_quietly   # one line of ours instead of the load report
     try:
         if blocksize != _TRANSFORMERS_BLOCKSIZE:
             with _BlocksizeForTransformers(blocksize):
-                model = model_class.from_pretrained(path, quantization_config=bnb_config, **from_pretrained_kwargs)
+                model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config,
+                                                **from_pretrained_kwargs)
         else:
-            model = model_class.from_pretrained(path, quantization_config=bnb_config, **from_pretrained_kwargs)
+            model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **from_pretrained_kwargs)
     except ValueError as e:
         if "GgufConfig" in str(e) or "quantized with" in str(e):
             raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit needs a float checkpoint. "
