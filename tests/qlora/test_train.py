@@ -300,3 +300,30 @@ def test_train_config_rejects_bad_values(kw, needle):
     with pytest.raises(QLoRAError) as info:
         TrainConfig(**kw)
     assert needle in str(info.value)
+
+
+def test_logged_loss_is_the_mean_of_the_interval_and_the_profiler_is_quiet(tiny_llama, tmp_path, capfd):
+    """grad_accum=2, log_every=4: each step's loss is the mean of its two micro-batches, and each
+    metrics line the mean of the steps since the previous one (not the last micro-batch's loss).
+    The first step's CPU peak runs torch's profiler: no 'USDT ... profiler_start' lines."""
+    micro = []
+
+    def recorded(model, batch):
+        loss = _lm_loss(model, batch)
+        micro.append(loss.item())
+        return loss
+    out = tmp_path / "run"
+    result = train(_lora_llama(tiny_llama), _data(), _collate, recorded,
+                   _config(out, grad_accum=2, log_every=4, save_every=None))
+    assert result.steps == 6 and len(micro) == 12
+    steps = [loss for _, loss in result.losses]
+    for i, loss in enumerate(steps):
+        assert loss == pytest.approx((micro[2 * i] + micro[2 * i + 1]) / 2, rel=1e-6)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["loss_steps"]) for r in rows] == [(4, 4), (6, 2)]
+    assert rows[0]["loss"] == pytest.approx(sum(steps[:4]) / 4, rel=1e-6)
+    assert rows[1]["loss"] == pytest.approx(sum(steps[4:]) / 2, rel=1e-6)
+    assert rows[0]["loss"] != pytest.approx(steps[3], rel=1e-6)       # not the last step's alone
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    printed = capfd.readouterr()
+    assert "USDT" not in printed.out + printed.err and "profiler_start" not in printed.out + printed.err
