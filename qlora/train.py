@@ -464,7 +464,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         ax.plot(*zip(*loss), color="C0", lw=1.6, marker="." if len(loss) < 40 else None,
                 label=f"train loss (mean of {every} step{'s' if every > 1 else ''})")
     for i, (k, pts) in enumerate((k, p) for k, p in evals.items() if "loss" in k):
-        ax.plot(*zip(*pts), "o--", color=f"C{i + 1}", ms=6, label=k.removeprefix("eval_").replace("_", " "))
+        ax.plot(*zip(*pts), "o--", color=f"C{i + 1}", ms=6, label=k.replace("_", " "))
     ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -482,7 +482,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     if others:
         ax = axes[0][1]
         for i, (k, pts) in enumerate(others.items()):
-            ax.plot(*zip(*pts), "o-", color=f"C{i + 3}", label=k.removeprefix("eval_").replace("_", " "))
+            ax.plot(*zip(*pts), "o-", color=f"C{i + 3}", label=k.replace("_", " "))
             step, value = pts[-1]
             ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set(xlabel="optimizer step", title="evaluation")
