@@ -93,8 +93,25 @@ class TrainConfig:
                 raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise QLoRAError(f"lr={self.lr!r}: must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0 <= self.warmup_ratio < 1:
             raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        for name in ("max_steps", "eval_every", "save_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise QLoRAError(f"{name}={v!r}: must be null (off) or an integer >= 1")
+        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool) or
+                                               not isinstance(self.max_grad_norm, (int, float)) or
+                                               not self.max_grad_norm > 0):
+            raise QLoRAError(f"max_grad_norm={self.max_grad_norm!r}: must be null (no clipping) or a number > 0")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or not self.weight_decay >= 0:
+            raise QLoRAError(f"weight_decay={self.weight_decay!r}: must be a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise QLoRAError(f"seed={self.seed!r}: must be an integer")
+        for name in ("bf16", "resume", "overwrite", "progress", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
 
 
 @dataclass

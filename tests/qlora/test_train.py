@@ -295,6 +295,13 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
     ({"lr": 0}, "lr=0"),
     ({"lr": "3e-4"}, "lr='3e-4'"),
     ({"warmup_ratio": 1.0}, "warmup_ratio=1.0"),
+    ({"eval_every": 0}, "eval_every=0"),            # was a ZeroDivisionError at the first step
+    ({"save_every": 0}, "save_every=0"),            # was: silently no checkpoints
+    ({"max_steps": -1}, "max_steps=-1"),
+    ({"max_grad_norm": 0}, "max_grad_norm=0"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+    ({"resume": "yes"}, "resume='yes'"),
+    ({"overwrite": 1}, "overwrite=1"),
 ])
 def test_train_config_rejects_bad_values(kw, needle):
     with pytest.raises(QLoRAError) as info:
