@@ -273,7 +273,10 @@ REPORT_BUGS = "the qlora maintainers, with the command line, `qlora --version` a
 def main(argv=None) -> int:
     """Run one subcommand; returns the exit status (see the module docstring)."""
     parser = build_parser()
-    args = parser.parse_args(argv)           # bad usage: argparse prints usage + one line, exits 2
+    try:
+        args = parser.parse_args(argv)       # bad usage: argparse prints usage + one "error:" line
+    except SystemExit as e:                  # --help, --version (0) or bad usage (2): returned, not raised
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
