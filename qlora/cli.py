@@ -51,6 +51,9 @@ def _model(text: str) -> str:
     checked to be a JSON object (a folder or name is resolved later, by the subcommand)."""
     path = Path(text)
     config = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if path.is_dir() and not (path / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"folder {text!r} has no config.json; give a Hugging Face model folder "
+                                         "(config.json + weights), its config.json, or a bundled name (minilm, smollm2)")
     if config is not None and config.exists():
         import json
         try:
@@ -319,6 +322,7 @@ def user_error_message(e: BaseException, args=None) -> str | None:
                errno.ENOSPC: "free some disk space or write elsewhere",
                errno.EROFS: "the file system is read-only: write elsewhere",
                errno.EISDIR: "give a file, not a folder", errno.ENOTDIR: "give a folder, not a file",
+               errno.EEXIST: "a file of that name is in the way: move it or choose another path",
                errno.EDQUOT: "free some disk space or write elsewhere"}.get(e.errno, "check the path and the disk")
         if isinstance(e, ConnectionError):
             fix = "no network or the Hub is unreachable: give a local folder, or a bundled name (minilm, smollm2)"

@@ -114,6 +114,10 @@ def staging_folder(target: Path, log: Callable[[str], None] | None = None) -> Pa
     """A fresh, empty `.NAME.tmp-PID` folder beside `target` (parents created), after removing the
     stale leftovers of killed processes there."""
     target = Path(target)
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        from qlora.errors import QLoRAError
+        raise QLoRAError(f"{blocking} is a file, so {target} cannot be created inside it; choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target, log)
     tmp = temp_name(target)
