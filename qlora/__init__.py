@@ -7,18 +7,19 @@
     ... train ...
     qlora.save_adapter(model, "adapter/")                          # PEFT-compatible files
 
-Heavy pieces (bitsandbytes, transformers) are imported only when used.
+Everything is imported when first used: `import qlora` itself loads no torch.
 """
-from qlora.adapters_io import load_adapter, read_adapter_config, save_adapter
-from qlora.config import LoraConfig
-from qlora.errors import QLoRAError
-from qlora.inject import (add_lora, count_parameters, disable_adapters, merge_lora,
-                          print_trainable_parameters, unload_lora, unmerge_lora)
-from qlora.lora import LoRAConv2d, LoRAEmbedding, LoRALinear
-
 __version__ = "0.1.0"
 
+# Every public name is imported on first use (PEP 562): `import qlora` and `qlora --help` cost no
+# torch import (~2 s); `qlora.add_lora` imports what it needs the first time it is read.
 _LAZY = {
+    "LoraConfig": "qlora.config", "QLoRAError": "qlora.errors",
+    "add_lora": "qlora.inject", "count_parameters": "qlora.inject", "disable_adapters": "qlora.inject",
+    "merge_lora": "qlora.inject", "print_trainable_parameters": "qlora.inject", "unload_lora": "qlora.inject",
+    "unmerge_lora": "qlora.inject",
+    "load_adapter": "qlora.adapters_io", "read_adapter_config": "qlora.adapters_io", "save_adapter": "qlora.adapters_io",
+    "LoRAConv2d": "qlora.lora", "LoRAEmbedding": "qlora.lora", "LoRALinear": "qlora.lora",
     "load_4bit": "qlora.quant", "quantize_model": "qlora.quant",
     "enable_checkpointing": "qlora.checkpointing", "prepare_for_training": "qlora.checkpointing",
     "export_merged": "qlora.export", "export_adapter": "qlora.export",
@@ -27,13 +28,16 @@ _LAZY = {
 
 
 def __getattr__(name):
-    # quant/checkpointing/export pull in bitsandbytes or transformers: import them on first use
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value          # looked up once
+        return value
     raise AttributeError(f"module 'qlora' has no attribute {name!r}")
 
 
-__all__ = ["LoraConfig", "QLoRAError", "add_lora", "count_parameters", "print_trainable_parameters",
-           "merge_lora", "unmerge_lora", "unload_lora", "disable_adapters", "save_adapter", "load_adapter",
-           "read_adapter_config", "LoRALinear", "LoRAEmbedding", "LoRAConv2d", *_LAZY]
+def __dir__():
+    return sorted({*globals(), *_LAZY})
+
+
+__all__ = list(_LAZY)

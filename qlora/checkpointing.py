@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora.errors import QLoRAError
-
-from qlora.inject import OUTPUT_HEAD_NAMES as _HEAD_NAMES  # noqa: E402
+from qlora.heads import in_head_by_name, output_embedding
+from qlora.quantized import is_quantized as _is_quantized_layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,12 +175,6 @@ def is_checkpointing(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------------
 # prepare_for_training
 # --------------------------------------------------------------------------------------------
-def _is_quantized_layer(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name in ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt") or any(
-        type(p).__name__ in ("Params4bit", "Int8Params") for p in module.parameters(recurse=False))
-
-
 def _is_norm(module: nn.Module) -> bool:
     # nn.LayerNorm / nn.RMSNorm / nn.GroupNorm and model-specific ones (LlamaRMSNorm, T5LayerNorm...)
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or (
@@ -188,7 +182,6 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _upcast_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from qlora.inject import output_embedding
     modules = dict(model.named_modules())
     out_emb = output_embedding(model)
     targets = []
@@ -196,7 +189,7 @@ def _upcast_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if _is_quantized_layer(module):
             continue
         # the head and its insides (a ModulesToSave copy, a classifier's dense/out_proj)
-        is_head = module is out_emb or any(p in _HEAD_NAMES for p in name.split("."))
+        is_head = module is out_emb or in_head_by_name(name)
         if _is_norm(module) or isinstance(module, nn.Embedding) or is_head:
             targets.append((name, module))
     return targets

@@ -1,6 +1,10 @@
 """`qlora` command line: one subcommand per job. `qlora --help` lists them.
 
-Bad input (a QLoRAError) prints one clear line and exits 2, without a stack trace.
+Exit status: 0 done; 1 a check failed (e.g. an export's verification); 2 a problem with the input or
+the environment (one line on stderr naming it and the fix, no stack trace); 3 a bug in qlora (the
+traceback, then a line saying so); 130 interrupted (Ctrl-C).
+
+Nothing heavy is imported at module level: `qlora --help` must not pay for torch.
 """
 from __future__ import annotations
 
@@ -10,11 +14,69 @@ from pathlib import Path
 
 from qlora.errors import QLoRAError
 
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
+def _dtype(text: str) -> str:
+    """argparse type: a float dtype name (aliases bf16/fp16/fp32 accepted) -> its full name."""
+    name = str(text).lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype qlora trains in; use one of {', '.join(DTYPES)}")
+    return name
+
+
+def _size(text: str) -> int:
+    """argparse type: a positive size such as 24GiB -> bytes."""
+    try:
+        return parse_size(text)
+    except QLoRAError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model(text: str) -> str:
+    """argparse type: a model folder, config.json, bundled name or Hub id. A local config.json is
+    checked to be a JSON object (a folder or name is resolved later, by the subcommand)."""
+    path = Path(text)
+    config = path / "config.json" if path.is_dir() else path if path.suffix == ".json" else None
+    if path.is_dir() and not (path / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"folder {text!r} has no config.json; give a Hugging Face model folder "
+                                         "(config.json + weights), its config.json, or a bundled name (minilm, smollm2)")
+    if config is not None and config.exists():
+        import json
+        try:
+            data = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"{config} is not valid JSON ({e}); give a model's config.json "
+                                             "(a Hugging Face model folder has one)") from None
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{config} cannot be read ({e.strerror})") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise argparse.ArgumentTypeError(f"{config} has no 'model_type'; give a Hugging Face model's config.json")
+    elif path.suffix == ".json":
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist; give a model folder, its config.json, "
+                                         "or a bundled name (minilm, smollm2)")
+    return text
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora", description="Fine-tune large models on small GPUs: 4-bit NF4 base, LoRA adapters, "
-                                  "and where every byte of memory goes.")
+                                  "and where every byte of memory goes.",
+        epilog="exit status: 0 done, 1 a check failed, 2 bad input or environment, 3 a bug in qlora")
+    parser.add_argument("--version", action="version", version=f"qlora {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="a short QLoRA fine-tune on bundled data (no download)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -27,13 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     prof = sub.add_parser("profile", help="measure and predict memory of each training configuration")
-    prof.add_argument("--model", required=True, help="model folder, or a bundled name: minilm, smollm2")
+    prof.add_argument("--model", required=True, type=_model, help="model folder, or a bundled name: minilm, smollm2")
     prof.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls (default causal-lm)")
-    prof.add_argument("--configs", default="full,head,lora,lora-ckpt,qlora,qlora-ckpt")
+    prof.add_argument("--configs", default="full,head,lora,lora-ckpt,qlora,qlora-ckpt",
+                      help="comma-separated training configurations (default: all six)")
     prof.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     prof.add_argument("--seq", default="128,512", help="comma-separated sequence lengths (image sizes for image-cls)")
     prof.add_argument("--rank", default="8", help="comma-separated LoRA ranks")
-    prof.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (bfloat16 | float32)")
+    prof.add_argument("--dtype", default="bfloat16", type=_dtype, help="weights and compute dtype (bfloat16 | float16 | float32)")
     prof.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
     prof.add_argument("--lora-dropout", type=float, default=0.0,
                       help="LoRA dropout (default 0); > 0 saves a dropped copy of each adapted layer's input")
@@ -41,30 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=_profile)
 
     plan = sub.add_parser("plan", help="which configurations fit in a memory budget (estimator only, no weights)")
-    plan.add_argument("--model", required=True, help="model folder or config.json (or a bundled name)")
-    plan.add_argument("--memory", required=True, help="memory budget, e.g. 24GiB")
-    plan.add_argument("--seq", type=int, default=2048)
-    plan.add_argument("--rank", type=int, default=16)
-    plan.add_argument("--task", default="causal-lm")
-    plan.add_argument("--dtype", default="bfloat16")
-    plan.add_argument("--device", default="cuda", help="cuda | cpu: which kernels to assume (default cuda)")
+    plan.add_argument("--model", required=True, type=_model, help="model folder or config.json (or a bundled name)")
+    plan.add_argument("--memory", required=True, type=_size, help="memory budget, e.g. 24GiB, 80GB, 512MiB")
+    plan.add_argument("--seq", type=_positive_int, default=2048, help="sequence length in tokens (default 2048)")
+    plan.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    plan.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls (default causal-lm)")
+    plan.add_argument("--dtype", default="bfloat16", type=_dtype, help="weights and compute dtype (default bfloat16)")
+    plan.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                      help="cuda | cpu: which kernels to assume (default cuda)")
     plan.set_defaults(func=_plan)
 
     exp = sub.add_parser("export", help="merge an adapter into its base: a plain bf16/fp16/fp32 model folder")
     exp.add_argument("--base", required=True, help="base model folder the adapter was trained on (or a bundled name)")
     exp.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     exp.add_argument("--out", required=True, help="output folder (refused if it exists, unless --force)")
-    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    exp.add_argument("--dtype", default="bfloat16", type=_dtype, help="dtype of the merged weights: "
+                     "bfloat16 (default) | float16 | float32")
     exp.add_argument("--merge-onto", default="dequantized", choices=["dequantized", "original"],
                      help="dequantized: the NF4 weights the adapter was trained against (default)")
     exp.add_argument("--force", action="store_true", help="replace an existing --out")
     exp.add_argument("--no-verify", action="store_true", help="skip the logit comparison")
-    exp.add_argument("--max-shard-size", default="2GB", help="largest output shard (default 2GB)")
+    exp.add_argument("--max-shard-size", default="2GB", type=_size, help="largest output shard (default 2GB)")
     exp.add_argument("--requantize", default="none", metavar="{none,nf4,fp4}",
                      help="nf4/fp4: write the 4-bit layers re-quantized (bitsandbytes format, loads with transformers "
                           "+ bitsandbytes); the added error is measured and reported (default none)")
     exp.set_defaults(func=_export)
     return parser
+
+
+def _version() -> str:
+    from qlora import __version__
+    return __version__
 
 
 def parse_size(text: str) -> int:
@@ -79,9 +149,12 @@ def parse_size(text: str) -> int:
     else:
         number, factor = t, 1
     try:
-        return int(float(number) * factor)
-    except ValueError:
+        size = int(float(number) * factor)
+    except (ValueError, OverflowError):
         raise QLoRAError(f"size {text!r} is not understood; write e.g. 24GiB, 2GB, 512MB") from None
+    if size < 1:
+        raise QLoRAError(f"size {text!r} must be positive; write e.g. 24GiB, 2GB, 512MB")
+    return size
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -114,7 +187,11 @@ def _plan(args) -> int:
     check_task(args.task)
     model = args.model if args.model.endswith(".json") else resolve_model(args.model)
     budget = parse_size(args.memory)
-    result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype, device=args.device)
+    try:
+        result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype,
+                      device=args.device)
+    except ValueError as e:     # the estimator's "not modelled" (memprofile raises plain ValueError)
+        raise QLoRAError(f"{e}; `qlora profile` measures any model on this machine") from None
     print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
     print("| configuration | fits | largest batch | peak at that batch | weights | grads+optimizer | activations |")
     print("|---|---|---|---|---|---|---|")
@@ -141,7 +218,7 @@ def _export(args) -> int:
     from qlora.export import export_adapter, summary
     _release_freed_memory_early()
     result = export_adapter(args.base, args.adapter, args.out, dtype=args.dtype, merge_onto=args.merge_onto,
-                            force=args.force, verify=not args.no_verify, max_shard_size=parse_size(args.max_shard_size),
+                            force=args.force, verify=not args.no_verify, max_shard_size=args.max_shard_size,
                             requantize=args.requantize)
     print(summary(result))
     if result.verification and result.verification["passed"] is False:   # None: requantized, no limit
@@ -193,17 +270,75 @@ def _demo(args) -> int:
     return 0
 
 
+REPORT_BUGS = "the qlora maintainers, with the command line, `qlora --version` and the traceback above"
+
+
 def main(argv=None) -> int:
+    """Run one subcommand; returns the exit status (see the module docstring)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)       # bad usage: argparse prints usage + one "error:" line
+    except SystemExit as e:                  # --help, --version (0) or bad usage (2): returned, not raised
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import os
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # torch's profiler: no "USDT ... profiler_start" lines
     try:
         return args.func(args) or 0
-    except QLoRAError as e:
-        print(f"qlora {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"qlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- sorted below into the user's problem (2) and our bug (3)
+        message = user_error_message(e, args)
+        if message is None:
+            import traceback
+            traceback.print_exc()
+            print(f"qlora {args.command}: this is a bug in qlora ({type(e).__name__}), not a problem with your "
+                  f"input; please report it to {REPORT_BUGS}",
+                  file=sys.stderr)
+            return 3
+        print(f"qlora {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_error_message(e: BaseException, args=None) -> str | None:
+    """One line for an error caused by the user's input or environment, or None for a bug.
+
+    QLoRAError is ours (the message is written for the user). Operating-system errors (a missing or
+    unreadable file, a full disk, a read-only folder), out-of-memory and a config file that does not
+    parse are the environment's, so they are named with the file and a fix."""
+    import errno
+    if isinstance(e, QLoRAError):
+        return str(e)
+    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+        return (f"out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); lower the batch size "
+                "or sequence length, or see `qlora plan --help` for what fits")
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        fix = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions or choose another folder",
+               errno.EPERM: "check its permissions or choose another folder",
+               errno.ENOSPC: "free some disk space or write elsewhere",
+               errno.EROFS: "the file system is read-only: write elsewhere",
+               errno.EISDIR: "give a file, not a folder", errno.ENOTDIR: "give a folder, not a file",
+               errno.EEXIST: "a file of that name is in the way: move it or choose another path",
+               errno.EDQUOT: "free some disk space or write elsewhere"}.get(e.errno, "check the path and the disk")
+        if isinstance(e, ConnectionError):
+            fix = "no network or the Hub is unreachable: give a local folder, or a bundled name (minilm, smollm2)"
+        what = e.strerror or (str(e).splitlines() or [type(e).__name__])[0].rstrip(".")
+        return f"{what}:{where}; {fix}" if where else f"{what}; {fix}"
+    config = getattr(args, "config", None)
+    yaml = sys.modules.get("yaml")          # only imported if a YAML file was read
+    if yaml is not None and isinstance(e, yaml.YAMLError):
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return (f"{config or 'a YAML file'} is not valid YAML{at}: {getattr(e, 'problem', None) or e}; "
+                "fix the file (quote values that hold ':' or '{')")
+    import json
+    if isinstance(e, json.JSONDecodeError):
+        return f"a JSON file is not valid JSON ({e}); fix or replace the file"
+    return None
 
 
 if __name__ == "__main__":

@@ -16,27 +16,26 @@ and renamed at the end; a killed export leaves no `out`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from qlora.adapters_io import read_adapter_config, read_adapter_tensors
-from qlora.chunked4bit import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantize_4bit_chunked
+from qlora.base_checkpoint import (base_weight_files, key_prefix_fix, read_tensor, roundtrip_4bit,  # noqa: F401
+                                   stream_tensor, tensor_specs, training_weight)
 from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
+from qlora.quantized import is_4bit
 from qlora.requantize import Requantizer, check_requantize
 from qlora.shard_writer import ShardedWriter, plan_shards
+from qlora.staging import publish, staging_folder
 
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                 "chat_template.jinja", "preprocessor_config.json")
-_DTYPE_OF = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 @dataclass
@@ -44,10 +43,13 @@ class LayerUpdate:
     """One adapted weight: what was added and how big the NF4 rounding was next to it."""
     name: str
     update_norm: float          # ||s·B·A||_F
-    quant_error_norm: float     # ||W - dequant(quant(W))||_F (0 when the layer was not 4-bit)
+    quant_error_norm: float | None   # ||W - dequant(quant(W))||_F (W's rounding to the training dtype when
+                                     # not 4-bit); None when W is not at hand (export_merged: in memory)
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
+        if self.quant_error_norm is None:
+            return None
         return self.quant_error_norm / max(self.update_norm, 1e-30)
 
 
@@ -63,63 +65,6 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------- reading the inputs
-
-def base_weight_files(base) -> tuple[Path, dict, list[Path]]:
-    """(folder, config.json as dict, safetensors files) of a Hugging Face model folder."""
-    from qlora.bundled import resolve_model
-    folder = Path(resolve_model(str(base)))
-    if not folder.is_dir():
-        raise QLoRAError(f"base model folder {str(base)!r} does not exist (export needs the weights on disk)")
-    if not (folder / "config.json").is_file():
-        raise QLoRAError(f"{folder} has no config.json; give the Hugging Face model folder the adapter was trained on")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        extra = " (only pickled .bin weights: qlora never unpickles; re-save them as safetensors)" \
-            if list(folder.glob("*.bin")) else ""
-        raise QLoRAError(f"{folder} has no .safetensors weights{extra}")
-    return folder, json.loads((folder / "config.json").read_text()), files
-
-
-def tensor_specs(files: list[Path]) -> dict[str, tuple[Path, tuple, torch.dtype]]:
-    """checkpoint key -> (file, shape, dtype), from the headers only (no tensor is read)."""
-    specs = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                specs[key] = (path, tuple(sl.get_shape()), _DTYPE_OF.get(sl.get_dtype(), None) or _other(sl))
-    return specs
-
-
-def _other(sl) -> torch.dtype:
-    names = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F64": torch.float64}
-    return names[sl.get_dtype()]
-
-
-def key_prefix_fix(ckpt_keys: list[str], adapter_paths: list[str]) -> tuple[str, str]:
-    """(strip, add): checkpoint key -> trained model's name is `add + key.removeprefix(strip)`.
-
-    A base saved as `BertModel` has keys `encoder.layer.0...`; trained as
-    `BertForSequenceClassification`, the adapter says `bert.encoder.layer.0...`."""
-    keys = set(ckpt_keys)
-    for path in adapter_paths:
-        want = path + ".weight"
-        if want in keys:
-            return "", ""
-        for key in keys:
-            if want.endswith("." + key):
-                return "", want[: len(want) - len(key)]
-            if key.endswith("." + want):
-                return key[: len(key) - len(want)], ""
-    raise QLoRAError(f"adapter module {adapter_paths[0]!r} has no weight in the base checkpoint: "
-                     "the adapter was trained on another model")
-
 
 def adapter_updates(tensors: dict, paths: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
     """module path -> (A, B, kind) with kind 'linear' | 'embedding' | 'conv'."""
@@ -147,19 +92,6 @@ def add_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str
     return abs(scaling) * max(gram.sum().item(), 0.0) ** 0.5
 
 
-def roundtrip_4bit(weight: torch.Tensor, settings: dict, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """dequant(quant(W)) exactly as the 4-bit layer held it during training, returned in fp32.
-
-    In pieces (qlora.chunked4bit): bit-exact with bitsandbytes' whole-tensor round trip without its
-    ~3.4x-the-layer fp32 scratch, which was the export's peak."""
-    from_dtype = parse_dtype(settings.get("quantized_from_dtype") or settings.get("compute_dtype") or "bfloat16")
-    packed, state = quantize_4bit_chunked(weight.to(from_dtype), quant_type=settings.get("quant_type", "nf4"),
-                                          blocksize=int(settings.get("blocksize", 64)),
-                                          double_quant=bool(settings.get("double_quant", True)),
-                                          chunk_elements=chunk_elements)
-    return dequantize_4bit_chunked(packed, state, chunk_elements).float()
-
-
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     """torch.isfinite(t).all() in pieces: on a whole layer it allocates an fp32 |t| plus two masks."""
     flat = t.reshape(-1)
@@ -178,43 +110,17 @@ def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float
 # ---------------------------------------------------------------- writing
 
 def _staging_folder(out: Path, force: bool) -> Path:
+    """The temp folder the export is written into (qlora.staging: stale ones of killed exports removed)."""
     if out.exists() and not force:
         raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):       # left by a killed export
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    if out.exists() and not out.is_dir():
+        raise QLoRAError(f"{out} is a file, not a model folder; remove it or choose another --out")
+    return staging_folder(out)
 
 
 def _finish(tmp: Path, out: Path, result) -> None:
     (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
-    _publish(tmp, out)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace `out` with `tmp`; the old `out` is removed only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, out)
 
 
 def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None,
@@ -290,11 +196,11 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 roundtrip = (name.endswith(".weight") and not adapted and path in quantized
                              and merge_onto == "dequantized")
                 if not (adapted or roundtrip or (rq is not None and rq.wants(name))):
-                    pieces = _stream_tensor(specs[key][0], key, out_specs[name][1])
+                    pieces = stream_tensor(specs[key][0], key, out_specs[name][1])
                     if pieces is not None:      # copied through in pieces: never whole in memory
                         writer.write_stream(name, pieces)
                         continue
-                w = _read_tensor(specs[key][0], key)
+                w = read_tensor(specs[key][0], key)
                 if adapted:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
                 elif roundtrip:
@@ -325,59 +231,6 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     return result
 
 
-def _read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor, its file opened just for it. safetensors memory-maps the file and every page read
-    through an open handle stays in this process's RSS until the handle closes: handles kept open for
-    the whole export grew RSS to the size of the model."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key)
-
-
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-
-
-def _stream_tensor(path: Path, key: str, out_dtype: torch.dtype, piece_bytes: int = 16 << 20):
-    """Pieces (flat, cast to `out_dtype` when floating) of one tensor, read with plain file reads.
-
-    A tensor copied through unchanged (embeddings, the head, norms) is the largest thing an export
-    touches: reading it whole costs its size in memory, and through safetensors' memory map its pages
-    stay in RSS as well. Here at most `piece_bytes` of it is in memory. None for a dtype we don't know
-    (the caller then reads it whole)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        entry = json.loads(f.read(n))[key]
-    dtype = _ST_TORCH.get(entry["dtype"])
-    if dtype is None:
-        return None
-    start, end = entry["data_offsets"]
-    item = torch.empty((), dtype=dtype).element_size()
-    step = max(item, piece_bytes // item * item)
-
-    def pieces():
-        with open(path, "rb") as f:
-            f.seek(8 + n + start)
-            remaining = end - start
-            while remaining > 0:
-                raw = bytearray(f.read(min(step, remaining)))
-                if not raw:
-                    raise QLoRAError(f"{path} ends inside tensor {key!r}: the file is truncated")
-                remaining -= len(raw)
-                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                yield t.to(out_dtype) if t.is_floating_point() else t
-    return pieces()
-
-
-def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:
-    """The fp32 weight the adapter at `path` saw in training: dequant(quant(W)) for a 4-bit layer,
-    W in the training dtype otherwise."""
-    if path in set(settings.get("quantized_modules", [])):
-        return roundtrip_4bit(w, settings)
-    train_dtype = parse_dtype(settings.get("base_dtype") or settings.get("compute_dtype")) if settings else None
-    return w.to(train_dtype).float() if train_dtype is not None else w.float()
-
-
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
     """The merged fp32 weight of one adapted layer, recording the norms for the report."""
     # Memory: one fp32 copy of the layer (the round trip is chunked, the update added in place),
@@ -405,7 +258,7 @@ def _config_overrides(settings: dict, hf_config: dict) -> dict:
 def _warn_small_updates(result: ExportResult) -> None:
     if result.merge_onto != "original":
         return
-    big = [l for l in result.layers if l.quant_error_norm > l.update_norm]
+    big = [l for l in result.layers if l.quant_error_norm is not None and l.quant_error_norm > l.update_norm]
     if big:
         worst = max(big, key=lambda l: l.ratio)
         result.warnings.append(
@@ -440,7 +293,6 @@ def _clean_name(key: str) -> str | None:
 
 def _plain_weight(module) -> torch.Tensor:
     """A module's weight in fp32: dequantized for a 4-bit layer (what its forward uses)."""
-    from qlora.lora import is_4bit
     if is_4bit(module):
         import bitsandbytes.functional as bnbf
         return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -456,7 +308,6 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
 
     from qlora.adapters_io import save_adapter
     from qlora.inject import lora_layers
-    from qlora.lora import is_4bit
     from qlora.quant import quant_settings
     dtype = parse_dtype(dtype)
     requantize = check_requantize(requantize)
@@ -504,7 +355,8 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                     seen = _plain_weight(owner)
                     delta = layer.delta_weight()
                     update_norm = delta.norm().item()
-                    result.layers.append(LayerUpdate(path, update_norm, 0.0))
+                    # the unquantized W is not in memory: its rounding error is unknown, not 0
+                    result.layers.append(LayerUpdate(path, update_norm, None))
                     tensor = seen if layer.merged else seen + delta
                 elif name.endswith(".weight") and owner is not None and is_4bit(owner):
                     tensor = _plain_weight(owner)
@@ -542,10 +394,15 @@ def summary(result: ExportResult) -> str:
     lines = [f"exported {len(result.layers)} merged layers to {result.out} ({result.dtype}, "
              f"merged onto {result.merge_onto} weights)"]
     if result.layers:
-        worst = max(result.layers, key=lambda l: l.ratio)
         mean_upd = sum(l.update_norm for l in result.layers) / len(result.layers)
-        lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g}; NF4 error / update: worst {worst.ratio:.3g} "
-                     f"({worst.name})")
+        known = [l for l in result.layers if l.ratio is not None]
+        if known:
+            worst = max(known, key=lambda l: l.ratio)
+            lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g}; NF4 error / update: worst {worst.ratio:.3g} "
+                         f"({worst.name})")
+        else:      # export_merged: the unquantized weights were never in memory
+            lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g} (NF4 error unknown: the unquantized "
+                         "weights are not in memory; `qlora export` from the base folder reports it)")
     if result.requantizer is not None:
         lines += result.requantizer.summary()
     v = result.verification

@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from qlora.base_checkpoint import base_weight_files, find_key, read_tensor, tensor_specs, training_weight
 from qlora.config import parse_dtype
 
 # relative logit error (||Δ||/||ref||) and top-1 agreement an export must reach against the reference
@@ -140,16 +140,11 @@ def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model
 
 def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
     """seen_weight(path) for an export from files: re-read W and redo what training did to it."""
-    from qlora.export import base_weight_files, tensor_specs, training_weight
     specs = tensor_specs(base_weight_files(base_folder)[2])
 
     def seen(path: str) -> torch.Tensor:
-        # the exact key, else one that differs by whole leading module names ("bert." added or dropped);
-        # a bare endswith() also took "audio_model.layers.0..." for "model.layers.0..."
-        want = path + ".weight"
-        key = want if want in specs else next(k for k in specs if want.endswith("." + k) or k.endswith("." + want))
-        with safe_open(str(specs[key][0]), framework="pt") as f:
-            w = f.get_tensor(key)
+        key = find_key(specs, path + ".weight")      # exact, or "bert." added or dropped
+        w = read_tensor(specs[key][0], key)
         return w.float() if merge_onto == "original" else training_weight(path, w, settings)
     return seen
 

@@ -10,8 +10,8 @@ Everything is checked before anything changes: a bad target list leaves the mode
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
-import re
 from typing import Iterator
 
 import torch
@@ -19,9 +19,10 @@ from torch import nn
 
 from qlora.config import LoraConfig
 from qlora.errors import QLoRAError
-from qlora.lora import LoRALayer, ModulesToSave, is_4bit, lora_class_for
-
-OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score")
+from qlora.heads import OUTPUT_HEAD_NAMES, output_embedding, output_head_paths  # noqa: F401  (re-exported)
+from qlora.lora import LoRALayer, ModulesToSave, lora_class_for
+from qlora.names import matches_target as _matches
+from qlora.quantized import is_4bit
 _INTERNAL = {"base_layer", "lora_A", "lora_B", "original_module", "modules_to_save", "lora_dropout"}
 
 
@@ -32,31 +33,6 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         if name and not _INTERNAL.intersection(name.split(".")):
             out[name] = module
     return out
-
-
-def _matches(name: str, spec) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
-
-
-def output_embedding(model: nn.Module):
-    """`model.get_output_embeddings()`, or None for models without one."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    if not callable(get_out):
-        return None
-    try:
-        return get_out()
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output head: lm_head / classifier / score (and their insides), get_output_embeddings()."""
-    out_emb = output_embedding(model)
-    return {name for name, m in model.named_modules()
-            if name and (any(part in OUTPUT_HEAD_NAMES for part in name.split(".")) or
-                         (out_emb is not None and m is out_emb))}
 
 
 def _closest(asked: str, names: list[str], n: int = 6) -> list[str]:
@@ -133,7 +109,10 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach LoRA adapters in place: targets are wrapped, every base parameter is frozen, adapters
-    and `modules_to_save` copies are trainable. Returns the same model object."""
+    and `modules_to_save` copies are trainable. Returns the same model object.
+
+    `config` is not changed: `model.qlora_config` is a copy that also records the 4-bit settings
+    (`qlora` field) and, after a second add_lora, the union of the targets."""
     targets = find_targets(model, config)
     to_save = find_modules_to_save(model, config)
     overlap = {t for t in targets for s in to_save if t == s or t.startswith(s + ".")}
@@ -145,6 +124,7 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise QLoRAError("this model already has adapters with a different r/lora_alpha/use_rslora; "
                          "one adapter file holds one setting: remove the old ones first (qlora.unload_lora)")
 
+    config = copy.deepcopy(config)   # the model keeps its own record; the caller's config is not changed
     for p in model.parameters():
         p.requires_grad_(False)
     for path, module in targets.items():

@@ -21,11 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora.errors import QLoRAError
-
-
-def is_4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes Linear4bit (imported lazily: bitsandbytes is heavy to import)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module.weight, "quant_state")
+from qlora.quantized import is_4bit  # noqa: F401  (re-exported: qlora.lora.is_4bit)
 
 
 class LoRALayer(nn.Module):

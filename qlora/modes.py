@@ -20,7 +20,8 @@ from torch import nn
 
 from qlora.config import LoraConfig
 from qlora.errors import QLoRAError
-from qlora.inject import add_lora, find_modules, output_head_paths
+from qlora.heads import output_head_paths
+from qlora.inject import add_lora, find_modules
 
 MODES = ("full", "head", "lora", "qlora")
 CONFIGURATIONS = ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
@@ -68,7 +69,7 @@ def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit:
     elif base == "head":
         unfreeze_head(model, head)
     else:
-        add_lora(model, LoraConfig(**{**lora.__dict__, "qlora": {}}))
+        add_lora(model, lora)          # add_lora keeps its own copy: `lora` serves every mode unchanged
     if ckpt:
         from qlora.checkpointing import enable_checkpointing
         enable_checkpointing(model)

@@ -46,14 +46,16 @@ from torch import nn
 
 from qlora.config import _DTYPES, dtype_name
 from qlora.errors import QLoRAError
+from qlora.heads import OUTPUT_HEAD_NAMES, output_head_paths
+from qlora.names import matches_parts as _name_matches
+from qlora.quantized import is_4bit as is_linear4bit  # noqa: F401  (re-exported: qlora.quant.is_linear4bit)
 
 QUANT_TYPES = ("nf4", "fp4")
 # What bitsandbytes.functional.quantize_4bit accepts (CPU and CUDA alike; 32 is CUDA/CPU only,
 # not ROCm with 64-wide warps).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-# Modules that stay in compute_dtype: the output head (same names as qlora.inject's
-# OUTPUT_HEAD_NAMES) -- it is small next to the body and is where rounding hurts most.
-from qlora.inject import OUTPUT_HEAD_NAMES  # noqa: E402  (one list of head names for the package)
+# Modules that stay in compute_dtype: the output head (qlora.heads) -- it is small next to the body
+# and is where rounding hurts most.
 # Insides of LoRA wrappers (qlora.lora): the adapters and trainable copies are never quantized.
 _ADAPTER_PARTS = ("lora_A", "lora_B", "modules_to_save", "original_module")
 # transformers' BitsAndBytesConfig has no block size: its Linear4bit placeholders use 64.
@@ -104,18 +106,6 @@ def _check_skip_modules(skip_modules: Any) -> list[str]:
                          f"['lm_head', 'mlp.down_proj', 'layers.0'] (a name matches whole dotted "
                          f"parts of a module path)")
     return list(skip_modules)
-
-
-def _name_matches(name: str, pattern: str) -> bool:
-    """'mlp.down_proj' matches 'model.layers.3.mlp.down_proj': whole dotted parts, anywhere."""
-    parts, pat = name.split("."), pattern.split(".")
-    return any(parts[i:i + len(pat)] == pat for i in range(len(parts) - len(pat) + 1))
-
-
-def is_linear4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes Linear4bit (LinearNF4/LinearFP4 included) holding packed weights."""
-    import bitsandbytes as bnb
-    return isinstance(module, bnb.nn.Linear4bit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,16 +187,11 @@ def _mark_layer(layer: nn.Module, compute_dtype: torch.dtype) -> None:
 # --------------------------------------------------------------------------------------------
 # quantize_model
 # --------------------------------------------------------------------------------------------
-def _head_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    from qlora.inject import output_head_paths
-    return output_head_paths(model)
-
-
 def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
     """(names of nn.Linear to quantize, names of nn.Linear kept) for a model or a meta skeleton."""
     import bitsandbytes as bnb
     modules = dict(model.named_modules())
-    heads = _head_names(model, modules)
+    heads = output_head_paths(model)
     for pattern in skip:
         if not any(_name_matches(n, pattern) for n in modules if n):
             sample = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:6]
@@ -402,12 +387,14 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
         llm_int8_skip_modules=llm_int8_skip_modules)
+    from qlora.loading import from_pretrained_quietly   # one line of ours instead of the load report
     try:
         if blocksize != _TRANSFORMERS_BLOCKSIZE:
             with _BlocksizeForTransformers(blocksize):
-                model = model_class.from_pretrained(path, quantization_config=bnb_config, **from_pretrained_kwargs)
+                model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config,
+                                                **from_pretrained_kwargs)
         else:
-            model = model_class.from_pretrained(path, quantization_config=bnb_config, **from_pretrained_kwargs)
+            model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **from_pretrained_kwargs)
     except ValueError as e:
         if "GgufConfig" in str(e) or "quantized with" in str(e):
             raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit needs a float checkpoint. "

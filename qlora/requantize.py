@@ -145,10 +145,11 @@ class Requantizer:
         """config.json's quantization_config. transformers makes every nn.Linear not listed in
         llm_int8_skip_modules 4-bit: listed are the module paths of every 2-D float weight that is
         not re-quantized, and the output heads (possibly tied: no weight of their own)."""
-        from qlora.inject import OUTPUT_HEAD_NAMES
+        from qlora.heads import OUTPUT_HEAD_NAMES
+        from qlora.names import matches_suffix
         kept = {name.removesuffix(".weight") for name, (shape, dtype) in out_specs.items()
                 if name.endswith(".weight") and len(shape) == 2 and dtype.is_floating_point and not self.wants(name)}
-        kept |= {h for h in OUTPUT_HEAD_NAMES if not any(m == h or m.endswith("." + h) for m in self.modules)}
+        kept |= {h for h in OUTPUT_HEAD_NAMES if not any(matches_suffix(m, [h]) for m in self.modules)}
         return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": self.quant_type, "bnb_4bit_use_double_quant": self.double_quant,
                 "bnb_4bit_compute_dtype": dtype_name(self.dtype), "bnb_4bit_quant_storage": "uint8",

@@ -5,8 +5,9 @@
     # torchrun --nproc_per_node 2 my_script.py with TrainConfig(fsdp=True): sharded (qlora.fsdp)
 
 - AdamW, or bitsandbytes' 8-bit / paged 8-bit AdamW (`optimizer=`); linear warm-up then cosine decay.
-- tqdm bar with loss, learning rate and samples/s; `metrics.jsonl` (one JSON object per log line)
-  and `curves.png` (loss and eval metric) in `out_dir`.
+- tqdm bar with loss, learning rate and samples/s; `metrics.jsonl` (one JSON object per log line;
+  `loss` is the mean over the `loss_steps` optimizer steps since the previous line, each step the
+  mean of its micro-batches) and `curves.png` (train loss, eval points, learning rate) in `out_dir`.
 - Checkpoints every `save_every` steps: trainable weights (+ the adapter in PEFT format), optimizer,
   scheduler, RNG states and position, written to a temp folder and renamed; the last `keep_last`
   are kept. `resume=True` continues from the newest and reproduces the uninterrupted run's losses
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora.errors import QLoRAError
+from qlora.staging import clean_stale, publish, staging_folder
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -79,6 +81,8 @@ class TrainConfig:
     """Where metrics.jsonl, curves.png and checkpoints/ go."""
     resume: bool = False
     """Continue from the newest checkpoint in out_dir/checkpoints."""
+    overwrite: bool = False
+    """A fresh run into an out_dir that holds an earlier run's checkpoints deletes them (else it refuses)."""
     progress: bool = True
     """Show the tqdm bar."""
     offload_activations: bool = False
@@ -98,10 +102,25 @@ class TrainConfig:
                 raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise QLoRAError(f"lr={self.lr!r}: must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
+                or not 0 <= self.warmup_ratio < 1:
             raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
-        if not isinstance(self.fsdp, bool):
-            raise QLoRAError(f"fsdp={self.fsdp!r}: must be true or false")
+        for name in ("max_steps", "eval_every", "save_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise QLoRAError(f"{name}={v!r}: must be null (off) or an integer >= 1")
+        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool) or
+                                               not isinstance(self.max_grad_norm, (int, float)) or
+                                               not self.max_grad_norm > 0):
+            raise QLoRAError(f"max_grad_norm={self.max_grad_norm!r}: must be null (no clipping) or a number > 0")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or not self.weight_decay >= 0:
+            raise QLoRAError(f"weight_decay={self.weight_decay!r}: must be a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise QLoRAError(f"seed={self.seed!r}: must be an integer")
+        for name in ("bf16", "resume", "overwrite", "progress", "offload_activations", "fsdp"):
+            if not isinstance(getattr(self, name), bool):
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
         if self.fsdp and self.optimizer != "adamw":
             raise QLoRAError(f"fsdp=True with optimizer={self.optimizer!r}: the sharded path supports "
                              "optimizer='adamw' only (its moments are sharded with the parameters)")
@@ -204,9 +223,8 @@ def _write_checkpoint(folder: Path, model, opt_files: tuple, scheduler, position
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position['step']:07d}"
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    clean_stale(root / "step-*")       # .step-N.tmp-PID of killed runs: removed, and named with their size
+    tmp = staging_folder(final)
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
     if getattr(model, "qlora_config", None) is not None:
@@ -217,8 +235,7 @@ def _write_checkpoint(folder: Path, model, opt_files: tuple, scheduler, position
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"position": position, "optimizer": opt_info, "rng": rng_info, "scheduler": scheduler.state_dict()}
     (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -298,17 +315,25 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
             # rows the interrupted run wrote after this checkpoint are written again below
             rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) <= position["step"]]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif accelerator.is_main_process and not config.resume:
-        if (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
-        for old in (out / "checkpoints").glob("step-*"):   # and fresh checkpoints: an earlier run's
-            shutil.rmtree(old, ignore_errors=True)        # would outrank them (keep_last, resume, NaN)
+    elif not config.resume:
+        earlier = sorted((out / "checkpoints").glob("step-*"))
+        if earlier and not config.overwrite:   # an earlier run's work: never deleted unasked
+            raise QLoRAError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run (newest {earlier[-1].name}); "
+                             "continue it with resume=true, replace it with overwrite=true, or choose another out_dir")
+        if accelerator.is_main_process:
+            if (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
+            for old in earlier:                 # overwrite=true: an earlier run's checkpoints would
+                shutil.rmtree(old, ignore_errors=True)   # outrank the new ones (keep_last, resume, NaN)
     out.mkdir(parents=True, exist_ok=True)
     result = TrainResult(steps=position["step"])
     log = _MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
     bar = tqdm(total=total, initial=position["step"], desc="train", disable=not (config.progress and
                                                                                  accelerator.is_main_process))
     step_times, t_last, seen_samples = [], time.perf_counter(), 0
+    # the logged loss is the mean over every micro-batch since the last log line, not the last one's:
+    # micro-batch losses are summed on the device (no sync), one .item() per optimizer step
+    step_loss_sum, step_micro, interval = 0.0, 0, []
     step = position["step"]
     model.train()
     for epoch in range(position["epoch"], config.epochs):
@@ -329,6 +354,8 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                         f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); training stopped. "
                         f"Last good checkpoint: {last or 'none (set save_every)'}. Lower lr, enable "
                         "max_grad_norm, or check the data.")
+                step_loss_sum = step_loss_sum + loss.detach().float()
+                step_micro += 1
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     if sharded:
@@ -350,14 +377,18 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                 result.first_step_seconds = step_times[-1]
                 log.write({"step": step, "first_step_peak_bytes": result.first_step_peak_bytes,
                            "first_step_seconds": round(step_times[-1], 4), "peak_method": result.peak_method})
-            loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
+            loss_value = accelerator.reduce(step_loss_sum / step_micro, "mean").item()   # this step's mean
+            step_loss_sum, step_micro = 0.0, 0
             result.losses.append((step, loss_value))
+            interval.append(loss_value)
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{seen_samples / (now - t_last):.1f}")
             if step % config.log_every == 0 or step == total:
-                log.write({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                log.write({"step": step, "epoch": epoch, "loss": sum(interval) / len(interval),
+                           "loss_steps": len(interval), "lr": lr,
                            "samples_per_s": seen_samples / max(now - t_last, 1e-9)})
+                interval = []
             seen_samples, t_last = 0, time.perf_counter()
             position = {"step": step, "epoch": epoch, "batch": b + 1}
             if config.save_every and step % config.save_every == 0 and (sharded or accelerator.is_main_process):
@@ -430,6 +461,7 @@ class _FirstStepPeak:
             self.method = "cuda.max_memory_allocated"
         else:
             from memprofile.peak import CpuPeakTracker
+            quiet_profiler()
             self.baseline = _live_bytes_estimate()
             self.tracker = CpuPeakTracker()
             self.tracker.start()
@@ -442,12 +474,21 @@ class _FirstStepPeak:
         return self.baseline + self.tracker.max_increase(), self.method
 
 
+def quiet_profiler() -> None:
+    """torch's profiler (kineto) prints `USDT: ... profiler_start` / `profiler_stop` on every run;
+    its log level 6 (above USDT = 5) silences that. Read when the profiler starts, so setting it
+    after `import torch` works; a value the user set is kept."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def _live_bytes_estimate() -> int:
     """Bytes of all live CPU tensor storages (each once): the baseline under the step's peak."""
     import gc
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if not torch.is_tensor(obj):
+        # type(), not isinstance(): isinstance reads obj.__class__, which on torch.distributed's deprecated
+        # `reduce_op` object raises a FutureWarning
+        if not issubclass(type(obj), torch.Tensor):
             continue
         try:   # tensor subclasses and storage-less tensors (left by other code) raise on these
             if obj.is_meta or obj.device.type != "cpu":
@@ -477,31 +518,51 @@ def read_metrics(path) -> list[dict]:
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Loss per step and each eval metric, from metrics.jsonl."""
+    """From metrics.jsonl: left, the train loss (mean per logging interval) with eval losses as points
+    and the learning rate on a second axis; right, each other eval metric by step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     evals = {}
     for r in rows:
         for k, v in r.items():
-            if k.startswith("eval_") and isinstance(v, (int, float)):
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 evals.setdefault(k, []).append((r["step"], v))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    others = {k: pts for k, pts in evals.items() if "loss" not in k}
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(11 if others else 6.5, 3.8), squeeze=False)
+    ax = axes[0][0]
     if loss:
-        axes[0].plot(*zip(*loss), label="train loss")
-    for k, pts in evals.items():
-        if "loss" in k:
-            axes[0].plot(*zip(*pts), "o-", label=k)
-        else:
-            axes[1].plot(*zip(*pts), "o-", label=k)
-    axes[0].set(xlabel="optimizer step", ylabel="loss", title="loss")
-    axes[1].set(xlabel="optimizer step", title="evaluation")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+        every = max(1, round(sum(r.get("loss_steps", 1) for r in rows if "loss" in r) / len(loss)))
+        ax.plot(*zip(*loss), color="C0", lw=1.6, marker="." if len(loss) < 40 else None,
+                label=f"train loss (mean of {every} step{'s' if every > 1 else ''})")
+    for i, (k, pts) in enumerate((k, p) for k, p in evals.items() if "loss" in k):
+        ax.plot(*zip(*pts), "o--", color=f"C{i + 1}", ms=6, label=k.replace("_", " "))
+    ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr:
+        ax_lr = ax.twinx()
+        ax_lr.plot(*zip(*lr), color="0.55", lw=1, ls=":", label="learning rate")
+        ax_lr.set_ylabel("learning rate", color="0.4")
+        ax_lr.tick_params(axis="y", colors="0.4")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax_lr.set_ylim(bottom=0)
+        h, l = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + h, labels + l
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper right")
+    if others:
+        ax = axes[0][1]
+        for i, (k, pts) in enumerate(others.items()):
+            ax.plot(*zip(*pts), "o-", color=f"C{i + 3}", label=k.replace("_", " "))
+            step, value = pts[-1]
+            ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel="optimizer step", title="evaluation")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

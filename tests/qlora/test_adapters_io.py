@@ -7,8 +7,10 @@ randomised before saving: a fresh adapter (B = 0) would match even if nothing we
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import shutil
 import warnings
 
 import pytest
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qlora
-from qlora import LoraConfig, QLoRAError, add_lora, load_adapter, save_adapter
+from qlora import LoraConfig, QLoRAError, add_lora, load_adapter, read_adapter_config, save_adapter
 from qlora.inject import lora_layers
 from qlora.lora import LoRAEmbedding, LoRALayer, ModulesToSave
 
@@ -180,7 +182,8 @@ def test_adapter_config_and_keys(tiny_bert_cls, tmp_path):
                                modules_to_save=["classifier"]))
     _randomise_trainable(model)
     save_adapter(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "qlora_adapter.json"]
 
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
@@ -395,3 +398,49 @@ def test_peft_embedding_base_weights_loaded(tiny_llama, token_ids, tmp_path):
     with pytest.raises(QLoRAError, match="embed_tokens"):
         load_adapter(other, tmp_path)
     _assert_unchanged(other, snap)
+
+
+def _load_messages(load) -> list[str]:
+    """Every warning and log record (PEFT, transformers) emitted while `load()` runs."""
+    import logging
+    import warnings
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+    finally:
+        root.removeHandler(handler)
+    return records + [str(w.message) for w in caught]
+
+
+def test_adapter_config_holds_peft_fields_only_and_old_adapters_still_load(tiny_llama, token_ids, tmp_path):
+    model = qlora.add_lora(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomise_trainable(model)
+    new = tmp_path / "new"
+    save_adapter(model, new)
+    cfg = json.loads((new / "adapter_config.json").read_text())
+    known = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert set(cfg) - known == set()                        # nothing PEFT does not know
+    facts = json.loads((new / "qlora_adapter.json").read_text())
+    assert facts["architecture"] == "LlamaForCausalLM"
+    assert read_adapter_config(new).qlora == facts
+
+    # the layout before the split: our facts as a `qlora` section inside adapter_config.json
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text(json.dumps({**cfg, "qlora": facts}))
+    shutil.copy(new / "adapter_model.safetensors", old)
+    assert read_adapter_config(old).qlora == facts
+    reloaded = load_adapter(tiny_llama(), old)
+    torch.testing.assert_close(_logits(reloaded, token_ids), _logits(model, token_ids), atol=ATOL, rtol=0)
+
+    # PEFT warned "upgrade the PEFT version" on the old layout; on the new one it says nothing
+    said_old = _load_messages(lambda: peft.PeftModel.from_pretrained(tiny_llama(), str(old)))
+    said_new = _load_messages(lambda: peft.PeftModel.from_pretrained(tiny_llama(), str(new)))
+    assert any("upgrade" in m.lower() for m in said_old), said_old
+    assert not any("upgrade" in m.lower() for m in said_new), said_new

@@ -120,7 +120,7 @@ def reference_logits(base: Path, adapter: Path, ids: torch.Tensor, dtype: torch.
     """(unmerged reference, same without the adapter): the base loaded in `dtype`, every adapted 4-bit
     weight replaced by dequant(quant(W_bf16)), the adapter attached as a separate path in `dtype`."""
     model = model_class.from_pretrained(str(base), dtype=dtype, **kwargs).eval()
-    settings = json.loads((adapter / "adapter_config.json").read_text())["qlora"]
+    settings = json.loads((adapter / "qlora_adapter.json").read_text())
     assert settings["quantized_from_dtype"] == "bfloat16"
     params = dict(model.named_parameters())
     for path in settings["quantized_modules"]:
@@ -257,7 +257,7 @@ def test_merged_weight_is_dequant_quant_plus_update(llama, exports, stock):
     """One layer checked by hand: W_merged = dequant(quant(W)) + s·B·A in fp32, then cast.
     (`stock` starts the stock-transformers process here, to run while the next tests do.)"""
     cfg = json.loads((llama.adapter / "adapter_config.json").read_text())
-    q = cfg["qlora"]
+    q = json.loads((llama.adapter / "qlora_adapter.json").read_text())
     assert (q["quant_type"], q["blocksize"], q["double_quant"], q["quantized_from_dtype"]) == ("nf4", 64, True, "bfloat16")
     s = cfg["lora_alpha"] / cfg["r"]
     base, ad = base_tensors(llama.base), adapter_tensors(llama.adapter)
@@ -287,7 +287,7 @@ def test_merged_weight_is_dequant_quant_plus_update(llama, exports, stock):
 
 def test_export_report_json(llama, exports):
     report = json.loads((exports.fp32 / "export_report.json").read_text())
-    settings = json.loads((llama.adapter / "adapter_config.json").read_text())["qlora"]
+    settings = json.loads((llama.adapter / "qlora_adapter.json").read_text())
     assert report["dtype"] == "float32" and report["merge_onto"] == "dequantized"
     assert sorted(l["name"] for l in report["layers"]) == sorted(settings["quantized_modules"])
     base, ad = base_tensors(llama.base), adapter_tensors(llama.adapter)
@@ -314,6 +314,10 @@ def test_export_merged_equals_export_adapter(llama, exports):
         out = llama.root / f"merged-{dtype}"
         result = export_merged(llama.model, out, dtype=dtype, verify=dtype == "float32", progress=False)
         assert len(result.layers) == 14
+        # the unquantized W is not in memory: its NF4 error is reported as unknown, never as 0
+        assert all(l.quant_error_norm is None and l.ratio is None for l in result.layers)
+        from qlora.export import summary
+        assert "NF4 error unknown" in summary(result) and "worst 0" not in summary(result)
         if dtype == "float32":       # its own check: against the live model's dequantized weights + adapters
             assert result.verification["passed"], result.verification
         got, want = load_file(str(out / "model.safetensors")), load_file(str(from_files / "model.safetensors"))
@@ -480,7 +484,9 @@ def test_killed_export_leaves_no_out_and_next_export_cleans_up(llama, tmp_path, 
 
     # the next export succeeds (CLI, in process) and removes the dead export's staging folder
     assert cli.main([*args, "--no-verify"]) == 0
-    assert "exported 14 merged layers" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "exported 14 merged layers" in printed.out
+    assert f"removed {staging}" in printed.err and f"left by process {proc.pid}" in printed.err   # and says so
     assert not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert torch.equal(load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"],
@@ -641,7 +647,7 @@ def test_chunked_roundtrip_equals_bitsandbytes_whole_tensor(shape, dtype, double
 @pytest.mark.parametrize("piece_bytes", [2, 6, 1000, 1 << 20])
 def test_stream_tensor_pieces_rebuild_the_tensor(tmp_path, piece_bytes):
     from qlora.errors import QLoRAError
-    from qlora.export import _stream_tensor
+    from qlora.base_checkpoint import stream_tensor as _stream_tensor
     tensors = {"a": torch.randn(37, 11).to(torch.bfloat16), "ids": torch.arange(50, dtype=torch.int64),
                "empty": torch.zeros(0, 4)}
     save_file(tensors, str(tmp_path / "m.safetensors"))

@@ -41,7 +41,7 @@ def merged_weights(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     s = cfg["lora_alpha"] / cfg["r"]
     w, ad = base_tensors(base), adapter_tensors(adapter)
     out = {}
-    for path in cfg["qlora"]["quantized_modules"]:
+    for path in json.loads((adapter / "qlora_adapter.json").read_text())["quantized_modules"]:
         a, b = ad[path + ".lora_A.weight"].float(), ad[path + ".lora_B.weight"].float()
         out[path] = nf4_roundtrip(w[path + ".weight"]).float() + s * (b @ a)
     return out
@@ -210,9 +210,9 @@ def test_requantize_refused_without_4bit_layers(rq, tmp_path):
     from qlora.export import export_adapter
     adapter = tmp_path / "adapter"
     shutil.copytree(rq.adapter, adapter)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["qlora"].pop("quantized_modules")
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    facts = json.loads((adapter / "qlora_adapter.json").read_text())
+    facts.pop("quantized_modules")
+    (adapter / "qlora_adapter.json").write_text(json.dumps(facts))
     with pytest.raises(QLoRAError, match="4-bit in training.*without --requantize"):
         export_adapter(rq.base, adapter, tmp_path / "out", requantize="nf4", progress=False)
     with pytest.raises(QLoRAError, match="accepted: none"):

@@ -500,3 +500,20 @@ def test_unfreeze_head_by_name_trains_exactly_those_modules_and_names_the_closes
     assert count == expected == sum(p.numel() for p in model.parameters() if p.requires_grad)
     with pytest.raises(QLoRAError, match=r"head module 'poolr' matches no module\. Closest names.*pooler"):
         unfreeze_head(tiny_bert_cls(), ["poolr"])
+
+
+def test_add_lora_leaves_the_callers_config_unchanged(tiny_llama):
+    """One LoraConfig serves many models: add_lora records quantization settings and the union of
+    targets on its own copy (model.qlora_config), never on the caller's object."""
+    import copy
+
+    from qlora import LoraConfig, add_lora
+    cfg = LoraConfig(r=4, target_modules=["q_proj"])
+    before = copy.deepcopy(cfg)
+    model = add_lora(tiny_llama(), cfg)
+    add_lora(model, LoraConfig(r=4, target_modules=["v_proj"]))        # a second call: the union is recorded
+    assert cfg == before
+    assert model.qlora_config is not cfg
+    assert sorted(model.qlora_config.target_modules) == sorted(
+        n for n in dict(model.named_modules()) if n.endswith(("q_proj", "v_proj")) and "." in n
+        and not n.split(".")[-1].startswith("lora"))

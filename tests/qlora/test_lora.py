@@ -313,11 +313,9 @@ def test_merge_refuses_fp16_overflow():
 
 
 def test_merge_refuses_4bit_base():
-    """A (stand-in) bitsandbytes Linear4bit: merging in place would re-quantize, so it is refused."""
-    class Linear4bit(nn.Linear):
-        pass
-    base = Linear4bit(8, 8)
-    base.weight.quant_state = object()
+    """A bitsandbytes Linear4bit: merging in place would re-quantize, so it is refused."""
+    from qlora.quant import make_linear4bit
+    base = make_linear4bit(nn.Linear(64, 64))
     layer = lora_class_for(base)(base, r=2, lora_alpha=2)
     assert isinstance(layer, LoRALinear)
     assert layer.lora_A.weight.dtype == torch.bfloat16       # adapters on a 4-bit base default to bf16

@@ -7,6 +7,7 @@ different losses. The DDP test launches torchrun with two gloo processes on a pl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -122,6 +123,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_llama, tmp_path):
     model_b = _lora_llama(tiny_llama)
     result_b = train(model_b, data, _collate, _lm_loss, _config(run_b, resume=True))
     assert result_b.steps == 12
+    assert not half.exists()            # the dead process's half-written checkpoint was removed
     assert result_b.losses == [(s, loss) for s, loss in result_a.losses if s > 4]     # exact floats
     final_b = _trainable(model_b)
     assert final_b.keys() == final_a.keys()
@@ -160,8 +162,12 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_llama, t
         loss = _lm_loss(model, batch)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    with pytest.raises(TrainingDiverged) as info:
+    # a fresh run refuses to delete it, naming both ways on; overwrite=true replaces it
+    with pytest.raises(QLoRAError, match="resume=true.*overwrite=true") as refused:
         train(_lora_llama(tiny_llama), data, _collate, nan_at_3, _config(out))
+    assert "step-0000099" in str(refused.value) and stale.is_dir() and not calls
+    with pytest.raises(TrainingDiverged) as info:
+        train(_lora_llama(tiny_llama), data, _collate, nan_at_3, dataclasses.replace(_config(out), overwrite=True))
     assert isinstance(info.value, QLoRAError)
     good = out / "checkpoints" / "step-0000002"
     message = str(info.value)
@@ -289,8 +295,42 @@ def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
     ({"lr": 0}, "lr=0"),
     ({"lr": "3e-4"}, "lr='3e-4'"),
     ({"warmup_ratio": 1.0}, "warmup_ratio=1.0"),
+    ({"eval_every": 0}, "eval_every=0"),            # was a ZeroDivisionError at the first step
+    ({"save_every": 0}, "save_every=0"),            # was: silently no checkpoints
+    ({"max_steps": -1}, "max_steps=-1"),
+    ({"max_grad_norm": 0}, "max_grad_norm=0"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+    ({"resume": "yes"}, "resume='yes'"),
+    ({"overwrite": 1}, "overwrite=1"),
 ])
 def test_train_config_rejects_bad_values(kw, needle):
     with pytest.raises(QLoRAError) as info:
         TrainConfig(**kw)
     assert needle in str(info.value)
+
+
+def test_logged_loss_is_the_mean_of_the_interval_and_the_profiler_is_quiet(tiny_llama, tmp_path, capfd):
+    """grad_accum=2, log_every=4: each step's loss is the mean of its two micro-batches, and each
+    metrics line the mean of the steps since the previous one (not the last micro-batch's loss).
+    The first step's CPU peak runs torch's profiler: no 'USDT ... profiler_start' lines."""
+    micro = []
+
+    def recorded(model, batch):
+        loss = _lm_loss(model, batch)
+        micro.append(loss.item())
+        return loss
+    out = tmp_path / "run"
+    result = train(_lora_llama(tiny_llama), _data(), _collate, recorded,
+                   _config(out, grad_accum=2, log_every=4, save_every=None))
+    assert result.steps == 6 and len(micro) == 12
+    steps = [loss for _, loss in result.losses]
+    for i, loss in enumerate(steps):
+        assert loss == pytest.approx((micro[2 * i] + micro[2 * i + 1]) / 2, rel=1e-6)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["loss_steps"]) for r in rows] == [(4, 4), (6, 2)]
+    assert rows[0]["loss"] == pytest.approx(sum(steps[:4]) / 4, rel=1e-6)
+    assert rows[1]["loss"] == pytest.approx(sum(steps[4:]) / 2, rel=1e-6)
+    assert rows[0]["loss"] != pytest.approx(steps[3], rel=1e-6)       # not the last step's alone
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    printed = capfd.readouterr()
+    assert "USDT" not in printed.out + printed.err and "profiler_start" not in printed.out + printed.err

@@ -75,8 +75,9 @@ def test_causal_lm_recipe_tiny_all_modes(tmp_path, tiny_lm_folder):
         assert m["eval_loss"] > 0 and torch.isfinite(torch.tensor(m["eval_loss"]))
 
     adapter = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())
-    assert len(adapter["qlora"]["quantized_modules"]) == 7 * L and adapter["task_type"] == "CAUSAL_LM"
-    assert not any("lm_head" in m for m in adapter["qlora"]["quantized_modules"])
+    facts = json.loads((out / "qlora" / "adapter" / "qlora_adapter.json").read_text())
+    assert len(facts["quantized_modules"]) == 7 * L and adapter["task_type"] == "CAUSAL_LM"
+    assert not any("lm_head" in m for m in facts["quantized_modules"])
 
     # the qlora mode ended with the merged export: a plain folder that stock transformers loads
     merged = out / "qlora" / "merged"

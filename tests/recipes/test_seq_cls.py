@@ -152,10 +152,10 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
         assert (out / mode / "adapter" / "adapter_config.json").is_file()
     assert not (out / "full" / "adapter").exists()
     # qlora trained on an NF4 base (every Linear but the head: 6 per layer; the pooler trains, so stays float)
-    qlora_facts = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())["qlora"]
+    qlora_facts = json.loads((out / "qlora" / "adapter" / "qlora_adapter.json").read_text())
     assert qlora_facts["quant_type"] == "nf4" and len(qlora_facts["quantized_modules"]) == layers * 6
     assert "bert.pooler.dense" not in qlora_facts["quantized_modules"]
-    lora_facts = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())["qlora"]
+    lora_facts = json.loads((out / "lora" / "adapter" / "qlora_adapter.json").read_text())
     assert "quantized_modules" not in lora_facts
 
 

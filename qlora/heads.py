@@ -1,0 +1,36 @@
+"""The output-head rule: which modules are a model's output head.
+
+    output_head_paths(model)     # {'lm_head'} / {'classifier', 'classifier.dense', ...} / {'score'}
+
+The head is every module whose dotted path has a part named `lm_head`, `classifier` or `score`
+(with its insides), plus whatever `get_output_embeddings()` returns. It stays in float when the
+body goes 4-bit (quant), is left out of `all-linear` LoRA targets (inject), is what head-only
+training trains (modes), is up-cast with the norms (checkpointing) and is what a fresh checkpoint
+load initialises (loading). One rule, here; everything else imports it.
+"""
+from __future__ import annotations
+
+OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+def output_embedding(model):
+    """`model.get_output_embeddings()`, or None for models without one."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out):
+        return None
+    try:
+        return get_out()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def in_head_by_name(path: str) -> bool:
+    """Whether a module path names (a part of) the head: 'classifier.dense' yes, 'classifiers' no."""
+    return any(part in OUTPUT_HEAD_NAMES for part in path.split("."))
+
+
+def output_head_paths(model) -> set[str]:
+    """Paths of the output head: lm_head / classifier / score (and their insides), get_output_embeddings()."""
+    out_emb = output_embedding(model)
+    return {name for name, m in model.named_modules()
+            if name and (in_head_by_name(name) or (out_emb is not None and m is out_emb))}
