@@ -165,7 +165,7 @@ def test_adapter_loads_in_peft_and_exports(run, tmp_path):
     from qlora.export import export_adapter
     s, folder = run["s"], run["out"] / "A" / "adapter"
     saved = load_file(str(folder / "adapter_model.safetensors"))
-    assert json.loads((folder / "adapter_config.json").read_text())["qlora"]["architecture"] == "LlamaForCausalLM"
+    assert json.loads((folder / "qlora_adapter.json").read_text())["architecture"] == "LlamaForCausalLM"
     torch.manual_seed(0)
     base = LlamaForCausalLM(s.llama_config()).float()
     base.save_pretrained(tmp_path / "base")
