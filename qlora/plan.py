@@ -1,0 +1,426 @@
+"""Plan a training run's memory from a config.json alone: the model `qlora train` would build,
+traced on fake tensors (memprofile.trace), no weights and no device.
+
+    from qlora.plan import RunSettings, Planner
+    p = Planner("docs/configs/llama-3.1-8b.json", RunSettings())    # qlora train's defaults
+    p.estimate(batch=1, seq=2048).bytes()        # the seven categories, predicted
+    p.largest_batch(24 * 2**30, seq=2048)        # micro-batch that fits
+    p.longest_seq(24 * 2**30)                    # longest sequence at batch 1
+
+    qlora plan --model docs/configs/llama-3.1-8b.json --memory 24GiB --seq 2048 --effective-batch 16
+
+The model is built as training builds it: transformers `AutoModelFor*.from_config`, then
+`qlora.modes.build_for_mode` (qlora: `qlora.quantize_model`, NF4 + double quantization; LoRA via
+`qlora.add_lora`; `-ckpt`: non-reentrant checkpointing of every block), the loss qlora trains with
+(chunked head + cross-entropy, `qlora.losses.causal_lm_loss`, or the model's own) and the optimizer
+(torch AdamW, bitsandbytes AdamW8bit; paged AdamW8bit is traced as AdamW8bit: its state is
+resident until the driver pages it out). Defaults are `qlora train`'s (COMMON decisions):
+RunSettings' field defaults.
+
+Repeated blocks: traced with `period` and `2 * period` blocks and extrapolated (memprofile.trace).
+Mixture of experts: transformers' default experts kernel ("grouped_mm") sorts all tokens x top_k
+routed copies into one buffer, so memory does not depend on the routing: the balanced and the
+worst case (every token to the same experts) are the same bytes. A model whose step depends on
+tensor values (an "eager" expert loop, `.item()`) gets a one-line QLoRAError.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+import torch
+
+from qlora.config import LoraConfig, dtype_name, parse_dtype
+from qlora.errors import QLoRAError
+
+TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
+         "image-cls": "AutoModelForImageClassification"}
+LOSSES = ("chunked", "model")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+MODES = ("full", "head", "lora", "qlora")
+# bitsandbytes computes its 8-bit code book (quantize_blockwise, 8-bit optimizers) with
+# data-dependent ops: a tiny constant, computed for real during a trace
+REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
+# transformers reads the position ids to detect packed sequences (then it builds an explicit
+# attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
+# step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
+REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the training run will use; every default is `qlora train`'s."""
+
+    mode: str = "qlora"
+    """full | head | lora | qlora (NF4 4-bit base, double quantization, blocksize 64)."""
+    checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every block (qlora.prepare_for_training)."""
+    loss: str = "chunked"
+    """chunked: qlora.losses' chunked head + cross-entropy; model: the model's own loss (full logits)."""
+    loss_chunk_size: int = 256
+    """Tokens per chunk of the chunked loss."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit | paged_adamw8bit."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA alpha (no effect on memory)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout: > 0 makes each adapted layer save a dropped copy of its input."""
+    target_modules: Union[str, tuple] = "all-linear"
+    """LoRA targets: all-linear or module-name suffixes."""
+    compute_dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32: weights, adapters, compute."""
+    device: str = "cuda"
+    """Device the run will use: resolves compute_dtype auto."""
+    task: str = "causal-lm"
+    """causal-lm | seq-cls | image-cls."""
+
+    def __post_init__(self):
+        choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
+                   "device": ("cuda", "cpu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("lora_r", "loss_chunk_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
+        if not isinstance(self.checkpointing, bool):
+            raise QLoRAError(f"checkpointing={self.checkpointing!r}: must be true or false")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype)
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self.lora()  # validates rank, alpha, dropout, targets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        return parse_dtype(self.compute_dtype)
+
+    @property
+    def configuration(self) -> str:
+        return self.mode + ("-ckpt" if self.checkpointing else "")
+
+    def lora(self, head: Optional[str] = None) -> LoraConfig:
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, dtype=self.dtype,
+                          modules_to_save=[head] if head else None)
+
+    def with_configuration(self, configuration: str) -> "RunSettings":
+        base, _, ckpt = configuration.partition("-")
+        if base not in MODES or ckpt not in ("", "ckpt"):
+            raise QLoRAError(f"configuration {configuration!r}: use full, head, lora or qlora, optionally with -ckpt")
+        return replace(self, mode=base, checkpointing=ckpt == "ckpt")
+
+    def describe(self) -> str:
+        loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
+        if self.task != "causal-lm":
+            loss = "the model's own loss"
+        lora = (f"LoRA r={self.lora_r} alpha={self.lora_alpha:g} dropout={self.lora_dropout:g} on "
+                f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "
+                if self.mode in ("lora", "qlora") else "")
+        quant = "NF4 4-bit base (double quant, blocksize 64); " if self.mode == "qlora" else ""
+        return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
+                f"checkpointing {'on (non-reentrant)' if self.checkpointing else 'off'}; {loss}; "
+                f"{self.optimizer}; no activation offload")
+
+
+# ------------------------------------------------------------------------------ config
+def load_config(config):
+    """A transformers PretrainedConfig from a config object, dict, config.json path or model folder."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise QLoRAError(f"cannot read the model config {path}: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise QLoRAError("the config needs a 'model_type' (e.g. 'llama', 'qwen3', 'bert', 'vit')")
+    config = dict(config)
+    try:
+        return AutoConfig.for_model(config.pop("model_type"), **config)
+    except (ValueError, KeyError) as e:
+        raise QLoRAError(f"transformers cannot build this config: {str(e).splitlines()[0]}") from None
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers"))
+
+
+def layer_period(config) -> int:
+    """The shortest repeating pattern of `config.layer_types` (1 when every block is the same)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    for p in range(1, len(types) + 1):
+        if all(types[i] == types[i % p] for i in range(len(types))):
+            return p
+    return 1
+
+
+def with_layers(config, n: int):
+    """A copy of `config` with `n` blocks; per-layer lists (layer_types, ...) cut to n."""
+    total = num_layers(config)
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = n
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(out, key, value[:n])
+    return out
+
+
+def _head_name(config, task: str) -> Optional[str]:
+    """The new task head that trains beside the adapters (classification), None for causal LM."""
+    if task == "causal-lm":
+        return None
+    return "classifier" if task == "image-cls" or getattr(config, "model_type", "") in (
+        "bert", "roberta", "vit", "distilbert", "deit") else "score"
+
+
+# ------------------------------------------------------------------------------ the run
+def model_class(task: str):
+    import transformers
+    return getattr(transformers, TASKS[task])
+
+
+def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
+    """The model as `qlora train` builds it. `path`: load real weights from this folder; else
+    from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
+    from qlora.modes import build_for_mode
+
+    cls, dtype = model_class(settings.task), settings.dtype
+
+    def load_float():
+        if path is not None:
+            return cls.from_pretrained(path, dtype=dtype)
+        if init:
+            return cls.from_config(config, dtype=dtype)
+        from transformers.initialization import no_init_weights
+        with no_init_weights():
+            model = cls.from_config(config, dtype=dtype)
+        model.tie_weights()  # no_init_weights skips the tying that init_weights does
+        return model
+
+    def load_4bit():
+        if path is not None:
+            from qlora.quant import load_4bit as load
+            return load(path, cls, compute_dtype=dtype)
+        from qlora.quant import quantize_model
+        return quantize_model(load_float(), compute_dtype=dtype)
+
+    head = _head_name(config, settings.task)
+    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit,
+                          lora=settings.lora(head), head=[head] if head else None)
+
+
+def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
+    """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
+    gen = torch.Generator().manual_seed(seed)
+    if task == "image-cls":
+        pixels = torch.randn(batch, config.num_channels, seq, seq, generator=gen)
+        return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    if task == "causal-lm":
+        return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+
+
+def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
+    """make_batch's shapes and dtypes, built under fake tensors (values do not matter)."""
+    if task == "image-cls":
+        return {"pixel_values": torch.zeros(batch, config.num_channels, seq, seq, dtype=dtype),
+                "labels": torch.zeros(batch, dtype=torch.long)}
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
+    return {"input_ids": ids, "labels": labels}
+
+
+def loss_fn(settings: RunSettings):
+    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it."""
+    if settings.task != "causal-lm" or settings.loss == "model":
+        return None
+    from qlora.losses import causal_lm_loss
+    size = settings.loss_chunk_size
+
+    def chunked(model, batch):
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
+    chunked.takes_model = True
+    return chunked
+
+
+def optimizer(settings: RunSettings):
+    """Optimizer factory as qlora.train.make_optimizer builds it (paged: traced as AdamW8bit)."""
+    if settings.optimizer == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=1e-5)
+    import bitsandbytes as bnb
+    return lambda params: bnb.optim.AdamW8bit(params, lr=1e-5)
+
+
+def measured_optimizer(settings: RunSettings):
+    from qlora.train import TrainConfig, make_optimizer
+    cfg = TrainConfig(optimizer=settings.optimizer, lr=1e-5)
+    return lambda params: make_optimizer(params, cfg)
+
+
+# ------------------------------------------------------------------------------ the planner
+class Planner:
+    """Predicted memory of one training step of `config` under `settings`, at any batch and seq.
+
+    The fake models (period and 2*period blocks) are built once and stepped at each shape asked
+    for; results are cached."""
+
+    def __init__(self, config, settings: RunSettings = RunSettings()):
+        self.config = load_config(config)
+        self.settings = settings
+        self.layers = num_layers(self.config)
+        self.period = layer_period(self.config)
+        self._models: dict = {}
+        self._cache: dict = {}
+
+    def _fake_model(self, n: int, seq: int):
+        from memprofile.trace import fake_tensors, new_fake_mode
+        key = (n, seq if self.settings.task == "image-cls" else None)
+        if key not in self._models:
+            cfg = with_layers(self.config, n)
+            if self.settings.task == "image-cls":
+                cfg.image_size = seq
+            mode = new_fake_mode()
+            with fake_tensors(mode, REAL_FUNCTIONS, REPLACEMENTS):
+                model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
+            self._models[key] = (mode, model)
+        return self._models[key]
+
+    def _traced(self, fn, what: str):
+        from memprofile.trace import TraceError
+        try:
+            return fn()
+        except QLoRAError:
+            raise
+        except TraceError as e:
+            raise QLoRAError(f"{self.config.model_type} ({self.settings.configuration}): cannot trace {what}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any failure inside transformers/bitsandbytes: one line
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise QLoRAError(f"{self.config.model_type} ({self.settings.configuration}): cannot trace {what}: "
+                             f"{type(e).__name__}: {msg}") from None
+
+    def _step(self, n: int, batch: int, seq: int):
+        from memprofile.trace import fake_tensors, trace_built
+        mode, model = self._fake_model(n, seq)
+        with fake_tensors(mode, REAL_FUNCTIONS, REPLACEMENTS):
+            return self._traced(lambda: trace_built(
+                model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
+                loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings)), "the training step")
+
+    def estimate(self, batch: int, seq: int):
+        """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
+        from memprofile.trace import extrapolate
+        if (batch, seq) not in self._cache:
+            p, L = self.period, self.layers
+            if L <= 3 * p:
+                result = self._step(L, batch, seq)
+            else:  # from the 2nd block on, each adds the same bytes (the 1st differs: measured)
+                result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L)
+            self._cache[(batch, seq)] = result
+        return self._cache[(batch, seq)]
+
+    def fits(self, budget: int, batch: int, seq: int) -> bool:
+        return self.estimate(batch, seq).peak <= budget
+
+    def largest_batch(self, budget: int, seq: int, max_batch: int = 4096) -> int:
+        """Largest batch whose predicted peak fits (0: not even 1). The peak is close to affine
+        in the batch: the line through batches 1 and 2 gives the guess, checked and stepped."""
+        if not self.fits(budget, 1, seq):
+            return 0
+        peak = lambda b: self.estimate(b, seq).peak  # noqa: E731
+        lo, hi, guess = 1, None, 2
+        while hi is None:  # beyond the known points the line under-estimates: jump to its crossing
+            b = min(max(guess, lo + 1), max_batch)
+            if not self.fits(budget, b, seq):
+                hi = b
+            elif b == max_batch:
+                return b
+            else:
+                lo = b
+                slope = (peak(b) - peak(1)) / (b - 1)
+                guess = max_batch if slope <= 0 else b + max(1, int((budget - peak(b)) // slope))
+        while hi - lo > 1:  # between the points the chord over-estimates: its crossing fits
+            cut = lo + int((budget - peak(lo)) * (hi - lo) // max(peak(hi) - peak(lo), 1))
+            mid = min(max(cut, lo + 1), hi - 1)
+            if self.fits(budget, mid, seq):
+                lo = mid
+                if mid + 1 < hi and not self.fits(budget, mid + 1, seq):
+                    hi = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def longest_seq(self, budget: int, batch: int = 1, step: int = 64, max_seq: Optional[int] = None) -> int:
+        """Longest sequence (a multiple of `step`) whose predicted peak fits at `batch` (0: none),
+        up to the model's max_position_embeddings."""
+        limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
+        limit = max(step, limit // step * step)
+        if not self.fits(budget, batch, step):
+            return 0
+        lo, hi = step, None
+        s = step
+        while hi is None:  # double until it no longer fits
+            s = min(s * 2, limit)
+            if self.fits(budget, batch, s):
+                lo = s
+                if s == limit:
+                    return s
+            else:
+                hi = s
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            if self.fits(budget, batch, mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def recommend(planners: dict, budget: int, seq: int, effective_batch: int) -> Optional[dict]:
+    """Micro-batch, accumulation and checkpointing for `effective_batch` examples per step: without
+    checkpointing when a micro-batch of at least half the checkpointed one fits (it is ~30 %
+    faster), else with it. planners: {configuration: Planner} of one mode."""
+    best = None
+    for conf, planner in planners.items():
+        largest = planner.largest_batch(budget, seq)
+        if largest == 0:
+            continue
+        accum = math.ceil(effective_batch / min(largest, effective_batch))
+        micro = math.ceil(effective_batch / accum)
+        option = {"configuration": conf, "micro_batch": micro, "grad_accum": accum,
+                  "checkpointing": planner.settings.checkpointing, "largest_batch": largest,
+                  "peak": planner.estimate(micro, seq).peak}
+        if best is None or (not option["checkpointing"] and 2 * option["micro_batch"] >= best["micro_batch"]) \
+                or (best["checkpointing"] is False and option["micro_batch"] > 2 * best["micro_batch"]):
+            best = option
+    return best
+
+
+def fsdp_per_rank(estimate, world_size: int, largest_block_bytes: int) -> dict:
+    """Per-rank bytes under FSDP (a formula, not a trace): weights, gradients and optimizer state
+    sharded over `world_size`, plus one block's all-gathered parameters (the largest block's
+    unsharded bytes), activations as on one device."""
+    b = estimate.bytes()
+    sharded = {k: math.ceil(b[k] / world_size) for k in
+               ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer")}
+    saved = sum(b[k] - sharded[k] for k in sharded)
+    out = {**sharded, "activations": b["activations"], "all_gather": largest_block_bytes}
+    out["peak"] = b["peak"] - saved + largest_block_bytes
+    return out
