@@ -43,7 +43,7 @@ def _bytes_of(x) -> dict | None:
 
 def make_row(config: str, batch: int, seq: int, rank: int, measured=None, predicted=None) -> dict:
     """One report row from a memprofile.measure.StepMemory (or None: not measured) and a
-    memprofile.estimate.Estimate (or a {category: bytes} dict, or None)."""
+    predicted StepMemory (memprofile.trace; or a {category: bytes} dict, or None)."""
     m = _bytes_of(measured)
     p = _bytes_of(predicted)
     return {

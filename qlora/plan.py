@@ -51,6 +51,19 @@ REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
 REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
 
 
+def _adamw8bit_cpu(*args, **kwargs):
+    """bitsandbytes' CPU 8-bit optimizer update is torch code (fp32 copies of both moments, the
+    gradient and the parameter, per tensor): traced as such on CPU, where the fused CUDA kernel
+    (no scratch) is the fake kernel's picture."""
+    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+    return _optimizer_update_8bit_blockwise_cpu(*args, **kwargs)
+
+
+def replacements(settings: "RunSettings") -> tuple:
+    cpu = (("bitsandbytes.functional", "optimizer_update_8bit_blockwise", _adamw8bit_cpu),)
+    return REPLACEMENTS + (cpu if settings.device == "cpu" and settings.optimizer != "adamw" else ())
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What the training run will use; every default is `qlora train`'s."""
@@ -298,7 +311,7 @@ class Planner:
             if self.settings.task == "image-cls":
                 cfg.image_size = seq
             mode = new_fake_mode()
-            with fake_tensors(mode, REAL_FUNCTIONS, REPLACEMENTS):
+            with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
                 model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
             self._models[key] = (mode, model)
         return self._models[key]
@@ -319,7 +332,7 @@ class Planner:
     def _step(self, n: int, batch: int, seq: int):
         from memprofile.trace import fake_tensors, trace_built
         mode, model = self._fake_model(n, seq)
-        with fake_tensors(mode, REAL_FUNCTIONS, REPLACEMENTS):
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
             return self._traced(lambda: trace_built(
                 model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
                 loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings)), "the training step")
