@@ -113,6 +113,17 @@ class StorageTracker(TorchDispatchMode):
                 self.peak, self.peak_at = self.live, f"{self.phase}: {func.__name__}"
         return out
 
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """Count a tensor made outside the dispatcher (e.g. torch.get_rng_state()) until it dies."""
+        s = t.untyped_storage()
+        if s._cdata not in self.keys:
+            self.keys.add(s._cdata)
+            self.live += s.nbytes()
+            self.finalizers.append(weakref.finalize(s, self._free, s._cdata, s.nbytes()))
+            if self.live > self.peak:
+                self.peak, self.peak_at = self.live, f"{self.phase}: {getattr(t, '_memprofile_what', 'host tensor')}"
+        return t
+
     def _free(self, key: int, n: int) -> None:
         self.keys.discard(key)
         self.live -= n
@@ -230,18 +241,35 @@ def fake_tensors(mode=None, real_functions=(), replacements=()):
 
 
 def trace_step(build: Callable[[], nn.Module], make_batch: Callable[[], Any], *, loss_fn: Callable | None = None,
-               optimizer=None, train: bool = True) -> StepMemory:
+               optimizer=None, train: bool = True, host_is_device: bool = True) -> StepMemory:
     """Predicted StepMemory of one steady-state step (optimizer state already allocated, as in
     every step but the first), `loss_fn(output, batch)` and `optimizer` as in measure_step."""
     with fake_tensors():
         model = build()
-        return trace_built(model, make_batch, loss_fn=loss_fn, optimizer=optimizer, train=train)
+        return trace_built(model, make_batch, loss_fn=loss_fn, optimizer=optimizer, train=train,
+                           host_is_device=host_is_device)
+
+
+@contextlib.contextmanager
+def _count_rng_stash(tracker: StorageTracker):
+    """Checkpointing stashes the CPU RNG state (torch.get_rng_state(): 5056 bytes of host memory)
+    per checkpointed block, made in C++ where no dispatch mode sees it: counted here."""
+    original = torch.get_rng_state
+
+    def get_rng_state():
+        return tracker.track(original())
+    torch.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = original
 
 
 def trace_built(model: nn.Module, make_batch: Callable[[], Any], *, loss_fn: Callable | None = None,
-                optimizer=None, train: bool = True) -> StepMemory:
+                optimizer=None, train: bool = True, host_is_device: bool = True) -> StepMemory:
     """trace_step for a model already built under `fake_tensors()` (call inside that context):
-    one fake model can be stepped at several batch shapes."""
+    one fake model can be stepped at several batch shapes. `host_is_device`: the run is on CPU,
+    so host tensors (checkpointing's CPU RNG stash) take the same memory (False for CUDA)."""
     batch = make_batch()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(optimizer, params)
@@ -255,9 +283,11 @@ def trace_built(model: nn.Module, make_batch: Callable[[], Any], *, loss_fn: Cal
     model.train(train)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # storages die by reference counts; the cyclic collector would only slow the trace
+    tracker = StorageTracker()
     try:
-        result = _measured_step(model, batch, loss_fn or default_loss, opt, params, torch.device("cpu"),
-                                tracker=StorageTracker())
+        with _count_rng_stash(tracker) if host_is_device else contextlib.nullcontext():
+            result = _measured_step(model, batch, loss_fn or default_loss, opt, params, torch.device("cpu"),
+                                    tracker=tracker)
     finally:
         model.train(was_training)
         if gc_was_enabled:

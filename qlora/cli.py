@@ -32,22 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--configs", default="full,head,lora,lora-ckpt,qlora,qlora-ckpt")
     prof.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     prof.add_argument("--seq", default="128,512", help="comma-separated sequence lengths (image sizes for image-cls)")
-    prof.add_argument("--rank", default="8", help="comma-separated LoRA ranks")
-    prof.add_argument("--dtype", default="bfloat16", help="weights and compute dtype (bfloat16 | float32)")
-    prof.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
-    prof.add_argument("--lora-dropout", type=float, default=0.0,
-                      help="LoRA dropout (default 0); > 0 saves a dropped copy of each adapted layer's input")
+    prof.add_argument("--rank", default="16", help="comma-separated LoRA ranks (default 16)")
+    _run_options(prof)
     prof.add_argument("--out", default="runs/profile", help="report folder (default runs/profile)")
     prof.set_defaults(func=_profile)
 
-    plan = sub.add_parser("plan", help="which configurations fit in a memory budget (estimator only, no weights)")
-    plan.add_argument("--model", required=True, help="model folder or config.json (or a bundled name)")
-    plan.add_argument("--memory", required=True, help="memory budget, e.g. 24GiB")
-    plan.add_argument("--seq", type=int, default=2048)
-    plan.add_argument("--rank", type=int, default=16)
-    plan.add_argument("--task", default="causal-lm")
-    plan.add_argument("--dtype", default="bfloat16")
-    plan.add_argument("--device", default="cuda", help="cuda | cpu: which kernels to assume (default cuda)")
+    plan = sub.add_parser("plan", help="what fits in a memory budget, from a config.json alone (no weights)")
+    plan.add_argument("--model", required=True, help="config.json, model folder, or a bundled name")
+    plan.add_argument("--memory", required=True, help="memory budget per device, e.g. 24GiB")
+    plan.add_argument("--seq", type=int, default=2048, help="sequence length (image side for image-cls; default 2048)")
+    plan.add_argument("--effective-batch", type=int, default=16, help="examples per optimizer step (default 16)")
+    plan.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    plan.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls")
+    plan.add_argument("--mode", default="qlora", help="the mode to recommend for: full | head | lora | qlora")
+    plan.add_argument("--configs", default="full,lora,lora-ckpt,qlora,qlora-ckpt", help="configurations to tabulate")
+    plan.add_argument("--device", default="cuda", help="cuda | cpu: the device the run will use (default cuda)")
+    plan.add_argument("--world-size", type=int, default=1, help="FSDP ranks: per-rank bytes by formula (default 1)")
+    _run_options(plan)
     plan.set_defaults(func=_plan)
 
     exp = sub.add_parser("export", help="merge an adapter into its base: a plain bf16/fp16/fp32 model folder")
@@ -65,6 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "+ bitsandbytes); the added error is measured and reported (default none)")
     exp.set_defaults(func=_export)
     return parser
+
+
+def _run_options(p) -> None:
+    """The options that say how the run trains (defaults: qlora train's)."""
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | "
+                                                   "float16 | float32")
+    p.add_argument("--loss", default="chunked", help="chunked (qlora's chunked head + loss) | model (full logits)")
+    p.add_argument("--loss-chunk-size", type=int, default=256, help="tokens per chunk of the chunked loss")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="LoRA dropout (default 0.05); > 0 saves a dropped copy of each adapted layer's input")
+    p.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
+
+
+def _settings(args, **fields):
+    from qlora.plan import RunSettings
+    targets = args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
+    return RunSettings(task=args.task, compute_dtype=args.dtype, loss=args.loss, loss_chunk_size=args.loss_chunk_size,
+                       optimizer=args.optimizer, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                       target_modules=targets, **fields)
 
 
 def parse_size(text: str) -> int:
@@ -96,33 +118,33 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _profile(args) -> int:
     from qlora.profile import sweep
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    import torch
+    settings = _settings(args, device="cuda" if torch.cuda.is_available() else "cpu")
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=_ints(args.batch, "batch"), seqs=_ints(args.seq, "seq"), ranks=_ints(args.rank, "rank"),
-                 dtype=args.dtype, target_modules=targets, lora_dropout=args.lora_dropout, out=args.out)
+                 settings=settings, out=args.out)
     from memprofile.report import markdown_table as markdown_report
+    print(f"assumed: {settings.describe()} (mode and checkpointing per row)")
     print(markdown_report(rows))
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
     return 0
 
 
 def _plan(args) -> int:
-    from memprofile.estimate import plan
-    from memprofile.report import human
-    from qlora.bundled import resolve_model
-    from qlora.profile import ESTIMATOR_TASK, check_task
-    check_task(args.task)
-    model = args.model if args.model.endswith(".json") else resolve_model(args.model)
+    from qlora.plan import format_plan, plan
+    for name in ("seq", "effective_batch", "rank", "world_size"):
+        _ints(str(getattr(args, name)), name.replace("_", "-"))
+    model = args.model
+    if not (model.endswith(".json") or Path(model).is_dir()):
+        from qlora.bundled import resolve_model
+        model = resolve_model(model)
     budget = parse_size(args.memory)
-    result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype, device=args.device)
-    print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
-    print("| configuration | fits | largest batch | peak at that batch | weights | grads+optimizer | activations |")
-    print("|---|---|---|---|---|---|---|")
-    for conf, r in result.items():
-        b = r["bytes"]
-        weights = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
-        print(f"| {conf} | {'yes' if r['fits'] else 'no'} | {r['batch']} | {human(r['peak'])} | {human(weights)} | "
-              f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    if budget <= 0:
+        raise QLoRAError(f"--memory {args.memory!r}: must be > 0, e.g. 24GiB")
+    settings = _settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
+    result = plan(model, budget, settings, seq=args.seq, effective_batch=args.effective_batch,
+                  configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size)
+    print(format_plan(result))
     return 0
 
 

@@ -335,7 +335,8 @@ class Planner:
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
             return self._traced(lambda: trace_built(
                 model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
-                loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings)), "the training step")
+                loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings),
+                host_is_device=self.settings.device == "cpu"), "the training step")
 
     def estimate(self, batch: int, seq: int):
         """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
@@ -380,30 +381,49 @@ class Planner:
                 hi = mid
         return lo
 
-    def longest_seq(self, budget: int, batch: int = 1, step: int = 64, max_seq: Optional[int] = None) -> int:
-        """Longest sequence (a multiple of `step`) whose predicted peak fits at `batch` (0: none),
-        up to the model's max_position_embeddings."""
+    def longest_seq(self, budget: int, batch: int = 1, step: int = 256, max_seq: Optional[int] = None,
+                    start: int = 2048) -> int:
+        """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
+        `step`), up to the model's max_position_embeddings. The peak is close to a quadratic in
+        the length (attention's scores and masks): a parabola through three estimates gives the
+        guess, then the bracket is narrowed the same way."""
         limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
         limit = max(step, limit // step * step)
-        if not self.fits(budget, batch, step):
+        peak = lambda s: self.estimate(batch, s).peak  # noqa: E731
+        fits = lambda s: peak(s) <= budget  # noqa: E731
+        if not fits(step):
             return 0
-        lo, hi = step, None
-        s = step
-        while hi is None:  # double until it no longer fits
-            s = min(s * 2, limit)
-            if self.fits(budget, batch, s):
-                lo = s
-                if s == limit:
-                    return s
-            else:
-                hi = s
+        if fits(limit):
+            return limit
+        lo, hi = step, limit
+        pts = [step]
+        s = min(max(start // step * step, 2 * step), limit)
+        while s < limit and fits(s):     # grow geometrically until a length does not fit
+            lo, pts = s, pts + [s]
+            s = min(4 * s, limit)
+        hi = min(hi, s)
+        pts = sorted(set(pts[-2:] + [hi]))
         while hi - lo > step:
-            mid = (lo + hi) // 2 // step * step
-            if self.fits(budget, batch, mid):
+            guess = _parabola_crossing([(x, peak(x)) for x in pts], budget)
+            mid = min(max(int(guess) // step * step if guess else (lo + hi) // 2 // step * step, lo + step), hi - step)
+            if fits(mid):
                 lo = mid
+                if mid + step < hi and not fits(mid + step):
+                    return mid
             else:
                 hi = mid
+            pts = sorted(set([lo, hi] + pts[-1:]))[-3:]
         return lo
+
+
+def _parabola_crossing(points, level: float) -> Optional[float]:
+    """x where the parabola (or line) through the (x, y) points reaches `level`, if it does."""
+    import numpy as np
+    xs, ys = zip(*points)
+    coef = np.polyfit(xs, ys, min(2, len(xs) - 1))
+    roots = [r.real for r in np.roots(np.concatenate([coef[:-1], [coef[-1] - level]])) if abs(r.imag) < 1e-9]
+    inside = [r for r in roots if min(xs) <= r <= max(xs) * 1.0001]
+    return max(inside) if inside else None
 
 
 def recommend(planners: dict, budget: int, seq: int, effective_batch: int) -> Optional[dict]:
@@ -437,3 +457,90 @@ def fsdp_per_rank(estimate, world_size: int, largest_block_bytes: int) -> dict:
     out = {**sharded, "activations": b["activations"], "all_gather": largest_block_bytes}
     out["peak"] = b["peak"] - saved + largest_block_bytes
     return out
+
+
+def _largest_block_bytes(planner: Planner) -> int:
+    """Unsharded bytes of one block's parameters (what FSDP all-gathers at a time): the increment
+    between the traced models' weights."""
+    p = planner.period
+    if planner.layers <= 3 * p:
+        e = planner.estimate(1, 64)
+        return sum(e.bytes()[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable")) // planner.layers
+    a, b = planner._step(2 * p, 1, 64), planner._step(3 * p, 1, 64)
+    w = lambda e: sum(e.bytes()[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable"))  # noqa: E731
+    return (w(b) - w(a)) // p
+
+
+def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
+         configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1) -> dict:
+    """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
+    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode."""
+    import time
+    t0 = time.perf_counter()
+    config = load_config(config)
+    image = settings.task == "image-cls"
+    planners, rows = {}, []
+    for conf in configurations:
+        s = settings.with_configuration(conf)
+        planners[conf] = planner = Planner(config, s)
+        e = planner.estimate(1, seq)
+        row = {"configuration": conf, "peak_batch1": e.peak, "bytes": e.bytes(), "peak_at": e.peak_at,
+               "largest_batch": planner.largest_batch(budget, seq),
+               "longest_seq": None if image else planner.longest_seq(budget, start=seq),
+               "trainable_params": e.trainable_params, "total_params": e.total_params}
+        if world_size > 1:
+            row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
+        rows.append(row)
+    mode = settings.mode
+    own = {c: Planner(config, settings.with_configuration(c)) if c not in planners else planners[c]
+           for c in (mode, mode + "-ckpt")}
+    rec = recommend(own, budget, seq, effective_batch)
+    moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return {"model": getattr(config, "_name_or_path", "") or config.model_type, "model_type": config.model_type,
+            "budget": budget, "seq": seq, "effective_batch": effective_batch, "world_size": world_size,
+            "assumed": settings, "rows": rows, "recommendation": rec, "moe": bool(moe),
+            "seconds": time.perf_counter() - t0}
+
+
+def format_plan(result: dict) -> str:
+    """The plan as the CLI prints it: assumptions, one table row per configuration, the advice."""
+    from memprofile.report import human
+    s: RunSettings = result["assumed"]
+    lines = [f"{result['model_type']}: budget {human(result['budget'])} per device, seq {result['seq']}, "
+             f"{s.device}; predicted by tracing the model on fake tensors "
+             f"({result['seconds']:.1f} s)",
+             f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
+    if result["moe"]:
+        lines.append("mixture of experts: the grouped_mm experts kernel processes all tokens x top_k in one "
+                     "buffer, so balanced and worst-case routing take the same memory")
+    lines += ["", "| configuration | peak at batch 1 | largest batch at seq | longest seq at batch 1 | "
+                  "weights | grads + optimizer | activations (batch 1) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        b = r["bytes"]
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        longest = "-" if r["longest_seq"] is None else (str(r["longest_seq"]) if r["longest_seq"] else "does not fit")
+        lines.append(f"| {r['configuration']} | {human(r['peak_batch1'])} | "
+                     f"{r['largest_batch'] or 'does not fit'} | {longest} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    if result["world_size"] > 1:
+        n = result["world_size"]
+        lines += ["", f"FSDP over {n} ranks (a formula, not a trace: weights, gradients and optimizer state / {n}, "
+                      "+ the largest block's unsharded parameters all-gathered, activations unchanged):", "",
+                  "| configuration | per-rank peak at batch 1 | sharded state | all-gather buffer |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            f = r["fsdp"]
+            state = sum(f[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
+            lines.append(f"| {r['configuration']} | {human(f['peak'])} | {human(state)} | {human(f['all_gather'])} |")
+    rec = result["recommendation"]
+    lines.append("")
+    if rec is None:
+        lines.append(f"recommendation: {s.mode} does not fit in {human(result['budget'])} at seq {result['seq']}, "
+                     "even at batch 1 with checkpointing; shorten --seq or use more memory")
+    else:
+        eff = rec["micro_batch"] * rec["grad_accum"]
+        lines.append(f"recommendation for {s.mode} (effective batch {result['effective_batch']}): "
+                     f"train.batch_size={rec['micro_batch']} train.grad_accum={rec['grad_accum']} "
+                     f"gradient_checkpointing={'true' if rec['checkpointing'] else 'false'} "
+                     f"(predicted peak {human(rec['peak'])}"
+                     + (f"; {eff} examples per step" if eff != result["effective_batch"] else "") + ")")
+    return "\n".join(lines)
