@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default=",".join(TINY), help="comma-separated, from: " + ", ".join(TINY))
     ap.add_argument("--variants", default=",".join(f"{a}:{b}" for a, b in VARIANTS),
                     help="loss:optimizer pairs (default: %(default)s)")
+    ap.add_argument("--configs", default=",".join(CONFIGURATIONS))
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--seqs", default=None, help="default: 32,128 (ViT: image sides 32,64)")
     ap.add_argument("--out", default="runs/memory_sweep")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -133,8 +136,12 @@ def main(argv=None) -> int:
               + " ".join(f"{v:+6.2f}" for v in r["error_pct"].values()) + f"  {r['peak_at']}", flush=True)
     for arch in args.archs.split(","):
         try:
-            confs = [c for c in CONFIGURATIONS if not (arch == "gpt2" and c.startswith("qlora"))]
-            rows += rows_for(arch, configurations=confs, variants=variants, progress=show)
+            confs = [c for c in args.configs.split(",") if not (arch == "gpt2" and c.startswith("qlora"))]
+            seqs = tuple(int(x) for x in args.seqs.split(",")) if args.seqs else None
+            if seqs and task_of(arch) == "image-cls":
+                seqs = tuple(max(32, x // 2) for x in seqs)
+            rows += rows_for(arch, configurations=confs, variants=variants, progress=show,
+                             batches=tuple(int(x) for x in args.batches.split(",")), seqs=seqs)
         except Exception as e:  # noqa: BLE001 - one architecture failing must not stop the sweep
             failed[arch] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"{arch}: FAILED {failed[arch]}", flush=True)

@@ -544,3 +544,62 @@ def format_plan(result: dict) -> str:
                      f"(predicted peak {human(rec['peak'])}"
                      + (f"; {eff} examples per step" if eff != result["effective_batch"] else "") + ")")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ qlora train
+def settings_of(model, train_config) -> RunSettings:
+    """The RunSettings of a model built for training: mode from its layers (4-bit / LoRA / all or
+    some parameters trainable), LoRA from model.qlora_config, checkpointing as it is on, the
+    optimizer from the TrainConfig. The loss is assumed chunked (qlora train's causal-LM loss)."""
+    from qlora.checkpointing import is_checkpointing
+    from qlora.lora import LoRALayer
+    from qlora.modes import unfreeze_head  # noqa: F401  (the head mode's convention)
+    modules = list(model.modules())
+    lora = getattr(model, "qlora_config", None)
+    if any(type(m).__name__ in ("Linear4bit", "LinearNF4") for m in modules):
+        mode = "qlora"
+    elif any(isinstance(m, LoRALayer) for m in modules):
+        mode = "lora"
+    else:
+        mode = "full" if all(p.requires_grad for p in model.parameters()) else "head"
+    task = {"ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
+    name = type(model).__name__
+    fields = dict(mode=mode, checkpointing=is_checkpointing(model), optimizer=train_config.optimizer,
+                  device="cuda" if torch.cuda.is_available() else "cpu",
+                  task=next((t for suffix, t in task.items() if name.endswith(suffix)), "causal-lm"),
+                  compute_dtype=dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    if lora is not None:
+        fields.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=lora.target_modules if isinstance(lora.target_modules, str)
+                      else tuple(lora.target_modules))
+    return RunSettings(**fields)
+
+
+def fit_to_budget(model, train_set, collate, train_config, budget: int):
+    """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
+    per step fit in `budget` bytes, the predicted peak at that micro-batch). The sequence length
+    is that of a collated batch of the configured size."""
+    from dataclasses import replace as dc_replace
+    settings = settings_of(model, train_config)
+    sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
+    x = sample.get("input_ids", sample.get("pixel_values"))
+    seq = int(x.shape[-1])
+    planner = Planner(model.config, settings)
+    effective = train_config.batch_size * train_config.grad_accum
+    largest = planner.largest_batch(budget, seq, max_batch=effective)
+    if largest == 0:
+        raise QLoRAError(f"train.memory_budget: even batch 1 at length {seq} is predicted to need "
+                         f"{planner.estimate(1, seq).peak / 2**30:.2f} GiB ({settings.describe()}); raise the budget, "
+                         "shorten max_length, or turn gradient checkpointing on")
+    accum = math.ceil(effective / largest)
+    micro = math.ceil(effective / accum)
+    return dc_replace(train_config, batch_size=micro, grad_accum=accum), planner.estimate(micro, seq).peak
+
+
+def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:
+    """A warning line when the first step's measured peak is more than `tolerance` from the plan."""
+    if not measured or not predicted or abs(measured - predicted) <= tolerance * measured:
+        return None
+    return (f"memory: the first step peaked at {measured / 2**30:.2f} GiB, the plan predicted "
+            f"{predicted / 2**30:.2f} GiB ({(predicted - measured) / measured:+.0%}); the plan assumes the "
+            "chunked loss and full-length batches")

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -79,6 +80,9 @@ class TrainConfig:
     """Show the tqdm bar."""
     offload_activations: bool = False
     """CUDA only: keep what autograd saves for backward in pinned CPU memory (less GPU memory, slower)."""
+    memory_budget: Optional[str] = None
+    """e.g. "24GiB": batch_size and grad_accum are re-chosen by qlora.plan so batch_size * grad_accum
+    examples per step fit; the first step's peak is compared with the prediction (warning > 10 % apart)."""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -236,6 +240,14 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    predicted_peak = None
+    if config.memory_budget:   # qlora.plan: the micro-batch that fits, the same examples per step
+        from qlora.cli import parse_size
+        from qlora.plan import fit_to_budget
+        config, predicted_peak = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget))
+        accelerator.gradient_accumulation_steps = config.grad_accum
+        accelerator.print(f"memory_budget {config.memory_budget}: batch_size={config.batch_size} "
+                          f"grad_accum={config.grad_accum} (predicted peak {predicted_peak / 2**30:.2f} GiB)")
     n_batches = len(epoch_batches(len(train_set), config.batch_size, config.seed, 0, rank, world))
     steps_per_epoch = max(1, n_batches // config.grad_accum)
     total = config.epochs * steps_per_epoch
@@ -305,6 +317,10 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                 result.first_step_seconds = step_times[-1]
                 log.write({"step": step, "first_step_peak_bytes": result.first_step_peak_bytes,
                            "first_step_seconds": round(step_times[-1], 4), "peak_method": result.peak_method})
+                if predicted_peak is not None:
+                    from qlora.plan import check_prediction
+                    if (msg := check_prediction(result.first_step_peak_bytes, predicted_peak)) is not None:
+                        warnings.warn(msg, stacklevel=2)
             loss_value = accelerator.reduce(loss.detach().float(), "mean").item()
             result.losses.append((step, loss_value))
             lr = scheduler.get_last_lr()[0]
