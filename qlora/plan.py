@@ -275,9 +275,10 @@ def loss_fn(settings: RunSettings):
 
 
 def optimizer(settings: RunSettings):
-    """Optimizer factory as qlora.train.make_optimizer builds it (paged: traced as AdamW8bit)."""
+    """Optimizer factory as qlora.train.make_optimizer builds it on the run's device (torch picks
+    the foreach AdamW on CUDA: its temporaries are per parameter group; paged: as AdamW8bit)."""
     if settings.optimizer == "adamw":
-        return lambda params: torch.optim.AdamW(params, lr=1e-5)
+        return lambda params: torch.optim.AdamW(params, lr=1e-5, foreach=settings.device == "cuda")
     import bitsandbytes as bnb
     return lambda params: bnb.optim.AdamW8bit(params, lr=1e-5)
 

@@ -108,3 +108,23 @@ def test_defaults_are_qlora_trains():
     assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules) == (16, 16, 0.05, "all-linear")
     assert s.dtype == torch.bfloat16 and RunSettings(device="cpu").dtype == torch.float32
     assert "chunked loss (256 tokens)" in s.describe() and "no activation offload" in s.describe()
+
+
+@pytest.mark.slow
+def test_train_with_a_memory_budget_chooses_the_micro_batch(tiny, tmp_path):
+    from qlora.plan import build
+    from qlora.train import TrainConfig, train
+    settings = RunSettings(device="cpu")
+    model = build(tiny, settings)
+    budget = Planner(tiny, settings).estimate(2, 16).peak + 100
+    data = [{"input_ids": torch.full((16,), i % 7, dtype=torch.long)} for i in range(8)]
+
+    def collate(rows):
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids}
+
+    def loss_fn(m, batch):
+        return m(**batch).loss
+    result = train(model, data, collate, loss_fn, TrainConfig(batch_size=4, max_steps=1, memory_budget=str(budget),
+                                                               out_dir=str(tmp_path), progress=False))
+    assert result.steps == 1 and result.first_step_peak_bytes > 0
