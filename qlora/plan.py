@@ -29,7 +29,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
@@ -554,7 +554,6 @@ def settings_of(model, train_config) -> RunSettings:
     optimizer from the TrainConfig. The loss is assumed chunked (qlora train's causal-LM loss)."""
     from qlora.checkpointing import is_checkpointing
     from qlora.lora import LoRALayer
-    from qlora.modes import unfreeze_head  # noqa: F401  (the head mode's convention)
     modules = list(model.modules())
     lora = getattr(model, "qlora_config", None)
     if any(type(m).__name__ in ("Linear4bit", "LinearNF4") for m in modules):

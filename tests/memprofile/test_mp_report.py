@@ -8,7 +8,6 @@ import torch
 from memprofile.measure import measure_step, measure_step_or_oom
 from memprofile.report import make_row, print_table, write_report
 from memprofile.tensors import CATEGORIES
-from memprofile.trace import trace_step
 from mp_models import configure, tiny_model, traced
 
 pytestmark = pytest.mark.filterwarnings("ignore")
