@@ -114,7 +114,7 @@ def longest_in_process(step, args) -> dict:
     need more fails with OOM like it would on a card of that size; a probe fits when the step ran
     and max_memory_allocated stayed within the budget. Doubling from 1024, then bisection to 1024."""
     from memprofile.measure import measure_step_or_oom
-    from qlora.cli import parse_size
+    from qlora.sizes import parse_size
     budget, device = parse_size(args.longest), _device(step)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -268,7 +268,7 @@ def main() -> None:
             print(f"| {name} | {mib(r['bytes']['peak'])} | {r['step_seconds']:.2f} | optimizer {mib(r['bytes']['optimizer'])} |",
                   flush=True)
     if args.budget:
-        from qlora.cli import parse_size
+        from qlora.sizes import parse_size
         budget = parse_size(args.budget)
         print(f"\nlongest context at batch 1 within {args.budget}:")
         if args.in_process:

@@ -1,7 +1,8 @@
 """memprofile: where every byte of a training step goes, measured and predicted.
 
-Knows nothing about how adapters are attached: it measures any `nn.Module` training step and
-predicts memory from a `config.json`. The sweep over training configurations lives in
+Knows nothing about how adapters are attached: it measures any `nn.Module` training step, and
+predicts one by running the same step on fake tensors. Building the model from a `config.json` as
+`qlora train` would and the sweep over training configurations live in `qlora.plan` and
 `qlora.profile` (memprofile never imports qlora).
 
 Public API
@@ -12,23 +13,17 @@ Measure (memprofile.measure):
     measure_step_or_oom(model, batch, **same) -> StepMemory      # fits=False on out of memory
     is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)
     StepMemory.bytes() -> {category: int}; .peak_method, .step_seconds, .trainable_params, ...
-Predict (memprofile.estimate; import the function from there):
-    estimate(config, configuration, batch, seq=None, rank=8, *, task=None, dtype="bf16",
-             adapter_dtype=None, lora_targets="all-linear", lora_dropout=0.0, train_head=None,
-             quant_blocksize=64, double_quant=True, device=None, ...) -> Estimate
-    plan(config, memory_bytes, seq=None, rank=8, *, configurations=CONFIGURATIONS, **same)
-        -> {configuration: {"batch", "fits", "peak", "bytes", "estimate"}}
-    quantized_bytes(n, blocksize=64, double_quant=True) -> int
+Predict (memprofile.trace: the same step on fake tensors, no memory):
+    trace_step(build, make_batch, *, loss_fn=None, optimizer=None) -> StepMemory (predicted)
+    trace_layers(build_n_blocks, make_batch, *, layers, period=1, ...) -> StepMemory (extrapolated)
+    TraceError: a step that cannot be traced (one line)
 Report (memprofile.report):
     make_row(config, batch, seq, rank, measured=None, predicted=None) -> dict
     write_report(rows, out_dir) -> {"json", "md", "csv", "png": Path};  print_table(rows)
 
 CATEGORIES = weights_quantized, weights_frozen, weights_trainable, gradients, optimizer,
-activations, peak (bytes). CONFIGURATIONS = full, head, lora, lora-ckpt, qlora, qlora-ckpt.
+activations, peak (bytes).
 """
-# `estimate` (the function) is deliberately not re-exported: it would shadow the submodule
-# memprofile.estimate. Use `from memprofile.estimate import estimate`.
-from memprofile.estimate import CONFIGURATIONS, Estimate, plan, quantized_bytes
 from memprofile.measure import (
     StepMemory,
     call_or_oom,
@@ -38,9 +33,10 @@ from memprofile.measure import (
 )
 from memprofile.report import make_row, markdown_table, print_table, write_report
 from memprofile.tensors import CATEGORIES, param_counts, weight_bytes
+from memprofile.trace import TraceError, trace_layers, trace_step
 
 __all__ = [
-    "CATEGORIES", "CONFIGURATIONS", "Estimate", "StepMemory", "call_or_oom",
-    "is_out_of_memory", "make_row", "markdown_table", "measure_step", "measure_step_or_oom",
-    "param_counts", "plan", "print_table", "quantized_bytes", "weight_bytes", "write_report",
+    "CATEGORIES", "StepMemory", "TraceError", "call_or_oom", "is_out_of_memory", "make_row",
+    "markdown_table", "measure_step", "measure_step_or_oom", "param_counts", "print_table",
+    "trace_layers", "trace_step", "weight_bytes", "write_report",
 ]

@@ -32,7 +32,8 @@ The measured step records:
   `timed_steps=0`, the measured (profiled) step's own time. `step_seconds_method` says which.
 
 `loss_fn(output, batch) -> scalar` defaults to `output.loss` (HF models given labels), else
-`output[0]` / `output` reduced with `.float().mean()`. `optimizer` is None (AdamW over the
+`output[0]` / `output` reduced with `.float().mean()`. A loss_fn with the attribute
+`takes_model = True` is called as `loss_fn(model, batch)` instead and runs the model itself. `optimizer` is None (AdamW over the
 trainable parameters, lr 1e-5), a factory `params -> Optimizer`, or an Optimizer instance.
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ class StepMemory:
     peak: int | None
     inputs: int = 0  # batch tensors: live during the step, part of the peak's baseline
     peak_method: str = ""
+    peak_at: str = ""  # predictions only: the phase and op at the peak
     step_seconds: float | None = None
     step_seconds_method: str = ""
     trainable_params: int = 0
@@ -212,10 +214,20 @@ class _SavedTensorCounter:
         return sum(n for n, refs in self.saved.values() if any(r() is not None for r in refs))
 
 
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+def _phase(tracker, name: str) -> None:
+    if tracker is not None and hasattr(tracker, "phase"):
+        tracker.phase = name
+
+
 # ---------------------------------------------------------------------------- the step
 def _train_step(model, batch, loss_fn, opt, params) -> float:
-    loss = loss_fn(_call_model(model, batch), batch)
-    value = float(loss.detach())
+    loss = _forward_loss(model, batch, loss_fn)
+    value = None if _is_fake(loss) else float(loss.detach())
     if loss.requires_grad:
         loss.backward()
     if opt is not None:
@@ -267,7 +279,17 @@ def measure_step(
         model.train(was_training)
 
 
-def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
+def _forward_loss(model, batch, loss_fn):
+    """loss_fn(output, batch), or loss_fn(model, batch) when it is marked `takes_model` (a loss that
+    runs the model itself, e.g. a chunked head + cross-entropy)."""
+    if getattr(loss_fn, "takes_model", False):
+        return loss_fn(model, batch)
+    return loss_fn(_call_model(model, batch), batch)
+
+
+def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:
+    """One step, measured. `tracker` (start/stop/max_increase, optional `phase` and `peak_at`)
+    replaces the device's own peak counter: memprofile.trace passes its storage tracker."""
     # Everything that is live before the step begins: the baseline the peak starts from.
     seen: set = set()
     weights = weight_bytes(model, seen)
@@ -279,8 +301,10 @@ def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
 
     exclude = model_storage_keys(model) | {storage_key(t) for t in nested_tensors(batch)}
     counter = _SavedTensorCounter(exclude)
-    on_cuda = device.type == "cuda"
-    if on_cuda:
+    on_cuda = device.type == "cuda" and tracker is None
+    if tracker is not None:
+        pass
+    elif on_cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         tracker = None
@@ -298,15 +322,15 @@ def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
         tracker.start()
     try:
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-            output = _call_model(model, batch)
-            loss = loss_fn(output, batch)
-        del output  # keep only the loss alive through backward
+            loss = _forward_loss(model, batch, loss_fn)  # the outputs besides the loss die here
         activations = counter.live_bytes()
-        loss_value = float(loss.detach())
+        loss_value = None if _is_fake(loss) else float(loss.detach())
+        _phase(tracker, "backward")
         if loss.requires_grad:
             loss.backward()
         del loss
         gradients = unique_storage_bytes(_grads(params))
+        _phase(tracker, "optimizer step")
         if opt is not None:
             opt.step()
         _sync(device)
@@ -333,6 +357,7 @@ def _measured_step(model, batch, loss_fn, opt, params, device) -> StepMemory:
         peak=peak,
         inputs=inputs,
         peak_method=method,
+        peak_at=getattr(tracker, "peak_at", ""),
         step_seconds=seconds,
         step_seconds_method="the measured step itself (profiled, hooks on)",
         loss=loss_value,

@@ -16,6 +16,8 @@ We drive `torch.autograd.profiler.profile` directly: `torch.profiler.profile` pr
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.autograd.profiler as _autograd_profiler
 
@@ -28,6 +30,7 @@ class CpuPeakTracker:
         self._deltas: list[int] | None = None
 
     def start(self) -> None:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # kineto prints "USDT ... profiler_start" lines otherwise
         self._prof = _autograd_profiler.profile(
             use_cpu=True, profile_memory=True, record_shapes=False, with_stack=False
         )

@@ -43,7 +43,7 @@ def _bytes_of(x) -> dict | None:
 
 def make_row(config: str, batch: int, seq: int, rank: int, measured=None, predicted=None) -> dict:
     """One report row from a memprofile.measure.StepMemory (or None: not measured) and a
-    memprofile.estimate.Estimate (or a {category: bytes} dict, or None)."""
+    predicted StepMemory (memprofile.trace; or a {category: bytes} dict, or None)."""
     m = _bytes_of(measured)
     p = _bytes_of(predicted)
     return {
@@ -151,6 +151,9 @@ def _csv_text(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------ files
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)          # mkstemp makes it 0600: give the file the umask's permissions
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

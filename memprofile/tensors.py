@@ -36,6 +36,8 @@ CATEGORIES = (
 def storage_key(t: torch.Tensor) -> tuple:
     """Identity of the storage behind `t` (shared by all its views)."""
     s = t.untyped_storage()
+    if s.device.type == "meta":  # meta and fake tensors: no data, the StorageImpl is the identity
+        return ("impl", s._cdata)
     ptr = s.data_ptr()
     # Meta tensors and empty storages have no data pointer: fall back to the StorageImpl address.
     return (t.device.type, t.device.index, ptr) if ptr else ("impl", s._cdata)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from qlora.errors import QLoRAError
+from qlora.sizes import parse_size
 
 DTYPES = ("bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -71,8 +72,15 @@ def _model(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage is one line on stderr (the problem and where the options are), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qlora", description="Fine-tune large models on small GPUs: 4-bit NF4 base, LoRA adapters, "
                                   "and where every byte of memory goes.",
         epilog="exit status: 0 done, 1 a check failed, 2 bad input or environment, 3 a bug in qlora")
@@ -95,23 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated training configurations (default: all six)")
     prof.add_argument("--batch", default="1,4", help="comma-separated batch sizes")
     prof.add_argument("--seq", default="128,512", help="comma-separated sequence lengths (image sizes for image-cls)")
-    prof.add_argument("--rank", default="8", help="comma-separated LoRA ranks")
-    prof.add_argument("--dtype", default="bfloat16", type=_dtype, help="weights and compute dtype (bfloat16 | float16 | float32)")
-    prof.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
-    prof.add_argument("--lora-dropout", type=float, default=0.0,
-                      help="LoRA dropout (default 0); > 0 saves a dropped copy of each adapted layer's input")
+    prof.add_argument("--rank", default="16", help="comma-separated LoRA ranks (default 16)")
+    _run_options(prof)
     prof.add_argument("--out", default="runs/profile", help="report folder (default runs/profile)")
     prof.set_defaults(func=_profile)
 
-    plan = sub.add_parser("plan", help="which configurations fit in a memory budget (estimator only, no weights)")
-    plan.add_argument("--model", required=True, type=_model, help="model folder or config.json (or a bundled name)")
-    plan.add_argument("--memory", required=True, type=_size, help="memory budget, e.g. 24GiB, 80GB, 512MiB")
-    plan.add_argument("--seq", type=_positive_int, default=2048, help="sequence length in tokens (default 2048)")
+    plan = sub.add_parser("plan", help="what fits in a memory budget, from a config.json alone (no weights)")
+    plan.add_argument("--model", required=True, type=_model, help="config.json, model folder, or a bundled name")
+    plan.add_argument("--memory", required=True, type=_size, help="memory budget per device, e.g. 24GiB, 80GB, 512MiB")
+    plan.add_argument("--seq", type=_positive_int, default=2048,
+                      help="sequence length (image side for image-cls; default 2048)")
+    plan.add_argument("--effective-batch", type=_positive_int, default=16, help="examples per optimizer step (default 16)")
     plan.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
-    plan.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls (default causal-lm)")
-    plan.add_argument("--dtype", default="bfloat16", type=_dtype, help="weights and compute dtype (default bfloat16)")
+    plan.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls")
+    plan.add_argument("--mode", default="qlora", help="the mode to recommend for: full | head | lora | qlora")
+    plan.add_argument("--configs", default="full,lora,lora-ckpt,qlora,qlora-ckpt", help="configurations to tabulate")
     plan.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                      help="cuda | cpu: which kernels to assume (default cuda)")
+                      help="cuda | cpu: the device the run will use (default cuda)")
+    plan.add_argument("--world-size", type=_positive_int, default=1,
+                      help="FSDP ranks: per-rank bytes by formula (default 1)")
+    _run_options(plan)
     plan.set_defaults(func=_plan)
 
     exp = sub.add_parser("export", help="merge an adapter into its base: a plain bf16/fp16/fp32 model folder")
@@ -137,24 +148,25 @@ def _version() -> str:
     return __version__
 
 
-def parse_size(text: str) -> int:
-    """'24GiB', '2GB', '512MB', '1e9' -> bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    t = str(text).strip().upper().replace(" ", "")
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            number = t[: -len(unit)]
-            break
-    else:
-        number, factor = t, 1
-    try:
-        size = int(float(number) * factor)
-    except (ValueError, OverflowError):
-        raise QLoRAError(f"size {text!r} is not understood; write e.g. 24GiB, 2GB, 512MB") from None
-    if size < 1:
-        raise QLoRAError(f"size {text!r} must be positive; write e.g. 24GiB, 2GB, 512MB")
-    return size
+def _run_options(p) -> None:
+    """The options that say how the run trains (defaults: qlora train's)."""
+    p.add_argument("--dtype", default="auto", type=lambda t: t if t == "auto" else _dtype(t), help="compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | "
+                                                   "float16 | float32")
+    p.add_argument("--loss", default="chunked", help="chunked (qlora's chunked head + loss) | model (full logits)")
+    p.add_argument("--loss-chunk-size", type=_positive_int, default=256, help="tokens per chunk of the chunked loss")
+    p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="LoRA dropout (default 0.05); > 0 saves a dropped copy of each adapted layer's input")
+    p.add_argument("--target-modules", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
+
+
+def _settings(args, **fields):
+    from qlora.plan import RunSettings
+    targets = args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
+    return RunSettings(task=args.task, compute_dtype=args.dtype, loss=args.loss, loss_chunk_size=args.loss_chunk_size,
+                       optimizer=args.optimizer, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                       target_modules=targets, **fields)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -169,37 +181,28 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _profile(args) -> int:
     from qlora.profile import sweep
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    import torch
+    settings = _settings(args, device="cuda" if torch.cuda.is_available() else "cpu")
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=_ints(args.batch, "batch"), seqs=_ints(args.seq, "seq"), ranks=_ints(args.rank, "rank"),
-                 dtype=args.dtype, target_modules=targets, lora_dropout=args.lora_dropout, out=args.out)
+                 settings=settings, out=args.out)
     from memprofile.report import markdown_table as markdown_report
+    print(f"assumed: {settings.describe()} (mode and checkpointing per row)")
     print(markdown_report(rows))
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
     return 0
 
 
 def _plan(args) -> int:
-    from memprofile.estimate import plan
-    from memprofile.report import human
-    from qlora.bundled import resolve_model
-    from qlora.profile import ESTIMATOR_TASK, check_task
-    check_task(args.task)
-    model = args.model if args.model.endswith(".json") else resolve_model(args.model)
-    budget = parse_size(args.memory)
-    try:
-        result = plan(model, budget, seq=args.seq, rank=args.rank, task=ESTIMATOR_TASK[args.task], dtype=args.dtype,
-                      device=args.device)
-    except ValueError as e:     # the estimator's "not modelled" (memprofile raises plain ValueError)
-        raise QLoRAError(f"{e}; `qlora profile` measures any model on this machine") from None
-    print(f"{model}: seq {args.seq}, rank {args.rank}, {args.dtype}, budget {human(budget)} ({args.device})\n")
-    print("| configuration | fits | largest batch | peak at that batch | weights | grads+optimizer | activations |")
-    print("|---|---|---|---|---|---|---|")
-    for conf, r in result.items():
-        b = r["bytes"]
-        weights = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
-        print(f"| {conf} | {'yes' if r['fits'] else 'no'} | {r['batch']} | {human(r['peak'])} | {human(weights)} | "
-              f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    from qlora.plan import format_plan, plan
+    model = args.model
+    if not (model.endswith(".json") or Path(model).is_dir()):
+        from qlora.bundled import resolve_model
+        model = resolve_model(model)
+    settings = _settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
+    result = plan(model, args.memory, settings, seq=args.seq, effective_batch=args.effective_batch,
+                  configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size)
+    print(format_plan(result))
     return 0
 
 
@@ -277,14 +280,12 @@ def main(argv=None) -> int:
     """Run one subcommand; returns the exit status (see the module docstring)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)       # bad usage: argparse prints usage + one "error:" line
+        args = parser.parse_args(argv)       # bad usage: one "error:" line (_Parser.error)
     except SystemExit as e:                  # --help, --version (0) or bad usage (2): returned, not raised
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    import os
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # torch's profiler: no "USDT ... profiler_start" lines
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -92,6 +93,9 @@ class TrainConfig:
     FSDP2 (qlora.fsdp; launch with torchrun / accelerate launch). The model is sharded in place: after
     train() its parameters are DTensor shards (read the saved adapter, or use qlora.fsdp.gathered).
     With one process it does nothing."""
+    memory_budget: Optional[str] = None
+    """e.g. "24GiB": batch_size and grad_accum are re-chosen by qlora.plan so batch_size * grad_accum
+    examples per step fit; the first step's peak is compared with the prediction (warning > 10 % apart)."""
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -118,6 +122,9 @@ class TrainConfig:
             raise QLoRAError(f"weight_decay={self.weight_decay!r}: must be a number >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise QLoRAError(f"seed={self.seed!r}: must be an integer")
+        if self.memory_budget is not None:
+            from qlora.sizes import parse_size
+            parse_size(self.memory_budget)          # a bad size fails here, not after the model is built
         for name in ("bf16", "resume", "overwrite", "progress", "offload_activations", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
@@ -282,6 +289,14 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
+    predicted_peak = None
+    if config.memory_budget:   # qlora.plan: the micro-batch that fits, the same examples per step
+        from qlora.sizes import parse_size
+        from qlora.plan import fit_to_budget
+        config, predicted_peak = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget))
+        accelerator.gradient_accumulation_steps = config.grad_accum
+        accelerator.print(f"memory_budget {config.memory_budget}: batch_size={config.batch_size} "
+                          f"grad_accum={config.grad_accum} (predicted peak {predicted_peak / 2**30:.2f} GiB)")
     n_batches = len(epoch_batches(len(train_set), config.batch_size, config.seed, 0, rank, world))
     if n_batches < config.grad_accum:
         raise QLoRAError(f"{len(train_set)} training examples in micro-batches of batch_size={config.batch_size} "
@@ -377,6 +392,10 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
                 result.first_step_seconds = step_times[-1]
                 log.write({"step": step, "first_step_peak_bytes": result.first_step_peak_bytes,
                            "first_step_seconds": round(step_times[-1], 4), "peak_method": result.peak_method})
+                if predicted_peak is not None:
+                    from qlora.plan import check_prediction
+                    if (msg := check_prediction(result.first_step_peak_bytes, predicted_peak)) is not None:
+                        warnings.warn(msg, stacklevel=2)
             loss_value = accelerator.reduce(step_loss_sum / step_micro, "mean").item()   # this step's mean
             step_loss_sum, step_micro = 0.0, 0
             result.losses.append((step, loss_value))
@@ -461,7 +480,6 @@ class _FirstStepPeak:
             self.method = "cuda.max_memory_allocated"
         else:
             from memprofile.peak import CpuPeakTracker
-            quiet_profiler()
             self.baseline = _live_bytes_estimate()
             self.tracker = CpuPeakTracker()
             self.tracker.start()
@@ -472,13 +490,6 @@ class _FirstStepPeak:
             return torch.cuda.max_memory_allocated(self.device), self.method
         self.tracker.stop()
         return self.baseline + self.tracker.max_increase(), self.method
-
-
-def quiet_profiler() -> None:
-    """torch's profiler (kineto) prints `USDT: ... profiler_start` / `profiler_stop` on every run;
-    its log level 6 (above USDT = 5) silences that. Read when the profiler starts, so setting it
-    after `import torch` works; a value the user set is kept."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def _live_bytes_estimate() -> int:

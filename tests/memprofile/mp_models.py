@@ -5,9 +5,11 @@ on qlora (memprofile must not import it, and its tests should not need it either
     configure(model, "qlora-ckpt", arch="llama", rank=8)      # freeze, quantize, add LoRA, checkpoint
     batch = make_batch(batch=2, seq=32)
 
-The conventions match memprofile.estimate's defaults: LoRA on every Linear (or GPT-2 Conv1D)
-except the task head; 4-bit NF4 (blocksize 64, double quant) on the same modules; the head is
-trained alongside the adapters for classification tasks only.
+    traced("llama", "qlora-ckpt", batch=2, seq=32)            # the same step, predicted (memprofile.trace)
+
+Conventions: LoRA on every Linear (or GPT-2 Conv1D) except the task head; 4-bit NF4 (blocksize
+64, double quant) on the same modules; the head is trained alongside the adapters for
+classification tasks only.
 """
 from __future__ import annotations
 
@@ -39,14 +41,22 @@ def tiny_config(arch: str, layers: int = 2, image_size: int = 32):
     raise ValueError(arch)
 
 
-def model_from_config(arch: str, config, dtype=torch.bfloat16):
+def model_from_config(arch: str, config, dtype=torch.bfloat16, init: bool = True):
+    """The model with seeded random weights; init=False skips the initialisation (under fake
+    tensors: ViT's trunc_normal_ reads values) and ties the weights as init would."""
     from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
                               AutoModelForSequenceClassification)
 
     cls = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM,
            "bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification}[arch]
     torch.manual_seed(0)
-    return cls.from_config(config, dtype=dtype)
+    if init:
+        return cls.from_config(config, dtype=dtype)
+    from transformers.initialization import no_init_weights
+    with no_init_weights():
+        model = cls.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
 
 
 def make_batch_fn(arch: str, config, dtype=torch.bfloat16):
@@ -57,12 +67,23 @@ def make_batch_fn(arch: str, config, dtype=torch.bfloat16):
             assert seq == config.image_size, "build the ViT with image_size=seq"
             return {"pixel_values": torch.randn(batch, 3, seq, seq, generator=g).to(dtype),
                     "labels": torch.randint(0, config.num_labels, (batch,), generator=g)}
-        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)  # values unused when fake
         if arch == "bert":
             return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=g)}
         return {"input_ids": ids, "labels": ids.clone()}
 
     return make_batch
+
+
+def traced(arch: str, configuration: str, batch: int, seq: int, layers: int = 2, rank: int = 8,
+           dtype=torch.bfloat16):
+    """memprofile.trace's prediction of the step tiny_model + configure + make_batch measure."""
+    from memprofile.trace import trace_step
+
+    config = tiny_config(arch, layers, image_size=seq if arch == "vit" else 32)
+    make_batch = make_batch_fn(arch, config, dtype)
+    build = lambda: configure(model_from_config(arch, config, dtype, init=False), configuration, arch, rank, dtype)  # noqa: E731
+    return trace_step(build, lambda: make_batch(batch, seq))
 
 
 def tiny_model(arch: str, dtype=torch.bfloat16, layers: int = 2, image_size: int = 32):

@@ -57,13 +57,18 @@ def _linear4bit_bytes(model) -> int:
     return total
 
 
-def test_quantized_weights_are_packed_bytes_plus_quant_state():
-    from memprofile.estimate import quantized_bytes
+def quantized_bytes(n: int, blocksize: int = 64) -> int:
+    """Closed form of a double-quantized NF4 Params4bit of n weights: packed codes, uint8 absmax
+    per block, 16 fp32 levels, fp32 offset, fp32 absmax per 256 blocks, 256-entry fp32 code."""
+    blocks = -(-n // blocksize)
+    return (n + 1) // 2 + blocks + 16 * 4 + 4 + -(-blocks // 256) * 4 + 256 * 4
 
+
+def test_quantized_weights_are_packed_bytes_plus_quant_state():
     model, make_batch = _llama("qlora")
     r = measure_step(model, make_batch(1, 8), timed_steps=0)
     assert r.weights_quantized == _linear4bit_bytes(model) > 0
-    # the estimator's closed form agrees layer by layer
+    # the closed form agrees layer by layer
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

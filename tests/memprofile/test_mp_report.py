@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from memprofile.estimate import estimate
 from memprofile.measure import measure_step, measure_step_or_oom
 from memprofile.report import make_row, print_table, write_report
 from memprofile.tensors import CATEGORIES
-from mp_models import configure, tiny_model
+from mp_models import configure, tiny_model, traced
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -21,7 +20,7 @@ def rows():
         model, config, make_batch = tiny_model("llama", layers=1)
         configure(model, conf, "llama")
         m = measure_step(model, make_batch(2, 16), timed_steps=1)
-        out.append(make_row(conf, 2, 16, 8, m, estimate(config, conf, 2, 16, device="cpu")))
+        out.append(make_row(conf, 2, 16, 8, m, traced("llama", conf, 2, 16, layers=1)))
 
     def oom(output, batch):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -29,7 +28,7 @@ def rows():
     model, config, make_batch = tiny_model("llama", layers=1)
     configure(model, "full", "llama")
     m = measure_step_or_oom(model, make_batch(64, 16), loss_fn=oom)
-    out.append(make_row("full", 64, 16, 8, m, estimate(config, "full", 64, 16, device="cpu")))
+    out.append(make_row("full", 64, 16, 8, m, traced("llama", "full", 64, 16, layers=1)))
     return out
 
 

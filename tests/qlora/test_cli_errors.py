@@ -53,7 +53,7 @@ def files(tmp_path_factory):
         return f
     p["not_json"] = folder("not-json", config__json="{not json")
     p["list_json"] = folder("list-json", config__json="[1, 2]")
-    p["mamba"] = folder("mamba", config__json=json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    p["unknown_type"] = folder("unknown_type", config__json=json.dumps({"model_type": "wobble", "hidden_size": 8}))
     p["empty"] = folder("empty")
     p["no_weights"] = folder("no-weights", config__json=(base / "config.json").read_text())
     p["pickled"] = folder("pickled", config__json=(base / "config.json").read_text(), pytorch_model__bin=b"\x80\x04")
@@ -92,7 +92,7 @@ CASES = [
     (PLAN + ["{not_json}"], ["config.json", "not valid JSON"]),
     (PLAN + ["{not_json}/config.json"], ["not valid JSON"]),
     (PLAN + ["{list_json}"], ["model_type"]),
-    (PLAN + ["{mamba}"], ["mamba", "not modelled", "supported"]),
+    (PLAN + ["{unknown_type}"], ["wobble", "cannot build"]),
     (PLAN + ["{root}/missing.json"], ["does not exist"]),
     (PLAN + ["{root}/missing-folder"], ["does not exist"]),
     (PLAN + ["{file}"], ["is a file", "folder"]),
@@ -191,7 +191,7 @@ def test_bad_input_is_one_line_exit_2(files, argv, words, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["plan", "--model", "{mamba}", "--memory", "24GiB"], ["not modelled"]),
+    (["plan", "--model", "{unknown_type}", "--memory", "24GiB"], ["wobble"]),
     (["train", "{yaml_bad}"], ["not valid YAML"]),
     (["export", "--base", "{base}", "--adapter", "{adapter_corrupt}", "--out", "{root}/o"], ["safetensors"]),
 ])

@@ -1,0 +1,159 @@
+"""The planner's accuracy: measured (CPU, memprofile.measure) vs predicted (qlora.plan, fake-tensor
+trace) memory of one training step, on tiny random models of many architectures.
+
+    PYTHONPATH=$PWD python benchmarks/memory_sweep.py                      # the whole sweep (~15 min, 2 cores)
+    PYTHONPATH=$PWD python benchmarks/memory_sweep.py --archs llama,bert --out runs/sweep
+
+Grid per architecture: configurations full, lora, lora-ckpt, qlora, qlora-ckpt x batches (1, 4) x
+sequence lengths (32, 128; ViT: image sides 32, 64) x run variants (chunked loss + AdamW, the
+model's own loss + AdamW, chunked loss + 8-bit AdamW; classifiers use their own loss). fp32 (what
+`compute_dtype: auto` is on CPU), LoRA r=16 alpha=16 dropout 0.05 on all-linear. Every model has
+4 blocks (8 for Gemma 2, whose layer pattern has period 2), so the planner extrapolates from 2 and
+3 blocks (4 and 6) to them. Prints each row's errors and the worst per architecture and category;
+writes rows.json to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+CATEGORIES = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer",
+              "activations", "peak")
+CONFIGURATIONS = ("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
+_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=512, max_position_embeddings=512, num_hidden_layers=4)
+TINY = {
+    "llama": dict(model_type="llama", **_TEXT),
+    "qwen3": dict(model_type="qwen3", **_TEXT),
+    "gemma2": dict(model_type="gemma2", **{**_TEXT, "num_hidden_layers": 8}),
+    "phi3": dict(model_type="phi3", **{**_TEXT, "pad_token_id": 0}),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     vocab_size=512, max_position_embeddings=512, num_hidden_layers=4),
+    "mixtral": dict(model_type="mixtral", **_TEXT, num_local_experts=4, num_experts_per_tok=2),
+    "bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 vocab_size=512, max_position_embeddings=512, num_hidden_layers=4, num_labels=3),
+    "vit": dict(model_type="vit", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                image_size=32, patch_size=8, num_hidden_layers=4, num_labels=10),
+    # beyond the required list (GPT-2's Conv1D layers are not nn.Linear: qlora has nothing to quantize)
+    "qwen2": dict(model_type="qwen2", **_TEXT),
+    "mistral": dict(model_type="mistral", **_TEXT),
+    "gemma3_text": dict(model_type="gemma3_text", **{**_TEXT, "num_hidden_layers": 12}),
+    "olmo2": dict(model_type="olmo2", **_TEXT),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_head=4, n_layer=4, vocab_size=512, n_positions=512),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_attention_heads=4, vocab_size=512,
+                   num_hidden_layers=4, new_decoder_architecture=True, num_kv_heads=2),
+    "qwen3_moe": dict(model_type="qwen3_moe", **_TEXT, moe_intermediate_size=64, num_experts=4,
+                      num_experts_per_tok=2),
+    "roberta": dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    vocab_size=512, max_position_embeddings=514, num_hidden_layers=4, num_labels=3),
+}
+REQUIRED = ("llama", "qwen3", "gemma2", "phi3", "gpt_neox", "mixtral", "bert", "vit")
+VARIANTS = (("chunked", "adamw"), ("model", "adamw"), ("chunked", "adamw8bit"))
+
+
+def task_of(arch: str) -> str:
+    return {"bert": "seq-cls", "roberta": "seq-cls", "vit": "image-cls"}.get(arch, "causal-lm")
+
+
+def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None, variants=VARIANTS,
+             progress=None) -> list[dict]:
+    """Measured vs predicted for one architecture over the grid; one dict per row."""
+    from memprofile.measure import measure_step
+    from qlora.plan import Planner, RunSettings, build, load_config, loss_fn, make_batch, measured_optimizer
+
+    task = task_of(arch)
+    config = load_config(TINY[arch])
+    seqs = seqs or ((32, 64) if task == "image-cls" else (32, 128))
+    if task != "causal-lm":
+        variants = tuple(dict.fromkeys(("model", opt) for _, opt in variants))
+    rows = []
+    for conf in configurations:
+        for loss, opt in variants:
+            settings = RunSettings(device="cpu", task=task, loss=loss, optimizer=opt).with_configuration(conf)
+            planner = Planner(config, settings)
+            for seq in seqs:
+                cfg = config
+                if task == "image-cls":
+                    cfg = load_config({**TINY[arch], "image_size": seq})
+                torch.manual_seed(0)
+                model = build(cfg, settings)
+                for batch in batches:
+                    m = measure_step(model, make_batch(cfg, task, batch, seq), loss_fn=loss_fn(settings),
+                                     optimizer=measured_optimizer(settings), timed_steps=0)
+                    p = planner.estimate(batch, seq)
+                    mb, pb = m.bytes(), p.bytes()
+                    err = {k: (pb[k] - mb[k]) / mb[k] * 100 if mb[k] else (0.0 if pb[k] == 0 else 100.0)
+                           for k in CATEGORIES}
+                    rows.append({"arch": arch, "config": conf, "loss": loss, "optimizer": opt, "batch": batch,
+                                 "seq": seq, "measured": mb, "predicted": pb, "error_pct": err,
+                                 "peak_at": p.peak_at})
+                    if progress:
+                        progress(rows[-1])
+                del model
+    return rows
+
+
+def worst(rows: list[dict]) -> dict:
+    """{arch: {category: worst |error| %}}."""
+    out: dict = {}
+    for r in rows:
+        w = out.setdefault(r["arch"], {k: 0.0 for k in CATEGORIES})
+        for k, v in r["error_pct"].items():
+            w[k] = max(w[k], abs(v))
+    return out
+
+
+def worst_table(rows: list[dict]) -> str:
+    lines = ["| architecture | rows | " + " | ".join(CATEGORIES) + " |", "|---|---|" + "---|" * len(CATEGORIES)]
+    counts: dict = {}
+    for r in rows:
+        counts[r["arch"]] = counts.get(r["arch"], 0) + 1
+    for arch, w in worst(rows).items():
+        lines.append(f"| {arch} | {counts[arch]} | " + " | ".join(f"{w[k]:.2f}%" for k in CATEGORIES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default=",".join(TINY), help="comma-separated, from: " + ", ".join(TINY))
+    ap.add_argument("--variants", default=",".join(f"{a}:{b}" for a, b in VARIANTS),
+                    help="loss:optimizer pairs (default: %(default)s)")
+    ap.add_argument("--configs", default=",".join(CONFIGURATIONS))
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--seqs", default=None, help="default: 32,128 (ViT: image sides 32,64)")
+    ap.add_argument("--out", default="runs/memory_sweep")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows, failed = [], {}
+    variants = tuple(tuple(v.split(":")) for v in args.variants.split(","))
+
+    def show(r):
+        print(f"{r['arch']:11s} {r['config']:10s} {r['loss']:7s} {r['optimizer']:9s} b={r['batch']} s={r['seq']:3d} "
+              + " ".join(f"{v:+6.2f}" for v in r["error_pct"].values()) + f"  {r['peak_at']}", flush=True)
+    for arch in args.archs.split(","):
+        try:
+            confs = [c for c in args.configs.split(",") if not (arch == "gpt2" and c.startswith("qlora"))]
+            seqs = tuple(int(x) for x in args.seqs.split(",")) if args.seqs else None
+            if seqs and task_of(arch) == "image-cls":
+                seqs = tuple(max(32, x // 2) for x in seqs)
+            rows += rows_for(arch, configurations=confs, variants=variants, progress=show,
+                             batches=tuple(int(x) for x in args.batches.split(",")), seqs=seqs)
+        except Exception as e:  # noqa: BLE001 - one architecture failing must not stop the sweep
+            failed[arch] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"{arch}: FAILED {failed[arch]}", flush=True)
+    print("\nworst |predicted - measured| / measured, per architecture and category:\n")
+    print(worst_table(rows))
+    for arch, why in failed.items():
+        print(f"{arch}: {why}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps({"rows": rows, "failed": failed}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Predict the memory of one training step by running it on fake tensors: any model, no weights.
+
+    from memprofile.trace import trace_step, trace_layers
+    m = trace_step(build, make_batch, loss_fn=..., optimizer=...)   # StepMemory, predicted
+    m = trace_layers(build, make_batch, layers=80, period=1)         # 2 and 3 blocks, extrapolated
+
+`build()` returns the model exactly as it will train (any nn.Module: 4-bit layers, adapters,
+checkpointing attached), `make_batch()` the inputs; both are called under torch's
+`FakeTensorMode`, so every tensor has shapes, dtypes and a storage size but no memory. The step is
+then memprofile.measure's own step (forward, loss, backward, optimizer.step()), with the same
+saved-tensor hook for `activations` and the same byte accounting for weights, gradients and
+optimizer state; only the peak counter differs:
+
+* `StorageTracker` (a TorchDispatchMode) sees every op's outputs. An output whose storage is
+  neither one of the op's inputs' storages (a view, an in-place or out= result) nor already known
+  is a new allocation: its `nbytes()` are added, and a weakref finalizer on the storage subtracts
+  them when the last tensor or view on it dies (what autograd saves keeps it alive; a checkpointed
+  block's recomputed tensors die after their backward). The peak is the baseline live before the
+  step (weights, optimizer state, batch) plus the highest running sum: the same definition as
+  memprofile.peak's allocator events on CPU.
+* Kernel scratch the dispatcher never sees (a kernel's internal buffers) is not counted, except
+  the one correction in `SCRATCH` (a convolution's weight gradient unfolds its input); the others
+  measured on CPU stay within the README's bounds ("Where does the memory go?"). Ops with data-dependent output shapes (`nonzero`, `.item()`) cannot be traced: such a
+  model gets TraceError, one line naming the op.
+* Tensor subclasses built by `torch.Tensor._make_subclass` (bitsandbytes' Params4bit) cannot wrap
+  a FakeTensor; during a trace they get a class deriving from both, and deep copies of fakes are
+  clones (`_fake_subclasses`). Meta kernels stricter than the CPU kernels get a shape rule
+  (`SHAPE_RULES`: grouped_mm's meta accepts only bf16; the output shape is the same).
+
+`trace_layers` builds the model with `2 * period` and `3 * period` blocks (period: the shortest
+repeating pattern of its layer types, e.g. 2 for Gemma 2's sliding/full alternation) and
+extrapolates every byte count linearly to `layers`: from the second block on, each adds the same
+weights, gradients, optimizer state, saved activations and peak (the first block's increment
+differs: measured on CPU, a 1-block model's peak moment is not the n-block one's).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import weakref
+from dataclasses import fields
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from memprofile.measure import StepMemory, _make_optimizer, _measured_step, default_loss
+
+
+class TraceError(ValueError):
+    """A model's step could not be traced on fake tensors (the message is one line)."""
+
+
+def _grouped_mm(func, args, kwargs):
+    """aten._grouped_mm's meta kernel accepts only bf16 (CUDA's rule), the CPU kernel any float:
+    take the shape from bf16 copies, the dtype from the inputs (the copies are not counted)."""
+    a, b = args[0], args[1]
+    if a.dtype == torch.bfloat16:
+        return func(*args, **kwargs)
+    out = func(a.to(torch.bfloat16), b.to(torch.bfloat16), *args[2:], **kwargs)
+    return torch.empty_like(out, dtype=kwargs.get("out_dtype") or a.dtype)
+
+
+SHAPE_RULES = {"_grouped_mm.default": _grouped_mm}
+
+
+def _conv_weight_grad_scratch(args) -> int:
+    """convolution_backward computing a weight gradient unfolds its input (im2col) into a
+    buffer of the input's size inside the kernel, on CPU (measured: ViT's patch embedding)."""
+    mask = args[-1] if len(args) >= 11 else (True, True, True)
+    return args[1].untyped_storage().nbytes() if mask[1] else 0
+
+
+# kernel scratch the dispatcher never sees: op name -> bytes live during that op only
+SCRATCH = {"convolution_backward.default": _conv_weight_grad_scratch}
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of the storages allocated while active; start/stop/max_increase like
+    memprofile.peak.CpuPeakTracker, plus `peak_at` ("backward: aten.mm")."""
+
+    method = "fake-tensor trace (memprofile.trace)"
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.keys: set[int] = set()
+        self.finalizers: list = []
+        self.phase = "forward"
+        self.peak_at = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        rule, scratch = SHAPE_RULES.get(func.__name__), SCRATCH.get(func.__name__)
+        if scratch and self.live + scratch(args) > self.peak:
+            self.peak, self.peak_at = self.live + scratch(args), f"{self.phase}: {func.__name__} (scratch)"
+        out = rule(func, args, kwargs or {}) if rule else func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = t.untyped_storage()
+            key = s._cdata
+            if key in inputs or key in self.keys:
+                continue  # a view / in-place result, or a storage already counted
+            n = s.nbytes()
+            self.keys.add(key)
+            self.live += n
+            self.finalizers.append(weakref.finalize(s, self._free, key, n))
+            if self.live > self.peak:
+                self.peak, self.peak_at = self.live, f"{self.phase}: {func.__name__}"
+        return out
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """Count a tensor made outside the dispatcher (e.g. torch.get_rng_state()) until it dies."""
+        s = t.untyped_storage()
+        if s._cdata not in self.keys:
+            self.keys.add(s._cdata)
+            self.live += s.nbytes()
+            self.finalizers.append(weakref.finalize(s, self._free, s._cdata, s.nbytes()))
+            if self.live > self.peak:
+                self.peak, self.peak_at = self.live, f"{self.phase}: {getattr(t, '_memprofile_what', 'host tensor')}"
+        return t
+
+    def _free(self, key: int, n: int) -> None:
+        self.keys.discard(key)
+        self.live -= n
+
+    def start(self) -> None:
+        self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__(None, None, None)
+        for f in self.finalizers:
+            f.detach()
+
+    def max_increase(self) -> int:
+        return self.peak
+
+
+@contextlib.contextmanager
+def _fake_subclasses():
+    """Let `torch.Tensor._make_subclass(cls, fake)` (Params4bit.__new__ calls it) return the fake
+    tensor itself with a class deriving from FakeTensor and `cls`."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.Tensor._make_subclass
+    made: dict[type, type] = {}
+    # Tensor.__deepcopy__ gives a fake tensor whose views report another storage than itself
+    # (qlora's modules_to_save copy is a deepcopy): copy fakes by clone() instead
+    had_deepcopy = "__deepcopy__" in FakeTensor.__dict__
+    old_deepcopy = FakeTensor.__dict__.get("__deepcopy__")
+
+    def fake_deepcopy(self, memo):
+        if id(self) not in memo:
+            with torch.no_grad():
+                new = self.clone()
+            new.requires_grad_(self.requires_grad)
+            for k, v in self.__dict__.items():
+                if k not in new.__dict__:  # _is_param and other user attributes, not the fake's own
+                    setattr(new, k, copy.deepcopy(v, memo))
+            memo[id(self)] = new
+        return memo[id(self)]
+
+    def make_subclass(cls: type[Any], data: torch.Tensor, requires_grad: bool = False, **kwargs: Any) -> Any:
+        if not isinstance(data, FakeTensor) or issubclass(cls, FakeTensor):
+            return original(cls, data, requires_grad, **kwargs)
+        if cls not in made:  # the subclass's own deepcopy (Params4bit's keeps its quant_state)
+            made[cls] = type(f"Fake{cls.__name__}", (FakeTensor, cls), {"__deepcopy__": cls.__deepcopy__})
+        t = data.detach().requires_grad_(requires_grad)
+        t.__class__ = made[cls]
+        return t
+
+    torch.Tensor._make_subclass = staticmethod(make_subclass)
+    FakeTensor.__deepcopy__ = fake_deepcopy
+    try:
+        yield
+    finally:
+        torch.Tensor._make_subclass = original
+        if had_deepcopy:
+            FakeTensor.__deepcopy__ = old_deepcopy
+        else:
+            del FakeTensor.__deepcopy__
+
+
+def new_fake_mode():
+    """A FakeTensorMode for fake_tensors(mode): real constants (bitsandbytes' code books) allowed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def _replaced(functions, replacements):
+    """Each (module, name) in `functions` runs with fake tensors off: constants a library computes
+    with data-dependent ops (bitsandbytes' 8-bit code book) are computed for real (they are tiny).
+    Each (module, name, fn) in `replacements` is replaced by fn: a decision a library takes from
+    tensor values, answered for the inputs the trace stands for."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    saved = []
+    for module_name, name in functions:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def real(*args, _original=original, **kwargs):
+            with unset_fake_temporarily():
+                return _original(*args, **kwargs)
+        saved.append((module, name, original))
+        setattr(module, name, real)
+    for module_name, name, fn in replacements:
+        module = importlib.import_module(module_name)
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, fn)
+    try:
+        yield
+    finally:
+        for module, name, original in reversed(saved):
+            setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def fake_tensors(mode=None, real_functions=(), replacements=()):
+    """Run under `mode` (default: a new_fake_mode()) with Tensor subclasses supported; errors
+    become one-line TraceErrors. Re-enter the same mode to keep using tensors made under it.
+    `real_functions` / `replacements`: see _replaced."""
+    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                               UnsupportedOperatorException)
+
+    try:
+        with (mode or new_fake_mode()), _fake_subclasses(), _replaced(real_functions, replacements):
+            yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as e:
+        raise TraceError(f"{e.func if hasattr(e, 'func') else e} depends on tensor values "
+                         "(data-dependent shape or .item()), which a fake-tensor trace cannot know") from None
+    except UnsupportedOperatorException as e:
+        raise TraceError(f"operator {e.func} has no fake-tensor (meta) implementation") from None
+
+
+def trace_step(build: Callable[[], nn.Module], make_batch: Callable[[], Any], *, loss_fn: Callable | None = None,
+               optimizer=None, train: bool = True, host_is_device: bool = True) -> StepMemory:
+    """Predicted StepMemory of one steady-state step (optimizer state already allocated, as in
+    every step but the first), `loss_fn(output, batch)` and `optimizer` as in measure_step."""
+    with fake_tensors():
+        model = build()
+        return trace_built(model, make_batch, loss_fn=loss_fn, optimizer=optimizer, train=train,
+                           host_is_device=host_is_device)
+
+
+@contextlib.contextmanager
+def _count_rng_stash(tracker: StorageTracker):
+    """Checkpointing stashes the CPU RNG state (torch.get_rng_state(): 5056 bytes of host memory)
+    per checkpointed block, made in C++ where no dispatch mode sees it: counted here."""
+    original = torch.get_rng_state
+
+    def get_rng_state():
+        return tracker.track(original())
+    torch.get_rng_state = get_rng_state
+    try:
+        yield
+    finally:
+        torch.get_rng_state = original
+
+
+def trace_built(model: nn.Module, make_batch: Callable[[], Any], *, loss_fn: Callable | None = None,
+                optimizer=None, train: bool = True, host_is_device: bool = True) -> StepMemory:
+    """trace_step for a model already built under `fake_tensors()` (call inside that context):
+    one fake model can be stepped at several batch shapes. `host_is_device`: the run is on CPU,
+    so host tensors (checkpointing's CPU RNG stash) take the same memory (False for CUDA)."""
+    batch = make_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _make_optimizer(optimizer, params)
+    if opt is not None and not opt.state:
+        # the optimizer's state, as a first step creates it, without the forward/backward
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.train(train)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # storages die by reference counts; the cyclic collector would only slow the trace
+    tracker = StorageTracker()
+    try:
+        with _count_rng_stash(tracker) if host_is_device else contextlib.nullcontext():
+            result = _measured_step(model, batch, loss_fn or default_loss, opt, params, torch.device("cpu"),
+                                    tracker=tracker)
+    finally:
+        model.train(was_training)
+        if gc_was_enabled:
+            gc.enable()
+    result.step_seconds, result.step_seconds_method = None, ""
+    result.device = "predicted"
+    return result
+
+
+_EXTRAPOLATED = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer",
+                 "activations", "peak", "inputs", "trainable_params", "total_params")
+
+
+def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> StepMemory:
+    """Byte counts at `layers` blocks from traces at `la` and `lb` blocks (linear in the count)."""
+    values = {f.name: getattr(b, f.name) for f in fields(StepMemory)}
+    for k in _EXTRAPOLATED:
+        va, vb = getattr(a, k), getattr(b, k)
+        if va is not None and vb is not None:
+            values[k] = int(round(vb + (vb - va) * (layers - lb) / (lb - la)))
+    values["dtypes"] = {k: int(round(v + (v - a.dtypes.get(k, 0)) * (layers - lb) / (lb - la)))
+                        for k, v in b.dtypes.items()}
+    return StepMemory(**values)
+
+
+def trace_layers(build: Callable[[int], nn.Module], make_batch: Callable[[], Any], *, layers: int, period: int = 1,
+                 **kwargs) -> StepMemory:
+    """trace_step of a model with `layers` repeated blocks, from `build(n)` at n = 2 * period and
+    3 * period blocks (or the whole model when it has no more than that)."""
+    if layers <= 3 * period:
+        return trace_step(lambda: build(layers), make_batch, **kwargs)
+    a = trace_step(lambda: build(2 * period), make_batch, **kwargs)
+    b = trace_step(lambda: build(3 * period), make_batch, **kwargs)
+    return extrapolate(a, b, 2 * period, 3 * period, layers)

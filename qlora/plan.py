@@ -1,0 +1,608 @@
+"""Plan a training run's memory from a config.json alone: the model `qlora train` would build,
+traced on fake tensors (memprofile.trace), no weights and no device.
+
+    from qlora.plan import RunSettings, Planner
+    p = Planner("docs/configs/llama-3.1-8b.json", RunSettings())    # qlora train's defaults
+    p.estimate(batch=1, seq=2048).bytes()        # the seven categories, predicted
+    p.largest_batch(24 * 2**30, seq=2048)        # micro-batch that fits
+    p.longest_seq(24 * 2**30)                    # longest sequence at batch 1
+
+    qlora plan --model docs/configs/llama-3.1-8b.json --memory 24GiB --seq 2048 --effective-batch 16
+
+The model is built as training builds it: transformers `AutoModelFor*.from_config`, then
+`qlora.modes.build_for_mode` (qlora: `qlora.quantize_model`, NF4 + double quantization; LoRA via
+`qlora.add_lora`; `-ckpt`: non-reentrant checkpointing of every block), the loss qlora trains with
+(chunked head + cross-entropy, `qlora.losses.causal_lm_loss`, or the model's own) and the optimizer
+(torch AdamW, bitsandbytes AdamW8bit; paged AdamW8bit is traced as AdamW8bit: its state is
+resident until the driver pages it out). Defaults are `qlora train`'s (COMMON decisions):
+RunSettings' field defaults.
+
+Repeated blocks: traced with `period` and `2 * period` blocks and extrapolated (memprofile.trace).
+Mixture of experts: transformers' default experts kernel ("grouped_mm") sorts all tokens x top_k
+routed copies into one buffer, so memory does not depend on the routing: the balanced and the
+worst case (every token to the same experts) are the same bytes. A model whose step depends on
+tensor values (an "eager" expert loop, `.item()`) gets a one-line QLoRAError.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+
+from qlora.config import LoraConfig, dtype_name, parse_dtype
+from qlora.errors import QLoRAError
+
+TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
+         "image-cls": "AutoModelForImageClassification"}
+LOSSES = ("chunked", "model")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+MODES = ("full", "head", "lora", "qlora")
+# bitsandbytes computes its 8-bit code book (quantize_blockwise, 8-bit optimizers) with
+# data-dependent ops: a tiny constant, computed for real during a trace
+REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
+# transformers reads the position ids to detect packed sequences (then it builds an explicit
+# attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
+# step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
+REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+
+
+def _adamw8bit_cpu(*args, **kwargs):
+    """bitsandbytes' CPU 8-bit optimizer update is torch code (fp32 copies of both moments, the
+    gradient and the parameter, per tensor): traced as such on CPU, where the fused CUDA kernel
+    (no scratch) is the fake kernel's picture."""
+    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+    return _optimizer_update_8bit_blockwise_cpu(*args, **kwargs)
+
+
+def replacements(settings: "RunSettings") -> tuple:
+    cpu = (("bitsandbytes.functional", "optimizer_update_8bit_blockwise", _adamw8bit_cpu),)
+    return REPLACEMENTS + (cpu if settings.device == "cpu" and settings.optimizer != "adamw" else ())
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the training run will use; every default is `qlora train`'s."""
+
+    mode: str = "qlora"
+    """full | head | lora | qlora (NF4 4-bit base, double quantization, blocksize 64)."""
+    checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every block (qlora.prepare_for_training)."""
+    loss: str = "chunked"
+    """chunked: qlora.losses' chunked head + cross-entropy; model: the model's own loss (full logits)."""
+    loss_chunk_size: int = 256
+    """Tokens per chunk of the chunked loss."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit | paged_adamw8bit."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA alpha (no effect on memory)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout: > 0 makes each adapted layer save a dropped copy of its input."""
+    target_modules: Union[str, tuple] = "all-linear"
+    """LoRA targets: all-linear or module-name suffixes."""
+    compute_dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32: weights, adapters, compute."""
+    device: str = "cuda"
+    """Device the run will use: resolves compute_dtype auto."""
+    task: str = "causal-lm"
+    """causal-lm | seq-cls | image-cls."""
+
+    def __post_init__(self):
+        choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
+                   "device": ("cuda", "cpu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name in ("lora_r", "loss_chunk_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
+        if not isinstance(self.checkpointing, bool):
+            raise QLoRAError(f"checkpointing={self.checkpointing!r}: must be true or false")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype)
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self.lora()  # validates rank, alpha, dropout, targets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        return parse_dtype(self.compute_dtype)
+
+    @property
+    def configuration(self) -> str:
+        return self.mode + ("-ckpt" if self.checkpointing else "")
+
+    def lora(self, head: Optional[str] = None) -> LoraConfig:
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, dtype=self.dtype,
+                          modules_to_save=[head] if head else None)
+
+    def with_configuration(self, configuration: str) -> "RunSettings":
+        base, _, ckpt = configuration.partition("-")
+        if base not in MODES or ckpt not in ("", "ckpt"):
+            raise QLoRAError(f"configuration {configuration!r}: use full, head, lora or qlora, optionally with -ckpt")
+        return replace(self, mode=base, checkpointing=ckpt == "ckpt")
+
+    def describe(self) -> str:
+        loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
+        if self.task != "causal-lm":
+            loss = "the model's own loss"
+        lora = (f"LoRA r={self.lora_r} alpha={self.lora_alpha:g} dropout={self.lora_dropout:g} on "
+                f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "
+                if self.mode in ("lora", "qlora") else "")
+        quant = "NF4 4-bit base (double quant, blocksize 64); " if self.mode == "qlora" else ""
+        return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
+                f"checkpointing {'on (non-reentrant)' if self.checkpointing else 'off'}; {loss}; "
+                f"{self.optimizer}; no activation offload")
+
+
+# ------------------------------------------------------------------------------ config
+def load_config(config):
+    """A transformers PretrainedConfig from a config object, dict, config.json path or model folder."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise QLoRAError(f"cannot read the model config {path}: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise QLoRAError("the config needs a 'model_type' (e.g. 'llama', 'qwen3', 'bert', 'vit')")
+    config = dict(config)
+    model_type = config.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as e:
+        first = str(e).splitlines()[0].split(". Should contain one of")[0]   # not the list of every known type
+        raise QLoRAError(f"transformers cannot build model_type {model_type!r} ({first}); a newer transformers may "
+                         "know it, or the config.json is not a Hugging Face model config") from None
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers"))
+
+
+def layer_period(config) -> int:
+    """The shortest repeating pattern of `config.layer_types` (1 when every block is the same)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    for p in range(1, len(types) + 1):
+        if all(types[i] == types[i % p] for i in range(len(types))):
+            return p
+    return 1
+
+
+def with_layers(config, n: int):
+    """A copy of `config` with `n` blocks; per-layer lists (layer_types, ...) cut to n."""
+    total = num_layers(config)
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = n
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(out, key, value[:n])
+    return out
+
+
+def _head_name(config, task: str) -> Optional[str]:
+    """The new task head that trains beside the adapters (classification), None for causal LM."""
+    if task == "causal-lm":
+        return None
+    return "classifier" if task == "image-cls" or getattr(config, "model_type", "") in (
+        "bert", "roberta", "vit", "distilbert", "deit") else "score"
+
+
+# ------------------------------------------------------------------------------ the run
+def model_class(task: str):
+    import transformers
+    return getattr(transformers, TASKS[task])
+
+
+def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
+    """The model as `qlora train` builds it. `path`: load real weights from this folder; else
+    from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
+    from qlora.modes import build_for_mode
+
+    cls, dtype = model_class(settings.task), settings.dtype
+
+    def load_float():
+        if path is not None:
+            return cls.from_pretrained(path, dtype=dtype)
+        if init:
+            return cls.from_config(config, dtype=dtype)
+        from transformers.initialization import no_init_weights
+        with no_init_weights():
+            model = cls.from_config(config, dtype=dtype)
+        model.tie_weights()  # no_init_weights skips the tying that init_weights does
+        return model
+
+    def load_4bit():
+        if path is not None:
+            from qlora.quant import load_4bit as load
+            return load(path, cls, compute_dtype=dtype)
+        from qlora.quant import quantize_model
+        return quantize_model(load_float(), compute_dtype=dtype)
+
+    head = _head_name(config, settings.task)
+    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit,
+                          lora=settings.lora(head), head=[head] if head else None)
+
+
+def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
+    """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
+    gen = torch.Generator().manual_seed(seed)
+    if task == "image-cls":
+        pixels = torch.randn(batch, config.num_channels, seq, seq, generator=gen)
+        return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    if task == "causal-lm":
+        return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+
+
+def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
+    """make_batch's shapes and dtypes, built under fake tensors (values do not matter)."""
+    if task == "image-cls":
+        return {"pixel_values": torch.zeros(batch, config.num_channels, seq, seq, dtype=dtype),
+                "labels": torch.zeros(batch, dtype=torch.long)}
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
+    return {"input_ids": ids, "labels": labels}
+
+
+def loss_fn(settings: RunSettings):
+    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it."""
+    if settings.task != "causal-lm" or settings.loss == "model":
+        return None
+    from qlora.losses import causal_lm_loss
+    size = settings.loss_chunk_size
+
+    def chunked(model, batch):
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
+    chunked.takes_model = True
+    return chunked
+
+
+def optimizer(settings: RunSettings):
+    """Optimizer factory as qlora.train.make_optimizer builds it on the run's device (torch picks
+    the foreach AdamW on CUDA: its temporaries are per parameter group; paged: as AdamW8bit)."""
+    if settings.optimizer == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=1e-5, foreach=settings.device == "cuda")
+    import bitsandbytes as bnb
+    return lambda params: bnb.optim.AdamW8bit(params, lr=1e-5)
+
+
+def measured_optimizer(settings: RunSettings):
+    from qlora.train import TrainConfig, make_optimizer
+    cfg = TrainConfig(optimizer=settings.optimizer, lr=1e-5)
+    return lambda params: make_optimizer(params, cfg)
+
+
+# ------------------------------------------------------------------------------ the planner
+class Planner:
+    """Predicted memory of one training step of `config` under `settings`, at any batch and seq.
+
+    The fake models (period and 2*period blocks) are built once and stepped at each shape asked
+    for; results are cached."""
+
+    def __init__(self, config, settings: RunSettings = RunSettings()):
+        self.config = load_config(config)
+        self.settings = settings
+        self.layers = num_layers(self.config)
+        self.period = layer_period(self.config)
+        self._models: dict = {}
+        self._cache: dict = {}
+
+    def _fake_model(self, n: int, seq: int):
+        from memprofile.trace import fake_tensors, new_fake_mode
+        key = (n, seq if self.settings.task == "image-cls" else None)
+        if key not in self._models:
+            cfg = with_layers(self.config, n)
+            if self.settings.task == "image-cls":
+                cfg.image_size = seq
+            mode = new_fake_mode()
+            with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+                model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
+            self._models[key] = (mode, model)
+        return self._models[key]
+
+    def _traced(self, fn, what: str):
+        from memprofile.trace import TraceError
+        try:
+            return fn()
+        except QLoRAError:
+            raise
+        except TraceError as e:
+            raise QLoRAError(f"{self.config.model_type} ({self.settings.configuration}): cannot trace {what}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any failure inside transformers/bitsandbytes: one line
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise QLoRAError(f"{self.config.model_type} ({self.settings.configuration}): cannot trace {what}: "
+                             f"{type(e).__name__}: {msg}") from None
+
+    def _step(self, n: int, batch: int, seq: int):
+        from memprofile.trace import fake_tensors, trace_built
+        mode, model = self._fake_model(n, seq)
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+            return self._traced(lambda: trace_built(
+                model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
+                loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings),
+                host_is_device=self.settings.device == "cpu"), "the training step")
+
+    def estimate(self, batch: int, seq: int):
+        """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
+        from memprofile.trace import extrapolate
+        if (batch, seq) not in self._cache:
+            p, L = self.period, self.layers
+            if L <= 3 * p:
+                result = self._step(L, batch, seq)
+            else:  # from the 2nd block on, each adds the same bytes (the 1st differs: measured)
+                result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L)
+            self._cache[(batch, seq)] = result
+        return self._cache[(batch, seq)]
+
+    def fits(self, budget: int, batch: int, seq: int) -> bool:
+        return self.estimate(batch, seq).peak <= budget
+
+    def largest_batch(self, budget: int, seq: int, max_batch: int = 4096) -> int:
+        """Largest batch whose predicted peak fits (0: not even 1). The peak is close to affine
+        in the batch: the line through batches 1 and 2 gives the guess, checked and stepped."""
+        if not self.fits(budget, 1, seq):
+            return 0
+        peak = lambda b: self.estimate(b, seq).peak  # noqa: E731
+        lo, hi, guess = 1, None, 2
+        while hi is None:  # beyond the known points the line under-estimates: jump to its crossing
+            b = min(max(guess, lo + 1), max_batch)
+            if not self.fits(budget, b, seq):
+                hi = b
+            elif b == max_batch:
+                return b
+            else:
+                lo = b
+                slope = (peak(b) - peak(1)) / (b - 1)
+                guess = max_batch if slope <= 0 else b + max(1, int((budget - peak(b)) // slope))
+        while hi - lo > 1:  # between the points the chord over-estimates: its crossing fits
+            cut = lo + int((budget - peak(lo)) * (hi - lo) // max(peak(hi) - peak(lo), 1))
+            mid = min(max(cut, lo + 1), hi - 1)
+            if self.fits(budget, mid, seq):
+                lo = mid
+                if mid + 1 < hi and not self.fits(budget, mid + 1, seq):
+                    hi = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def longest_seq(self, budget: int, batch: int = 1, step: int = 256, max_seq: Optional[int] = None,
+                    start: int = 2048) -> int:
+        """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
+        `step`), up to the model's max_position_embeddings. The peak is close to a quadratic in
+        the length (attention's scores and masks): a parabola through three estimates gives the
+        guess, then the bracket is narrowed the same way."""
+        limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
+        limit = max(step, limit // step * step)
+        peak = lambda s: self.estimate(batch, s).peak  # noqa: E731
+        fits = lambda s: peak(s) <= budget  # noqa: E731
+        if not fits(step):
+            return 0
+        if fits(limit):
+            return limit
+        lo, hi = step, limit
+        pts = [step]
+        s = min(max(start // step * step, 2 * step), limit)
+        while s < limit and fits(s):     # grow geometrically until a length does not fit
+            lo, pts = s, pts + [s]
+            s = min(4 * s, limit)
+        hi = min(hi, s)
+        pts = sorted(set(pts[-2:] + [hi]))
+        while hi - lo > step:
+            guess = _parabola_crossing([(x, peak(x)) for x in pts], budget)
+            mid = min(max(int(guess) // step * step if guess else (lo + hi) // 2 // step * step, lo + step), hi - step)
+            if fits(mid):
+                lo = mid
+                if mid + step < hi and not fits(mid + step):
+                    return mid
+            else:
+                hi = mid
+            pts = sorted(set([lo, hi] + pts[-1:]))[-3:]
+        return lo
+
+
+def _parabola_crossing(points, level: float) -> Optional[float]:
+    """x where the parabola (or line) through the (x, y) points reaches `level`, if it does."""
+    import numpy as np
+    xs, ys = zip(*points)
+    coef = np.polyfit(xs, ys, min(2, len(xs) - 1))
+    roots = [r.real for r in np.roots(np.concatenate([coef[:-1], [coef[-1] - level]])) if abs(r.imag) < 1e-9]
+    inside = [r for r in roots if min(xs) <= r <= max(xs) * 1.0001]
+    return max(inside) if inside else None
+
+
+def recommend(planners: dict, budget: int, seq: int, effective_batch: int) -> Optional[dict]:
+    """Micro-batch, accumulation and checkpointing for `effective_batch` examples per step: without
+    checkpointing when a micro-batch of at least half the checkpointed one fits (it is ~30 %
+    faster), else with it. planners: {configuration: Planner} of one mode."""
+    best = None
+    for conf, planner in planners.items():
+        largest = planner.largest_batch(budget, seq)
+        if largest == 0:
+            continue
+        accum = math.ceil(effective_batch / min(largest, effective_batch))
+        micro = math.ceil(effective_batch / accum)
+        option = {"configuration": conf, "micro_batch": micro, "grad_accum": accum,
+                  "checkpointing": planner.settings.checkpointing, "largest_batch": largest,
+                  "peak": planner.estimate(micro, seq).peak}
+        if best is None or (not option["checkpointing"] and 2 * option["micro_batch"] >= best["micro_batch"]) \
+                or (best["checkpointing"] is False and option["micro_batch"] > 2 * best["micro_batch"]):
+            best = option
+    return best
+
+
+def fsdp_per_rank(estimate, world_size: int, largest_block_bytes: int) -> dict:
+    """Per-rank bytes under FSDP (a formula, not a trace): weights, gradients and optimizer state
+    sharded over `world_size`, plus one block's all-gathered parameters (the largest block's
+    unsharded bytes), activations as on one device."""
+    b = estimate.bytes()
+    sharded = {k: math.ceil(b[k] / world_size) for k in
+               ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer")}
+    saved = sum(b[k] - sharded[k] for k in sharded)
+    out = {**sharded, "activations": b["activations"], "all_gather": largest_block_bytes}
+    out["peak"] = b["peak"] - saved + largest_block_bytes
+    return out
+
+
+def _largest_block_bytes(planner: Planner) -> int:
+    """Unsharded bytes of one block's parameters (what FSDP all-gathers at a time): the increment
+    between the traced models' weights."""
+    p = planner.period
+    if planner.layers <= 3 * p:
+        e = planner.estimate(1, 64)
+        return sum(e.bytes()[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable")) // planner.layers
+    a, b = planner._step(2 * p, 1, 64), planner._step(3 * p, 1, 64)
+    w = lambda e: sum(e.bytes()[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable"))  # noqa: E731
+    return (w(b) - w(a)) // p
+
+
+def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
+         configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1) -> dict:
+    """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
+    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode."""
+    import time
+    t0 = time.perf_counter()
+    config = load_config(config)
+    image = settings.task == "image-cls"
+    planners, rows = {}, []
+    for conf in configurations:
+        s = settings.with_configuration(conf)
+        planners[conf] = planner = Planner(config, s)
+        e = planner.estimate(1, seq)
+        row = {"configuration": conf, "peak_batch1": e.peak, "bytes": e.bytes(), "peak_at": e.peak_at,
+               "largest_batch": planner.largest_batch(budget, seq),
+               "longest_seq": None if image else planner.longest_seq(budget, start=seq),
+               "trainable_params": e.trainable_params, "total_params": e.total_params}
+        if world_size > 1:
+            row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
+        rows.append(row)
+    mode = settings.mode
+    own = {c: Planner(config, settings.with_configuration(c)) if c not in planners else planners[c]
+           for c in (mode, mode + "-ckpt")}
+    rec = recommend(own, budget, seq, effective_batch)
+    moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return {"model": getattr(config, "_name_or_path", "") or config.model_type, "model_type": config.model_type,
+            "budget": budget, "seq": seq, "effective_batch": effective_batch, "world_size": world_size,
+            "assumed": settings, "rows": rows, "recommendation": rec, "moe": bool(moe),
+            "seconds": time.perf_counter() - t0}
+
+
+def format_plan(result: dict) -> str:
+    """The plan as the CLI prints it: assumptions, one table row per configuration, the advice."""
+    from memprofile.report import human
+    s: RunSettings = result["assumed"]
+    lines = [f"{result['model_type']}: budget {human(result['budget'])} per device, seq {result['seq']}, "
+             f"{s.device}; predicted by tracing the model on fake tensors "
+             f"({result['seconds']:.1f} s)",
+             f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
+    if result["moe"]:
+        lines.append("mixture of experts: the grouped_mm experts kernel processes all tokens x top_k in one "
+                     "buffer, so balanced and worst-case routing take the same memory")
+    lines += ["", "| configuration | peak at batch 1 | largest batch at seq | longest seq at batch 1 | "
+                  "weights | grads + optimizer | activations (batch 1) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        b = r["bytes"]
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        longest = "-" if r["longest_seq"] is None else (str(r["longest_seq"]) if r["longest_seq"] else "does not fit")
+        lines.append(f"| {r['configuration']} | {human(r['peak_batch1'])} | "
+                     f"{r['largest_batch'] or 'does not fit'} | {longest} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    if result["world_size"] > 1:
+        n = result["world_size"]
+        lines += ["", f"FSDP over {n} ranks (a formula, not a trace: weights, gradients and optimizer state / {n}, "
+                      "+ the largest block's unsharded parameters all-gathered, activations unchanged):", "",
+                  "| configuration | per-rank peak at batch 1 | sharded state | all-gather buffer |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            f = r["fsdp"]
+            state = sum(f[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
+            lines.append(f"| {r['configuration']} | {human(f['peak'])} | {human(state)} | {human(f['all_gather'])} |")
+    rec = result["recommendation"]
+    lines.append("")
+    if rec is None:
+        lines.append(f"recommendation: {s.mode} does not fit in {human(result['budget'])} at seq {result['seq']}, "
+                     "even at batch 1 with checkpointing; shorten --seq or use more memory")
+    else:
+        eff = rec["micro_batch"] * rec["grad_accum"]
+        lines.append(f"recommendation for {s.mode} (effective batch {result['effective_batch']}): "
+                     f"train.batch_size={rec['micro_batch']} train.grad_accum={rec['grad_accum']} "
+                     f"gradient_checkpointing={'true' if rec['checkpointing'] else 'false'} "
+                     f"(predicted peak {human(rec['peak'])}"
+                     + (f"; {eff} examples per step" if eff != result["effective_batch"] else "") + ")")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ qlora train
+def settings_of(model, train_config) -> RunSettings:
+    """The RunSettings of a model built for training: mode from its layers (4-bit / LoRA / all or
+    some parameters trainable), LoRA from model.qlora_config, checkpointing as it is on, the
+    optimizer from the TrainConfig. The loss is assumed chunked (qlora train's causal-LM loss)."""
+    from qlora.checkpointing import is_checkpointing
+    from qlora.lora import LoRALayer
+    modules = list(model.modules())
+    lora = getattr(model, "qlora_config", None)
+    if any(type(m).__name__ in ("Linear4bit", "LinearNF4") for m in modules):
+        mode = "qlora"
+    elif any(isinstance(m, LoRALayer) for m in modules):
+        mode = "lora"
+    else:
+        mode = "full" if all(p.requires_grad for p in model.parameters()) else "head"
+    task = {"ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
+    name = type(model).__name__
+    fields = dict(mode=mode, checkpointing=is_checkpointing(model), optimizer=train_config.optimizer,
+                  device="cuda" if torch.cuda.is_available() else "cpu",
+                  task=next((t for suffix, t in task.items() if name.endswith(suffix)), "causal-lm"),
+                  compute_dtype=dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    if lora is not None:
+        fields.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=lora.target_modules if isinstance(lora.target_modules, str)
+                      else tuple(lora.target_modules))
+    return RunSettings(**fields)
+
+
+def fit_to_budget(model, train_set, collate, train_config, budget: int):
+    """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
+    per step fit in `budget` bytes, the predicted peak at that micro-batch). The sequence length
+    is that of a collated batch of the configured size."""
+    from dataclasses import replace as dc_replace
+    settings = settings_of(model, train_config)
+    sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
+    x = sample.get("input_ids", sample.get("pixel_values"))
+    seq = int(x.shape[-1])
+    planner = Planner(model.config, settings)
+    effective = train_config.batch_size * train_config.grad_accum
+    largest = planner.largest_batch(budget, seq, max_batch=effective)
+    if largest == 0:
+        raise QLoRAError(f"train.memory_budget: even batch 1 at length {seq} is predicted to need "
+                         f"{planner.estimate(1, seq).peak / 2**30:.2f} GiB ({settings.describe()}); raise the budget, "
+                         "shorten max_length, or turn gradient checkpointing on")
+    accum = math.ceil(effective / largest)
+    micro = math.ceil(effective / accum)
+    return dc_replace(train_config, batch_size=micro, grad_accum=accum), planner.estimate(micro, seq).peak
+
+
+def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:
+    """A warning line when the first step's measured peak is more than `tolerance` from the plan."""
+    if not measured or not predicted or abs(measured - predicted) <= tolerance * measured:
+        return None
+    return (f"memory: the first step peaked at {measured / 2**30:.2f} GiB, the plan predicted "
+            f"{predicted / 2**30:.2f} GiB ({(predicted - measured) / measured:+.0%}); the plan assumes the "
+            "chunked loss and full-length batches")

@@ -1,0 +1,130 @@
+"""qlora.plan: the model as qlora train builds it, traced on fake tensors, against the measured step.
+
+Bounds are the README's ("Where does the memory go?"): peak within 5 %, every other category
+within 2 %. The default suite checks one row per architecture; `-m slow` runs the whole sweep of
+benchmarks/memory_sweep.py (8 architectures x 5 configurations x 2 batches x 2 lengths x
+chunked/model loss x AdamW/8-bit AdamW).
+"""
+import pytest
+import torch
+
+from benchmarks.memory_sweep import REQUIRED, TINY, rows_for
+from qlora.errors import QLoRAError
+from qlora.plan import Planner, RunSettings, check_prediction, fit_to_budget, fsdp_per_rank, load_config
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
+PEAK_BOUND, CATEGORY_BOUND = 5.0, 2.0   # percent
+
+
+def assert_rows(rows):
+    assert rows
+    for r in rows:
+        for k, err in r["error_pct"].items():
+            bound = PEAK_BOUND if k == "peak" else CATEGORY_BOUND
+            assert abs(err) <= bound, (r["arch"], r["config"], r["loss"], r["optimizer"], r["batch"], r["seq"], k, err)
+
+
+@pytest.mark.parametrize("arch,conf,loss,opt,batch,seq", [
+    ("llama", "qlora-ckpt", "chunked", "adamw", 2, 64), ("llama", "full", "model", "adamw8bit", 1, 32),
+    ("qwen3", "qlora", "chunked", "adamw", 2, 32), ("gemma2", "lora-ckpt", "chunked", "adamw", 1, 64),
+    ("phi3", "qlora-ckpt", "model", "adamw", 2, 32), ("gpt_neox", "lora", "chunked", "adamw8bit", 2, 32),
+    ("mixtral", "qlora-ckpt", "chunked", "adamw", 2, 32), ("bert", "qlora", "model", "adamw", 2, 32),
+    ("vit", "lora-ckpt", "model", "adamw", 2, 32)])
+def test_planner_predicts_the_measured_step(arch, conf, loss, opt, batch, seq):
+    assert_rows(rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=((loss, opt),)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", REQUIRED)
+def test_the_whole_sweep_is_within_the_bounds(arch):
+    assert_rows(rows_for(arch))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config(TINY["llama"])
+
+
+def test_largest_batch_and_longest_seq_are_the_edges(tiny):
+    planner = Planner(tiny, RunSettings(device="cpu"))
+    budget = planner.estimate(3, 64).peak + 1000           # batch 3 just fits at seq 64
+    b = planner.largest_batch(budget, 64)
+    assert b == 3 and planner.estimate(4, 64).peak > budget
+    s = planner.longest_seq(budget, step=32)
+    assert s >= 64 * 3 - 32 and planner.estimate(1, s).peak <= budget < planner.estimate(1, s + 32).peak
+    assert planner.largest_batch(100, 64) == 0
+
+
+def test_more_layers_cost_what_the_extrapolation_says(tiny):
+    """The 4-block model is predicted from 2 and 3 blocks; a 3-block trace is exact by itself."""
+    p4 = Planner(tiny, RunSettings(device="cpu")).estimate(1, 32)
+    p3 = Planner(load_config({**TINY["llama"], "num_hidden_layers": 3}), RunSettings(device="cpu")).estimate(1, 32)
+    p5 = Planner(load_config({**TINY["llama"], "num_hidden_layers": 5}), RunSettings(device="cpu")).estimate(1, 32)
+    assert p5.weights_quantized - p4.weights_quantized == p4.weights_quantized - p3.weights_quantized > 0
+
+
+def test_fit_to_budget_picks_micro_batch_and_accumulation(tiny):
+    import qlora
+    from qlora.plan import build
+    from qlora.train import TrainConfig
+    settings = RunSettings(device="cpu")
+    model = build(tiny, settings)
+    planner = Planner(tiny, settings)
+    budget = planner.estimate(2, 16).peak + 100
+    data = [{"input_ids": torch.zeros(16, dtype=torch.long)} for _ in range(8)]
+
+    def collate(rows):
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids}
+    cfg, peak = fit_to_budget(model, data, collate, TrainConfig(batch_size=8, grad_accum=1), budget)
+    assert (cfg.batch_size, cfg.grad_accum) == (2, 4) and peak <= budget
+    assert check_prediction(100, 105) is None and "+20%" in check_prediction(100, 120)
+    with pytest.raises(QLoRAError, match="memory_budget"):
+        fit_to_budget(model, data, collate, TrainConfig(batch_size=8), 1000)
+    assert qlora.QLoRAError is QLoRAError
+
+
+def test_fsdp_shards_state_and_adds_one_block():
+    class E:
+        def bytes(self):
+            return {"weights_quantized": 400, "weights_frozen": 100, "weights_trainable": 40, "gradients": 40,
+                    "optimizer": 80, "activations": 300, "peak": 1200}
+    f = fsdp_per_rank(E(), 4, 50)
+    assert f["weights_quantized"] == 100 and f["optimizer"] == 20 and f["activations"] == 300
+    assert f["peak"] == 1200 - (660 - 165) + 50
+
+
+@pytest.mark.parametrize("field,value", [("mode", "dora"), ("loss", "fast"), ("optimizer", "sgd"),
+                                         ("lora_r", 0), ("loss_chunk_size", -1), ("lora_dropout", 1.0),
+                                         ("compute_dtype", "int8"), ("task", "translation")])
+def test_settings_are_validated(field, value):
+    with pytest.raises(QLoRAError):
+        RunSettings(**{field: value})
+
+
+def test_defaults_are_qlora_trains():
+    s = RunSettings()
+    assert (s.mode, s.checkpointing, s.loss, s.loss_chunk_size, s.optimizer) == ("qlora", True, "chunked", 256, "adamw")
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules) == (16, 16, 0.05, "all-linear")
+    assert s.dtype == torch.bfloat16 and RunSettings(device="cpu").dtype == torch.float32
+    assert "chunked loss (256 tokens)" in s.describe() and "no activation offload" in s.describe()
+
+
+@pytest.mark.slow
+def test_train_with_a_memory_budget_chooses_the_micro_batch(tiny, tmp_path):
+    from qlora.plan import build
+    from qlora.train import TrainConfig, train
+    settings = RunSettings(device="cpu")
+    model = build(tiny, settings)
+    budget = Planner(tiny, settings).estimate(2, 16).peak + 100
+    data = [{"input_ids": torch.full((16,), i % 7, dtype=torch.long)} for i in range(8)]
+
+    def collate(rows):
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids}
+
+    def loss_fn(m, batch):
+        return m(**batch).loss
+    result = train(model, data, collate, loss_fn, TrainConfig(batch_size=4, max_steps=1, memory_budget=str(budget),
+                                                               out_dir=str(tmp_path), progress=False))
+    assert result.steps == 1 and result.first_step_peak_bytes > 0
