@@ -120,11 +120,11 @@ class StepModule(torch.nn.Module):
         self.model, self.loss, self.context = model, loss, context
 
     def forward(self, input_ids, labels):
-        with self.context():
+        with self.context() as self.last_context:       # the offloader's stats, when offloading
             return self.loss(self.model, input_ids, labels)
 
 
-def build(v: dict, folder: str, dtype=torch.bfloat16) -> StepModule:
+def build(v: dict, folder: str, dtype=torch.bfloat16, random_init: bool = False) -> StepModule:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # autocast only where it changes something: bf16/fp16 compute (CPU autocast has no fp32 mode)
     autocast = (lambda: torch.autocast(device, dtype=dtype)) if v["autocast"] and dtype != torch.float32 \
@@ -149,7 +149,22 @@ def build(v: dict, folder: str, dtype=torch.bfloat16) -> StepModule:
         return StepModule(model, lambda m, ids, y: m(input_ids=ids, labels=y).loss, autocast)
     import qlora
     from qlora.losses import causal_lm_loss
-    model = qlora.load_4bit(folder, compute_dtype=dtype)
+    if random_init:     # no checkpoint on disk: random weights built on the device, quantized in place
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from qlora.quant import quantize_model
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+        finally:
+            torch.set_default_dtype(default)
+        model = quantize_model(model, compute_dtype=dtype)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        model = qlora.load_4bit(folder, compute_dtype=dtype)
     qlora.add_lora(model, qlora.LoraConfig(target_modules="all-linear", **LORA))
     blocks = None if v["blocks"] < 0 else v["blocks"]
     qlora.prepare_for_training(model, checkpointing=v["ckpt"], upcast_norms=v["upcast"],
@@ -171,7 +186,7 @@ def worker(args) -> dict:
     from memprofile.measure import measure_step_or_oom
     v = variant_settings(args.worker)
     torch.manual_seed(1)
-    step = build(v, args.folder, getattr(torch, args.dtype))
+    step = build(v, args.folder, getattr(torch, args.dtype), args.random_init)
     if args.longest:
         return longest_in_process(step, args)
     ids = torch.randint(0, CONFIG["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
@@ -181,7 +196,10 @@ def worker(args) -> dict:
         first_loss = step(**batch).item()     # eval: no dropout, so every variant gives the same loss
     step.train()
     m = measure_step_or_oom(step, batch, loss_fn=lambda out, b: out, warmup_steps=1, timed_steps=args.timed)
+    stats = getattr(getattr(step, "last_context", None), "stats", None)
+    offloaded = None if stats is None else {"tensors": stats.tensors, "bytes": stats.bytes, "kept": stats.kept}
     return {"variant": args.worker, "settings": v, "batch": args.batch, "seq": args.seq, "first_loss": first_loss,
+            "offloaded": offloaded,
             "fits": m.fits, "bytes": m.bytes(), "peak_method": m.peak_method, "step_seconds": m.step_seconds,
             "step_seconds_method": m.step_seconds_method}
 
@@ -191,24 +209,32 @@ def _device(module) -> torch.device:
 
 
 def longest_in_process(step, args) -> dict:
-    """CUDA: the longest batch-1 sequence whose step fits the budget, probed in this process.
+    """The longest batch-1 sequence whose step fits the budget, probed in this process.
 
-    The allocator is capped at the budget (set_per_process_memory_fraction), so a probe that would
-    need more fails with OOM like it would on a card of that size; a probe fits when the step ran
-    and max_memory_allocated stayed within the budget. Doubling from 1024, then bisection to 1024."""
+    CUDA: the allocator is capped at the budget (set_per_process_memory_fraction), so a probe that
+    would need more fails with OOM like it would on a card of that size; a probe fits when the step
+    ran and max_memory_allocated stayed within the budget. CPU: the allocator-event peak is exact,
+    no cap needed. One AdamW whose state exists before the first probe (a 128-token step made it),
+    so every probe is a steady-state step measured once. Doubling from --search-start, then
+    bisection to --search-step."""
     from memprofile.measure import measure_step_or_oom
     from qlora.cli import parse_size
     budget, device = parse_size(args.longest), _device(step)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    step.train()
+    opt = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-5)
+    warm = torch.randint(0, CONFIG["vocab_size"], (1, 128)).to(device)
+    measure_step_or_oom(step, {"input_ids": warm, "labels": warm}, loss_fn=lambda out, b: out, optimizer=opt,
+                        warmup_steps=1, timed_steps=0)
     probes = {}
 
     def fits(seq):
         ids = torch.randint(0, CONFIG["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(2)).to(device)
         t = time.perf_counter()
         m = measure_step_or_oom(step, {"input_ids": ids, "labels": ids}, loss_fn=lambda out, b: out,
-                                warmup_steps=0, timed_steps=0)
+                                optimizer=opt, warmup_steps=0, timed_steps=0)
         ok = bool(m.fits and m.peak is not None and m.peak <= budget)
         probes[seq] = {"fits": ok, "peak": m.peak, "seconds": time.perf_counter() - t,
                        "bytes": m.bytes() if m.fits else None}
@@ -217,21 +243,58 @@ def longest_in_process(step, args) -> dict:
         return ok
 
     t0 = time.perf_counter()
-    good, complete = search_longest(fits, args.search_start, CONFIG["max_position_embeddings"], 1024,
+    if args.fit_lengths:
+        good, complete, fit = fit_then_verify(fits, probes, [int(n) for n in args.fit_lengths.split(",")], budget,
+                                              args.search_step)
+        return {"variant": args.worker, "budget": budget, "longest_seq": good, "complete": complete,
+                "fit": fit, "probes": probes}
+    good, complete = search_longest(fits, args.search_start, CONFIG["max_position_embeddings"], args.search_step,
                                     in_time=lambda: time.perf_counter() - t0 < args.search_seconds)
     return {"variant": args.worker, "budget": budget, "longest_seq": good, "complete": complete, "probes": probes}
+
+
+def fit_then_verify(fits, probes: dict, lengths: list[int], budget: int, step: int) -> tuple[int, bool, dict]:
+    """For CPUs, where each long probe takes minutes: the peak is measured at a few short `lengths`, a
+    line peak = a + b·seq is fitted (the step's memory is linear in seq when attention keeps no
+    [seq, seq] tensor; the residuals are printed to show it), and the predicted longest length is then
+    verified by measurement: it must fit and the next multiple of `step` must not; if either fails,
+    the search walks by `step` until both hold."""
+    for n in lengths:
+        fits(n)
+    xs, ys = lengths, [probes[n]["peak"] for n in lengths]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    residual = max(abs(y - (a + b * x)) for x, y in zip(xs, ys))
+    predicted = int((budget - a) / b) // step * step
+    fit = {"bytes_at_zero": a, "bytes_per_token": b, "max_residual_bytes": residual, "predicted": predicted}
+    print(f"  fit: {a / 2**20:.1f} MiB + {b / 2**20:.4f} MiB/token (max residual {residual / 2**20:.2f} MiB) "
+          f"-> predicted longest {predicted}", file=sys.stderr, flush=True)
+    seq = predicted
+    if fits(seq):
+        while fits(seq + step):
+            seq += step
+        return seq, True, fit
+    seq -= step
+    while seq > 0 and not fits(seq):
+        seq -= step
+    return seq, seq > 0, fit
 
 
 def run_worker(spec: str, folder: str, batch: int, seq: int, opts, longest: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", spec, "--folder", folder, "--batch", str(batch), "--seq", str(seq),
            "--timed", str(opts.timed), "--dtype", opts.dtype, "--size", opts.size,
-           "--search-seconds", str(opts.search_seconds), "--search-start", str(opts.search_start)]
+           "--search-seconds", str(opts.search_seconds), "--search-start", str(opts.search_start),
+           "--search-step", str(opts.search_step), "--fit-lengths", opts.fit_lengths]
+    cmd += ["--random-init"] if opts.random_init else []
     cmd += ["--longest", longest] if longest else []
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    # a search's probes print to stderr as they end: passed through, so a log shows them even if it is stopped
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if longest else subprocess.PIPE, text=True,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
-        err = [l for l in out.stderr.strip().splitlines() if l.strip()]
-        return {"variant": spec, "error": err[-1] if err else f"exit {out.returncode}", "stderr": out.stderr[-3000:]}
+        err = [l for l in (out.stderr or "").strip().splitlines() if l.strip()]
+        return {"variant": spec, "error": err[-1] if err else f"exit {out.returncode}", "stderr": (out.stderr or "")[-3000:]}
     return json.loads(lines[-1])
 
 
@@ -255,10 +318,10 @@ def longest_seq(spec: str, folder: str, budget: int, opts, lo: int = 128, hi: in
 def search_longest(fits, start: int, hi: int, step: int, in_time=lambda: True) -> tuple[int, bool]:
     """(largest length that fits, whether the search finished): doubling from `start` up to `hi`,
     then bisection to `step`; stops early (complete=False) once `in_time()` turns false."""
-    good, bad, seq = 0, None, start
-    while bad is None and seq <= hi and in_time():
+    good, bad, seq = 0, None, min(start, hi)
+    while bad is None and good < hi and in_time():
         if fits(seq):
-            good, seq = seq, seq * 2
+            good, seq = seq, min(seq * 2, hi)         # the last doubling tries `hi` itself
         else:
             bad = seq
     while bad is not None and bad - good > step and in_time():
@@ -267,7 +330,7 @@ def search_longest(fits, start: int, hi: int, step: int, in_time=lambda: True) -
             good = mid
         else:
             bad = mid
-    return good, (bad is not None and bad - good <= step) or (bad is None and seq > hi)
+    return good, (bad is not None and bad - good <= step) or (bad is None and good == hi)
 
 
 # ------------------------------------------------------------------------------------------ the floor
@@ -388,10 +451,15 @@ def main() -> None:
     p.add_argument("--longest", default=None, help=argparse.SUPPRESS)
     p.add_argument("--longest-variants", default="peft,qlora", help="variants of the longest-context search")
     p.add_argument("--in-process", action="store_true",
-                   help="longest-context search inside one process per variant with the allocator capped at the "
-                        "budget (CUDA only; default: one fresh process per probe)")
+                   help="longest-context search inside one process per variant (CUDA: the allocator capped at the "
+                        "budget; CPU: the exact allocator-event peak; default: one fresh process per probe)")
     p.add_argument("--search-seconds", type=float, default=float("inf"), help=argparse.SUPPRESS)
     p.add_argument("--search-start", type=int, default=1024, help="first length of the in-process search")
+    p.add_argument("--search-step", type=int, default=1024, help="resolution of the in-process search")
+    p.add_argument("--fit-lengths", default="", help="in-process search: fit the peak at these lengths, then "
+                   "verify the predicted longest (CPU; e.g. 512,1024,2048)")
+    p.add_argument("--random-init", action="store_true",
+                   help="qlora variants: random weights built on the device, no model folder (the 8b search)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -408,7 +476,8 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     folder = Path(args.folder or Path(tempfile.gettempdir()) / f"qlora-bench-llama-{args.size}")
-    make_model(folder, CONFIG)
+    if not args.random_init:
+        make_model(folder, CONFIG)
     specs = (args.variants or (GPU_VARIANTS if torch.cuda.is_available() else CPU_VARIANTS)).split(",")
     for s in specs + args.longest_variants.split(","):
         variant_settings(s)          # fail on a typo before any run
