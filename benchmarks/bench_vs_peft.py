@@ -1,8 +1,10 @@
 """qlora vs the PEFT + bitsandbytes baselines people run: one QLoRA training step, same model, batch and LoRA.
 
     .venv/bin/python benchmarks/bench_vs_peft.py --dtype float32 --repeats 1 --timed 1     # CPU table
-    .venv/bin/python benchmarks/bench_vs_peft.py --variants peft,qlora --repeats 0 --budget 1GiB   # longest context
+    .venv/bin/python benchmarks/bench_vs_peft.py --dtype float32 --variants qlora --repeats 0 --budget 1GiB \
+        --in-process --search-step 128 --fit-lengths 512,1024,2048       # CPU longest context (fit, then verify)
     .venv/bin/python benchmarks/bench_vs_peft.py --size 1b --seq 2048 --json runs/bench.json      # GPU
+    (benchmarks/gpu.sh runs the GPU set; BENCHMARKS.md "Baselines (issue 16)" has each command's figures)
 
 Model: Llama-style, hidden 768, 8 layers, GQA 12/4 heads, MLP 2048, vocab 32,000, untied head
 (99.5M params), random bf16 weights written once to a temp folder (`--size 1b`: TinyLlama-1.1B's
