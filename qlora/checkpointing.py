@@ -95,14 +95,46 @@ def _is_transformers_model(model: nn.Module) -> bool:
         getattr(model, "gradient_checkpointing_enable", None))
 
 
-def enable_checkpointing(model: nn.Module, *, use_reentrant: bool = False) -> nn.Module:
-    """Turn on activation checkpointing for every block of ``model``; returns ``model``.
+def _chosen_blocks(blocks, n: int) -> set[int]:
+    """`blocks` (None: all; an int k: the first k; a list: those indices) -> the set of indices."""
+    if blocks is None:
+        return set(range(n))
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        if not 0 <= blocks <= n:
+            raise QLoRAError(f"enable_checkpointing: blocks={blocks} must be between 0 and {n} (the model's blocks)")
+        return set(range(blocks))
+    if isinstance(blocks, (list, tuple, set)) and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+        bad = [b for b in blocks if not 0 <= b < n]
+        if bad:
+            raise QLoRAError(f"enable_checkpointing: block index {bad[0]} out of range: the model has {n} blocks (0..{n - 1})")
+        return set(blocks)
+    raise QLoRAError(f"enable_checkpointing: blocks={blocks!r} must be None (all), a count, or a list of block indices")
+
+
+def _hf_blocks(model: nn.Module) -> list[nn.Module]:
+    """transformers' checkpointable layers (GradientCheckpointingLayer), in model order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:            # transformers < 4.53: no per-layer switch
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable_checkpointing(model: nn.Module, *, use_reentrant: bool = False, blocks=None) -> nn.Module:
+    """Turn on activation checkpointing for the blocks of ``model``; returns ``model``.
 
     transformers models: their own mechanism (``activation_checkpointing_enable``, called
     ``gradient_checkpointing_enable`` before transformers 5) with ``use_reentrant`` passed to
     torch. Any other ``nn.Module``: each child of its largest repeated ``nn.ModuleList`` (the
     stack of blocks) runs under ``torch.utils.checkpoint`` when ``model.training`` and grad is
     enabled. Idempotent. Inference (eval or no_grad) is unaffected.
+
+    ``blocks`` (speed for memory): None checkpoints every block; a count ``k`` the *first* k; a list
+    those block indices. A block left out keeps all its activations (per Llama block roughly
+    ``seq x (14 hidden + 4 intermediate + heads x seq for eager attention)`` values) instead of only its
+    input, and skips its recompute (~1/3 of its step time). The first blocks are the ones to checkpoint:
+    backward meets the last blocks first, frees their activations, and only then recomputes the
+    checkpointed ones, so one recompute never adds to the uncheckpointed blocks' activations.
     """
     if not isinstance(model, nn.Module):
         raise QLoRAError(f"enable_checkpointing needs a torch.nn.Module; got {type(model).__name__}")
@@ -126,6 +158,13 @@ def enable_checkpointing(model: nn.Module, *, use_reentrant: bool = False) -> nn
             # transformers >= 5 adds that hook unconditionally; non-reentrant checkpoint does not
             # need it, and it would make autograd carry a [batch, seq, hidden] grad for nothing.
             model.disable_input_require_grads()
+        layers = _hf_blocks(model)
+        if blocks is not None and not layers:
+            raise QLoRAError("enable_checkpointing: blocks= needs transformers' per-layer switch "
+                             "(GradientCheckpointingLayer, transformers >= 4.53); pass blocks=None")
+        chosen = _chosen_blocks(blocks, len(layers))
+        for i, layer in enumerate(layers):      # the per-layer switch transformers reads in forward
+            layer.gradient_checkpointing = i in chosen
         return model
 
     stacks = _repeated_module_lists(model)
@@ -135,9 +174,14 @@ def enable_checkpointing(model: nn.Module, *, use_reentrant: bool = False) -> nn
             f"checkpointing support and has no nn.ModuleList of >= 2 blocks of one type to checkpoint; "
             f"accepted: a transformers PreTrainedModel, or a module keeping its blocks in an nn.ModuleList "
             f"(prepare_for_training: pass checkpointing=False to train without it)")
-    _, blocks = stacks[0]
-    for block in blocks:
+    _, stack = stacks[0]
+    chosen = _chosen_blocks(blocks, len(stack))
+    for i, block in enumerate(stack):
         current = block.__dict__.get("forward")
+        if i not in chosen:
+            if isinstance(current, CheckpointedForward):
+                del block.__dict__["forward"]
+            continue
         if isinstance(current, CheckpointedForward):
             current.use_reentrant = use_reentrant  # already on: just update the mode
             continue
@@ -196,13 +240,14 @@ def _upcast_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def prepare_for_training(model: nn.Module, *, checkpointing: bool = True,
-                         upcast_norms: bool = False) -> nn.Module:
+                         upcast_norms: bool = False, checkpoint_blocks=None) -> nn.Module:
     """Get a (4-bit) model ready to train adapters on it; returns ``model``.
 
     * Freezes the parameters of quantized layers (bitsandbytes Linear4bit / Linear8bitLt: their
       packed weights and their biases). Every other parameter keeps the ``requires_grad`` the
       caller gave it: ``qlora.add_lora`` marks LoRA adapters and modules_to_save copies trainable.
-    * ``checkpointing=True``: :func:`enable_checkpointing` (non-reentrant).
+    * ``checkpointing=True``: :func:`enable_checkpointing` (non-reentrant), of the blocks
+      ``checkpoint_blocks`` selects (None: all; a count: the first k; a list of indices).
     * ``upcast_norms=True``: casts LayerNorm/RMSNorm, embeddings and the output head to fp32.
 
     The up-cast trade-off: PEFT's ``prepare_model_for_kbit_training`` casts every non-quantized
@@ -233,5 +278,5 @@ def prepare_for_training(model: nn.Module, *, checkpointing: bool = True,
                     # embed_tokens) stays the same; memory for it doubles from bf16.
                     p.data = p.data.float()
     if checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, blocks=checkpoint_blocks)
     return model

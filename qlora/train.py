@@ -87,7 +87,8 @@ class TrainConfig:
     progress: bool = True
     """Show the tqdm bar."""
     offload_activations: bool = False
-    """CUDA only: keep what autograd saves for backward in pinned CPU memory (less GPU memory, slower)."""
+    """CUDA only: keep what autograd saves for backward (with checkpointing: the block inputs) in pinned
+    CPU memory, copied on a side stream overlapping compute (qlora.offload): less GPU memory, some time."""
     fsdp: bool = False
     """Shard the model (4-bit base included), gradients and optimizer state over the processes with
     FSDP2 (qlora.fsdp; launch with torchrun / accelerate launch). The model is sharded in place: after
@@ -360,7 +361,7 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
             batch = _to(collate([train_set[i] for i in batches[b]]), accelerator.device)
             first = step == 0 and result.first_step_peak_bytes is None
             tracker = _FirstStepPeak(accelerator.device) if first else None
-            with accelerator.accumulate(model), accelerator.autocast(), _offload(config, accelerator.device):
+            with accelerator.accumulate(model), accelerator.autocast(), _offload(config, accelerator.device, model):
                 loss = loss_fn(model, batch)
                 if not torch.isfinite(loss.detach()).all():
                     last = latest_checkpoint(out)
@@ -449,11 +450,13 @@ def save_final_adapter(model, folder: Path, write: bool = True) -> None:
             save_adapter(model, folder)
 
 
-def _offload(config: TrainConfig, device):
-    """save_on_cpu moves every saved activation to pinned host memory and back in backward."""
+def _offload(config: TrainConfig, device, model):
+    """qlora.offload: saved tensors of 1 MiB or more (with checkpointing: the block inputs) to pinned
+    host memory, copied on a side stream and prefetched in backward; the model's weights stay."""
     import contextlib
     if config.offload_activations and torch.device(device).type == "cuda":
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        from qlora.offload import offload_saved_tensors
+        return offload_saved_tensors(model)
     return contextlib.nullcontext()
 
 

@@ -276,3 +276,41 @@ def test_prepare_for_training_bad_input():
         prepare_for_training(plain_net(), checkpointing="yes")
     with pytest.raises(QLoRAError, match="needs a torch.nn.Module"):
         prepare_for_training(None)
+
+
+# ------------------------------------------------------------------------------------------
+# a subset of the blocks (speed for memory)
+# ------------------------------------------------------------------------------------------
+def test_subset_of_plain_blocks(ids):
+    model = enable_checkpointing(plain_net(), blocks=2)
+    patched = [isinstance(b.__dict__.get("forward"), CheckpointedForward) for b in model.blocks]
+    assert patched == [True, True, False, False]
+    enable_checkpointing(model, blocks=[1, 3])          # a list of indices; re-enabling re-chooses
+    assert [isinstance(b.__dict__.get("forward"), CheckpointedForward) for b in model.blocks] == [
+        False, True, False, True]
+    ref = loss_and_grads(freeze_embedding(plain_net()), ids)
+    assert_same(ref, loss_and_grads(freeze_embedding(model), ids))
+
+
+def test_subset_of_transformers_layers_saves_in_between(tiny_llama, ids):
+    """Saved bytes grow linearly with the blocks left out: all < 2 of 4 < none; same gradients."""
+    def model(blocks):
+        m = freeze_embedding(tiny_llama(num_hidden_layers=4))
+        return m if blocks == "off" else enable_checkpointing(m, blocks=blocks)
+    sizes = {b: saved_bytes(model(b), ids) for b in (None, 2, 0, "off")}
+    assert sizes[None] < sizes[2] < sizes[0]
+    assert sizes[0] == sizes["off"]                       # 0 blocks checkpointed = none
+    per_block = (sizes[0] - sizes[None]) / 4
+    assert abs((sizes[2] - sizes[None]) - 2 * per_block) <= 0.05 * per_block   # ~linear (tensors shared across blocks)
+    layers = model(2).model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, False]
+    assert_same(loss_and_grads(model("off"), ids), loss_and_grads(model(2), ids))
+
+
+def test_subset_bad_input(tiny_llama):
+    with pytest.raises(QLoRAError, match="blocks=5 must be between 0 and 4"):
+        enable_checkpointing(plain_net(), blocks=5)
+    with pytest.raises(QLoRAError, match="block index 2 out of range: the model has 2 blocks"):
+        enable_checkpointing(tiny_llama(), blocks=[0, 2])
+    with pytest.raises(QLoRAError, match="must be None"):
+        prepare_for_training(tiny_llama(), checkpoint_blocks="half")
