@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import runpy
+import importlib
 import shutil
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qlora import QLoRAError
-from qlora.recipe_config import load_recipe_config
+from qlora_recipes.config import load_recipe_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -34,7 +34,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def recipe():
     """recipes/seq_cls.py as a namespace (it is a script, not a package module)."""
-    return runpy.run_path(str(ROOT / "recipes" / "seq_cls.py"), run_name="seq_cls_recipe")
+    return vars(importlib.import_module("qlora_recipes.seq_cls"))
 
 
 def _load(recipe, overrides):
