@@ -1,7 +1,7 @@
 """Image classification recipe: the seed's ViT/Food-101 experiment, offline, four ways, one table.
 
     qlora train recipes/configs/image_cls.yaml [key=value ...]
-    python recipes/image_cls.py recipes/configs/image_cls.yaml mode=qlora train.epochs=1
+    qlora train image_cls mode=qlora train.epochs=1
 
 No pretrained ViT ships offline, so by default (model=fmnist-vit) a small ViT is first pretrained
 here on five Fashion-MNIST classes (0-4: T-shirt/top, Trouser, Pullover, Dress, Coat) and its
@@ -17,9 +17,6 @@ quantizes Linear layers only), with its LoRA on top as in the float mode.
 With the Hub: model=google/vit-base-patch16-224 dataset=food101 is the seed's experiment
 (load_dataset + AutoImageProcessor; the 1000-class ImageNet head is replaced by a new one).
 """
-# No `from __future__ import annotations` here: `qlora train` runs this file with runpy, whose module
-# is not in sys.modules, so typing.get_type_hints could not resolve string annotations such as
-# "PretrainConfig" when building the nested config. Real annotation objects need no resolving.
 import dataclasses
 import hashlib
 import json

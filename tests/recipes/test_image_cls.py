@@ -64,7 +64,7 @@ def test_image_recipe_tiny_all_modes(tmp_path, monkeypatch):
     want = expected_counts()
     for r in table:
         assert (r["trainable_params"], r["total_params"]) == want[r["mode"]], r["mode"]
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 1 and r["model"] == "fmnist-vit"
+        assert r["accuracy"] in {k / 32 for k in range(33)} and r["steps"] == 1   # 32 test images and r["model"] == "fmnist-vit"
     assert "| fmnist-vit | qlora |" in (out / "table.md").read_text()
 
     # the backbone was pretrained once, into the temp cache, atomically (no temp folder left)
