@@ -188,8 +188,15 @@ def build_model(cfg: SFTConfig, path: str):
 
 
 def make_loss(cfg: SFTConfig):
-    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens."""
+    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens. In training, its
+    first call of step 2 prints the first step's memory line (train() has logged it by then)."""
+    calls = [0]
+
     def loss_fn(model, batch):
+        if model.training:
+            calls[0] += 1
+            if calls[0] == cfg.train.grad_accum + 1:
+                _print_first_step(cfg)
         if cfg.loss == "chunked":
             return qlora.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                         position_ids=batch.get("position_ids"), chunk_size=cfg.loss_chunk_size)
@@ -233,6 +240,15 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
     return evaluate
 
 
+def _print_first_step(cfg: SFTConfig) -> None:
+    from qlora.train import read_metrics
+    from tqdm.auto import tqdm
+    path = Path(cfg.out_dir) / "metrics.jsonl"
+    rows = [r for r in read_metrics(path) if "first_step_peak_bytes" in r] if path.is_file() else []
+    if rows:
+        tqdm.write(memory_line(cfg, rows[-1]["first_step_peak_bytes"], rows[-1]["peak_method"]))
+
+
 def memory_line(cfg: SFTConfig, peak, method: str) -> str:
     from qlora_recipes.results import human_bytes
     return f"first step: peak {human_bytes(peak)} ({method}); savers: {cfg.savers()}"
@@ -269,8 +285,7 @@ def main(cfg: SFTConfig) -> dict:
         model.train()
     result = train(model, train_set, lambda batch: sft_data.collate(batch, pad_id), loss_fn, cfg.train,
                    eval_fn=evaluate)
-    line = memory_line(cfg, result.first_step_peak_bytes, result.peak_method)
-    print(line)
+    print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
     after = result.evals[-1][1] if result.evals else None
     if cfg.mode == "full":
         model.save_pretrained(str(out / "model"))
