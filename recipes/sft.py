@@ -221,12 +221,22 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
             count += n
         loss = total / max(count, 1)
         samples = []
-        for ex in eval_set[:cfg.samples]:
-            ids = tokenizer(ex["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                                 do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-            samples.append({"eval": calls[0], "prompt": ex["prompt"], "reference": ex["reference"],
-                            "generated": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+        chosen = eval_set[:cfg.samples]
+        if chosen:
+            # one batched greedy generate, prompts left-padded: each new token costs one pass over the
+            # weights (on a CPU, dequantizing every 4-bit layer), so all samples share it
+            prompts = [tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] for ex in chosen]
+            width = max(map(len, prompts))
+            ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(prompts):
+                ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for ex, new in zip(chosen, out[:, width:]):
+                samples.append({"eval": calls[0], "prompt": ex["prompt"], "reference": ex["reference"],
+                                "generated": tokenizer.decode(new, skip_special_tokens=True)})
         calls[0] += 1
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         with open(samples_path, "a") as f:

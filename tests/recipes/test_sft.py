@@ -272,7 +272,7 @@ def test_sft_end_to_end_adapter_loads_in_peft(tmp_path, tiny_chat_model, packing
     out = tmp_path / "run"
     code = main(["train", str(CONFIG), f"model={tiny_chat_model}", f"data={data}", f"out_dir={out}",
                  "eval_fraction=0.25", f"packing={str(packing).lower()}", "train.batch_size=2", "train.max_steps=3",
-                 "train.progress=false", "samples=1", "max_new_tokens=4", "lora.r=4", "mode=lora", "export=true",
+                 "train.progress=false", "samples=2", "max_new_tokens=4", "lora.r=4", "mode=lora", "export=true",
                  "export_dtype=float32"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
