@@ -19,7 +19,6 @@ then exported with qlora.export_merged into out_dir/qlora/merged (a plain bf16 f
 with stock transformers) and its verification summary printed.
 With the Hub: model=HuggingFaceTB/SmolLM2-1.7B-Instruct (or any causal LM) works the same way.
 """
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -9,8 +9,7 @@ and step time go to out_dir/table.md and table.json.
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

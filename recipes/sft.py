@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,8 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
             f.writelines(json.dumps(s) + "\n" for s in samples)
         tqdm.write(f"eval: loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f} ({count:,} tokens)")
         for s in samples:
-            question = s["prompt"].rstrip().splitlines()[-2] if s["prompt"].count("\n") >= 2 else s["prompt"]
+            shown = re.sub(r"<\|[^|>]*\|>", "", s["prompt"]).rstrip().splitlines()   # the log shows the last user line
+            question = shown[-2] if len(shown) >= 2 else s["prompt"]
             tqdm.write(f"  sample | {question.strip()!r}\n    reference: {s['reference']!r}\n"
                        f"    generated: {s['generated']!r}")
         return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
