@@ -298,6 +298,11 @@ def main(cfg: SFTConfig) -> dict:
     result = train(model, train_set, lambda batch: sft_data.collate(batch, pad_id), loss_fn, cfg.train,
                    eval_fn=evaluate)
     print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
+    if before is not None:      # the curve starts from the untrained model (train() began a fresh log)
+        from qlora.train import plot_curves, read_metrics
+        rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
     after = result.evals[-1][1] if result.evals else None
     if cfg.mode == "full":
         model.save_pretrained(str(out / "model"))

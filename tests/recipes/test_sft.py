@@ -277,6 +277,9 @@ def test_sft_end_to_end_adapter_loads_in_peft(tmp_path, tiny_chat_model, packing
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_before"]["loss"] > 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0] == {"step": 0, "eval_loss": summary["eval_before"]["loss"],
+                         "eval_perplexity": summary["eval_before"]["perplexity"]}
     assert "gradient checkpointing on (non-reentrant), chunked loss (256 tokens), no fp32 up-casts" in summary["savers"]
     for name in ("metrics.jsonl", "curves.png", "samples.jsonl", "adapter/adapter_config.json", "merged/config.json"):
         assert (out / name).is_file(), name
