@@ -6,6 +6,7 @@
     qlora.prepare_for_training(model)                              # checkpointing, no fp32 up-casts
     ... train ...
     qlora.save_adapter(model, "adapter/")                          # PEFT-compatible files
+    trainer = transformers.Trainer(model=qlora.for_trainer(model), ...)   # or TRL's SFTTrainer
 
 Everything is imported when first used: `import qlora` itself loads no torch.
 """
@@ -24,6 +25,7 @@ _LAZY = {
     "enable_checkpointing": "qlora.checkpointing", "prepare_for_training": "qlora.checkpointing",
     "export_merged": "qlora.export", "export_adapter": "qlora.export",
     "causal_lm_loss": "qlora.losses", "chunked_cross_entropy": "qlora.losses",
+    "for_trainer": "qlora.hf",
 }
 
 

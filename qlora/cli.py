@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key=value overrides of recipes/configs/demo.yaml")
     demo.set_defaults(func=_demo)
 
-    tr = sub.add_parser("train", help="run a recipe: qlora train recipes/configs/X.yaml [key=value ...]")
-    tr.add_argument("config", help="a recipe config (recipes/configs/*.yaml)")
+    tr = sub.add_parser("train", help="run a recipe: qlora train sft data=my.jsonl [key=value ...]",
+                        description="Run a recipe: qlora train NAME_OR_CONFIG [key=value ...]. "
+                                    f"Recipes: {_recipe_list()}. Fine-tune on your own data: "
+                                    "qlora train sft model=FOLDER_OR_HUB_ID data=my.jsonl")
+    tr.add_argument("config", help="a recipe name (sft, seq_cls, ...) or a config file (recipes/configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=16 train.epochs=1 mode=qlora")
     tr.set_defaults(func=_train)
 
@@ -150,8 +153,8 @@ def _version() -> str:
 
 def _run_options(p) -> None:
     """The options that say how the run trains (defaults: qlora train's)."""
-    p.add_argument("--dtype", default="auto", type=lambda t: t if t == "auto" else _dtype(t), help="compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | "
-                                                   "float16 | float32")
+    p.add_argument("--dtype", default="auto", type=lambda t: t if t == "auto" else _dtype(t),
+                   help="compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32")
     p.add_argument("--loss", default="chunked", help="chunked (qlora's chunked head + loss) | model (full logits)")
     p.add_argument("--loss-chunk-size", type=_positive_int, default=256, help="tokens per chunk of the chunked loss")
     p.add_argument("--optimizer", default="adamw", help="adamw | adamw8bit | paged_adamw8bit")
@@ -167,6 +170,13 @@ def _settings(args, **fields):
     return RunSettings(task=args.task, compute_dtype=args.dtype, loss=args.loss, loss_chunk_size=args.loss_chunk_size,
                        optimizer=args.optimizer, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                        target_modules=targets, **fields)
+
+
+def _recipe_list() -> str:
+    try:
+        return ", ".join(known_recipes())
+    except QLoRAError as e:
+        return str(e)
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -231,46 +241,89 @@ def _export(args) -> int:
     return 0
 
 
+def recipes_package():
+    """The recipes package `qlora_recipes`: recipes/ beside this package in a source checkout (also
+    when an older install is on the path), else the one installed with the wheel."""
+    import importlib
+    import importlib.util
+    if "qlora_recipes" in sys.modules:
+        return sys.modules["qlora_recipes"]
+    checkout = Path(__file__).resolve().parent.parent
+    init = checkout / "recipes" / "__init__.py"
+    if (checkout / "pyproject.toml").is_file() and init.is_file():
+        spec = importlib.util.spec_from_file_location("qlora_recipes", init,
+                                                      submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["qlora_recipes"] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module("qlora_recipes")
+    except ModuleNotFoundError:
+        raise QLoRAError("the recipes (package qlora_recipes) are not installed: reinstall qlora "
+                         "(pip install .), or run from a source checkout") from None
+
+
 def recipes_dir() -> Path:
-    """recipes/ beside the qlora package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The folder of the recipes package (its scripts and configs/)."""
+    return Path(list(recipes_package().__path__)[0])
+
+
+def known_recipes() -> list[str]:
+    """Recipe names: the configs/NAME.yaml files of the recipes package."""
+    return sorted(p.stem for p in (recipes_dir() / "configs").glob("*.yaml"))
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file: an existing path, a recipe name (`sft`), or a packaged config's path as the docs
+    write it (`recipes/configs/sft.yaml`) when run outside a checkout."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = recipes_dir() / "configs" / (path.name if path.suffix in (".yaml", ".yml") else f"{name_or_path}.yaml")
+    if packaged.is_file() and (path.suffix in (".yaml", ".yml") or len(path.parts) == 1):
+        return packaged
+    raise QLoRAError(f"no config file or recipe {name_or_path!r}; recipes: {', '.join(known_recipes())} "
+                     f"(configs in {recipes_dir() / 'configs'})")
 
 
 def run_recipe(config_path: str, overrides: list[str]):
-    """Load the recipe script that `config_path` names, build its config, run its main()."""
-    import dataclasses
-    import importlib.util
+    """Import the recipe module that the config names, build its config (the type of main()'s first
+    argument) from the YAML and the overrides, and run main()."""
+    import importlib
+    import typing
+    package = recipes_package()
+    from qlora_recipes.config import load_recipe_config, recipe_name
+    path = find_config(config_path)
+    name = recipe_name(path)
+    if not (recipes_dir() / f"{name}.py").is_file():
+        raise QLoRAError(f"{path} names recipe {name!r}, which does not exist; recipes: {', '.join(known_recipes())}")
+    module = importlib.import_module(f"{package.__name__}.{name}")
+    hints = typing.get_type_hints(module.main)
+    config_class = next(v for k, v in hints.items() if k != "return")
+    cfg = load_recipe_config(path, overrides, config_class)
+    return module.main(cfg)
 
-    from qlora.recipe_common import RecipeBase
-    from qlora.recipe_config import load_recipe_config, recipe_name
-    if not Path(config_path).is_file():
-        raise QLoRAError(f"config file {config_path!r} not found; the recipes' configs are in {recipes_dir() / 'configs'}")
-    name = recipe_name(config_path)
-    script = recipes_dir() / f"{name}.py"
-    if not script.is_file():
-        known = sorted(p.stem for p in recipes_dir().glob("*.py"))
-        raise QLoRAError(f"{config_path} names recipe {name!r}, but there is no {script}; known recipes: {known}")
-    # a real module (registered in sys.modules) so dataclass type hints in the recipe resolve
-    spec = importlib.util.spec_from_file_location(f"qlora_recipe_{name}", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    namespace = vars(module)
-    config_classes = [v for v in namespace.values() if isinstance(v, type) and dataclasses.is_dataclass(v)
-                      and issubclass(v, RecipeBase) and v.__module__ == spec.name]
-    cfg = load_recipe_config(config_path, overrides, config_classes[0] if config_classes else RecipeBase)
-    return namespace["main"](cfg)
+
+def _run_or_fail(config: str, overrides: list[str]) -> int:
+    """0, or 1 when the recipe ran but failed a check it promises (qlora_recipes.common.RecipeFailed)."""
+    recipes_package()
+    from qlora_recipes.common import RecipeFailed
+    try:
+        run_recipe(config, overrides)
+    except RecipeFailed as e:
+        print(f"qlora train: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _train(args) -> int:
-    run_recipe(args.config, args.overrides)
-    return 0
+    return _run_or_fail(args.config, args.overrides)
 
 
 def _demo(args) -> int:
     overrides = [f"out_dir={args.out}"] + list(args.overrides)
-    run_recipe(str(recipes_dir() / "configs" / "demo.yaml"), overrides)
-    return 0
+    return _run_or_fail("demo", overrides)
 
 
 REPORT_BUGS = "the qlora maintainers, with the command line, `qlora --version` and the traceback above"

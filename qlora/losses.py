@@ -84,14 +84,20 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None, *,
-                   chunk_size: int = 256) -> torch.Tensor:
+                   chunk_size: int = 256, position_ids=None) -> torch.Tensor:
     """The next-token loss of a transformers causal LM, the same value as `model(..., labels=).loss`,
-    with the head and loss chunked. Needs a plain (or frozen) `lm_head` without bias."""
+    with the head and loss chunked. Needs a plain (or frozen) `lm_head` without bias.
+
+    Packed rows: pass `position_ids` restarting at 0 for each example and no attention_mask;
+    transformers then masks attention block-diagonally (no KV cache is made, which would turn that
+    detection off)."""
     from qlora.lora import LoRALayer
     head = model.get_output_embeddings()
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
     if isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None or head.weight.dtype == torch.uint8:
         # an adapted / biased / 4-bit head: fall back to the model's own loss
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model(**inputs, labels=labels).loss
+    hidden = model.get_decoder()(**inputs).last_hidden_state
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
     return chunked_cross_entropy(hidden, head.weight, shifted, chunk_size=chunk_size)

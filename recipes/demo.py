@@ -9,16 +9,14 @@
 """
 from __future__ import annotations
 
-import runpy
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora.bundled import resolve_model
 
-_seq_cls = runpy.run_path(str(Path(__file__).with_name("seq_cls.py")), run_name="recipe_seq_cls")
-SeqClsConfig = _seq_cls["SeqClsConfig"]
+from qlora_recipes import seq_cls
+from qlora_recipes.seq_cls import SeqClsConfig
 
 
 @dataclass
@@ -32,10 +30,10 @@ class DemoConfig(SeqClsConfig):
 def main(cfg: DemoConfig) -> dict:
     from qlora.export import export_adapter, summary
     from qlora.profile import sweep
-    from qlora.results import markdown_table
+    from qlora_recipes.results import markdown_table
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
-    rows = _seq_cls["main"](cfg)
+    rows = seq_cls.main(cfg)
     t_train = time.perf_counter() - t0
 
     profile_rows = sweep(cfg.model, task="seq-cls", batches=(cfg.profile_batch,), seqs=(cfg.profile_seq,),
@@ -62,8 +60,3 @@ def main(cfg: DemoConfig) -> dict:
     print(f"outputs: {out}/table.md, {out}/profile/memory.png, {out}/merged/ (plain transformers folder)")
     return {"rows": rows, "profile": profile_rows, "export": export}
 
-
-if __name__ == "__main__":
-    from qlora.recipe_config import load_recipe_config
-    main(load_recipe_config(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("configs") / "demo.yaml",
-                            sys.argv[2:], DemoConfig))

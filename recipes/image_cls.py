@@ -1,7 +1,7 @@
 """Image classification recipe: the seed's ViT/Food-101 experiment, offline, four ways, one table.
 
     qlora train recipes/configs/image_cls.yaml [key=value ...]
-    python recipes/image_cls.py recipes/configs/image_cls.yaml mode=qlora train.epochs=1
+    qlora train image_cls mode=qlora train.epochs=1
 
 No pretrained ViT ships offline, so by default (model=fmnist-vit) a small ViT is first pretrained
 here on five Fashion-MNIST classes (0-4: T-shirt/top, Trouser, Pullover, Dress, Coat) and its
@@ -17,15 +17,11 @@ quantizes Linear layers only), with its LoRA on top as in the float mode.
 With the Hub: model=google/vit-base-patch16-224 dataset=food101 is the seed's experiment
 (load_dataset + AutoImageProcessor; the 1000-class ImageNet head is replaced by a new one).
 """
-# No `from __future__ import annotations` here: `qlora train` runs this file with runpy, whose module
-# is not in sys.modules, so typing.get_type_hints could not resolve string annotations such as
-# "PretrainConfig" when building the nested config. Real annotation objects need no resolving.
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +32,7 @@ import torch
 import qlora
 from qlora.bundled import default_cache_dir, resolve_model
 from qlora.errors import QLoRAError
-from qlora.recipe_common import RecipeBase, run_modes
+from qlora_recipes.common import RecipeBase, run_modes
 
 PRETRAINED_NAME = "fmnist-vit"         # model=fmnist-vit: pretrain here (or reuse the cached backbone)
 CACHE_PREFIX = "fmnist-vit-pretrained"
@@ -100,7 +96,7 @@ class ImageClsConfig(RecipeBase):
 
 def fashion_mnist_subset(cfg: RecipeBase, split: str, classes: list, size: Optional[int], seed: int = 0):
     """[(image float [1, 28, 28] normalised, label in 0..len(classes)-1)] of `classes`, a seeded subset."""
-    from qlora.data import fashion_mnist
+    from qlora_recipes.bundled_data import fashion_mnist
     images, labels = fashion_mnist(split)
     relabel = {c: i for i, c in enumerate(classes)}
     idx = [i for i, y in enumerate(labels.tolist()) if y in relabel]
@@ -127,7 +123,7 @@ class HubImages:
 def load_images(cfg: ImageClsConfig):
     """(train set, test set, label names); rows are (image, label)."""
     if cfg.dataset == "fashion_mnist":
-        from qlora.data import FASHION_MNIST_CLASSES
+        from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES
         return (fashion_mnist_subset(cfg, "train", cfg.classes, cfg.train_size),
                 fashion_mnist_subset(cfg, "test", cfg.classes, cfg.test_size),
                 [FASHION_MNIST_CLASSES[c] for c in cfg.classes])
@@ -177,7 +173,7 @@ def pretrain(cfg: ImageClsConfig, folder: Path) -> dict:
     """Train a ViT from scratch on pretrain.classes; save its backbone (no head) into `folder`."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    from qlora.data import FASHION_MNIST_CLASSES
+    from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES
     from qlora.train import TrainConfig, train
     p = cfg.pretrain
     train_set = fashion_mnist_subset(cfg, "train", p.classes, p.train_size, seed=p.seed)
@@ -267,7 +263,3 @@ def main(cfg: ImageClsConfig) -> list[dict]:
                      train_set=train_set, collate=collate, loss_fn=loss_fn,
                      evaluate=accuracy_eval(test_set, collate))
 
-
-if __name__ == "__main__":
-    from qlora.recipe_config import load_recipe_config
-    main(load_recipe_config(sys.argv[1], sys.argv[2:], ImageClsConfig))

@@ -1,7 +1,7 @@
 """Sequence classification recipe: the seed's RoBERTa/IMDB experiment, four ways, one table.
 
     qlora train recipes/configs/seq_cls.yaml [key=value ...]
-    python recipes/seq_cls.py recipes/configs/seq_cls.yaml mode=lora train.epochs=1
+    qlora train seq_cls mode=lora train.epochs=1
 
 For each mode (full, head, lora, qlora) a fresh model is fine-tuned on the same split and
 evaluated on the same fixed test split; trainable params, accuracy, first-step peak memory
@@ -9,14 +9,13 @@ and step time go to out_dir/table.md and table.json.
 """
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 import qlora
 from qlora.bundled import resolve_model
-from qlora.recipe_common import RecipeBase, run_modes
+from qlora_recipes.common import RecipeBase, run_modes
 
 
 @dataclass
@@ -30,7 +29,7 @@ class SeqClsConfig(RecipeBase):
 def load_texts(cfg: SeqClsConfig):
     """(train_texts, train_labels, test_texts, test_labels, label names)."""
     if cfg.dataset == "rotten_tomatoes":
-        from qlora.data import rotten_tomatoes, stratified_split
+        from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
         texts, labels = rotten_tomatoes()
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
@@ -80,7 +79,3 @@ def main(cfg: SeqClsConfig) -> list[dict]:
                      train_set=train_set, collate=collate, loss_fn=loss_fn, evaluate=make_eval(test_set),
                      make_eval=make_eval, head=head, tokenizer=tokenizer)
 
-
-if __name__ == "__main__":
-    from qlora.recipe_config import load_recipe_config
-    main(load_recipe_config(sys.argv[1], sys.argv[2:], SeqClsConfig))

@@ -86,3 +86,9 @@ def pixel_values():
     """Seeded images [2, 3, 32, 32] for `tiny_vit`."""
     g = torch.Generator().manual_seed(2)
     return torch.randn(2, 3, 32, 32, generator=g)
+
+
+# `import qlora_recipes` works in a source checkout without installing (recipes/ is that package)
+from qlora.cli import recipes_package  # noqa: E402
+
+recipes_package()

@@ -7,7 +7,7 @@ does not compute itself (the files on disk, stock transformers loading the expor
 from __future__ import annotations
 
 import json
-import runpy
+import importlib
 import shutil
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.recipe_config import load_recipe_config
+from qlora_recipes.config import load_recipe_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -42,7 +42,7 @@ def tiny_bert(tmp_path_factory):
 
 
 def test_demo_writes_table_profile_and_a_verified_export(tiny_bert, tmp_path, capsys):
-    demo = runpy.run_path(str(ROOT / "recipes" / "demo.py"), run_name="demo_recipe")
+    demo = vars(importlib.import_module("qlora_recipes.demo"))
     out = tmp_path / "demo"
     cfg = load_recipe_config(ROOT / "recipes" / "configs" / "demo.yaml",
                              [f"model={tiny_bert}", "train_size=32", "test_size=32", "max_length=16",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import runpy
+import importlib
 import shutil
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qlora import QLoRAError
-from qlora.recipe_config import load_recipe_config
+from qlora_recipes.config import load_recipe_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -34,7 +34,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def recipe():
     """recipes/seq_cls.py as a namespace (it is a script, not a package module)."""
-    return runpy.run_path(str(ROOT / "recipes" / "seq_cls.py"), run_name="seq_cls_recipe")
+    return vars(importlib.import_module("qlora_recipes.seq_cls"))
 
 
 def _load(recipe, overrides):
@@ -140,7 +140,7 @@ def test_recipe_runs_all_four_modes_end_to_end(recipe, tiny_bert_folder, tmp_pat
     for mode in MODES:
         row = by_mode[mode]
         assert row["steps"] == 2                                # 32 examples / batch 16, one epoch
-        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["accuracy"] in {k / 32 for k in range(33)}      # 32 test examples: a count, not a mean of means
         assert row["peak_bytes"] and row["peak_bytes"] > 0
         assert row["lr"] == cfg.lr[mode]
         losses = [m["loss"] for m in map(json.loads, (out / mode / "metrics.jsonl").read_text().splitlines())

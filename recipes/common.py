@@ -17,7 +17,7 @@ from qlora.config import LoraConfig, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import count_parameters
 from qlora.modes import MODES, build_for_mode
-from qlora.results import write_table
+from qlora_recipes.results import write_table
 from qlora.train import TrainConfig, TrainingDiverged, train
 
 
@@ -89,10 +89,29 @@ class RecipeBase:
         return parse_dtype(self.compute_dtype)
 
     def subset(self, items: list, size: Optional[int], seed: int = 0) -> list:
-        if size is None or size >= len(items):
-            return items
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:size]
-        return [items[i] for i in sorted(order.tolist())]
+        return subset(items, size, seed)
+
+
+class RecipeFailed(RuntimeError):
+    """The recipe ran but its result fails a check it promises (e.g. a merged export that does not
+    match the trained model): `qlora train` prints it and exits 1 (bad input exits 2)."""
+
+
+def subset(items: list, size: Optional[int], seed: int = 0) -> list:
+    """A seeded random subset of `size` items, in their original order (all of them when size is None)."""
+    if size is None or size >= len(items):
+        return items
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:size]
+    return [items[i] for i in sorted(order.tolist())]
+
+
+def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
+    """qlora.export_merged into `out` (replacing an earlier export), its summary printed; the caller
+    raises RecipeFailed when result.verification["passed"] is False."""
+    from qlora.export import export_merged, summary
+    result = export_merged(model, out, dtype=dtype, tokenizer=tokenizer, force=True)
+    print(summary(result))
+    return result
 
 
 def split_validation(items: list, fraction: float, seed: int = 0) -> tuple[list, list]:

@@ -1,9 +1,9 @@
-"""Tests of the causal LM SFT recipe (recipes/causal_lm_sft.py, recipes/configs/causal_lm_sft.yaml).
+"""Tests of the causal LM SFT recipe (recipes/sentiment_prompt.py, recipes/configs/sentiment_prompt.yaml).
 
-    .venv/bin/python -m pytest tests/recipes/test_causal_lm_sft.py -s            # default suite (~35 s)
-    .venv/bin/python -m pytest tests/recipes/test_causal_lm_sft.py -s -m slow    # real SmolLM2-135M (several minutes on CPU)
+    .venv/bin/python -m pytest tests/recipes/test_sentiment_prompt.py -s            # default suite (~35 s)
+    .venv/bin/python -m pytest tests/recipes/test_sentiment_prompt.py -s -m slow    # real SmolLM2-135M (several minutes on CPU)
 
-Default suite: the recipe's real code path (`qlora train recipes/configs/causal_lm_sft.yaml`, through
+Default suite: the recipe's real code path (`qlora train recipes/configs/sentiment_prompt.yaml`, through
 qlora.cli.run_recipe) with mode=all on a tiny random 2-layer LlamaForCausalLM with tied embeddings
 (like SmolLM2), saved to a temp folder with the bundled MiniLM tokenizer's files copied in (a
 generic tokenizer that needs no download), on 16 real Rotten Tomatoes snippets. Checked against
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "recipes/configs/causal_lm_sft.yaml"
+CONFIG = REPO / "recipes/configs/sentiment_prompt.yaml"
 H, I, L, HEADS, KV, R = 32, 64, 2, 4, 2, 4          # hidden, intermediate, layers, heads, KV heads, LoRA rank
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -71,7 +71,8 @@ def test_causal_lm_recipe_tiny_all_modes(tmp_path, tiny_lm_folder):
     for r in table:
         assert (r["trainable_params"], r["total_params"]) == want[r["mode"]], r["mode"]
         m = r["metrics"]
-        assert r["steps"] == 2 and 0 <= m["accuracy"] <= 1 and 0 <= m["greedy_accuracy"] <= 1
+        assert r["steps"] == 2 and m["accuracy"] in {k / 8 for k in range(9)}          # 8 test snippets
+        assert m["greedy_accuracy"] in {k / 8 for k in range(9)}
         assert m["eval_loss"] > 0 and torch.isfinite(torch.tensor(m["eval_loss"]))
 
     adapter = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())
@@ -95,13 +96,13 @@ def test_causal_lm_recipe_tiny_all_modes(tmp_path, tiny_lm_folder):
 def test_prompt_masking(tiny_lm_folder):
     """Labels are -100 on the prompt and equal the answer tokens (+ EOS where there is one) after it;
     a long review is truncated, never the answer or the "\\nSentiment:" tail."""
-    import runpy
+    import importlib
 
     from transformers import AutoTokenizer
 
-    from qlora.recipe_config import load_recipe_config
-    ns = runpy.run_path(str(REPO / "recipes/causal_lm_sft.py"), run_name="recipe_causal_lm_sft")
-    cfg = load_recipe_config(CONFIG, ["max_length=24"], ns["CausalLMSFTConfig"])
+    from qlora_recipes.config import load_recipe_config
+    ns = vars(importlib.import_module("qlora_recipes.sentiment_prompt"))
+    cfg = load_recipe_config(CONFIG, ["max_length=24"], ns["SentimentPromptConfig"])
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_lm_folder))
     encode = ns["PromptEncoder"](tokenizer, cfg)
     fresh = tokenizer(" fresh", add_special_tokens=False)["input_ids"]
@@ -113,7 +114,7 @@ def test_prompt_masking(tiny_lm_folder):
     rotten = tokenizer(" rotten", add_special_tokens=False)["input_ids"]
     assert len(ids) == 24 and ids[-len(rotten):] == rotten and ids[-len(rotten) - len(tail):-len(rotten)] == tail
 
-    smol = ns["CausalLMSFTConfig"](answers=[" fresh", " fresh!"])
+    smol = ns["SentimentPromptConfig"](answers=[" fresh", " fresh!"])
     with pytest.raises(Exception, match="same token"):
         ns["PromptEncoder"](tokenizer, smol)
 
@@ -134,6 +135,6 @@ def test_causal_lm_recipe_real_smollm2(tmp_path):
     r = rows[0]
     # 30 layers x r=8 x (q 576+576, k/v 576+192 each, o 576+576, gate/up 576+1536 each, down 1536+576)
     assert r["trainable_params"] == 30 * 8 * (2 * 1152 + 2 * 768 + 3 * 2112) == 2_442_240
-    assert 0 < r["metrics"]["eval_loss"] < float("inf") and 0 <= r["accuracy"] <= 1
+    assert 0 < r["metrics"]["eval_loss"] < float("inf") and r["accuracy"] in {k / 32 for k in range(33)}
     report = json.loads((out / "qlora" / "merged" / "export_report.json").read_text())
     assert report["verification"]["passed"]

@@ -2,13 +2,16 @@
 
     cfg = load_recipe_config("recipes/configs/seq_cls.yaml", ["lora.r=16", "train.epochs=1"], SeqClsConfig)
 
-Overrides are parsed as YAML values (`train.lr=3e-4` is a float, `mode=all` a string). Every key is
-checked against the dataclass: an unknown key or a bad value names the key and what is allowed.
+Overrides are parsed as YAML values (`train.lr=3e-4` is a float, `lora.target_modules=[q_proj,v_proj]` a
+list), except that a string-typed field takes the text exactly as typed (`prompt=Q: {text} A:`; for an
+Optional[str] field `null` still means None). Every key is checked against the dataclass: an unknown
+key, a value YAML cannot read, or a mapping given to a scalar field names the key and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -29,13 +32,60 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def apply_override(tree: dict, assignment: str) -> None:
+def field_hint(cls, parts: list[str]):
+    """The type annotation of the dotted field `parts` in dataclass `cls` (None when unknown)."""
+    hint = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
+
+
+def _is_str_field(hint) -> tuple[bool, bool]:
+    """(a string field, None allowed): str or Optional[str]."""
+    if hint is str:
+        return True, False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and set(args) == {str, type(None)}:
+        return True, True
+    return False, False
+
+
+def parse_override(assignment: str, cls=None) -> tuple[list[str], object]:
+    """'key.sub=value' -> (['key', 'sub'], value), the value typed for the field of `cls` it sets."""
     if "=" not in assignment:
         raise QLoRAError(f"override {assignment!r} is not key=value (e.g. lora.r=16 train.epochs=1)")
     key, _, raw = assignment.partition("=")
-    value = _yaml(raw) if raw.strip() else None
-    node = tree
     parts = key.strip().split(".")
+    hint = field_hint(cls, parts) if cls is not None else None
+    is_str, nullable = _is_str_field(hint)
+    if is_str:                          # the text as typed: prompt=Q: {text} A: needs no quoting
+        if nullable and raw.strip() in ("", "null", "~", "None"):
+            return parts, None
+        return parts, raw
+    try:
+        value = _yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise QLoRAError(f"override {key}={raw!r}: YAML cannot read the value ({problem}); quote it, "
+                         f"e.g. {key}='\"{raw}\"'") from None
+    scalar = hint is not None and hint is not typing.Any and not dataclasses.is_dataclass(hint) and not (
+        hint is dict or typing.get_origin(hint) is dict or _allows_dict(hint))
+    if isinstance(value, dict) and scalar:
+        raise QLoRAError(f"override {key}={raw!r}: YAML reads this as a mapping {value!r}, but {key} takes a single "
+                         f"value; quote it if you meant the text, e.g. {key}='\"{raw}\"'")
+    return parts, value
+
+
+def _allows_dict(hint) -> bool:
+    return any(a is dict or typing.get_origin(a) is dict for a in typing.get_args(hint))
+
+
+def apply_override(tree: dict, assignment: str, cls=None) -> None:
+    parts, value = parse_override(assignment, cls)
+    key = ".".join(parts)
+    node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -78,7 +128,7 @@ def load_recipe_config(path, overrides: list[str], cls):
     except yaml.YAMLError as e:
         raise QLoRAError(f"{path} is not valid YAML: {e}") from None
     for assignment in overrides:
-        apply_override(tree, assignment)
+        apply_override(tree, assignment, cls)
     tree.pop("recipe", None)
     return from_dict(cls, tree)
 

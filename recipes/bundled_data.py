@@ -9,6 +9,7 @@ Users with the Hub pass a data set name to the recipes instead (e.g. imdb, food1
 from __future__ import annotations
 
 import bz2
+import os
 import csv
 import gzip
 import importlib.util
@@ -81,3 +82,40 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.frombuffer(bytearray(f.read()[8:]), dtype=torch.uint8).long()
     return images, labels
 
+
+
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+
+def wordnet_dir() -> Path:
+    """Folder of WordNet 3.0's data.{noun,verb,adj,adv}: Debian's wordnet-base system-wide, unpacked into
+    .data/ by ./run setup, or unpacked here (once, no root) into $QLORA_CACHE/wordnet-base with
+    `apt-get download wordnet-base && dpkg -x`."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from qlora.bundled import default_cache_dir
+    cache = default_cache_dir() / "wordnet-base"
+    candidates = [Path("/usr/share/wordnet"),
+                  Path(__file__).resolve().parent.parent / ".data/root/usr/share/wordnet",
+                  cache / "usr/share/wordnet"]
+    for folder in candidates:
+        if all((folder / name).is_file() for name in WORDNET_FILES):
+            return folder
+    hint = ("`sudo apt-get install wordnet-base`, or run ./run setup (it unpacks Debian's package into .data/ "
+            "without root)")
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        raise QLoRAError(f"WordNet not found and there is no apt-get here to fetch it: {hint}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".wordnet-") as tmp:
+        print("fetching Debian's wordnet-base (6.5 MB, once) ...", flush=True)
+        try:
+            subprocess.run(["apt-get", "download", "wordnet-base"], cwd=tmp, check=True, capture_output=True)
+            deb = next(Path(tmp).glob("wordnet-base_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], check=True, capture_output=True)
+        except (subprocess.CalledProcessError, StopIteration, OSError) as e:
+            raise QLoRAError(f"WordNet not found and `apt-get download wordnet-base` failed ({e}): {hint}") from None
+        if not cache.exists():
+            os.replace(Path(tmp) / "root", cache)      # whole folder at once: never half-unpacked
+    return cache / "usr/share/wordnet"
