@@ -280,10 +280,11 @@ def find_config(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    packaged = recipes_dir() / "configs" / (path.name if path.suffix in (".yaml", ".yml") else f"{name_or_path}.yaml")
-    if packaged.is_file() and (path.suffix in (".yaml", ".yml") or len(path.parts) == 1):
+    as_written = path.suffix in (".yaml", ".yml") and path.parent.parts[-2:] == ("recipes", "configs")
+    packaged = recipes_dir() / "configs" / (path.name if as_written else f"{name_or_path}.yaml")
+    if packaged.is_file() and (as_written or len(path.parts) == 1):
         return packaged
-    raise QLoRAError(f"no config file or recipe {name_or_path!r}; recipes: {', '.join(known_recipes())} "
+    raise QLoRAError(f"config file or recipe {name_or_path!r} not found; recipes: {', '.join(known_recipes())} "
                      f"(configs in {recipes_dir() / 'configs'})")
 
 

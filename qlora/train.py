@@ -498,12 +498,14 @@ class _FirstStepPeak:
 def _live_bytes_estimate() -> int:
     """Bytes of all live CPU tensor storages (each once): the baseline under the step's peak."""
     import gc
+
+    from torch._subclasses.fake_tensor import FakeTensor
     seen, total = set(), 0
     for obj in gc.get_objects():
         # type(), not isinstance(): isinstance reads obj.__class__, which on torch.distributed's deprecated
         # `reduce_op` object raises a FutureWarning
-        if not issubclass(type(obj), torch.Tensor):
-            continue
+        if not issubclass(type(obj), torch.Tensor) or issubclass(type(obj), FakeTensor):
+            continue       # fake tensors (a memory plan's, still in memory) have no real storage
         try:   # tensor subclasses and storage-less tensors (left by other code) raise on these
             if obj.is_meta or obj.device.type != "cpu":
                 continue

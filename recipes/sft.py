@@ -307,8 +307,7 @@ def main(cfg: SFTConfig) -> dict:
     if cfg.mode == "full":
         model.save_pretrained(str(out / "model"))
         tokenizer.save_pretrained(str(out / "model"))
-    else:
-        qlora.save_adapter(model, out / "adapter")
+    # lora / qlora: train() wrote the final adapter to out_dir/adapter (gathered under FSDP)
     summary = {"model": cfg.model, "mode": cfg.mode, "data": cfg.data, "steps": result.steps,
                "trainable_params": trainable, "total_params": total, "savers": cfg.savers(),
                "first_step_peak_bytes": result.first_step_peak_bytes, "peak_method": result.peak_method,

@@ -79,6 +79,7 @@ def test_image_recipe_tiny_all_modes(tmp_path, monkeypatch):
     # the adapters cover the Conv2d patch embedding; in qlora mode it stayed float, the Linears are NF4
     facts = json.loads((out / "qlora" / "adapter" / "qlora_adapter.json").read_text())
     quantized = facts["quantized_modules"]
+    adapter = json.loads((out / "qlora" / "adapter" / "adapter_config.json").read_text())
     assert len(quantized) == 6 * L and not any("patch_embeddings" in m for m in quantized)
     assert "patch_embeddings.projection" in adapter["target_modules"] and adapter["modules_to_save"] == ["classifier"]
     from safetensors import safe_open
