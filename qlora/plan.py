@@ -36,6 +36,7 @@ import torch
 
 from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
+from qlora.loading import from_pretrained_quietly
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification"}
@@ -221,7 +222,7 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
 
     def load_float():
         if path is not None:
-            return cls.from_pretrained(path, dtype=dtype)
+            return from_pretrained_quietly(cls, path, dtype=dtype)
         if init:
             return cls.from_config(config, dtype=dtype)
         from transformers.initialization import no_init_weights

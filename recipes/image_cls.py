@@ -32,6 +32,7 @@ import torch
 import qlora
 from qlora.bundled import default_cache_dir, resolve_model
 from qlora.errors import QLoRAError
+from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, run_modes
 
 PRETRAINED_NAME = "fmnist-vit"         # model=fmnist-vit: pretrain here (or reuse the cached backbone)
@@ -255,7 +256,7 @@ def main(cfg: ImageClsConfig) -> list[dict]:
     def loss_fn(model, batch):
         return model(**batch).loss
 
-    load_float = lambda: AutoModelForImageClassification.from_pretrained(path, **labels)
+    load_float = lambda: from_pretrained_quietly(AutoModelForImageClassification, path, **labels)
     # Linear layers -> NF4; the Conv2d patch embedding, norms and the head stay in compute_dtype.
     load_4bit = lambda: qlora.load_4bit(path, AutoModelForImageClassification,
                                         compute_dtype=cfg.resolved_compute_dtype(), **labels)

@@ -27,6 +27,7 @@ import torch
 import qlora
 from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
+from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, RecipeFailed, export_verified, run_modes
 
 
@@ -146,7 +147,7 @@ def main(cfg: SentimentPromptConfig) -> list[dict]:
                 "eval_loss": loss_sum / max(tokens, 1)}
 
     dtype = cfg.resolved_compute_dtype()    # float32 on CPU: bf16 matmuls are several times slower there
-    load_float = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    load_float = lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype)
     load_4bit = lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype)
     # head mode trains the output head (lm_head). SmolLM2 ties lm_head to the input embeddings, so there
     # it trains (and counts) that one shared [vocab, hidden] matrix: 49,152 x 576 = 28.3M parameters.

@@ -15,6 +15,7 @@ import torch
 
 import qlora
 from qlora.bundled import resolve_model
+from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, run_modes
 
 
@@ -72,7 +73,7 @@ def main(cfg: SeqClsConfig) -> list[dict]:
     # (dense + tanh on the first token) and the classifier, like RoBERTa's two-layer classification
     # head in the seed. In QLoRA it stays in float, like any module that trains in full.
     head = list(cfg.lora.modules_to_save or []) or None
-    load_float = lambda: AutoModelForSequenceClassification.from_pretrained(path, **labels)
+    load_float = lambda: from_pretrained_quietly(AutoModelForSequenceClassification, path, **labels)
     load_4bit = lambda: qlora.load_4bit(path, AutoModelForSequenceClassification, skip_modules=head,
                                         compute_dtype=cfg.resolved_compute_dtype(), **labels)
     return run_modes(cfg, model_name=cfg.model, load_float=load_float, load_4bit=load_4bit,

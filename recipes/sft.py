@@ -33,6 +33,7 @@ import qlora
 from qlora.bundled import resolve_model
 from qlora.config import LoraConfig, parse_dtype
 from qlora.errors import QLoRAError
+from qlora.loading import from_pretrained_quietly
 from qlora.train import TrainConfig, train
 from qlora_recipes import sft_data
 from qlora_recipes.common import RecipeFailed, export_verified, split_validation, subset
@@ -182,7 +183,7 @@ def build_model(cfg: SFTConfig, path: str):
     from qlora.modes import build_for_mode
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
-    model = build_for_mode(cfg.mode, load_float=lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype),
                            load_4bit=lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype),
                            lora=lora)
     return prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
