@@ -76,6 +76,7 @@ class StepMemory:
     inputs: int = 0  # batch tensors: live during the step, part of the peak's baseline
     peak_method: str = ""
     peak_at: str = ""  # predictions only: the phase and op at the peak
+    phase_peaks: dict = field(default_factory=dict)  # predictions only: peak bytes within each phase
     step_seconds: float | None = None
     step_seconds_method: str = ""
     trainable_params: int = 0
@@ -358,6 +359,7 @@ def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> 
         inputs=inputs,
         peak_method=method,
         peak_at=getattr(tracker, "peak_at", ""),
+        phase_peaks={k: before + v for k, v in getattr(tracker, "phase_peaks", {}).items()},
         step_seconds=seconds,
         step_seconds_method="the measured step itself (profiled, hooks on)",
         loss=loss_value,
