@@ -17,6 +17,7 @@ from qlora.config import LoraConfig, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import count_parameters
 from qlora.modes import MODES, build_for_mode
+from qlora.staging import publish, staging_folder
 from qlora_recipes.results import write_table
 from qlora.train import TrainConfig, TrainingDiverged, train
 
@@ -166,14 +167,9 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
 
 def _replace_folder(source: Path, target: Path) -> None:
     """target := a copy of source, never leaving target missing or half-written (temp name, renames)."""
-    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = staging_folder(target)          # .NAME.tmp-PID (stale ones of killed runs removed)
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    publish(tmp, target)
 
 
 def _run_one(cfg, mode, lr, out_dir: Path, model_name, load_float, load_4bit, train_set, collate, loss_fn,

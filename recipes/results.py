@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from qlora.staging import atomic_write
 
 COLUMNS = ("Model", "Mode", "Learnable Params", "%Trainable", "Accuracy", "Peak memory", "Step time")
 
@@ -38,7 +39,5 @@ def write_table(rows: list[dict], out_dir, extra: dict | None = None) -> str:
     text = markdown_table(rows)
     for name, content in (("table.md", text + "\n"), ("table.json", json.dumps({"rows": rows, **(extra or {})},
                                                                                  indent=2))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, lambda tmp, content=content: tmp.write_text(content))
     return text
