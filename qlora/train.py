@@ -83,7 +83,8 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest checkpoint in out_dir/checkpoints."""
     overwrite: bool = False
-    """A fresh run into an out_dir that holds an earlier run's checkpoints deletes them (else it refuses)."""
+    """A fresh run into an out_dir that holds an earlier run's checkpoints or final adapter replaces them
+    (else it refuses)."""
     progress: bool = True
     """Show the tqdm bar."""
     offload_activations: bool = False
@@ -336,6 +337,9 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
         if earlier and not config.overwrite:   # an earlier run's work: never deleted unasked
             raise QLoRAError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run (newest {earlier[-1].name}); "
                              "continue it with resume=true, replace it with overwrite=true, or choose another out_dir")
+        if (out / "adapter").is_dir() and not config.overwrite:   # the final adapter of an earlier run
+            raise QLoRAError(f"{out / 'adapter'} holds the adapter of an earlier run; replace it with overwrite=true "
+                             "or choose another out_dir")
         if accelerator.is_main_process:
             if (out / "metrics.jsonl").exists():
                 (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log

@@ -334,3 +334,18 @@ def test_logged_loss_is_the_mean_of_the_interval_and_the_profiler_is_quiet(tiny_
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     printed = capfd.readouterr()
     assert "USDT" not in printed.out + printed.err and "profiler_start" not in printed.out + printed.err
+
+
+def test_a_fresh_run_keeps_an_earlier_runs_adapter(tiny_llama, tmp_path):
+    """An out_dir holding an earlier run's final adapter (no checkpoints): refused, the adapter untouched;
+    overwrite=true replaces it with this run's."""
+    out = tmp_path / "run"
+    earlier = out / "adapter"
+    earlier.mkdir(parents=True)
+    (earlier / "adapter_model.safetensors").write_bytes(b"earlier run")
+    with pytest.raises(QLoRAError, match="adapter of an earlier run.*overwrite=true"):
+        train(_lora_llama(tiny_llama), _data(), _collate, _lm_loss, _config(out, max_steps=1))
+    assert (earlier / "adapter_model.safetensors").read_bytes() == b"earlier run"
+    train(_lora_llama(tiny_llama), _data(), _collate, _lm_loss, _config(out, max_steps=1, overwrite=True))
+    assert (earlier / "adapter_model.safetensors").read_bytes() != b"earlier run"
+    assert (earlier / "adapter_config.json").is_file()
