@@ -45,7 +45,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from memprofile.measure import StepMemory, _make_optimizer, _measured_step, default_loss
 
@@ -78,6 +77,22 @@ def _conv_weight_grad_scratch(args) -> int:
 SCRATCH = {"convolution_backward.default": _conv_weight_grad_scratch}
 
 
+_DEVICE = torch.ops.prim.device.default
+
+
+def _tensors(obj):
+    """The tensors in an op's arguments or outputs (tuples, lists, dicts of them; pytree's
+    tree_leaves, without its cost on every dispatch)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
 class StorageTracker(TorchDispatchMode):
     """Live bytes of the storages allocated while active; start/stop/max_increase like
     memprofile.peak.CpuPeakTracker, plus `peak_at` ("backward: aten.mm")."""
@@ -94,14 +109,15 @@ class StorageTracker(TorchDispatchMode):
         self.phase_peaks: dict[str, int] = {}   # the most live bytes within each phase (forward, backward, ...)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # C++ asking a fake tensor its device (~60 % of a step's dispatches): nothing to count
+            device = getattr(args[0], "fake_device", None)
+            return device if device is not None else func(*args, **(kwargs or {}))
         rule, scratch = SHAPE_RULES.get(func.__name__), SCRATCH.get(func.__name__)
         if scratch:
             self._note(self.live + scratch(args), f"{func.__name__} (scratch)")
         out = rule(func, args, kwargs or {}) if rule else func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
             s = t.untyped_storage()
             key = s._cdata
             if key in inputs or key in self.keys:

@@ -390,23 +390,26 @@ class Planner:
                     start: int = 2048) -> int:
         """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
         `step`), up to the model's max_position_embeddings. The peak is close to a quadratic in
-        the length (attention's scores and masks): a parabola through three estimates gives the
-        guess, then the bracket is narrowed the same way."""
+        the length (attention's scores and masks, where a kernel keeps them): from `start` (the
+        table's length, already estimated) the length grows 4x until it does not fit, a parabola
+        through the last three estimates gives the guess, and the guess is verified (it fits, one
+        `step` more does not) or the bracket narrowed the same way."""
         limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
         limit = max(step, limit // step * step)
         peak = lambda s: self.estimate(batch, s).peak  # noqa: E731
         fits = lambda s: peak(s) <= budget  # noqa: E731
-        if not fits(step):
-            return 0
-        if fits(limit):
-            return limit
-        lo, hi = step, limit
-        pts = [step]
-        s = min(max(start // step * step, 2 * step), limit)
-        while s < limit and fits(s):     # grow geometrically until a length does not fit
+        s = min(max(start // step * step, step), limit)
+        lo, pts = 0, []
+        while fits(s):                     # grow geometrically until a length does not fit
             lo, pts = s, pts + [s]
+            if s == limit:
+                return limit
             s = min(4 * s, limit)
-        hi = min(hi, s)
+        hi = s
+        if lo == 0:
+            if hi == step or self._state_bytes(batch, hi) > budget or not fits(step):
+                return 0                   # weights, gradients and optimizer state alone do not fit
+            lo, pts = step, [step]
         pts = sorted(set(pts[-2:] + [hi]))
         while hi - lo > step:
             guess = _parabola_crossing([(x, peak(x)) for x in pts], budget)
@@ -419,6 +422,11 @@ class Planner:
                 hi = mid
             pts = sorted(set([lo, hi] + pts[-1:]))[-3:]
         return lo
+
+    def _state_bytes(self, batch: int, seq: int) -> int:
+        """What a step holds whatever its length: weights, gradients, optimizer state."""
+        b = self.estimate(batch, seq).bytes()
+        return sum(b[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
 
 
 def _parabola_crossing(points, level: float) -> Optional[float]:
