@@ -338,9 +338,12 @@ class Planner:
         from memprofile.trace import fake_tensors, trace_built
         mode, model = self._fake_model(n, seq)
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+            if not hasattr(model, "_plan_optimizer"):  # one per fake model: its state does not depend on the shape
+                params = [p for p in model.parameters() if p.requires_grad]
+                model._plan_optimizer = optimizer(self.settings)(params) if params else None
             return self._traced(lambda: trace_built(
                 model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
-                loss_fn=loss_fn(self.settings), optimizer=optimizer(self.settings),
+                loss_fn=loss_fn(self.settings), optimizer=model._plan_optimizer,
                 host_is_device=self.settings.device == "cpu"), "the training step")
 
     def estimate(self, batch: int, seq: int):
@@ -389,39 +392,54 @@ class Planner:
     def longest_seq(self, budget: int, batch: int = 1, step: int = 256, max_seq: Optional[int] = None,
                     start: int = 2048) -> int:
         """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
-        `step`), up to the model's max_position_embeddings. The peak is close to a quadratic in
-        the length (attention's scores and masks, where a kernel keeps them): from `start` (the
-        table's length, already estimated) the length grows 4x until it does not fit, a parabola
-        through the last three estimates gives the guess, and the guess is verified (it fits, one
-        `step` more does not) or the bracket narrowed the same way."""
+        `step`), up to the model's max_position_embeddings.
+
+        Each probe is an estimate (two traces), so the search guesses: the peak is close to a
+        function of the tokens, batch x seq (plus attention's seq^2 terms where a kernel keeps
+        them), so every estimate made so far, at any batch, is a point; a parabola through the
+        three nearest the budget gives the length to probe, which is kept when it fits and one
+        `step` more does not. Without a point above the budget the length grows 4x; after two
+        guesses that did not settle it, the bracket is halved."""
         limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
         limit = max(step, limit // step * step)
-        peak = lambda s: self.estimate(batch, s).peak  # noqa: E731
-        fits = lambda s: peak(s) <= budget  # noqa: E731
+        fits = lambda s: self.estimate(batch, s).peak <= budget  # noqa: E731
         s = min(max(start // step * step, step), limit)
-        lo, pts = 0, []
-        while fits(s):                     # grow geometrically until a length does not fit
-            lo, pts = s, pts + [s]
-            if s == limit:
+        if fits(s):
+            lo, hi = s, None
+        elif s == step or self._state_bytes(batch, s) > budget or not fits(step):
+            return 0                       # weights, gradients and optimizer state alone do not fit
+        else:
+            lo, hi = step, s
+        guesses = 0
+        while hi is None or hi - lo > step:
+            if lo == limit:
                 return limit
-            s = min(4 * s, limit)
-        hi = s
-        if lo == 0:
-            if hi == step or self._state_bytes(batch, hi) > budget or not fits(step):
-                return 0                   # weights, gradients and optimizer state alone do not fit
-            lo, pts = step, [step]
-        pts = sorted(set(pts[-2:] + [hi]))
-        while hi - lo > step:
-            guess = _parabola_crossing([(x, peak(x)) for x in pts], budget)
-            mid = min(max(int(guess) // step * step if guess else (lo + hi) // 2 // step * step, lo + step), hi - step)
-            if fits(mid):
-                lo = mid
-                if mid + step < hi and not fits(mid + step):
-                    return mid
-            else:
+            guess = self._guess_seq(budget, batch, lo, hi or limit + step) if guesses < 2 else None
+            if guess is None:
+                guess = min(4 * lo, limit) if hi is None else (lo + hi) // 2
+            guesses += 1
+            mid = min(max(guess // step * step, lo + step), (hi or limit + step) - step)
+            if not fits(mid):
                 hi = mid
-            pts = sorted(set([lo, hi] + pts[-1:]))[-3:]
+            elif mid + step >= (hi or limit + step) or not fits(mid + step):
+                return mid
+            else:
+                lo = mid + step
         return lo
+
+    def _guess_seq(self, budget: int, batch: int, lo: int, hi: int) -> Optional[int]:
+        """Where the estimates so far (as tokens / batch) cross the budget, strictly inside (lo, hi)."""
+        pts = {}
+        for (b, s), e in sorted(self._cache.items(), key=lambda kv: kv[0][0] != batch):  # this batch's first
+            pts.setdefault(b * s / batch, e.peak)
+        xs = sorted(pts)
+        above = [x for x in xs if pts[x] > budget]
+        below = [x for x in xs if pts[x] <= budget]
+        if not above or not below:
+            return None
+        near = sorted(sorted(below, key=lambda x: abs(x - lo))[:2] + sorted(above, key=lambda x: abs(x - hi))[:1])
+        crossing = _parabola_crossing([(x, pts[x]) for x in near], budget)
+        return int(crossing) if crossing is not None and lo < crossing < hi else None
 
     def _state_bytes(self, batch: int, seq: int) -> int:
         """What a step holds whatever its length: weights, gradients, optimizer state."""
@@ -439,20 +457,24 @@ def _parabola_crossing(points, level: float) -> Optional[float]:
     return max(inside) if inside else None
 
 
-def recommend(planners: dict, budget: int, seq: int, effective_batch: int) -> Optional[dict]:
-    """Micro-batch, accumulation and checkpointing for `effective_batch` examples per step: without
-    checkpointing when a micro-batch of at least half the checkpointed one fits (it is ~30 %
-    faster), else with it. planners: {configuration: Planner} of one mode."""
+def option(planner: Planner, budget: int, seq: int, effective_batch: int) -> Optional[dict]:
+    """The micro-batch and accumulation for `effective_batch` examples per step under one
+    configuration (None: not even batch 1 fits)."""
+    largest = planner.largest_batch(budget, seq)
+    if largest == 0:
+        return None
+    accum = math.ceil(effective_batch / min(largest, effective_batch))
+    micro = math.ceil(effective_batch / accum)
+    return {"configuration": planner.settings.configuration, "micro_batch": micro, "grad_accum": accum,
+            "checkpointing": planner.settings.checkpointing, "largest_batch": largest,
+            "peak": planner.estimate(micro, seq).peak}
+
+
+def recommend(options) -> Optional[dict]:
+    """Of one mode's options (with and without checkpointing): without checkpointing when a
+    micro-batch of at least half the checkpointed one fits (it is ~30 % faster), else with it."""
     best = None
-    for conf, planner in planners.items():
-        largest = planner.largest_batch(budget, seq)
-        if largest == 0:
-            continue
-        accum = math.ceil(effective_batch / min(largest, effective_batch))
-        micro = math.ceil(effective_batch / accum)
-        option = {"configuration": conf, "micro_batch": micro, "grad_accum": accum,
-                  "checkpointing": planner.settings.checkpointing, "largest_batch": largest,
-                  "peak": planner.estimate(micro, seq).peak}
+    for option in (o for o in options if o is not None):
         if best is None or (not option["checkpointing"] and 2 * option["micro_batch"] >= best["micro_batch"]) \
                 or (best["checkpointing"] is False and option["micro_batch"] > 2 * best["micro_batch"]):
             best = option
@@ -484,35 +506,64 @@ def _largest_block_bytes(planner: Planner) -> int:
     return (w(b) - w(a)) // p
 
 
+def _row(config, settings: RunSettings, budget: int, seq: int, effective_batch: int, world_size: int,
+         own: bool) -> dict:
+    """One configuration's row of the plan (and its recommendation option when `own`: the mode planned for)."""
+    planner = Planner(config, settings)
+    e = planner.estimate(1, seq)
+    row = {"configuration": settings.configuration, "peak_batch1": e.peak, "bytes": e.bytes(), "peak_at": e.peak_at,
+           "largest_batch": planner.largest_batch(budget, seq),
+           "longest_seq": None if settings.task == "image-cls" else planner.longest_seq(budget, start=seq),
+           "trainable_params": e.trainable_params, "total_params": e.total_params,
+           "option": option(planner, budget, seq, effective_batch) if own else None}
+    if world_size > 1:
+        row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
+    return row
+
+
+def _workers(jobs: int) -> int:
+    """Processes for the plan's configurations: one per core (forked: the imports are shared), 1
+    where fork is not available."""
+    import multiprocessing
+    if jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(jobs, cores))
+
+
 def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
          configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1) -> dict:
     """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
-    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode."""
+    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode.
+
+    Configurations are traced side by side, one process per core (each trace is single-threaded
+    Python): the checkpointed ones, which take longest, first."""
     import time
     t0 = time.perf_counter()
     config = load_config(config)
-    image = settings.task == "image-cls"
-    planners, rows = {}, []
-    for conf in configurations:
-        s = settings.with_configuration(conf)
-        planners[conf] = planner = Planner(config, s)
-        e = planner.estimate(1, seq)
-        row = {"configuration": conf, "peak_batch1": e.peak, "bytes": e.bytes(), "peak_at": e.peak_at,
-               "largest_batch": planner.largest_batch(budget, seq),
-               "longest_seq": None if image else planner.longest_seq(budget, start=seq),
-               "trainable_params": e.trainable_params, "total_params": e.total_params}
-        if world_size > 1:
-            row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
-        rows.append(row)
     mode = settings.mode
-    own = {c: Planner(config, settings.with_configuration(c)) if c not in planners else planners[c]
-           for c in (mode, mode + "-ckpt")}
-    rec = recommend(own, budget, seq, effective_batch)
+    confs = list(dict.fromkeys(list(configurations) + [mode, mode + "-ckpt"]))
+    jobs = [(config, settings.with_configuration(c), budget, seq, effective_batch, world_size, c.split("-")[0] == mode)
+            for c in sorted(confs, key=lambda c: (not c.endswith("-ckpt"), c))]
+    workers = _workers(len(jobs))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        try:  # import the modeling code once, before the fork
+            model_class(settings.task)._model_mapping[type(config)]
+        except Exception:  # noqa: BLE001 - a model this task cannot build: the workers say so in one line
+            pass
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            done = list(pool.map(_row, *zip(*jobs)))
+    else:
+        done = [_row(*job) for job in jobs]
+    by_conf = {r["configuration"]: r for r in done}
+    rec = recommend([by_conf[c]["option"] for c in (mode, mode + "-ckpt")])
     moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "model_type": config.model_type,
             "budget": budget, "seq": seq, "effective_batch": effective_batch, "world_size": world_size,
-            "assumed": settings, "rows": rows, "recommendation": rec, "moe": bool(moe),
-            "seconds": time.perf_counter() - t0}
+            "assumed": settings, "rows": [by_conf[c] for c in configurations], "recommendation": rec, "moe": bool(moe),
+            "seconds": time.perf_counter() - t0, "workers": workers}
 
 
 def format_plan(result: dict) -> str:

@@ -53,6 +53,11 @@ def test_largest_batch_and_longest_seq_are_the_edges(tiny):
     s = planner.longest_seq(budget, step=32)
     assert s >= 64 * 3 - 32 and planner.estimate(1, s).peak <= budget < planner.estimate(1, s + 32).peak
     assert planner.largest_batch(100, 64) == 0
+    # from a start length that does not fit (the search goes down) and from one far below the edge
+    for start, edge in ((2048, 96), (32, 160)):
+        budget = planner.estimate(1, edge).peak + 1000
+        s = planner.longest_seq(budget, step=32, start=start)
+        assert planner.estimate(1, s).peak <= budget < planner.estimate(1, s + 32).peak, (start, edge, s)
 
 
 def test_more_layers_cost_what_the_extrapolation_says(tiny):
