@@ -251,8 +251,14 @@ def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
         return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
     if task == "causal-lm":
-        return {"input_ids": ids, "labels": ids.clone()}
-    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+        return {"input_ids": ids, "labels": ids.clone(), **_no_cache(config)}
+    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen), **_no_cache(config)}
+
+
+def _no_cache(config) -> dict:
+    """A training step keeps no KV cache: said explicitly where the config would turn one on
+    (transformers then also warns under checkpointing that it turned it off)."""
+    return {"use_cache": False} if getattr(config, "use_cache", False) else {}
 
 
 def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
@@ -262,7 +268,7 @@ def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
                 "labels": torch.zeros(batch, dtype=torch.long)}
     ids = torch.zeros(batch, seq, dtype=torch.long)
     labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, **_no_cache(config)}
 
 
 def loss_fn(settings: RunSettings):
