@@ -1,6 +1,7 @@
 """The output-head rule: which modules are a model's output head.
 
     output_head_paths(model)     # {'lm_head'} / {'classifier', 'classifier.dense', ...} / {'score'}
+    task_head_paths(model)       # set() / {'classifier'} / {'score'}: a new task head, trained in full with LoRA
 
 The head is every module whose dotted path has a part named `lm_head`, `classifier` or `score`
 (with its insides), plus whatever `get_output_embeddings()` returns. It stays in float when the
@@ -34,3 +35,13 @@ def output_head_paths(model) -> set[str]:
     out_emb = output_embedding(model)
     return {name for name, m in model.named_modules()
             if name and (in_head_by_name(name) or (out_emb is not None and m is out_emb))}
+
+
+def task_head_paths(model) -> set[str]:
+    """The outermost head modules that are not the language-model head (get_output_embeddings):
+    a classifier's new head, which LoRA training trains in full (PEFT's task_type=SEQ_CLS does the
+    same). Empty for a causal LM."""
+    out_emb = output_embedding(model)
+    modules = dict(model.named_modules())
+    heads = {p for p in output_head_paths(model) if modules[p] is not out_emb}
+    return {p for p in heads if not any(p.startswith(o + ".") for o in heads)}

@@ -14,13 +14,14 @@ Shared by the recipes (accuracy tables) and by `qlora.profile` (memory tables).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from torch import nn
 
 from qlora.config import LoraConfig
 from qlora.errors import QLoRAError
-from qlora.heads import output_head_paths
+from qlora.heads import output_head_paths, task_head_paths
 from qlora.inject import add_lora, find_modules
 
 MODES = ("full", "head", "lora", "qlora")
@@ -57,7 +58,8 @@ def unfreeze_head(model: nn.Module, names: list[str] | None = None) -> int:
 def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit: Callable[[], nn.Module],
                    lora: LoraConfig | None = None, head: list[str] | None = None) -> nn.Module:
     """A fresh model set up for `mode` (one of CONFIGURATIONS); `head` names what head-only trains
-    (default: lm_head / classifier / score)."""
+    (default: lm_head / classifier / score). LoRA modes without `modules_to_save` train a
+    classifier's new head (classifier / score, not a causal LM's lm_head) in full."""
     check_mode(mode)
     base, _, ckpt = mode.partition("-")
     if base in ("lora", "qlora") and lora is None:
@@ -69,6 +71,8 @@ def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit:
     elif base == "head":
         unfreeze_head(model, head)
     else:
+        if lora.modules_to_save is None and (new_head := task_head_paths(model)):
+            lora = replace(lora, modules_to_save=sorted(new_head))   # a classifier's new head trains in full
         add_lora(model, lora)          # add_lora keeps its own copy: `lora` serves every mode unchanged
     if ckpt:
         from qlora.checkpointing import enable_checkpointing

@@ -122,11 +122,11 @@ class RunSettings:
     def configuration(self) -> str:
         return self.mode + ("-ckpt" if self.checkpointing else "")
 
-    def lora(self, head: Optional[str] = None) -> LoraConfig:
+    def lora(self) -> LoraConfig:
+        """The adapters' config (a classifier's new head trains in full: qlora.modes.build_for_mode)."""
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, dtype=self.dtype,
-                          modules_to_save=[head] if head else None)
+                          target_modules=targets, dtype=self.dtype)
 
     def with_configuration(self, configuration: str) -> "RunSettings":
         base, _, ckpt = configuration.partition("-")
@@ -199,14 +199,6 @@ def with_layers(config, n: int):
     return out
 
 
-def _head_name(config, task: str) -> Optional[str]:
-    """The new task head that trains beside the adapters (classification), None for causal LM."""
-    if task == "causal-lm":
-        return None
-    return "classifier" if task == "image-cls" or getattr(config, "model_type", "") in (
-        "bert", "roberta", "vit", "distilbert", "deit") else "score"
-
-
 # ------------------------------------------------------------------------------ the run
 def model_class(task: str):
     import transformers
@@ -238,9 +230,7 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
         from qlora.quant import quantize_model
         return quantize_model(load_float(), compute_dtype=dtype)
 
-    head = _head_name(config, settings.task)
-    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit,
-                          lora=settings.lora(head), head=[head] if head else None)
+    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit, lora=settings.lora())
 
 
 def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
