@@ -22,10 +22,9 @@ from safetensors import safe_open
 from qlora.chunked4bit import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantize_4bit_chunked
 from qlora.config import parse_dtype
 from qlora.errors import QLoRAError
+from qlora.shard_writer import SAFETENSORS_DTYPES
 
-_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+_ST_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def same_but_prefix(name: str, key: str) -> bool:

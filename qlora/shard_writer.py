@@ -23,9 +23,10 @@ import torch
 
 from qlora.errors import QLoRAError
 
-_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}
+"""torch dtype -> its name in a safetensors header (the one table; base_checkpoint reads it backwards)."""
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ShardedWriter:
         for name in self.plan.files[index]:
             shape, dtype = self.plan.specs[name]
             nbytes = _nbytes(shape, dtype)
-            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)                  # the format pads the header to 8 bytes
