@@ -412,6 +412,12 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
                              f"weights to float (see qlora.bundled.smollm2_path)") from e
         raise
 
+    # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
+    # arrive in compute_dtype and are quantized here from the same values (their float weights are in
+    # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
+    if _plan(model, skip)[0]:
+        quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                       blocksize=blocksize, skip_modules=skip or None)
     layers = [m for m in model.modules() if is_linear4bit(m)]
     if not layers:
         raise QLoRAError(f"load_4bit: {type(model).__name__} from {path!r} has no 4-bit layer after "
