@@ -380,6 +380,7 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
                          f"class such as AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification")
 
     skeleton = _skeleton(path, model_class, from_pretrained_kwargs)
+    transformers_converts = True      # whether transformers' loader has any layer of ours to quantize
     if skeleton is not None:
         to_quantize, kept = _plan(skeleton, skip)
         if not to_quantize:
@@ -389,7 +390,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         # Exact module paths (regex-escaped: transformers matches them as patterns). An explicit
         # list also switches off transformers' own default skips, which would differ from ours.
         llm_int8_skip_modules = [re.escape(n) for n in kept]
-        del skeleton
+        modules = dict(skeleton.named_modules())
+        transformers_converts = any(type(modules[n]) is nn.Linear or is_conv1d(modules[n]) for n in to_quantize)
+        del skeleton, modules
     else:
         llm_int8_skip_modules = list(OUTPUT_HEAD_NAMES) + skip
 
@@ -399,7 +402,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         llm_int8_skip_modules=llm_int8_skip_modules)
     from qlora.loading import from_pretrained_quietly   # one line of ours instead of the load report
     try:
-        if blocksize != _TRANSFORMERS_BLOCKSIZE:
+        if not transformers_converts:   # e.g. Falcon (all FalconLinear): a plain load, quantized below
+            model = from_pretrained_quietly(model_class, path, **from_pretrained_kwargs)
+        elif blocksize != _TRANSFORMERS_BLOCKSIZE:
             with _BlocksizeForTransformers(blocksize):
                 model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config,
                                                 **from_pretrained_kwargs)
