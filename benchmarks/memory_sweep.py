@@ -117,8 +117,13 @@ def worst_table(rows: list[dict]) -> str:
     for r in rows:
         counts[r["arch"]] = counts.get(r["arch"], 0) + 1
     for arch, w in worst(rows).items():
-        lines.append(f"| {arch} | {counts[arch]} | " + " | ".join(f"{w[k]:.2f}%" for k in CATEGORIES) + " |")
+        lines.append(f"| {arch} | {counts[arch]} | " + " | ".join(f"{w[k]:.2f} %" for k in CATEGORIES) + " |")
     return "\n".join(lines) + "\n"
+
+
+def out_of_bounds(rows: list[dict], peak: float = 5.0, other: float = 2.0) -> list[dict]:
+    """Rows with an error beyond the README's bounds (peak 5 %, other categories 2 %)."""
+    return [r for r in rows if any(abs(v) > (peak if k == "peak" else other) for k, v in r["error_pct"].items())]
 
 
 def grid_size(arch: str, configurations, batches, seqs, variants) -> int:
@@ -151,6 +156,7 @@ def main(argv=None) -> int:
     if args.merge:
         rows, failed = load_rows(args.merge)
         print(worst_table(rows))
+        print(f"rows beyond the bounds (peak 5 %, others 2 %): {len(out_of_bounds(rows))}")
         for arch, why in failed.items():
             print(f"{arch}: {why}")
         return 1 if failed else 0
@@ -190,6 +196,7 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s; worst |predicted - measured| / measured, "
           "per architecture and category:\n")
     print(worst_table(rows))
+    print(f"rows beyond the bounds (peak 5 %, others 2 %): {len(out_of_bounds(rows))}")
     for arch, why in failed.items():
         print(f"{arch}: {why}")
     return 1 if failed else 0
