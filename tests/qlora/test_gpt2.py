@@ -17,7 +17,8 @@ import qlora
 from qlora import LoraConfig, add_lora
 from qlora.quant import dequantize_weight, load_4bit, quantize_model
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]   # transformers: is_gradient_checkpointing (via PEFT)
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -124,3 +125,21 @@ def test_qlora_export_loads_in_stock_transformers_and_matches_the_live_model(tin
         assert ((got - want).norm() / want.norm()).item() < 1e-4, name
     with pytest.raises(qlora.QLoRAError, match="Conv1D"):
         export_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "rq", requantize="nf4", progress=False)
+
+
+def test_qlora_adapter_in_peft_on_transformers_4bit_gpt2(tiny_gpt2, token_ids, tmp_path):
+    """Our QLoRA GPT-2 adapter on transformers' own 4-bit GPT-2 under PEFT: the same logits as the live model."""
+    from peft import PeftModel
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    live = quantize_model(copy.deepcopy(base), compute_dtype=torch.float32)
+    add_lora(live, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    qlora.save_adapter(live, tmp_path / "adapter")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32,
+                                             device_map="cpu")
+    peft_model = PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(token_ids).logits, live(token_ids).logits, rtol=1e-5, atol=1e-5)
