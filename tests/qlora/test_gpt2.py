@@ -143,3 +143,20 @@ def test_qlora_adapter_in_peft_on_transformers_4bit_gpt2(tiny_gpt2, token_ids, t
     peft_model = PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(token_ids).logits, live(token_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_peft_written_gpt2_adapter(tiny_gpt2, token_ids, tmp_path):
+    """A PEFT adapter has no qlora facts: its fan_in_fan_out flag says the targets are stored [in, out]."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import GPT2LMHeadModel
+    from qlora.export import export_adapter
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    theirs = get_peft_model(tiny_gpt2(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                         fan_in_fan_out=True, init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    result = export_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype="float32", progress=False)
+    assert result.verification["passed"], result.verification
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(token_ids).logits, theirs(token_ids).logits, rtol=1e-5, atol=1e-5)
