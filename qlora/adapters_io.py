@@ -26,6 +26,7 @@ from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
 from qlora.lora import LoRAEmbedding, ModulesToSave, is_4bit, lora_class_for
+from qlora.quantized import is_transposed, linear_features
 from qlora.staging import atomic_write
 
 PREFIX = "base_model.model."
@@ -67,7 +68,9 @@ def _config_json(model: nn.Module, config: LoraConfig) -> dict:
         "init_lora_weights": config.init_lora_weights,
         "base_model_name_or_path": name,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for targets stored [in, out] (transformers' Conv1D): PEFT sets it itself, with a
+        # warning, when it disagrees with the layer type, so it is written as PEFT would write it
+        "fan_in_fan_out": any(is_transposed(layer.base_layer) for layer in lora_layers(model).values()),
         "inference_mode": True,
     }
 
@@ -198,8 +201,9 @@ def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
             shapes[f"{path}.lora_A.weight"] = (r, module.in_channels, *module.kernel_size)
             shapes[f"{path}.lora_B.weight"] = (module.out_channels, r, 1, 1)
         else:
-            shapes[f"{path}.lora_A.weight"] = (r, module.in_features)
-            shapes[f"{path}.lora_B.weight"] = (module.out_features, r)
+            n_in, n_out = linear_features(module)
+            shapes[f"{path}.lora_A.weight"] = (r, n_in)
+            shapes[f"{path}.lora_B.weight"] = (n_out, r)
         if not is_4bit(module):
             # PEFT also saves the base weights of a targeted embed_tokens / lm_head
             # (save_embedding_layers="auto"); PeftModel loads them into the base layer, so do we.

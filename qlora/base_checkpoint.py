@@ -145,8 +145,11 @@ def stream_tensor(path: Path, key: str, out_dtype: torch.dtype, piece_bytes: int
 
 def training_weight(path: str, w: torch.Tensor, settings: dict) -> torch.Tensor:
     """The fp32 weight the adapter at `path` saw in training: dequant(quant(W)) for a 4-bit layer,
-    W in the training dtype otherwise."""
+    W in the training dtype otherwise. In the checkpoint's layout: a layer in `transposed_modules`
+    (transformers' Conv1D, stored [in, out]) was quantized as Wᵀ [out, in], so it is round-tripped so."""
     if path in set(settings.get("quantized_modules", [])):
+        if path in set(settings.get("transposed_modules", [])):
+            return roundtrip_4bit(w.T, settings).T.contiguous()
         return roundtrip_4bit(w, settings)
     train_dtype = parse_dtype(settings.get("base_dtype") or settings.get("compute_dtype")) if settings else None
     return w.to(train_dtype).float() if train_dtype is not None else w.float()

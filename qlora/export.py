@@ -28,7 +28,7 @@ from qlora.base_checkpoint import (base_weight_files, key_prefix_fix, read_tenso
                                    stream_tensor, tensor_specs, training_weight)
 from qlora.config import dtype_name, parse_dtype
 from qlora.errors import QLoRAError
-from qlora.quantized import is_4bit
+from qlora.quantized import is_4bit, is_transposed
 from qlora.requantize import Requantizer, check_requantize
 from qlora.shard_writer import ShardedWriter, plan_shards
 from qlora.staging import publish, staging_folder
@@ -66,16 +66,26 @@ class ExportResult:
 
 # ---------------------------------------------------------------- reading the inputs
 
-def adapter_updates(tensors: dict, paths: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
-    """module path -> (A, B, kind) with kind 'linear' | 'embedding' | 'conv'."""
+def adapter_updates(tensors: dict, paths: set[str], transposed=frozenset()) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    """module path -> (A, B, kind) with kind 'linear' | 'linear_t' (a `transposed` path: the weight is
+    stored [in, out], transformers' Conv1D) | 'embedding' | 'conv'."""
     out = {}
     for path in paths:
         if f"{path}.lora_embedding_A" in tensors:
             out[path] = (tensors[f"{path}.lora_embedding_A"], tensors[f"{path}.lora_embedding_B"], "embedding")
         else:
             a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
-            out[path] = (a, b, "conv" if a.dim() == 4 else "linear")
+            out[path] = (a, b, "conv" if a.dim() == 4 else "linear_t" if path in transposed else "linear")
     return out
+
+
+def transposed_paths(adapter, settings: dict, lora_paths: set[str]) -> set[str]:
+    """Module paths whose base weight is stored [in, out]: qlora's record, else (an adapter written by
+    PEFT) every LoRA target when its adapter_config.json says fan_in_fan_out."""
+    if "transposed_modules" in settings:
+        return set(settings["transposed_modules"])
+    raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    return set(lora_paths) if raw.get("fan_in_fan_out") else set()
 
 
 def add_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str, scaling: float) -> float:
@@ -86,6 +96,8 @@ def add_delta_(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kind: str
     a2, b2 = a.flatten(1), b.flatten(1)                                  # [r, in...], [out, r]
     if kind == "embedding":
         weight.addmm_(a2.T, b2.T, alpha=scaling)                       # (B·A)ᵀ: [n, d]
+    elif kind == "linear_t":
+        weight.T.addmm_(b2, a2, alpha=scaling)                         # weight [in, out]: its view [out, in]
     else:
         weight.view(weight.shape[0], -1).addmm_(b2, a2, alpha=scaling)  # [out, in] (conv: flattened)
     gram = (b2.double().T @ b2.double()) * (a2.double() @ a2.double().T)
@@ -153,7 +165,9 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     settings = config.qlora or {}
     lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k}
     saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
-    updates = adapter_updates(tensors, lora_paths)
+    transposed = transposed_paths(adapter, settings, lora_paths)
+    _check_requantize_layout(requantize, transposed)
+    updates = adapter_updates(tensors, lora_paths, transposed)
     specs = tensor_specs(files)
     strip, add = key_prefix_fix(list(specs), sorted(lora_paths))
     name_of = {key: add + key.removeprefix(strip) for key in specs}
@@ -165,7 +179,8 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             raise QLoRAError(f"adapter module {path!r} has no weight {path}.weight in the base; "
                              "the adapter was trained on another model. Nothing was written.")
         shape = by_name[path + ".weight"][1]
-        expect = {"linear": (b.shape[0], a.shape[1]), "embedding": (a.shape[1], b.shape[0]),
+        expect = {"linear": (b.shape[0], a.shape[1]), "linear_t": (a.shape[1], b.shape[0]),
+                  "embedding": (a.shape[1], b.shape[0]),
                   "conv": (b.shape[0], *a.shape[1:])}[kind]
         if tuple(shape) != tuple(expect):
             raise QLoRAError(f"adapter for {path!r} expects a weight of shape {expect} but the base has {shape}; "
@@ -204,7 +219,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 if adapted:
                     w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
                 elif roundtrip:
-                    w = roundtrip_4bit(w, settings)
+                    w = training_weight(path, w, settings)   # dequant(quant(W)), in W's layout
                 if rq is not None and rq.wants(name):
                     rq.write(writer, path, w.float(), result.layers[-1].update_norm if path in updates else 0.0)
                 else:
@@ -231,11 +246,17 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     return result
 
 
+def _check_requantize_layout(requantize, transposed) -> None:
+    if requantize and transposed:
+        raise QLoRAError(f"--requantize is not supported for layers stored [in, out] (transformers' Conv1D, e.g. "
+                         f"{sorted(transposed)[0]!r}); export in bfloat16/float16 (without --requantize)")
+
+
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
     """The merged fp32 weight of one adapted layer, recording the norms for the report."""
     # Memory: one fp32 copy of the layer (the round trip is chunked, the update added in place),
     # plus the layer as read and as written in the output dtype.
-    seen = training_weight(path, w, settings)                       # fp32 [out, in]
+    seen = training_weight(path, w, settings)                       # fp32, W's layout ([out, in]; Conv1D [in, out])
     qerr = _diff_norm(w, seen)                                     # chunked: no whole-layer temporary
     merged = seen if merge_onto == "dequantized" else w.float()
     del seen
@@ -292,10 +313,12 @@ def _clean_name(key: str) -> str | None:
 
 
 def _plain_weight(module) -> torch.Tensor:
-    """A module's weight in fp32: dequantized for a 4-bit layer (what its forward uses)."""
+    """A module's weight in fp32 in its checkpoint layout: dequantized for a 4-bit layer (what its
+    forward uses; [out, in], transposed back to [in, out] for one made from a Conv1D)."""
     if is_4bit(module):
         import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        return w.T.contiguous() if is_transposed(module) else w
     return module.weight.detach().float()
 
 
@@ -322,6 +345,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                          "--adapter OUT_DIR/adapter --out MERGED")
     layers = lora_layers(model)
     modules = dict(model.named_modules())
+    _check_requantize_layout(requantize, {n for n, m in modules.items() if is_4bit(m) and is_transposed(m)})
     entries, seen_ids = {}, set()
     for key, value in model.state_dict(keep_vars=True).items():
         name = _clean_name(key)
@@ -330,7 +354,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
         seen_ids.add(id(value))
         owner = modules.get(key.rsplit(".", 1)[0])
         if name.endswith(".weight") and owner is not None and is_4bit(owner):
-            shape = tuple(owner.weight.quant_state.shape)
+            shape = tuple(owner.weight.quant_state.shape)[::-1 if is_transposed(owner) else 1]
         else:
             shape = tuple(value.shape)
         entries[name] = (key, owner, shape, dtype if value.dtype.is_floating_point or shape != tuple(value.shape)

@@ -50,6 +50,8 @@ def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         enc = tok(SENTENCES[:n], return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
+        if not enc["attention_mask"].any(-1).all() or enc["input_ids"].max() >= config.vocab_size:
+            raise ValueError("no usable tokenizer")   # transformers 5 builds an empty one for a bare GPT-2 folder
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     except Exception:  # no tokenizer in the folder: seeded random ids
         ids = torch.randint(0, config.vocab_size, (n, seq), generator=gen)

@@ -173,13 +173,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def _meta_linear4bit(linear: nn.Linear, *, quant_type: str, double_quant: bool, blocksize: int,
+def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, blocksize: int,
                      compute_dtype: torch.dtype):
     """A bitsandbytes Linear4bit on the meta device with the shapes quantization would give: packed
     [ceil(out*in/2), 1] uint8, absmax [blocks], nested absmax [ceil(blocks/256)], codes [16]/[256]."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
-    out_f, in_f = linear.out_features, linear.in_features
+    from qlora.quantized import linear_features
+    in_f, out_f = linear_features(linear)          # nn.Linear or Conv1D (qlora.quantized)
     n = out_f * in_f
     blocks = -(-n // blocksize)
     meta = dict(device="meta")
@@ -223,6 +224,7 @@ def meta_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool =
         layer = _meta_linear4bit(getattr(parent, child), **kw)
         layer.compute_dtype, layer.compute_type_is_set, layer.support_avx512bf16_for_cpu = compute_dtype, True, False
         layer.qlora_quantized_from = dtype_name(compute_dtype)   # what quant._mark_layer records
+        layer.source_cls = type(getattr(parent, child))          # what quant.make_linear4bit records
         layer.train(parent.training)
         setattr(parent, child, layer)
     return model

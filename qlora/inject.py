@@ -22,7 +22,7 @@ from qlora.errors import QLoRAError
 from qlora.heads import OUTPUT_HEAD_NAMES, output_embedding, output_head_paths  # noqa: F401  (re-exported)
 from qlora.lora import LoRALayer, ModulesToSave, lora_class_for
 from qlora.names import matches_target as _matches
-from qlora.quantized import is_4bit
+from qlora.quantized import is_4bit, is_linear, is_transposed
 _INTERNAL = {"base_layer", "lora_A", "lora_B", "original_module", "modules_to_save", "lora_dropout"}
 
 
@@ -51,9 +51,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if spec == "all-linear":
         heads = output_head_paths(model)
         found = {n: m for n, m in candidates.items()
-                 if isinstance(m, nn.Linear) and not isinstance(m, LoRALayer) and n not in heads}
+                 if is_linear(m) and not isinstance(m, LoRALayer) and n not in heads}
         if not found:
-            raise QLoRAError("target_modules='all-linear' found no Linear layers outside the output head")
+            raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
     else:
         found = {n: m for n, m in candidates.items() if _matches(n, spec)}
         asked = [spec] if isinstance(spec, str) else spec
@@ -73,7 +73,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             raise QLoRAError(f"{name!r} is in modules_to_save (trained in full); it can't also get LoRA")
         if lora_class_for(module) is None:
             raise QLoRAError(
-                f"{name!r} is a {type(module).__name__}; LoRA supports nn.Linear, bitsandbytes Linear4bit, "
+                f"{name!r} is a {type(module).__name__}; LoRA supports nn.Linear, transformers Conv1D, bitsandbytes Linear4bit, "
                 "nn.Embedding and nn.Conv2d. Name those layers instead, or exclude this one with exclude_modules.")
     if not found:
         raise QLoRAError(f"target_modules={spec!r} matched only modules excluded by exclude_modules")
@@ -150,6 +150,12 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those
         config.qlora["quantized_modules"] = sorted(
             {n.removesuffix(".base_layer") for n, m in model.named_modules() if is_4bit(m)})
+    # layers whose checkpoint weight is [in, out] (transformers' Conv1D, 4-bit or not): the export
+    # transposes them around the merge and the 4-bit round trip
+    transposed = sorted({n.removesuffix(".base_layer") for n, m in model.named_modules()
+                         if is_transposed(m) and not isinstance(m, LoRALayer)})
+    if transposed:
+        config.qlora["transposed_modules"] = transposed
     if previous is not None:  # a second add_lora on other modules: record the explicit union
         config.target_modules = sorted(lora_layers(model))
         config.modules_to_save = sorted(set(previous.modules_to_save or []) | set(config.modules_to_save or [])) or None

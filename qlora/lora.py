@@ -5,8 +5,8 @@
 LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685
 rsLoRA: Kalajdzievski 2023, https://arxiv.org/abs/2312.03732
 
-Each class wraps the original module unchanged as `base_layer` (a plain `nn.Linear`, a
-bitsandbytes `Linear4bit`, `nn.Embedding` or `nn.Conv2d`), so removing the adapter gives the
+Each class wraps the original module unchanged as `base_layer` (a plain `nn.Linear`, transformers'
+`Conv1D`, a bitsandbytes `Linear4bit`, `nn.Embedding` or `nn.Conv2d`), so removing the adapter gives the
 original model back. Memory: the adapter adds r·(in+out) parameters per Linear; during training
 it also keeps A's output [..., r] for backward, which is small next to the layer input.
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from qlora.errors import QLoRAError
 from qlora.quantized import is_4bit  # noqa: F401  (re-exported: qlora.lora.is_4bit)
+from qlora.quantized import is_conv1d, is_transposed, linear_features
 
 
 class LoRALayer(nn.Module):
@@ -47,7 +48,7 @@ class LoRALayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def delta_weight(self) -> torch.Tensor:
-        """s·B·A in fp32, shaped like the base weight."""
+        """s·B·A in fp32, shaped like the base weight as its checkpoint stores it."""
         raise NotImplementedError
 
     def merge(self) -> None:
@@ -97,19 +98,21 @@ def _dropout(p: float) -> nn.Module:
 class LoRALinear(LoRALayer):
     """y = base_layer(x) + s · B(A(dropout(x))) with A: r × in, B: out × r.
 
-    Works on `nn.Linear` and on a bitsandbytes `Linear4bit` (QLoRA, Dettmers et al. 2023,
-    https://arxiv.org/abs/2305.14314), whose packed weight is never touched. Trainable
+    Works on `nn.Linear`, on transformers' `Conv1D` (weight [in, out]: A and B are the same, PEFT's
+    fan_in_fan_out layout, and merging adds (s·B·A)ᵀ) and on a bitsandbytes `Linear4bit` (QLoRA,
+    Dettmers et al. 2023, https://arxiv.org/abs/2305.14314), whose packed weight is never touched. Trainable
     parameters: r·(in + out). Paper: Hu et al. 2021; rsLoRA scaling alpha/sqrt(r): Kalajdzievski 2023.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, *, lora_dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, *, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights=True, dtype: torch.dtype | None = None):
         super().__init__(base_layer, r, lora_alpha, use_rslora)
         dtype = dtype or adapter_dtype(base_layer)
         device = base_layer.weight.device
+        in_features, out_features = linear_features(base_layer)
         self.lora_dropout = _dropout(lora_dropout)
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
         _init_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +124,9 @@ class LoRALinear(LoRALayer):
         return y + (update * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        # [out, r] @ [r, in] -> [out, in]
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        # [out, r] @ [r, in] -> [out, in]; a Conv1D (or a 4-bit layer made from one) stores [in, out]
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.T if is_transposed(self.base_layer) else delta
 
 
 class LoRAEmbedding(LoRALayer):
@@ -261,7 +265,7 @@ LORA_CLASSES = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: L
 
 def lora_class_for(module: nn.Module):
     """The LoRA class for a module, or None when LoRA doesn't support its type."""
-    if is_4bit(module):
+    if is_4bit(module) or is_conv1d(module):
         return LoRALinear
     for base_type, cls in LORA_CLASSES.items():
         if type(module) is base_type:

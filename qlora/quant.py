@@ -1,6 +1,7 @@
 """The 4-bit base of QLoRA: NF4 (or FP4) weights through bitsandbytes, on CPU or CUDA.
 
-Two ways in, one result (every quantizable ``nn.Linear`` becomes a ``bitsandbytes.nn.Linear4bit``):
+Two ways in, one result (every quantizable ``nn.Linear``, and transformers' ``Conv1D`` from its
+transposed weight, becomes a ``bitsandbytes.nn.Linear4bit``; qlora.quantized has the rule):
 
     import qlora, torch
     from transformers import AutoModel
@@ -49,6 +50,7 @@ from qlora.errors import QLoRAError
 from qlora.heads import OUTPUT_HEAD_NAMES, output_head_paths
 from qlora.names import matches_parts as _name_matches
 from qlora.quantized import is_4bit as is_linear4bit  # noqa: F401  (re-exported: qlora.quant.is_linear4bit)
+from qlora.quantized import is_conv1d, is_linear, linear_features
 
 QUANT_TYPES = ("nf4", "fp4")
 # What bitsandbytes.functional.quantize_4bit accepts (CPU and CUDA alike; 32 is CUDA/CPU only,
@@ -144,9 +146,13 @@ def make_params4bit(weight: torch.Tensor, *, quant_type: str, double_quant: bool
     return param
 
 
-def make_linear4bit(linear: nn.Linear, *, quant_type: str = "nf4", double_quant: bool = True,
+def make_linear4bit(linear: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64):
     """A ``bitsandbytes.nn.Linear4bit`` holding ``linear``'s weight quantized from ``compute_dtype``.
+
+    ``linear``: an ``nn.Linear`` or transformers' ``Conv1D``, whose [in, out] weight is quantized as
+    its transpose [out, in] (the codes transformers' 4-bit loader makes for it); the layer records
+    ``source_cls`` (transformers' attribute) so exports write the weight back as [in, out].
 
     The bias (if any) is copied in ``compute_dtype`` (Linear4bit casts it to the compute dtype
     in its forward anyway -- in place -- so storing it that way avoids a silent dtype change).
@@ -154,19 +160,22 @@ def make_linear4bit(linear: nn.Linear, *, quant_type: str = "nf4", double_quant:
     import bitsandbytes as bnb
     compute_dtype = check_compute_dtype(compute_dtype)
     # Built on the meta device: no throw-away random fp32 [out, in] weight is allocated.
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+    in_features, out_features = linear_features(linear)
+    weight = linear.weight.T if is_conv1d(linear) else linear.weight        # [out, in]
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=double_quant,
                               quant_type=quant_type, quant_storage=torch.uint8, device="meta")
     with torch.no_grad():
         # Cast to compute_dtype first (a transient [out, in] copy when the dtypes differ): the
         # same values transformers quantizes when loading with dtype=compute_dtype, and the
         # values the forward dequantizes to.
-        layer.weight = make_params4bit(linear.weight.to(compute_dtype), quant_type=quant_type,
+        layer.weight = make_params4bit(weight.to(compute_dtype), quant_type=quant_type,
                                        double_quant=double_quant, blocksize=blocksize, module=layer)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype),
                                       requires_grad=linear.bias.requires_grad)
     _mark_layer(layer, compute_dtype)
+    layer.source_cls = type(linear)
     layer.train(linear.training)
     return layer
 
@@ -188,18 +197,19 @@ def _mark_layer(layer: nn.Module, compute_dtype: torch.dtype) -> None:
 # quantize_model
 # --------------------------------------------------------------------------------------------
 def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
-    """(names of nn.Linear to quantize, names of nn.Linear kept) for a model or a meta skeleton."""
+    """(names of linear layers to quantize, names kept) for a model or a meta skeleton (quantized.is_linear:
+    nn.Linear or Conv1D)."""
     import bitsandbytes as bnb
     modules = dict(model.named_modules())
     heads = output_head_paths(model)
     for pattern in skip:
         if not any(_name_matches(n, pattern) for n in modules if n):
-            sample = [n for n, m in modules.items() if isinstance(m, nn.Linear)][:6]
+            sample = [n for n, m in modules.items() if is_linear(m)][:6]
             raise QLoRAError(f"skip_modules entry {pattern!r} matches no module of "
                              f"{type(model).__name__}; Linear layers are named like {sample}")
     to_quantize, kept = [], []
     for name, module in modules.items():
-        if not isinstance(module, nn.Linear) or isinstance(module, bnb.nn.Linear4bit):
+        if not is_linear(module) or isinstance(module, bnb.nn.Linear4bit):
             continue
         parent = modules[name.rpartition(".")[0]] if "." in name else model
         if (name in heads or any(h and name.startswith(h + ".") for h in heads)
@@ -215,7 +225,7 @@ def _plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
                    skip_modules: list[str] | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a 4-bit ``bitsandbytes.nn.Linear4bit``, in place.
+    """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a 4-bit ``bitsandbytes.nn.Linear4bit``, in place.
 
     Kept as they are: the output head (``lm_head``/``classifier``/``score`` and whatever
     ``get_output_embeddings()`` returns), LoRA adapter matrices, ``nn.MultiheadAttention``'s
@@ -246,7 +256,7 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
             return model  # already quantized the same way
         raise QLoRAError(
             f"quantize_model found nothing to quantize in {type(model).__name__}: it needs at least one "
-            f"torch.nn.Linear outside the output head and skip_modules={skip}; "
+            f"torch.nn.Linear (or transformers Conv1D) outside the output head and skip_modules={skip}; "
             f"Linear layers kept: {kept[:8]}{' ...' if len(kept) > 8 else ''}")
 
     for name in to_quantize:
@@ -370,6 +380,7 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
                          f"class such as AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification")
 
     skeleton = _skeleton(path, model_class, from_pretrained_kwargs)
+    transformers_converts = True      # whether transformers' loader has any layer of ours to quantize
     if skeleton is not None:
         to_quantize, kept = _plan(skeleton, skip)
         if not to_quantize:
@@ -379,7 +390,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         # Exact module paths (regex-escaped: transformers matches them as patterns). An explicit
         # list also switches off transformers' own default skips, which would differ from ours.
         llm_int8_skip_modules = [re.escape(n) for n in kept]
-        del skeleton
+        modules = dict(skeleton.named_modules())
+        transformers_converts = any(type(modules[n]) is nn.Linear or is_conv1d(modules[n]) for n in to_quantize)
+        del skeleton, modules
     else:
         llm_int8_skip_modules = list(OUTPUT_HEAD_NAMES) + skip
 
@@ -389,7 +402,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
         llm_int8_skip_modules=llm_int8_skip_modules)
     from qlora.loading import from_pretrained_quietly   # one line of ours instead of the load report
     try:
-        if blocksize != _TRANSFORMERS_BLOCKSIZE:
+        if not transformers_converts:   # e.g. Falcon (all FalconLinear): a plain load, quantized below
+            model = from_pretrained_quietly(model_class, path, **from_pretrained_kwargs)
+        elif blocksize != _TRANSFORMERS_BLOCKSIZE:
             with _BlocksizeForTransformers(blocksize):
                 model = from_pretrained_quietly(model_class, path, quantization_config=bnb_config,
                                                 **from_pretrained_kwargs)
@@ -402,6 +417,12 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
                              f"weights to float (see qlora.bundled.smollm2_path)") from e
         raise
 
+    # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
+    # arrive in compute_dtype and are quantized here from the same values (their float weights are in
+    # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
+    if _plan(model, skip)[0]:
+        quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                       blocksize=blocksize, skip_modules=skip or None)
     layers = [m for m in model.modules() if is_linear4bit(m)]
     if not layers:
         raise QLoRAError(f"load_4bit: {type(model).__name__} from {path!r} has no 4-bit layer after "

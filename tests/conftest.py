@@ -49,6 +49,20 @@ def tiny_llama():
 
 
 @pytest.fixture
+def tiny_gpt2():
+    """Factory: a 2-layer GPT2LMHeadModel (hidden 32, 4 heads; transformers' Conv1D layers, weight
+    [in, out]; lm_head tied to the token embedding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make(seed: int = SEED, **overrides):
+        cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                   bos_token_id=0, eos_token_id=0)
+        cfg.update(overrides)
+        return _build(GPT2LMHeadModel, GPT2Config(**cfg), seed)
+    return make
+
+
+@pytest.fixture
 def tiny_bert_cls():
     """Factory: a 2-layer BertForSequenceClassification (hidden 32, 4 heads, 3 labels)."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -2,7 +2,7 @@
 
 Bounds are the README's ("Where does the memory go?"): peak within 5 %, every other category
 within 2 %. The default suite checks one row per architecture; `-m slow` runs the whole sweep of
-benchmarks/memory_sweep.py (8 architectures x 5 configurations x 2 batches x 2 lengths x
+benchmarks/memory_sweep.py (8 architectures and GPT-2 x 5 configurations x 2 batches x 2 lengths x
 chunked/model loss x AdamW/8-bit AdamW).
 """
 import pytest
@@ -29,13 +29,14 @@ def assert_rows(rows):
     ("qwen3", "qlora", "chunked", "adamw", 2, 32), ("gemma2", "lora-ckpt", "chunked", "adamw", 1, 64),
     ("phi3", "qlora-ckpt", "model", "adamw", 2, 32), ("gpt_neox", "lora", "chunked", "adamw8bit", 2, 32),
     ("mixtral", "qlora-ckpt", "chunked", "adamw", 2, 32), ("bert", "qlora", "model", "adamw", 2, 32),
-    ("vit", "lora-ckpt", "model", "adamw", 2, 32)])
+    ("vit", "lora-ckpt", "model", "adamw", 2, 32),
+    ("gpt2", "qlora", "chunked", "adamw", 2, 32), ("gpt2", "qlora-ckpt", "model", "adamw8bit", 1, 64)])
 def test_planner_predicts_the_measured_step(arch, conf, loss, opt, batch, seq):
     assert_rows(rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=((loss, opt),)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", REQUIRED)
+@pytest.mark.parametrize("arch", REQUIRED + ("gpt2",))
 def test_the_whole_sweep_is_within_the_bounds(arch):
     assert_rows(rows_for(arch))
 

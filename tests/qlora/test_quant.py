@@ -401,3 +401,19 @@ def test_quant_settings_none_without_4bit_layers_and_dequantize_rejects_plain_li
     assert quant_settings(tiny_mlp()) is None
     with pytest.raises(QLoRAError, match="needs a bitsandbytes Linear4bit; got Linear"):
         dequantize_weight(nn.Linear(4, 4))
+
+
+def test_load_4bit_quantizes_linear_subclasses_transformers_skips(tmp_path):
+    """Falcon's layers are FalconLinear (an nn.Linear subclass): transformers' 4-bit loader converts exact
+    nn.Linear only, load_4bit quantizes the rest; the codes equal quantize_model's on the same weights."""
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       new_decoder_architecture=True, num_kv_heads=2)
+    FalconForCausalLM(cfg).save_pretrained(tmp_path)
+    loaded = load_4bit(str(tmp_path), compute_dtype=torch.float32)
+    ref = quantize_model(FalconForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), compute_dtype=torch.float32)
+    got = {n: m.weight.data for n, m in loaded.named_modules() if is_linear4bit(m)}
+    want = {n: m.weight.data for n, m in ref.named_modules() if is_linear4bit(m)}
+    assert sorted(got) == sorted(want) and len(got) == 8       # qkv, dense, h_to_4h, 4h_to_h x 2 blocks
+    assert all(torch.equal(got[n], want[n]) for n in got)
