@@ -527,6 +527,19 @@ def _workers(jobs: int) -> int:
     return max(1, min(jobs, cores))
 
 
+def _import_before_fork(config, settings: RunSettings) -> None:
+    """What every worker would import on its first trace (~3 s: the modeling code, bitsandbytes,
+    the tracer), imported once in the parent so that the forked workers share it."""
+    import importlib
+    for name in ("memprofile.trace", "qlora.modes", "qlora.quant", "qlora.losses", "qlora.checkpointing",
+                 "transformers.initialization", "bitsandbytes"):
+        importlib.import_module(name)
+    try:
+        model_class(settings.task)._model_mapping[type(config)]
+    except Exception:  # noqa: BLE001 - a model this task cannot build: the workers say so in one line
+        pass
+
+
 def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
          configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1) -> dict:
     """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
@@ -545,10 +558,7 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        try:  # import the modeling code once, before the fork
-            model_class(settings.task)._model_mapping[type(config)]
-        except Exception:  # noqa: BLE001 - a model this task cannot build: the workers say so in one line
-            pass
+        _import_before_fork(config, settings)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             done = list(pool.map(_row, *zip(*jobs)))
     else:
