@@ -558,9 +558,14 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        import gc
         _import_before_fork(config, settings)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            done = list(pool.map(_row, *zip(*jobs)))
+        gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of the heap
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                done = list(pool.map(_row, *zip(*jobs)))
+        finally:
+            gc.unfreeze()
     else:
         done = [_row(*job) for job in jobs]
     by_conf = {r["configuration"]: r for r in done}
