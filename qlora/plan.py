@@ -37,6 +37,7 @@ import torch
 from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.loading import from_pretrained_quietly
+from qlora.offload import Offloader
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification"}
@@ -93,6 +94,17 @@ class RunSettings:
     """Device the run will use: resolves compute_dtype auto."""
     task: str = "causal-lm"
     """causal-lm | seq-cls | image-cls."""
+    checkpoint_blocks: Optional[int] = None
+    """With checkpointing: checkpoint only the first k blocks (None: every block; 0: none). A block
+    left out keeps its activations and skips its recompute (qlora.prepare_for_training(checkpoint_blocks=k))."""
+    offload_activations: bool = False
+    """What autograd saves of 1 MiB or more (with checkpointing: the block inputs) kept in pinned host
+    memory (qlora.offload; train.offload_activations, which qlora train applies on CUDA only). Host
+    bytes are predicted apart (StepMemory.host), not in the device peak."""
+    mlp_tile: int = 0
+    """The MLP (every module named "mlp") in sequence tiles of this many tokens (qlora.tiled_mlp); 0: off."""
+    mlp_tile_min_tokens: int = 4096
+    """With mlp_tile: tile only inputs of more than this many tokens (shorter ones run as they are)."""
 
     def __post_init__(self):
         choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
@@ -104,8 +116,18 @@ class RunSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
-        if not isinstance(self.checkpointing, bool):
-            raise QLoRAError(f"checkpointing={self.checkpointing!r}: must be true or false")
+        for name in ("checkpointing", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
+        for name in ("mlp_tile", "mlp_tile_min_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise QLoRAError(f"{name}={v!r}: must be an integer >= 0 ({'0: no tiling' if name == 'mlp_tile' else 'tokens'})")
+        k = self.checkpoint_blocks
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
+        if k is not None and not self.checkpointing:
+            raise QLoRAError(f"checkpoint_blocks={k} needs checkpointing=true (or leave it null)")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype)
         if isinstance(self.target_modules, list):
@@ -132,7 +154,8 @@ class RunSettings:
         base, _, ckpt = configuration.partition("-")
         if base not in MODES or ckpt not in ("", "ckpt"):
             raise QLoRAError(f"configuration {configuration!r}: use full, head, lora or qlora, optionally with -ckpt")
-        return replace(self, mode=base, checkpointing=ckpt == "ckpt")
+        return replace(self, mode=base, checkpointing=ckpt == "ckpt",
+                       checkpoint_blocks=self.checkpoint_blocks if ckpt == "ckpt" else None)
 
     def describe(self) -> str:
         loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
@@ -142,9 +165,14 @@ class RunSettings:
                 f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "
                 if self.mode in ("lora", "qlora") else "")
         quant = "NF4 4-bit base (double quant, blocksize 64); " if self.mode == "qlora" else ""
+        ckpt = "off"
+        if self.checkpointing:
+            ckpt = "on (non-reentrant" + ("" if self.checkpoint_blocks is None else
+                                          f", the first {self.checkpoint_blocks} blocks only") + ")"
+        tile = (f"; MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens" if self.mlp_tile else "")
         return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
-                f"checkpointing {'on (non-reentrant)' if self.checkpointing else 'off'}; {loss}; "
-                f"{self.optimizer}; no activation offload")
+                f"checkpointing {ckpt}; {loss}; {self.optimizer}; "
+                f"{'activation offload to host memory' if self.offload_activations else 'no activation offload'}{tile}")
 
 
 # ------------------------------------------------------------------------------ config
@@ -239,8 +267,32 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
         return quantize_model(load_float(), compute_dtype=dtype)
 
     head = _head_name(config, settings.task)
-    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit,
-                          lora=settings.lora(head), head=[head] if head else None)
+    model = build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit,
+                           lora=settings.lora(head), head=[head] if head else None)
+    return apply_levers(model, settings, trace=not init and path is None)
+
+
+def apply_levers(model, settings: RunSettings, trace: bool = False):
+    """The long-context levers of `settings` on a model built for its mode: checkpoint only the first
+    `checkpoint_blocks` blocks, tile the MLPs (offload acts at the step: `loss_fn`). `trace` (a fake
+    model of the planner): each checkpointed block's recompute in backward is named as its own phase,
+    "backward (recompute)", whose peak extrapolates on its own line (memprofile.trace.mark_phase)."""
+    from qlora.checkpointing import _hf_blocks, enable_checkpointing
+    if settings.checkpointing and settings.checkpoint_blocks is not None:
+        enable_checkpointing(model, blocks=settings.checkpoint_blocks)
+        if trace:
+            from memprofile.trace import mark_phase
+
+            def recompute(module, args):
+                if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
+                    mark_phase("backward (recompute)")
+            for block in _hf_blocks(model):
+                if block.gradient_checkpointing:
+                    block.register_forward_pre_hook(recompute)
+    if settings.mlp_tile:
+        from qlora.tiled_mlp import tile_mlps
+        tile_mlps(model, tile=settings.mlp_tile, min_tokens=settings.mlp_tile_min_tokens)
+    return model
 
 
 def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
@@ -265,17 +317,45 @@ def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
     return {"input_ids": ids, "labels": labels}
 
 
-def loss_fn(settings: RunSettings):
-    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it."""
-    if settings.task != "causal-lm" or settings.loss == "model":
+def loss_fn(settings: RunSettings, offloader=None):
+    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it; with
+    settings.offload_activations, forward and loss run under qlora.offload with `offloader` (an
+    Offloader class; default TracedOffloader: the host copies count as host memory in a trace)."""
+    own = settings.task != "causal-lm" or settings.loss == "model"
+    if own and not settings.offload_activations:
         return None
+    from memprofile.measure import _call_model, default_loss
     from qlora.losses import causal_lm_loss
     size = settings.loss_chunk_size
 
     def chunked(model, batch):
+        if own:
+            return default_loss(_call_model(model, batch), batch)
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
     chunked.takes_model = True
-    return chunked
+    if not settings.offload_activations:
+        return chunked
+    from qlora.offload import offload_saved_tensors
+
+    def offloaded(model, batch):
+        with offload_saved_tensors(model, offloader=offloader or TracedOffloader):
+            return chunked(model, batch)
+    offloaded.takes_model = True
+    return offloaded
+
+
+class TracedOffloader(Offloader):
+    """qlora.offload as its CUDA path moves memory, for a trace: the host copy is made inside
+    memprofile.trace.host_memory() (host bytes, not device), the reload is a new device tensor
+    (prefetched one block ahead, as on CUDA). On real tensors outside a trace both are plain copies."""
+
+    def _to_host(self, t):
+        from memprofile.trace import host_memory
+        with host_memory():
+            return t.detach().clone(memory_format=torch.contiguous_format), None
+
+    def _to_device(self, p):
+        return p.host.clone(), None
 
 
 def optimizer(settings: RunSettings):
@@ -302,11 +382,12 @@ class Planner:
 
     def __init__(self, config, settings: RunSettings = RunSettings()):
         self.config = load_config(config)
-        self.settings = settings
         self.layers = num_layers(self.config)
         self.period = layer_period(self.config)
+        self.settings = settings = _normalized_blocks(settings, self.layers)
         self._models: dict = {}
         self._cache: dict = {}
+        self._parts = self._mixed_parts()
 
     def _fake_model(self, n: int, seq: int):
         from memprofile.trace import fake_tensors, new_fake_mode
@@ -348,12 +429,49 @@ class Planner:
         from memprofile.trace import extrapolate
         if (batch, seq) not in self._cache:
             p, L = self.period, self.layers
-            if L <= 3 * p:
+            if self._parts is not None:   # the first k of L blocks checkpointed
+                result = self._estimate_mixed(batch, seq)
+            elif L <= 3 * p:
                 result = self._step(L, batch, seq)
             else:  # from the 2nd block on, each adds the same bytes (the 1st differs: measured)
                 result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L)
             self._cache[(batch, seq)] = result
         return self._cache[(batch, seq)]
+
+    def _mixed_parts(self):
+        """With the first k of L blocks checkpointed (0 < k < L, more blocks than traced): the three
+        traced models k-of-L is extrapolated from, in units of `period` blocks p: (p checkpointed + p
+        not), (2p + p), (p + 2p). None otherwise."""
+        k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
+        if k is None or L <= 3 * p:
+            return None
+        shapes = ((p, p), (2 * p, p), (p, 2 * p))
+        return [Planner(with_layers(self.config, c + u), replace(self.settings, checkpoint_blocks=c)) for c, u in shapes]
+
+    def _estimate_mixed(self, batch: int, seq: int):
+        """Checkpointed and uncheckpointed blocks as two increments (memprofile.trace.extrapolate_increments):
+        base (p + p) + (k - p)/p x one more checkpointed unit + (L - k - p)/p x one more plain unit. The
+        recompute inside backward is its own phase (apply_levers), so the peak is the larger of the
+        backward through the plain blocks (linear in both counts) and the recomputes."""
+        from memprofile.trace import extrapolate_increments
+        base, more_ckpt, more_plain = (part.estimate(batch, seq) for part in self._parts)
+        k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
+        return extrapolate_increments(base, [(more_ckpt, (k - p) / p), (more_plain, (L - k - p) / p)])
+
+    def with_checkpoint_blocks(self, k: Optional[int]) -> "Planner":
+        """The planner of the same run with the first k blocks checkpointed (None: all), sharing this
+        one's traces where it can (every 0 < k < L uses the same three traced models)."""
+        if k == self.settings.checkpoint_blocks:
+            return self
+        cache = self.__dict__.setdefault("_siblings", {})
+        key = _normalized_blocks(replace(self.settings, checkpointing=True, checkpoint_blocks=k), self.layers)
+        if key not in cache:
+            other = Planner(self.config, key)
+            mixed = next((c for c in cache.values() if c._parts is not None), None)
+            if other._parts is not None and mixed is not None:
+                other._parts = mixed._parts      # the same traced models, another k
+            cache[key] = other
+        return cache[key]
 
     def fits(self, budget: int, batch: int, seq: int) -> bool:
         return self.estimate(batch, seq).peak <= budget
@@ -419,6 +537,21 @@ class Planner:
                 hi = mid
             pts = sorted(set([lo, hi] + pts[-1:]))[-3:]
         return lo
+
+
+def _normalized_blocks(settings: RunSettings, layers: int) -> RunSettings:
+    """checkpoint_blocks k of a model with `layers` blocks: k = layers is every block (None), k = 0
+    no checkpointing; more than `layers` is an error."""
+    k = settings.checkpoint_blocks
+    if k is None or not settings.checkpointing:
+        return settings
+    if k > layers:
+        raise QLoRAError(f"checkpoint_blocks={k}: the model has {layers} blocks")
+    if k == layers:
+        return replace(settings, checkpoint_blocks=None)
+    if k == 0:
+        return replace(settings, checkpointing=False, checkpoint_blocks=None)
+    return settings
 
 
 def _parabola_crossing(points, level: float) -> Optional[float]:
