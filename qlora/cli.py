@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--configs", default="full,lora,lora-ckpt,qlora,qlora-ckpt", help="configurations to tabulate")
     plan.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                       help="cuda | cpu: the device the run will use (default cuda)")
+    plan.add_argument("--no-levers", action="store_true",
+                      help="skip the table of the long-context levers (offload, tiled MLP) at batch 1")
     plan.add_argument("--world-size", type=_positive_int, default=1,
                       help="FSDP ranks: per-rank bytes by formula (default 1)")
     _run_options(plan)
@@ -213,6 +215,10 @@ def _plan(args) -> int:
     result = plan(model, args.memory, settings, seq=args.seq, effective_batch=args.effective_batch,
                   configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size)
     print(format_plan(result))
+    if settings.task == "causal-lm" and not args.no_levers:
+        from qlora.plan import format_levers, lever_rows
+        print()
+        print(format_levers(lever_rows(model, args.memory, settings), args.memory))
     return 0
 
 

@@ -286,9 +286,10 @@ def apply_levers(model, settings: RunSettings, trace: bool = False):
             def recompute(module, args):
                 if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
                     mark_phase("backward (recompute)")
-            for block in _hf_blocks(model):
-                if block.gradient_checkpointing:
-                    block.register_forward_pre_hook(recompute)
+            for block in _hf_blocks(model):   # transformers checkpoints `forward`: the block's own hooks stay
+                if block.gradient_checkpointing:   # outside, its children's run inside the recompute
+                    for child in block.children():
+                        child.register_forward_pre_hook(recompute)
     if settings.mlp_tile:
         from qlora.tiled_mlp import tile_mlps
         tile_mlps(model, tile=settings.mlp_tile, min_tokens=settings.mlp_tile_min_tokens)
@@ -640,6 +641,46 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
             "seconds": time.perf_counter() - t0}
 
 
+LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
+          "offload + tiled MLP": {"offload_activations": True, "mlp_tile": 1024}}
+"""The long-context levers `qlora plan` tabulates (none is on in qlora train's defaults; the MLP tiles
+are tile_mlps' defaults: 1,024 tokens, above 4,096)."""
+
+
+def lever_rows(config, budget: int, settings: RunSettings = RunSettings(), levers: dict = LEVERS) -> list[dict]:
+    """Per lever (on top of `settings`, checkpointing on): the longest sequence at batch 1 that fits
+    `budget` and the predicted categories at that length (device bytes; `host`: offloaded bytes)."""
+    rows = []
+    base = replace(settings, checkpointing=True)
+    for name, fields in levers.items():
+        planner = Planner(config, replace(base, **fields))
+        longest = planner.longest_seq(budget)
+        e = planner.estimate(1, longest) if longest else None
+        rows.append({"lever": name, "settings": planner.settings, "longest_seq": longest,
+                     "bytes": e.bytes() if e else None, "host": (e.host or 0) if e else None,
+                     "peak_at": e.peak_at if e else None})
+    return rows
+
+
+def format_levers(rows: list[dict], budget: int) -> str:
+    """The lever rows as a markdown table: longest context at batch 1 and its breakdown."""
+    from memprofile.report import human
+    lines = [f"longest context at batch 1 within {human(budget)}, per long-context lever (checkpointing on; "
+             "qlora train's defaults use none of these levers):", "",
+             "| levers | longest seq | peak | weights | grads + optimizer | activations (on device) | host (offloaded) | peak at |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["bytes"]
+        if b is None:
+            lines.append(f"| {r['lever']} | does not fit | | | | | | |")
+            continue
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        lines.append(f"| {r['lever']} | {r['longest_seq']} | {human(b['peak'])} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} | {human(r['host'])} | "
+                     f"{r['peak_at']} |")
+    return "\n".join(lines)
+
+
 def format_plan(result: dict) -> str:
     """The plan as the CLI prints it: assumptions, one table row per configuration, the advice."""
     from memprofile.report import human
@@ -688,7 +729,8 @@ def format_plan(result: dict) -> str:
 def settings_of(model, train_config) -> RunSettings:
     """The RunSettings of a model built for training: mode from its layers (4-bit / LoRA / all or
     some parameters trainable), LoRA from model.qlora_config, checkpointing as it is on, the
-    optimizer from the TrainConfig. The loss is assumed chunked (qlora train's causal-LM loss)."""
+    optimizer and offload (qlora train offloads on CUDA only) from the TrainConfig, MLP tiles as
+    qlora.tiled_mlp set them. The loss is assumed chunked (qlora train's causal-LM loss)."""
     from qlora.checkpointing import is_checkpointing
     from qlora.lora import LoRALayer
     modules = list(model.modules())
@@ -701,10 +743,18 @@ def settings_of(model, train_config) -> RunSettings:
         mode = "full" if all(p.requires_grad for p in model.parameters()) else "head"
     task = {"ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
     name = type(model).__name__
+    from qlora.tiled_mlp import TiledMLP
+    tiled = next((m.__dict__["forward"] for m in modules if isinstance(m.__dict__.get("forward"), TiledMLP)), None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = dict(mode=mode, checkpointing=is_checkpointing(model), optimizer=train_config.optimizer,
-                  device="cuda" if torch.cuda.is_available() else "cpu",
+                  device=device, offload_activations=bool(train_config.offload_activations) and device == "cuda",
+                  mlp_tile=tiled.tile if tiled else 0, mlp_tile_min_tokens=tiled.min_tokens if tiled else 4096,
                   task=next((t for suffix, t in task.items() if name.endswith(suffix)), "causal-lm"),
                   compute_dtype=dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    from qlora.checkpointing import _hf_blocks
+    chosen = [getattr(b, "gradient_checkpointing", False) for b in _hf_blocks(model)]
+    if fields["checkpointing"] and chosen and not all(chosen):   # a subset (counted as the first k)
+        fields["checkpoint_blocks"] = sum(chosen)
     if lora is not None:
         fields.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=lora.target_modules if isinstance(lora.target_modules, str)
@@ -714,8 +764,11 @@ def settings_of(model, train_config) -> RunSettings:
 
 def fit_to_budget(model, train_set, collate, train_config, budget: int):
     """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
-    per step fit in `budget` bytes, the predicted peak at that micro-batch). The sequence length
-    is that of a collated batch of the configured size."""
+    per step fit in `budget` bytes, the predicted peak at that micro-batch, checkpoint_blocks). The
+    sequence length is that of a collated batch of the configured size. With checkpointing on, the
+    micro-batch is chosen with every block checkpointed, then `checkpoint_blocks` is the fewest
+    (the first k) that still fit at it (each block left out skips its recompute): None when all are
+    needed (or checkpointing is off); the peak is the one with k blocks."""
     from dataclasses import replace as dc_replace
     settings = settings_of(model, train_config)
     sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
@@ -730,7 +783,21 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int):
                          "shorten max_length, or turn gradient checkpointing on")
     accum = math.ceil(effective / largest)
     micro = math.ceil(effective / accum)
-    return dc_replace(train_config, batch_size=micro, grad_accum=accum), planner.estimate(micro, seq).peak
+    blocks = fewest_checkpointed_blocks(planner, budget, micro, seq) if settings.checkpointing else None
+    peak = planner.with_checkpoint_blocks(blocks).estimate(micro, seq).peak
+    return dc_replace(train_config, batch_size=micro, grad_accum=accum), peak, blocks
+
+
+def fewest_checkpointed_blocks(planner: Planner, budget: int, batch: int, seq: int) -> Optional[int]:
+    """The fewest first blocks k to checkpoint so that (batch, seq) is predicted to fit `budget`
+    (None: every block is needed, or `planner` already checkpoints a subset). Every 0 < k < L shares
+    the same three traces; k = 0 is the run without checkpointing."""
+    if planner.settings.checkpoint_blocks is not None:
+        return planner.settings.checkpoint_blocks
+    for k in range(planner.layers):      # the peak falls as k grows: the first that fits
+        if planner.with_checkpoint_blocks(k).fits(budget, batch, seq):
+            return k
+    return None
 
 
 def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:
