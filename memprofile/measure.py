@@ -77,6 +77,7 @@ class StepMemory:
     peak_method: str = ""
     peak_at: str = ""  # predictions only: the phase and op at the peak
     phase_peaks: dict = field(default_factory=dict)  # predictions only: peak bytes within each phase
+    host: int | None = None  # predictions only: the most bytes in host memory at once (offloaded tensors)
     step_seconds: float | None = None
     step_seconds_method: str = ""
     trainable_params: int = 0

@@ -26,6 +26,10 @@ optimizer state; only the peak counter differs:
   a FakeTensor; during a trace they get a class deriving from both, and deep copies of fakes are
   clones (`_fake_subclasses`). Meta kernels stricter than the CPU kernels get a shape rule
   (`SHAPE_RULES`: grouped_mm's meta accepts only bf16; the output shape is the same).
+* Host memory: storages allocated inside `host_memory()` (e.g. what an activation offloader copies
+  to pinned CPU memory) are counted in `host` (StepMemory.host: the most host bytes live at once),
+  not in the peak. `mark_phase(name)` lets a model hook name a sub-phase (e.g. the recompute of
+  checkpointed blocks inside backward), whose peak is then extrapolated on its own line.
 
 `trace_layers` builds the model with `2 * period` and `3 * period` blocks (period: the shortest
 repeating pattern of its layer types, e.g. 2 for Gemma 2's sliding/full alternation) and
@@ -93,6 +97,27 @@ def _tensors(obj):
             yield from _tensors(x)
 
 
+_ACTIVE: list = []   # the StorageTracker(s) running now (innermost last)
+_HOST = [0]          # > 0 inside host_memory()
+
+
+@contextlib.contextmanager
+def host_memory():
+    """Storages allocated inside this context are host memory (counted in `host`, not in the peak).
+    Outside a trace it does nothing: a real allocation is where it is."""
+    _HOST[0] += 1
+    try:
+        yield
+    finally:
+        _HOST[0] -= 1
+
+
+def mark_phase(name: str) -> None:
+    """Name the phase of the running trace from here on (no-op outside a trace)."""
+    if _ACTIVE:
+        _ACTIVE[-1].phase = name
+
+
 class StorageTracker(TorchDispatchMode):
     """Live bytes of the storages allocated while active; start/stop/max_increase like
     memprofile.peak.CpuPeakTracker, plus `peak_at` ("backward: aten.mm")."""
@@ -107,6 +132,7 @@ class StorageTracker(TorchDispatchMode):
         self.phase = "forward"
         self.peak_at = ""
         self.phase_peaks: dict[str, int] = {}   # the most live bytes within each phase (forward, backward, ...)
+        self.host_live = self.host_peak = 0     # storages made inside host_memory()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:  # C++ asking a fake tensor its device (~60 % of a step's dispatches): nothing to count
@@ -124,6 +150,11 @@ class StorageTracker(TorchDispatchMode):
                 continue  # a view / in-place result, or a storage already counted
             n = s.nbytes()
             self.keys.add(key)
+            if _HOST[0]:
+                self.host_live += n
+                self.host_peak = max(self.host_peak, self.host_live)
+                self.finalizers.append(weakref.finalize(s, self._free_host, key, n))
+                continue
             self.live += n
             self.finalizers.append(weakref.finalize(s, self._free, key, n))
             self._note(self.live, func.__name__)
@@ -150,10 +181,17 @@ class StorageTracker(TorchDispatchMode):
         self.keys.discard(key)
         self.live -= n
 
+    def _free_host(self, key: int, n: int) -> None:
+        self.keys.discard(key)
+        self.host_live -= n
+
     def start(self) -> None:
         self.__enter__()
+        _ACTIVE.append(self)
 
     def stop(self) -> None:
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
         self.__exit__(None, None, None)
         for f in self.finalizers:
             f.detach()
@@ -316,11 +354,12 @@ def trace_built(model: nn.Module, make_batch: Callable[[], Any], *, loss_fn: Cal
             gc.enable()
     result.step_seconds, result.step_seconds_method = None, ""
     result.device = "predicted"
+    result.host = tracker.host_peak
     return result
 
 
 _EXTRAPOLATED = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer",
-                 "activations", "peak", "inputs", "trainable_params", "total_params")
+                 "activations", "peak", "inputs", "trainable_params", "total_params", "host")
 
 
 def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> StepMemory:
@@ -342,6 +381,30 @@ def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> 
         values["peak"], values["peak_at"] = phases[at], f"{at} (extrapolated per phase)"
     values["dtypes"] = {k: int(round(v + (v - a.dtypes.get(k, 0)) * (layers - lb) / (lb - la)))
                         for k, v in b.dtypes.items()}
+    return StepMemory(**values)
+
+
+def extrapolate_increments(base: StepMemory, increments: list) -> StepMemory:
+    """Byte counts of a model with blocks of several kinds, from a `base` trace and, per kind, a
+    trace with one block of that kind more: `increments` = [(trace, count), ...] adds `count` blocks
+    of each kind to the base (value = base + sum of count x (trace - base), per category and per
+    phase; the peak is the largest phase, as in `extrapolate`). E.g. checkpointing only the first k
+    of L blocks: base (1 checkpointed + 1 not), +1 checkpointed (k - 1 times), +1 not (L - k - 1)."""
+    def line(vb, vs):
+        return int(round(vb + sum(n * (v - vb) for v, n in zip(vs, counts))))
+    traces, counts = [t for t, _ in increments], [n for _, n in increments]
+    values = {f.name: getattr(base, f.name) for f in fields(StepMemory)}
+    for k in _EXTRAPOLATED:
+        vs = [getattr(t, k) for t in traces]
+        if getattr(base, k) is not None and all(v is not None for v in vs):
+            values[k] = line(getattr(base, k), vs)
+    phases = {k: line(v, [t.phase_peaks[k] for t in traces]) for k, v in base.phase_peaks.items()
+              if all(k in t.phase_peaks for t in traces)}
+    values["phase_peaks"] = phases
+    if phases and values["peak"] is not None:
+        at = max(phases, key=phases.get)
+        values["peak"], values["peak_at"] = phases[at], f"{at} (extrapolated per phase)"
+    values["dtypes"] = {k: line(v, [t.dtypes.get(k, 0) for t in traces]) for k, v in base.dtypes.items()}
     return StepMemory(**values)
 
 

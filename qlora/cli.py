@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--configs", default="full,lora,lora-ckpt,qlora,qlora-ckpt", help="configurations to tabulate")
     plan.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                       help="cuda | cpu: the device the run will use (default cuda)")
+    plan.add_argument("--levers", action="store_true",
+                      help="also the longest context at batch 1 with each long-context lever (activation offload, "
+                           "tiled MLP, both): three more length searches")
     plan.add_argument("--world-size", type=_positive_int, default=1,
                       help="FSDP ranks: per-rank bytes by formula (default 1)")
     _run_options(plan)
@@ -204,15 +207,20 @@ def _profile(args) -> int:
 
 
 def _plan(args) -> int:
-    from qlora.plan import format_plan, plan
+    from qlora.plan import LEVERS, format_levers, format_plan, plan
     model = args.model
     if not (model.endswith(".json") or Path(model).is_dir()):
         from qlora.bundled import resolve_model
         model = resolve_model(model)
     settings = _settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
+    levers = LEVERS if args.levers and settings.task == "causal-lm" else None
     result = plan(model, args.memory, settings, seq=args.seq, effective_batch=args.effective_batch,
-                  configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size)
+                  configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size,
+                  levers=levers)
     print(format_plan(result))
+    if levers:
+        print()
+        print(format_levers(result["levers"], args.memory))
     return 0
 
 

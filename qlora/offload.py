@@ -56,6 +56,15 @@ class _Packed:
         self.used = False           # unpacked once already: not worth prefetching again
 
 
+class _Kept:
+    """A saved tensor left on the device, packed by the hooks that were active outside the offloader
+    (e.g. memprofile's saved-tensor counter, which then still counts what stays on the device)."""
+    __slots__ = ("inner",)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+
 class Offloader:
     """saved_tensors_hooks pack/unpack pair moving large saved tensors to host memory and back."""
 
@@ -63,11 +72,12 @@ class Offloader:
         self.min_bytes = min_bytes
         self.keep = set()
         if model is not None:   # parameters and buffers are saved by reference: moving them would copy weights
-            self.keep = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+            self.keep = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.stream = None
         self.packed: list[_Packed] = []
         self.stats = OffloadStats()
+        self.outer = None       # (pack, unpack) of the saved-tensor hooks active around this one, if any
 
     def _side_stream(self, device):
         if self.stream is None:
@@ -77,34 +87,35 @@ class Offloader:
     def pack(self, t: torch.Tensor):
         nbytes = t.numel() * t.element_size()
         if (nbytes < self.min_bytes or t.layout != torch.strided or t.device.type == "meta"
-                or t.untyped_storage().data_ptr() in self.keep):
+                or t.untyped_storage()._cdata in self.keep):
             self.stats.kept += 1
-            return t
+            return _Kept(self.outer[0](t)) if self.outer else t
         self.stats.tensors += 1
         self.stats.bytes += nbytes
         self.stats.shapes.append(tuple(t.shape))
-        if t.device.type == "cuda":
-            stream = self._side_stream(t.device)
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-            stream.wait_stream(torch.cuda.current_stream(t.device))   # t's values are written
-            with torch.cuda.stream(stream):
-                host.copy_(t, non_blocking=self.pin)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            t.record_stream(stream)        # its memory is re-used only after the copy has run
-        else:                              # CPU: a separate copy, so the original can be freed
-            host, ready = t.detach().clone(memory_format=torch.contiguous_format), None
+        host, ready = self._to_host(t)
         p = _Packed(t.device, host, ready, len(self.packed))
         self.packed.append(p)
         return p
 
-    def _load(self, p: _Packed) -> None:
-        if p.loaded is not None:
-            return
-        self.stats.reloads += 1
-        if p.device.type != "cuda":
-            p.loaded = (p.host, None)
-            return
+    def _to_host(self, t: torch.Tensor):
+        """(host copy of t, event marking the copy done or None); t may be freed once autograd drops it."""
+        if t.device.type != "cuda":        # CPU: a separate copy, so the original can be freed
+            return t.detach().clone(memory_format=torch.contiguous_format), None
+        stream = self._side_stream(t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        stream.wait_stream(torch.cuda.current_stream(t.device))   # t's values are written
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=self.pin)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        t.record_stream(stream)        # its memory is re-used only after the copy has run
+        return host, ready
+
+    def _to_device(self, p: _Packed):
+        """(device tensor with p's values, event marking the copy done or None)."""
+        if p.device.type != "cuda":        # CPU: the host copy is the tensor
+            return p.host, None
         stream = self._side_stream(p.device)
         with torch.cuda.stream(stream):
             if p.ready is not None:
@@ -112,9 +123,17 @@ class Offloader:
             dev = p.host.to(p.device, non_blocking=self.pin)
             event = torch.cuda.Event()
             event.record(stream)
-        p.loaded = (dev, event)
+        return dev, event
+
+    def _load(self, p: _Packed) -> None:
+        if p.loaded is not None:
+            return
+        self.stats.reloads += 1
+        p.loaded = self._to_device(p)
 
     def unpack(self, p):
+        if isinstance(p, _Kept):
+            return self.outer[1](p.inner)
         if not isinstance(p, _Packed):
             return p
         self._load(p)
@@ -131,9 +150,13 @@ class Offloader:
 
 @contextlib.contextmanager
 def offload_saved_tensors(model: nn.Module | None = None, *, min_bytes: int = 1 << 20,
-                          pin_memory: bool | None = None):
+                          pin_memory: bool | None = None, offloader: type = Offloader):
     """Context: tensors autograd saves inside it (at least `min_bytes`, not `model`'s parameters or
-    buffers) live in host memory until backward needs them. Yields the `Offloader` (its `.stats`)."""
-    off = Offloader(model, min_bytes, pin_memory)
+    buffers) live in host memory until backward needs them. Yields the `Offloader` (its `.stats`).
+    `offloader`: an Offloader subclass whose `_to_host` / `_to_device` make the copies another way
+    (qlora.plan's traced one counts the host copies as host memory)."""
+    off = offloader(model, min_bytes, pin_memory)
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)   # torch >= 2.1
+    off.outer = top(False) if top is not None else None
     with torch.autograd.graph.saved_tensors_hooks(off.pack, off.unpack):
         yield off

@@ -37,6 +37,7 @@ import torch
 from qlora.config import LoraConfig, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.loading import from_pretrained_quietly
+from qlora.offload import Offloader
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification"}
@@ -93,6 +94,17 @@ class RunSettings:
     """Device the run will use: resolves compute_dtype auto."""
     task: str = "causal-lm"
     """causal-lm | seq-cls | image-cls."""
+    checkpoint_blocks: Optional[int] = None
+    """With checkpointing: checkpoint only the first k blocks (None: every block; 0: none). A block
+    left out keeps its activations and skips its recompute (qlora.prepare_for_training(checkpoint_blocks=k))."""
+    offload_activations: bool = False
+    """What autograd saves of 1 MiB or more (with checkpointing: the block inputs) kept in pinned host
+    memory (qlora.offload; train.offload_activations, which qlora train applies on CUDA only). Host
+    bytes are predicted apart (StepMemory.host), not in the device peak."""
+    mlp_tile: int = 0
+    """The MLP (every module named "mlp") in sequence tiles of this many tokens (qlora.tiled_mlp); 0: off."""
+    mlp_tile_min_tokens: int = 4096
+    """With mlp_tile: tile only inputs of more than this many tokens (shorter ones run as they are)."""
 
     def __post_init__(self):
         choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
@@ -104,8 +116,18 @@ class RunSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
-        if not isinstance(self.checkpointing, bool):
-            raise QLoRAError(f"checkpointing={self.checkpointing!r}: must be true or false")
+        for name in ("checkpointing", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
+        for name in ("mlp_tile", "mlp_tile_min_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise QLoRAError(f"{name}={v!r}: must be an integer >= 0 ({'0: no tiling' if name == 'mlp_tile' else 'tokens'})")
+        k = self.checkpoint_blocks
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
+        if k is not None and not self.checkpointing:
+            raise QLoRAError(f"checkpoint_blocks={k} needs checkpointing=true (or leave it null)")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype)
         if isinstance(self.target_modules, list):
@@ -132,7 +154,8 @@ class RunSettings:
         base, _, ckpt = configuration.partition("-")
         if base not in MODES or ckpt not in ("", "ckpt"):
             raise QLoRAError(f"configuration {configuration!r}: use full, head, lora or qlora, optionally with -ckpt")
-        return replace(self, mode=base, checkpointing=ckpt == "ckpt")
+        return replace(self, mode=base, checkpointing=ckpt == "ckpt",
+                       checkpoint_blocks=self.checkpoint_blocks if ckpt == "ckpt" else None)
 
     def describe(self) -> str:
         loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
@@ -142,9 +165,14 @@ class RunSettings:
                 f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "
                 if self.mode in ("lora", "qlora") else "")
         quant = "NF4 4-bit base (double quant, blocksize 64); " if self.mode == "qlora" else ""
+        ckpt = "off"
+        if self.checkpointing:
+            ckpt = "on (non-reentrant" + ("" if self.checkpoint_blocks is None else
+                                          f", the first {self.checkpoint_blocks} blocks only") + ")"
+        tile = (f"; MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens" if self.mlp_tile else "")
         return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
-                f"checkpointing {'on (non-reentrant)' if self.checkpointing else 'off'}; {loss}; "
-                f"{self.optimizer}; no activation offload")
+                f"checkpointing {ckpt}; {loss}; {self.optimizer}; "
+                f"{'activation offload to host memory' if self.offload_activations else 'no activation offload'}{tile}")
 
 
 # ------------------------------------------------------------------------------ config
@@ -230,7 +258,36 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
         from qlora.quant import quantize_model
         return quantize_model(load_float(), compute_dtype=dtype)
 
-    return build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit, lora=settings.lora())
+    model = build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit, lora=settings.lora())
+    return apply_levers(model, settings, trace=not init and path is None)
+
+
+def apply_levers(model, settings: RunSettings, trace: bool = False):
+    """The long-context levers of `settings` on a model built for its mode: checkpoint only the first
+    `checkpoint_blocks` blocks, tile the MLPs (offload acts at the step: `loss_fn`). `trace` (a fake
+    model of the planner): each checkpointed block's recompute in backward is named as its own phase,
+    "backward (recompute)", whose peak extrapolates on its own line (memprofile.trace.mark_phase)."""
+    from qlora.checkpointing import _hf_blocks, enable_checkpointing
+    if settings.checkpointing and settings.checkpoint_blocks is not None:
+        enable_checkpointing(model, blocks=settings.checkpoint_blocks)
+        if trace:
+            from memprofile.trace import mark_phase
+
+            def recompute(module, args):
+                if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
+                    mark_phase("backward (recompute)")
+            for block in _hf_blocks(model):   # transformers checkpoints `forward`: the block's own hooks stay
+                if block.gradient_checkpointing:   # outside, its children's run inside the recompute
+                    for child in block.children():
+                        child.register_forward_pre_hook(recompute)
+    if settings.mlp_tile:
+        from qlora.tiled_mlp import TiledMLP, tile_mlps
+        tile_mlps(model, tile=settings.mlp_tile, min_tokens=settings.mlp_tile_min_tokens)
+        if trace:   # the fake model computes 2 tiles per call: the tiles' tensors do not overlap (same peak)
+            for m in model.modules():
+                if isinstance(m.__dict__.get("forward"), TiledMLP):
+                    m.__dict__["forward"].visit = 2
+    return model
 
 
 def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
@@ -261,17 +318,45 @@ def _fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
     return {"input_ids": ids, "labels": labels, **_no_cache(config)}
 
 
-def loss_fn(settings: RunSettings):
-    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it."""
-    if settings.task != "causal-lm" or settings.loss == "model":
+def loss_fn(settings: RunSettings, offloader=None):
+    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it; with
+    settings.offload_activations, forward and loss run under qlora.offload with `offloader` (an
+    Offloader class; default TracedOffloader: the host copies count as host memory in a trace)."""
+    own = settings.task != "causal-lm" or settings.loss == "model"
+    if own and not settings.offload_activations:
         return None
+    from memprofile.measure import _call_model, default_loss
     from qlora.losses import causal_lm_loss
     size = settings.loss_chunk_size
 
     def chunked(model, batch):
+        if own:
+            return default_loss(_call_model(model, batch), batch)
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
     chunked.takes_model = True
-    return chunked
+    if not settings.offload_activations:
+        return chunked
+    from qlora.offload import offload_saved_tensors
+
+    def offloaded(model, batch):
+        with offload_saved_tensors(model, offloader=offloader or TracedOffloader):
+            return chunked(model, batch)
+    offloaded.takes_model = True
+    return offloaded
+
+
+class TracedOffloader(Offloader):
+    """qlora.offload as its CUDA path moves memory, for a trace: the host copy is made inside
+    memprofile.trace.host_memory() (host bytes, not device), the reload is a new device tensor
+    (prefetched one block ahead, as on CUDA). On real tensors outside a trace both are plain copies."""
+
+    def _to_host(self, t):
+        from memprofile.trace import host_memory
+        with host_memory():
+            return t.detach().clone(memory_format=torch.contiguous_format), None
+
+    def _to_device(self, p):
+        return p.host.clone(), None
 
 
 def optimizer(settings: RunSettings):
@@ -298,11 +383,12 @@ class Planner:
 
     def __init__(self, config, settings: RunSettings = RunSettings()):
         self.config = load_config(config)
-        self.settings = settings
         self.layers = num_layers(self.config)
         self.period = layer_period(self.config)
+        self.settings = settings = _normalized_blocks(settings, self.layers)
         self._models: dict = {}
         self._cache: dict = {}
+        self._parts = self._mixed_parts()
 
     def _fake_model(self, n: int, seq: int):
         from memprofile.trace import fake_tensors, new_fake_mode
@@ -347,12 +433,49 @@ class Planner:
         from memprofile.trace import extrapolate
         if (batch, seq) not in self._cache:
             p, L = self.period, self.layers
-            if L <= 3 * p:
+            if self._parts is not None:   # the first k of L blocks checkpointed
+                result = self._estimate_mixed(batch, seq)
+            elif L <= 3 * p:
                 result = self._step(L, batch, seq)
             else:  # from the 2nd block on, each adds the same bytes (the 1st differs: measured)
                 result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L)
             self._cache[(batch, seq)] = result
         return self._cache[(batch, seq)]
+
+    def _mixed_parts(self):
+        """With the first k of L blocks checkpointed (0 < k < L, more blocks than traced): the three
+        traced models k-of-L is extrapolated from, in units of `period` blocks p: (p checkpointed + p
+        not), (2p + p), (p + 2p). None otherwise."""
+        k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
+        if k is None or L <= 3 * p:
+            return None
+        shapes = ((p, p), (2 * p, p), (p, 2 * p))
+        return [Planner(with_layers(self.config, c + u), replace(self.settings, checkpoint_blocks=c)) for c, u in shapes]
+
+    def _estimate_mixed(self, batch: int, seq: int):
+        """Checkpointed and uncheckpointed blocks as two increments (memprofile.trace.extrapolate_increments):
+        base (p + p) + (k - p)/p x one more checkpointed unit + (L - k - p)/p x one more plain unit. The
+        recompute inside backward is its own phase (apply_levers), so the peak is the larger of the
+        backward through the plain blocks (linear in both counts) and the recomputes."""
+        from memprofile.trace import extrapolate_increments
+        base, more_ckpt, more_plain = (part.estimate(batch, seq) for part in self._parts)
+        k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
+        return extrapolate_increments(base, [(more_ckpt, (k - p) / p), (more_plain, (L - k - p) / p)])
+
+    def with_checkpoint_blocks(self, k: Optional[int]) -> "Planner":
+        """The planner of the same run with the first k blocks checkpointed (None: all), sharing this
+        one's traces where it can (every 0 < k < L uses the same three traced models)."""
+        if k == self.settings.checkpoint_blocks:
+            return self
+        cache = self.__dict__.setdefault("_siblings", {})
+        key = _normalized_blocks(replace(self.settings, checkpointing=True, checkpoint_blocks=k), self.layers)
+        if key not in cache:
+            other = Planner(self.config, key)
+            mixed = next((c for c in cache.values() if c._parts is not None), None)
+            if other._parts is not None and mixed is not None:
+                other._parts = mixed._parts      # the same traced models, another k
+            cache[key] = other
+        return cache[key]
 
     def fits(self, budget: int, batch: int, seq: int) -> bool:
         return self.estimate(batch, seq).peak <= budget
@@ -443,6 +566,21 @@ class Planner:
         return sum(b[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
 
 
+def _normalized_blocks(settings: RunSettings, layers: int) -> RunSettings:
+    """checkpoint_blocks k of a model with `layers` blocks: k = layers is every block (None), k = 0
+    no checkpointing; more than `layers` is an error."""
+    k = settings.checkpoint_blocks
+    if k is None or not settings.checkpointing:
+        return settings
+    if k > layers:
+        raise QLoRAError(f"checkpoint_blocks={k}: the model has {layers} blocks")
+    if k == layers:
+        return replace(settings, checkpoint_blocks=None)
+    if k == 0:
+        return replace(settings, checkpointing=False, checkpoint_blocks=None)
+    return settings
+
+
 def _parabola_crossing(points, level: float) -> Optional[float]:
     """x where the parabola (or line) through the (x, y) points reaches `level`, if it does."""
     import numpy as np
@@ -514,6 +652,10 @@ def _row(config, settings: RunSettings, budget: int, seq: int, effective_batch: 
            "option": option(planner, budget, seq, effective_batch) if own else None}
     if world_size > 1:
         row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
+    longest = row["longest_seq"]
+    at = planner.estimate(1, longest) if longest else None   # cached by the search
+    row["at_longest"] = {"bytes": at.bytes() if at else None, "host": (at.host or 0) if at else None,
+                         "peak_at": at.peak_at if at else None}
     return row
 
 
@@ -540,41 +682,105 @@ def _import_before_fork(config, settings: RunSettings) -> None:
         pass
 
 
-def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
-         configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1) -> dict:
-    """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
-    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode.
+def _lever_row(config, settings: RunSettings, name: str, budget: int, start: int) -> dict:
+    """One lever's row: the longest sequence at batch 1 within `budget` and the categories there."""
+    planner = Planner(config, settings)
+    longest = planner.longest_seq(budget, start=start)
+    e = planner.estimate(1, longest) if longest else None
+    return {"lever": name, "settings": planner.settings, "longest_seq": longest,
+            "bytes": e.bytes() if e else None, "host": (e.host or 0) if e else None,
+            "peak_at": e.peak_at if e else None}
 
-    Configurations are traced side by side, one process per core (each trace is single-threaded
-    Python): the checkpointed ones, which take longest, first."""
+
+def _call(job):
+    fn, args = job
+    return fn(*args)
+
+
+def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
+         configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1,
+         levers: Optional[dict] = None) -> dict:
+    """Per configuration: the largest batch at `seq`, the longest sequence at batch 1, the peak at
+    batch 1 (and per FSDP rank for world_size > 1); and a recommendation for settings.mode. With
+    `levers` ({name: RunSettings fields}, e.g. LEVERS): per lever, the longest sequence at batch 1.
+
+    Configurations (and levers) are traced side by side, one process per core (each trace is
+    single-threaded Python): the checkpointed ones, which take longest, first."""
     import time
     t0 = time.perf_counter()
     config = load_config(config)
     mode = settings.mode
     confs = list(dict.fromkeys(list(configurations) + [mode, mode + "-ckpt"]))
-    jobs = [(config, settings.with_configuration(c), budget, seq, effective_batch, world_size, c.split("-")[0] == mode)
+    jobs = [(_row, (config, settings.with_configuration(c), budget, seq, effective_batch, world_size,
+                    c.split("-")[0] == mode))
             for c in sorted(confs, key=lambda c: (not c.endswith("-ckpt"), c))]
+    base = replace(settings, checkpointing=True)
+    lever_jobs = [(_lever_row, (config, replace(base, **fields), name, budget, seq))
+                  for name, fields in (levers or {}).items() if fields]    # {} is the -ckpt row's own answer
+    jobs = lever_jobs + jobs   # the levers' searches are the longest
     workers = _workers(len(jobs))
     if workers > 1:
+        import gc
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        import gc
         _import_before_fork(config, settings)
         gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of the heap
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                done = list(pool.map(_row, *zip(*jobs)))
+                done = list(pool.map(_call, jobs))
         finally:
             gc.unfreeze()
     else:
-        done = [_row(*job) for job in jobs]
-    by_conf = {r["configuration"]: r for r in done}
+        done = [_call(job) for job in jobs]
+    by_conf = {r["configuration"]: r for r in done if "configuration" in r}
+    by_lever = {r["lever"]: r for r in done if "lever" in r}
+    own = by_conf[mode + "-ckpt"]
+    lever_out = []
+    for name, fields in (levers or {}).items():
+        if fields:
+            lever_out.append(by_lever[name])
+        else:   # no lever: the checkpointed row of the mode planned for
+            lever_out.append({"lever": name, "settings": settings.with_configuration(mode + "-ckpt"),
+                              "longest_seq": own["longest_seq"], **own["at_longest"]})
     rec = recommend([by_conf[c]["option"] for c in (mode, mode + "-ckpt")])
     moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "model_type": config.model_type,
             "budget": budget, "seq": seq, "effective_batch": effective_batch, "world_size": world_size,
             "assumed": settings, "rows": [by_conf[c] for c in configurations], "recommendation": rec, "moe": bool(moe),
-            "seconds": time.perf_counter() - t0, "workers": workers}
+            "levers": lever_out, "seconds": time.perf_counter() - t0, "workers": workers}
+
+
+LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
+          "offload + tiled MLP": {"offload_activations": True, "mlp_tile": 1024}}
+"""The long-context levers `qlora plan --levers` tabulates (none is on in qlora train's defaults; the
+MLP tiles are tile_mlps' defaults: 1,024 tokens, above 4,096)."""
+
+
+def lever_rows(config, budget: int, settings: RunSettings = RunSettings(), levers: dict = LEVERS,
+               start: int = 2048) -> list[dict]:
+    """Per lever (on top of `settings`, checkpointing on): the longest sequence at batch 1 that fits
+    `budget` and the predicted categories at that length (device bytes; `host`: offloaded bytes)."""
+    base = replace(settings, checkpointing=True)
+    return [_lever_row(config, replace(base, **fields), name, budget, start) for name, fields in levers.items()]
+
+
+def format_levers(rows: list[dict], budget: int) -> str:
+    """The lever rows as a markdown table: longest context at batch 1 and its breakdown."""
+    from memprofile.report import human
+    lines = [f"longest context at batch 1 within {human(budget)}, per long-context lever (checkpointing on; "
+             "qlora train's defaults use none of these levers):", "",
+             "| levers | longest seq | peak | weights | grads + optimizer | activations (on device) | host (offloaded) | peak at |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["bytes"]
+        if b is None:
+            lines.append(f"| {r['lever']} | does not fit | | | | | | |")
+            continue
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        lines.append(f"| {r['lever']} | {r['longest_seq']} | {human(b['peak'])} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} | {human(r['host'])} | "
+                     f"{r['peak_at']} |")
+    return "\n".join(lines)
 
 
 def format_plan(result: dict) -> str:
@@ -625,7 +831,8 @@ def format_plan(result: dict) -> str:
 def settings_of(model, train_config) -> RunSettings:
     """The RunSettings of a model built for training: mode from its layers (4-bit / LoRA / all or
     some parameters trainable), LoRA from model.qlora_config, checkpointing as it is on, the
-    optimizer from the TrainConfig. The loss is assumed chunked (qlora train's causal-LM loss)."""
+    optimizer and offload (qlora train offloads on CUDA only) from the TrainConfig, MLP tiles as
+    qlora.tiled_mlp set them. The loss is assumed chunked (qlora train's causal-LM loss)."""
     from qlora.checkpointing import is_checkpointing
     from qlora.lora import LoRALayer
     modules = list(model.modules())
@@ -638,10 +845,18 @@ def settings_of(model, train_config) -> RunSettings:
         mode = "full" if all(p.requires_grad for p in model.parameters()) else "head"
     task = {"ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
     name = type(model).__name__
+    from qlora.tiled_mlp import TiledMLP
+    tiled = next((m.__dict__["forward"] for m in modules if isinstance(m.__dict__.get("forward"), TiledMLP)), None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = dict(mode=mode, checkpointing=is_checkpointing(model), optimizer=train_config.optimizer,
-                  device="cuda" if torch.cuda.is_available() else "cpu",
+                  device=device, offload_activations=bool(train_config.offload_activations) and device == "cuda",
+                  mlp_tile=tiled.tile if tiled else 0, mlp_tile_min_tokens=tiled.min_tokens if tiled else 4096,
                   task=next((t for suffix, t in task.items() if name.endswith(suffix)), "causal-lm"),
                   compute_dtype=dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point())))
+    from qlora.checkpointing import _hf_blocks
+    chosen = [getattr(b, "gradient_checkpointing", False) for b in _hf_blocks(model)]
+    if fields["checkpointing"] and chosen and not all(chosen):   # a subset (counted as the first k)
+        fields["checkpoint_blocks"] = sum(chosen)
     if lora is not None:
         fields.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=lora.target_modules if isinstance(lora.target_modules, str)
@@ -651,8 +866,11 @@ def settings_of(model, train_config) -> RunSettings:
 
 def fit_to_budget(model, train_set, collate, train_config, budget: int):
     """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
-    per step fit in `budget` bytes, the predicted peak at that micro-batch). The sequence length
-    is that of a collated batch of the configured size."""
+    per step fit in `budget` bytes, the predicted peak at that micro-batch, checkpoint_blocks). The
+    sequence length is that of a collated batch of the configured size. With checkpointing on, the
+    micro-batch is chosen with every block checkpointed, then `checkpoint_blocks` is the fewest
+    (the first k) that still fit at it (each block left out skips its recompute): None when all are
+    needed (or checkpointing is off); the peak is the one with k blocks."""
     from dataclasses import replace as dc_replace
     settings = settings_of(model, train_config)
     sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
@@ -667,7 +885,21 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int):
                          "shorten max_length, or turn gradient checkpointing on")
     accum = math.ceil(effective / largest)
     micro = math.ceil(effective / accum)
-    return dc_replace(train_config, batch_size=micro, grad_accum=accum), planner.estimate(micro, seq).peak
+    blocks = fewest_checkpointed_blocks(planner, budget, micro, seq) if settings.checkpointing else None
+    peak = planner.with_checkpoint_blocks(blocks).estimate(micro, seq).peak
+    return dc_replace(train_config, batch_size=micro, grad_accum=accum), peak, blocks
+
+
+def fewest_checkpointed_blocks(planner: Planner, budget: int, batch: int, seq: int) -> Optional[int]:
+    """The fewest first blocks k to checkpoint so that (batch, seq) is predicted to fit `budget`
+    (None: every block is needed, or `planner` already checkpoints a subset). Every 0 < k < L shares
+    the same three traces; k = 0 is the run without checkpointing."""
+    if planner.settings.checkpoint_blocks is not None:
+        return planner.settings.checkpoint_blocks
+    for k in range(planner.layers):      # the peak falls as k grows: the first that fits
+        if planner.with_checkpoint_blocks(k).fits(budget, batch, seq):
+            return k
+    return None
 
 
 def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:

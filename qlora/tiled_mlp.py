@@ -40,8 +40,11 @@ class TiledForward(torch.autograd.Function):
     """y = fn(x) over x's tokens in tiles of `tile`; x [..., N', H] -> y [..., N', H_out]."""
 
     @staticmethod
-    def forward(ctx, fn, tile: int, x: torch.Tensor, *params):
+    def forward(ctx, fn, tile: int, visit, x: torch.Tensor, *params):
+        # visit: None, or only the first `visit` tiles (a memory trace: each tile's tensors die before
+        # the next one's are made, so one or two tiles have the whole loop's peak)
         ctx.fn, ctx.tile, ctx.params = fn, tile, params     # params: leaves (LoRA A/B), safe to hold on ctx
+        ctx.visit = visit
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         kind = x.device.type         # autocast is off in backward: the recompute must run under the forward's
@@ -50,7 +53,7 @@ class TiledForward(torch.autograd.Function):
         flat = x.reshape(1, -1, x.shape[-1])                           # [1, N, H]
         out = None
         with torch.no_grad():
-            for start in range(0, flat.shape[1], tile):
+            for start in range(0, flat.shape[1], tile)[:visit]:
                 y = fn(flat[:, start:start + tile])                   # [1, t, H_out]: one tile's intermediates
                 if out is None:
                     out = y.new_empty((1, flat.shape[1], y.shape[-1]))
@@ -62,7 +65,7 @@ class TiledForward(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         params = list(ctx.params)
-        need_x = ctx.needs_input_grad[2]
+        need_x = ctx.needs_input_grad[3]
         flat = x.reshape(1, -1, x.shape[-1]).detach()
         g = grad_out.reshape(1, -1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat) if need_x else None
@@ -72,7 +75,7 @@ class TiledForward(torch.autograd.Function):
             torch.set_rng_state(ctx.rng_cpu)                  # replay the forward's random draws, tile by tile
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, x.device)
-            for start in range(0, flat.shape[1], ctx.tile):
+            for start in range(0, flat.shape[1], ctx.tile)[:ctx.visit]:
                 xt = flat[:, start:start + ctx.tile].requires_grad_(need_x)
                 with torch.enable_grad():
                     yt = ctx.fn(xt)
@@ -88,7 +91,7 @@ class TiledForward(torch.autograd.Function):
                         grad_p[k] = gp if grad_p[k] is None else grad_p[k].add_(gp)
                 del yt, grads
         grad_x = grad_x.reshape(x.shape) if need_x else None
-        return (None, None, grad_x, *grad_p)
+        return (None, None, None, grad_x, *grad_p)
 
 
 class TiledMLP:
@@ -97,6 +100,9 @@ class TiledMLP:
 
     def __init__(self, module: nn.Module, tile: int, min_tokens: int):
         self.module, self.tile, self.min_tokens = module, tile, min_tokens
+        self.visit = None
+        """None; or a memory trace's shortcut: only the first `visit` tiles are computed (wrong values,
+        the same peak). qlora.plan sets it on the fake models it traces, never on a model that trains."""
 
     def _forward(self, x):
         return type(self.module).forward(self.module, x)
@@ -107,7 +113,7 @@ class TiledMLP:
             return type(self.module).forward(self.module, x, *args, **kwargs)
         # the trainable parameters go in as inputs, so autograd asks this Function for their gradients
         params = [p for p in self.module.parameters() if p.requires_grad]
-        return TiledForward.apply(self._forward, self.tile, x, *params)
+        return TiledForward.apply(self._forward, self.tile, self.visit, x, *params)
 
 
 def tile_mlps(model: nn.Module, *, tile: int = 1024, min_tokens: int = 4096,

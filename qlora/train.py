@@ -295,10 +295,17 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     if config.memory_budget:   # qlora.plan: the micro-batch that fits, the same examples per step
         from qlora.sizes import parse_size
         from qlora.plan import fit_to_budget
-        config, predicted_peak = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget))
+        config, predicted_peak, blocks = fit_to_budget(model, train_set, collate, config,
+                                                       parse_size(config.memory_budget))
         accelerator.gradient_accumulation_steps = config.grad_accum
+        ckpt = ""
+        if blocks is not None:   # fewer blocks recomputed: faster steps in the same budget
+            from qlora.checkpointing import enable_checkpointing
+            from qlora.plan import num_layers
+            enable_checkpointing(model, blocks=blocks)
+            ckpt = f" checkpointing the first {blocks} of {num_layers(model.config)} blocks"
         accelerator.print(f"memory_budget {config.memory_budget}: batch_size={config.batch_size} "
-                          f"grad_accum={config.grad_accum} (predicted peak {predicted_peak / 2**30:.2f} GiB)")
+                          f"grad_accum={config.grad_accum}{ckpt} (predicted peak {predicted_peak / 2**30:.2f} GiB)")
     n_batches = len(epoch_batches(len(train_set), config.batch_size, config.seed, 0, rank, world))
     if n_batches < config.grad_accum:
         raise QLoRAError(f"{len(train_set)} training examples in micro-batches of batch_size={config.batch_size} "

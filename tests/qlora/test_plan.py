@@ -82,8 +82,9 @@ def test_fit_to_budget_picks_micro_batch_and_accumulation(tiny):
     def collate(rows):
         ids = torch.stack([r["input_ids"] for r in rows])
         return {"input_ids": ids, "labels": ids}
-    cfg, peak = fit_to_budget(model, data, collate, TrainConfig(batch_size=8, grad_accum=1), budget)
+    cfg, peak, blocks = fit_to_budget(model, data, collate, TrainConfig(batch_size=8, grad_accum=1), budget)
     assert (cfg.batch_size, cfg.grad_accum) == (2, 4) and peak <= budget
+    assert blocks is None or Planner(tiny, RunSettings(device="cpu", checkpoint_blocks=blocks)).estimate(2, 16).peak == peak
     assert check_prediction(100, 105) is None and "+20%" in check_prediction(100, 120)
     with pytest.raises(QLoRAError, match="memory_budget"):
         fit_to_budget(model, data, collate, TrainConfig(batch_size=8), 1000)

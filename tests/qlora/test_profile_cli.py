@@ -88,6 +88,16 @@ def test_plan_from_config_json_alone(llama_folder, capsys):
     assert "assumed" in text and "chunked loss (256 tokens)" in text and "float32 compute" in text
     assert "recommendation for qlora (effective batch 8): train.batch_size=" in text
     assert "FSDP over 2 ranks (a formula" in text
+    assert "per long-context lever" not in text
+
+
+def test_plan_prints_the_long_context_levers(llama_folder, capsys):
+    assert main(["plan", "--model", str(llama_folder / "config.json"), "--memory", "64MiB", "--seq", "16",
+                 "--device", "cpu", "--configs", "qlora-ckpt", "--levers"]) == 0
+    text = capsys.readouterr().out
+    assert "per long-context lever" in text and "qlora train's defaults use none" in text
+    for lever in ("defaults", "offload", "tiled MLP", "offload + tiled MLP"):
+        assert f"| {lever} |" in text
 
 
 def test_plan_of_an_untraceable_model_is_one_line(llama_folder, monkeypatch, capsys):
