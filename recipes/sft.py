@@ -80,6 +80,11 @@ class SFTConfig:
     """Tokens per chunk of the chunked loss (peak: 4 x chunk x vocab bytes of fp32 logits)."""
     upcast_norms: bool = False
     """Cast norms, embeddings and the head to fp32 (PEFT's habit; costs memory)."""
+    mlp_tile: int = 0
+    """Long context: the MLPs in sequence tiles of this many tokens (qlora.tiled_mlp; same result, one
+    tile's [tile, intermediate] tensors at a time, one more MLP forward per step); 0: off."""
+    mlp_tile_min_tokens: int = 4096
+    """With mlp_tile: only inputs of more than this many tokens are tiled."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
                                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     """Adapter settings (modes lora and qlora)."""
@@ -111,6 +116,10 @@ class SFTConfig:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise QLoRAError(f"{key}={v!r}: must be an integer >= 1")
+        for key in ("mlp_tile", "mlp_tile_min_tokens"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise QLoRAError(f"{key}={v!r}: must be an integer >= 0")
         for key in ("train_size", "eval_size"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -140,7 +149,8 @@ class SFTConfig:
             f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "model loss (full logits)",
             "fp32 up-casts ON" if self.upcast_norms else "no fp32 up-casts",
             f"optimizer {self.train.optimizer}",
-            f"activation offload {'on' if self.train.offload_activations else 'off'}"])
+            f"activation offload {'on' if self.train.offload_activations else 'off'}"]
+            + ([f"MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens"] if self.mlp_tile else []))
 
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
@@ -186,7 +196,11 @@ def build_model(cfg: SFTConfig, path: str):
     model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype),
                            load_4bit=lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype),
                            lora=lora)
-    return prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
+    model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
+    if cfg.mlp_tile:
+        from qlora.tiled_mlp import tile_mlps
+        tile_mlps(model, tile=cfg.mlp_tile, min_tokens=cfg.mlp_tile_min_tokens)
+    return model
 
 
 def make_loss(cfg: SFTConfig):

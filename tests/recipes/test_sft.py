@@ -320,3 +320,23 @@ def test_recipes_found_by_name_and_listed(capsys):
     assert "sft" in capsys.readouterr().out.replace("\n", " ")
     assert main(["train", "no_such_recipe"]) == 2
     assert "recipes: demo, image_cls, sentiment_prompt, seq_cls, sft" in capsys.readouterr().err
+
+
+def test_mlp_tiles_from_the_recipe_give_the_untiled_loss(tiny_chat_model):
+    """mlp_tile= tiles every MLP (qlora.tiled_mlp) and leaves the loss as it was; bad values are one line."""
+    from qlora.tiled_mlp import TiledMLP
+    from qlora_recipes.config import load_recipe_config
+    from qlora_recipes.sft import SFTConfig, build_model
+    with pytest.raises(QLoRAError, match="mlp_tile=-1: must be an integer >= 0"):
+        load_recipe_config(CONFIG, ["mlp_tile=-1"], SFTConfig)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for over in ([], ["mlp_tile=8", "mlp_tile_min_tokens=0"]):
+        cfg = load_recipe_config(CONFIG, ["mode=lora", "lora.lora_dropout=0.0", *over], SFTConfig)
+        torch.manual_seed(0)
+        model = build_model(cfg, str(tiny_chat_model))
+        tiled = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), TiledMLP)]
+        assert len(tiled) == (2 if over else 0)
+        losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss)
+    assert "MLP in 8-token tiles above 0 tokens" in cfg.savers()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
