@@ -24,6 +24,20 @@ _DTYPES = {
 }
 
 
+def check_ints(obj, names, minimum: int = 1, *, null: Optional[str] = None) -> None:
+    """Each field `names` of the dataclass `obj` is an integer >= `minimum` (a bool is not); with
+    `null` (its meaning, "" for none), None is allowed too. A bad one is a QLoRAError naming it."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is None and null is not None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            what = f"an integer >= {minimum}"
+            if null is not None:
+                what = f"null{f' ({null})' if null else ''} or {what}"
+            raise QLoRAError(f"{name}={v!r}: must be {what}")
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     """`None`, a float `torch.dtype`, or one of the names in `_DTYPES` -> a float torch.dtype."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:

@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from qlora.config import LoraConfig, dtype_name, parse_dtype
+from qlora.config import LoraConfig, check_ints, dtype_name, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.loading import from_pretrained_quietly
 from qlora.offload import Offloader
@@ -112,17 +112,11 @@ class RunSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        for name in ("lora_r", "loss_chunk_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
+        check_ints(self, ("lora_r", "loss_chunk_size"))
         for name in ("checkpointing", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
-        for name in ("mlp_tile", "mlp_tile_min_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise QLoRAError(f"{name}={v!r}: must be an integer >= 0 ({'0: no tiling' if name == 'mlp_tile' else 'tokens'})")
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
         k = self.checkpoint_blocks
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
@@ -754,14 +748,6 @@ LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP":
           "offload + tiled MLP": {"offload_activations": True, "mlp_tile": 1024}}
 """The long-context levers `qlora plan --levers` tabulates (none is on in qlora train's defaults; the
 MLP tiles are tile_mlps' defaults: 1,024 tokens, above 4,096)."""
-
-
-def lever_rows(config, budget: int, settings: RunSettings = RunSettings(), levers: dict = LEVERS,
-               start: int = 2048) -> list[dict]:
-    """Per lever (on top of `settings`, checkpointing on): the longest sequence at batch 1 that fits
-    `budget` and the predicted categories at that length (device bytes; `host`: offloaded bytes)."""
-    base = replace(settings, checkpointing=True)
-    return [_lever_row(config, replace(base, **fields), name, budget, start) for name, fields in levers.items()]
 
 
 def format_levers(rows: list[dict], budget: int) -> str:

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora.config import check_ints
 from qlora.errors import QLoRAError
 from qlora.staging import clean_stale, publish, staging_folder
 
@@ -102,19 +103,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise QLoRAError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise QLoRAError(f"{name}={v!r}: must be an integer >= 1")
+        check_ints(self, ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"))
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise QLoRAError(f"lr={self.lr!r}: must be > 0")
         if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
                 or not 0 <= self.warmup_ratio < 1:
             raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
-        for name in ("max_steps", "eval_every", "save_every"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise QLoRAError(f"{name}={v!r}: must be null (off) or an integer >= 1")
+        check_ints(self, ("max_steps", "eval_every", "save_every"), null="off")
         if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool) or
                                                not isinstance(self.max_grad_norm, (int, float)) or
                                                not self.max_grad_norm > 0):

@@ -31,7 +31,7 @@ import torch
 
 import qlora
 from qlora.bundled import resolve_model
-from qlora.config import LoraConfig, parse_dtype
+from qlora.config import LoraConfig, check_ints, parse_dtype
 from qlora.errors import QLoRAError
 from qlora.loading import from_pretrained_quietly
 from qlora.train import TrainConfig, train
@@ -112,18 +112,9 @@ class SFTConfig:
                 raise QLoRAError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
         if self.compute_dtype != "auto":
             parse_dtype(self.compute_dtype)
-        for key in ("max_length", "loss_chunk_size", "eval_batch_size", "max_new_tokens"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise QLoRAError(f"{key}={v!r}: must be an integer >= 1")
-        for key in ("mlp_tile", "mlp_tile_min_tokens"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise QLoRAError(f"{key}={v!r}: must be an integer >= 0")
-        for key in ("train_size", "eval_size"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise QLoRAError(f"{key}={v!r}: must be null or an integer >= 1")
+        check_ints(self, ("max_length", "loss_chunk_size", "eval_batch_size", "max_new_tokens"))
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
+        check_ints(self, ("train_size", "eval_size"), null="")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
             raise QLoRAError(f"samples={self.samples!r}: must be an integer >= 0")
         if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
