@@ -106,3 +106,28 @@ def pixel_values():
 from qlora.cli import recipes_package  # noqa: E402
 
 recipes_package()
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """run(script, *args, timeout=s): `script` under `torchrun --standalone --nproc_per_node 2` (gloo on CPU,
+    one thread per rank, no inherited launcher variables, this checkout on PYTHONPATH); a timeout or a
+    non-zero exit fails the test with the ranks' output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(script, *args, timeout: int):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+            env.pop(key, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), *map(str, args)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"torchrun with 2 gloo processes did not finish in {timeout} s:\n{e.stdout}\n{e.stderr}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc
+    return run

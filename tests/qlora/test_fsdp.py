@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,6 @@ pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script_module():
@@ -41,18 +37,10 @@ def _script_module():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, torchrun):
     """The 2-process run (facts per rank, rank 0's tensors) and the 1-process reference."""
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun with 2 gloo processes did not finish in 240 s:\n{e.stdout}\n{e.stderr}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    torchrun(SCRIPT, out, timeout=240)
     facts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     s = _script_module()

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -250,19 +247,10 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_cpu_processes_end_with_identical_adapters(tmp_path):
+def test_two_cpu_processes_end_with_identical_adapters(tmp_path, torchrun):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun with 2 gloo processes did not finish in 120 s:\n{e.stdout}\n{e.stderr}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, tmp_path, timeout=120)
 
     facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r, f in enumerate(facts):
