@@ -51,15 +51,15 @@ class TiledForward(torch.autograd.Function):
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.save_for_backward(x)
         flat = x.reshape(1, -1, x.shape[-1])                           # [1, N, H]
-        out = None
-        with torch.no_grad():
+        out = None     # [..., N', H_out], returned as it is: a view of it would be one the caller
+        with torch.no_grad():   # may not modify in place (Falcon adds the attention output into it)
             for start in range(0, flat.shape[1], tile)[:visit]:
                 y = fn(flat[:, start:start + tile])                   # [1, t, H_out]: one tile's intermediates
                 if out is None:
-                    out = y.new_empty((1, flat.shape[1], y.shape[-1]))
-                out[:, start:start + y.shape[1]] = y
+                    out = y.new_empty((*x.shape[:-1], y.shape[-1]))
+                out.view(1, -1, y.shape[-1])[:, start:start + y.shape[1]] = y
                 del y
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

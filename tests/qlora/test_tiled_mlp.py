@@ -179,3 +179,30 @@ def test_peak_memory_drops_by_the_intermediates(tiny_llama):
     print(f"peak MiB untiled {untiled / 2**20:.1f}, tiled {tiled / 2**20:.1f}")
     assert untiled - tiled > 3 * intermediate, (untiled / 2**20, tiled / 2**20)
     assert tiled < untiled / 3
+
+
+def test_falcon_adds_into_the_tiled_output():
+    """Falcon's block adds the attention output into the MLP's output in place (`mlp_output +=`):
+    the tiled output must be a tensor of its own, not a view made inside the autograd Function."""
+    from transformers import FalconConfig, FalconForCausalLM
+    cfg = FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
+                       new_decoder_architecture=True, num_kv_heads=2)
+    ids = torch.randint(1, 64, (2, 24), generator=torch.Generator().manual_seed(5))
+
+    def loss_and_grads(tiled):
+        torch.manual_seed(0)
+        model = FalconForCausalLM(cfg)
+        qlora.add_lora(model, qlora.LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        model.train()
+        if tiled:
+            assert tile_mlps(model, tile=10, min_tokens=0)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ref, tiled = loss_and_grads(False), loss_and_grads(True)
+    torch.testing.assert_close(tiled[0], ref[0], atol=1e-6, rtol=1e-6)
+    for k in ref[1]:
+        torch.testing.assert_close(tiled[1][k], ref[1][k], atol=1e-6, rtol=1e-5, msg=k)
