@@ -183,10 +183,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _optimizer_state_tensors(opt):
+def _optimizer_state_tensors(opt, params):
+    """The state tensors the optimizer keeps for `params` (the step's trainable parameters: an
+    optimizer may also hold parameters this model does not use, which get no gradient)."""
     if opt is None:
         return []
-    return [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return [v for p in params for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
 
 
 def _grads(params):
@@ -297,7 +299,7 @@ def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> 
     weights = weight_bytes(model, seen)
     before = sum(weights.values())
     before += unique_storage_bytes(_grads(params), seen)
-    before += unique_storage_bytes(_optimizer_state_tensors(opt), seen)
+    before += unique_storage_bytes(_optimizer_state_tensors(opt, params), seen)
     inputs = unique_storage_bytes(nested_tensors(batch), seen)
     before += inputs
 
@@ -342,7 +344,7 @@ def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> 
         if gc_was_enabled:
             gc.enable()
     seconds = time.perf_counter() - t0
-    opt_bytes = unique_storage_bytes(_optimizer_state_tensors(opt))
+    opt_bytes = unique_storage_bytes(_optimizer_state_tensors(opt, params))
 
     if on_cuda:
         peak, method = int(torch.cuda.max_memory_allocated(device)), "cuda.max_memory_allocated"

@@ -284,6 +284,30 @@ def apply_levers(model, settings: RunSettings, trace: bool = False):
     return model
 
 
+def first_blocks(model, total: int, n: int):
+    """A copy of `model` that runs only the first `n` of its `total` blocks, sharing every module,
+    parameter and hook (None when the blocks are not one nn.ModuleList of `total`): the model built
+    with n blocks, without building (and quantizing) it again. The modules from the root down to
+    the block list are shallow copies; nothing of `model` changes. Models loop over their block
+    list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
+    from torch import nn
+    stacks = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == total
+              and len({type(c) for c in m}) == 1]
+    if len(stacks) != 1 or not stacks[0]:
+        return None
+    *path, last = stacks[0].split(".")
+
+    def shallow(module):
+        out = copy.copy(module)
+        out._modules = dict(module._modules)
+        return out
+    root = node = shallow(model)
+    for name in path:
+        node._modules[name] = node = shallow(node._modules[name])
+    node._modules[last] = nn.ModuleList(list(node._modules[last])[:n])
+    return root
+
+
 def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
     """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
     gen = torch.Generator().manual_seed(seed)
@@ -385,16 +409,31 @@ class Planner:
         self._parts = self._mixed_parts()
 
     def _fake_model(self, n: int, seq: int):
+        """(fake mode, model with n blocks, its optimizer: one per model, its state does not depend
+        on the shape). The 2p-block model is the 3p-block one's first blocks (`first_blocks`: built
+        and quantized once) with the 3p one's optimizer (the blocks left out get no gradient, so
+        their state is neither counted nor stepped)."""
         from memprofile.trace import fake_tensors, new_fake_mode
         key = (n, seq if self.settings.task == "image-cls" else None)
-        if key not in self._models:
-            cfg = with_layers(self.config, n)
-            if self.settings.task == "image-cls":
-                cfg.image_size = seq
-            mode = new_fake_mode()
+        if key in self._models:
+            return self._models[key]
+        big = 3 * self.period
+        if n == 2 * self.period and self.layers > big:
+            mode, model, opt = self._fake_model(big, seq)
             with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
-                model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
-            self._models[key] = (mode, model)
+                smaller = first_blocks(model, big, n)
+            if smaller is not None:
+                self._models[key] = (mode, smaller, opt)
+                return self._models[key]
+        cfg = with_layers(self.config, n)
+        if self.settings.task == "image-cls":
+            cfg.image_size = seq
+        mode = new_fake_mode()
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+            model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = optimizer(self.settings)(params) if params else None
+        self._models[key] = (mode, model, opt)
         return self._models[key]
 
     def _traced(self, fn, what: str):
@@ -412,14 +451,11 @@ class Planner:
 
     def _step(self, n: int, batch: int, seq: int):
         from memprofile.trace import fake_tensors, trace_built
-        mode, model = self._fake_model(n, seq)
+        mode, model, opt = self._fake_model(n, seq)
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
-            if not hasattr(model, "_plan_optimizer"):  # one per fake model: its state does not depend on the shape
-                params = [p for p in model.parameters() if p.requires_grad]
-                model._plan_optimizer = optimizer(self.settings)(params) if params else None
             return self._traced(lambda: trace_built(
                 model, lambda: _fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
-                loss_fn=loss_fn(self.settings), optimizer=model._plan_optimizer,
+                loss_fn=loss_fn(self.settings), optimizer=opt,
                 host_is_device=self.settings.device == "cpu"), "the training step")
 
     def estimate(self, batch: int, seq: int):
@@ -667,13 +703,42 @@ def _import_before_fork(config, settings: RunSettings) -> None:
     """What every worker would import on its first trace (~3 s: the modeling code, bitsandbytes,
     the tracer), imported once in the parent so that the forked workers share it."""
     import importlib
+    _import_bitsandbytes()
     for name in ("memprofile.trace", "qlora.modes", "qlora.quant", "qlora.losses", "qlora.checkpointing",
-                 "transformers.initialization", "bitsandbytes"):
+                 "transformers.initialization"):
         importlib.import_module(name)
     try:
         model_class(settings.task)._model_mapping[type(config)]
     except Exception:  # noqa: BLE001 - a model this task cannot build: the workers say so in one line
         pass
+
+
+def _import_bitsandbytes() -> None:
+    """Import bitsandbytes with its torch.compile wrappers made on first call instead of at import.
+    Its default backend wraps four kernels in torch.compile when imported, which imports TorchDynamo
+    and Inductor (1.6 s of a plan's ~7 s of imports, `python -X importtime`) though a trace never
+    calls them (fake tensors run bitsandbytes' fake kernels). A wrapper compiles as torch.compile's
+    own does, on the first call, so a later real run is unchanged."""
+    import sys
+    if "bitsandbytes" in sys.modules:
+        return
+    compile_now = torch.compile
+
+    def compile_on_first_call(fn=None, **options):
+        if fn is None:
+            return lambda f: compile_on_first_call(f, **options)
+        compiled = []
+
+        def call(*args, **kwargs):
+            if not compiled:
+                compiled.append(compile_now(fn, **options))
+            return compiled[0](*args, **kwargs)
+        return call
+    torch.compile = compile_on_first_call
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        torch.compile = compile_now
 
 
 def _lever_row(config, settings: RunSettings, name: str, budget: int, start: int) -> dict:

@@ -152,3 +152,55 @@ def test_peak_that_moves_to_another_phase_is_extrapolated_per_phase(tmp_path):
                 compute_dtype="float32", lora_dropout=0.0, progress=False)[0]
     measured, predicted = row["bytes"]["peak"], row["predicted_bytes"]["peak"]
     assert abs(predicted - measured) / measured * 100 <= PEAK_BOUND, (measured, predicted)
+
+
+@pytest.mark.parametrize("arch,conf,opt", [("llama", "qlora-ckpt", "adamw"), ("gemma2", "lora", "adamw8bit"),
+                                           ("gpt2", "qlora", "adamw"), ("bert", "lora-ckpt", "adamw"),
+                                           ("vit", "full", "adamw8bit"), ("mixtral", "qlora-ckpt", "adamw")])
+def test_the_smaller_traced_model_is_the_larger_ones_first_blocks(arch, conf, opt):
+    """With more blocks than traced, the 2p-block model is the 3p-block one cut (first_blocks) and
+    stepped with its optimizer: the same prediction as a model built with 2p blocks and its own."""
+    from benchmarks.memory_sweep import task_of
+    key = "n_layer" if arch == "gpt2" else "num_hidden_layers"
+    period = 2 if arch == "gemma2" else 1
+    settings = RunSettings(device="cuda", task=task_of(arch), optimizer=opt).with_configuration(conf)
+    deep = Planner(load_config({**TINY[arch], key: 4 * period}), settings)
+    built = Planner(load_config({**TINY[arch], key: 2 * period}), settings)
+    seq = 32
+    cut = deep._step(2 * period, 2, seq)          # first: the 3p model's optimizer state is made for 2p blocks ...
+    whole = deep._step(3 * period, 2, seq)        # ... and the third block's when it is stepped
+    assert deep._models[(2 * period, seq if arch == "vit" else None)][1] is not \
+        deep._models[(3 * period, seq if arch == "vit" else None)][1]
+    assert vars(cut) == vars(built._step(2 * period, 2, seq))
+    assert whole.optimizer > cut.optimizer > 0 and whole.total_params > cut.total_params
+    fresh = Planner(load_config({**TINY[arch], key: 3 * period}), settings)._step(3 * period, 2, seq)
+    assert vars(whole) == vars(fresh)
+
+
+def test_fake_op_cache_changes_no_byte(tiny):
+    """memprofile.trace.FakeOps (replayed FakeTensorMode answers) against every op run by
+    FakeTensorMode itself: the same trace, every field (4-bit layers, LoRA, checkpointing, chunked loss)."""
+    from memprofile.trace import FakeOps
+    settings = RunSettings(device="cuda")
+    with_cache = Planner(tiny, settings).estimate(2, 64)
+    FakeOps.enabled = False
+    try:
+        without = Planner(tiny, settings).estimate(2, 64)
+    finally:
+        FakeOps.enabled = True
+    assert vars(with_cache) == vars(without)
+    from memprofile.trace import _fake_ops
+    assert sum(e is not None for e in _fake_ops().entries.values()) > 100
+
+
+def test_planner_imports_bitsandbytes_without_torch_compile():
+    """The planner's import of bitsandbytes leaves its torch.compile wrappers for their first call
+    (TorchDynamo's compile_fx is not imported) and puts torch.compile back."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from qlora.plan import _import_bitsandbytes; c = torch.compile; "
+            "_import_bitsandbytes(); import bitsandbytes.functional; "
+            "assert torch.compile is c; print('torch._inductor.compile_fx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
