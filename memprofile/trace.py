@@ -153,9 +153,13 @@ class FakeOps:
         entry = self.entries.get(key)
         if entry is not None:
             return self._replay(entry, tensors, mode)
+        mutable = func._schema.is_mutable
+        before = [_layout(t) for t in tensors] if mutable else None
         out = func(*args, **kwargs)
         if key not in self.entries:
             try:
+                if mutable and [_layout(t) for t in tensors] != before:
+                    raise _Uncacheable     # an in-place change of shape, strides or storage (t_, resize_, set_)
                 self.entries[key] = self._record(func, out, tensors, mode)
             except _Uncacheable:
                 self.entries[key] = None
@@ -166,6 +170,8 @@ class FakeOps:
     def _record(self, func, out, tensors, mode):
         if any(t in func.tags for t in self._skip_tags):
             raise _Uncacheable
+        if out is None and func._schema.is_mutable:
+            return None, []               # in place on its arguments, nothing returned (_foreach_mul_)
         single = isinstance(out, torch.Tensor)
         outs = (out,) if single else out
         if not isinstance(outs, (tuple, list)):
@@ -182,11 +188,7 @@ class FakeOps:
                 raise _Uncacheable
             meta = (o.dtype, tuple(o.shape), o.stride(), o.storage_offset(), o.fake_device, o.requires_grad)
             same = next((k for k, t in enumerate(tensors) if t is o), None)
-            if same is not None:          # in place: argument `same`, whose metadata must not have changed
-                t = tensors[same]
-                if func._schema.is_mutable and (tuple(t.shape), t.stride(), t.storage_offset()) != \
-                        (meta[1], meta[2], meta[3]):
-                    raise _Uncacheable
+            if same is not None:          # in place: argument `same` itself
                 infos.append(("self", same))
                 continue
             s = o.untyped_storage()
@@ -213,6 +215,8 @@ class FakeOps:
 
     def _replay(self, entry, tensors, mode):
         single, infos = entry
+        if single is None:
+            return None
         outs = []
         for info in infos:
             if info is None:
@@ -224,6 +228,10 @@ class FakeOps:
             else:
                 outs.append(self._new(mode, info[1]))
         return outs[0] if single else tuple(outs)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
 
 
 def _describe(x, parts: list, tensors: list, modes: list, fake: type) -> None:

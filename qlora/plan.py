@@ -291,8 +291,11 @@ def first_blocks(model, total: int, n: int):
     the block list are shallow copies; nothing of `model` changes. Models loop over their block
     list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
     from torch import nn
+
+    from qlora.checkpointing import _hf_blocks
+    blocks = {id(b) for b in _hf_blocks(model)}     # transformers' block class, where it has one
     stacks = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == total
-              and len({type(c) for c in m}) == 1]
+              and len({type(c) for c in m}) == 1 and (not blocks or {id(c) for c in m} == blocks)]
     if len(stacks) != 1 or not stacks[0]:
         return None
     *path, last = stacks[0].split(".")
