@@ -17,7 +17,8 @@ The model is built as training builds it: transformers `AutoModelFor*.from_confi
 resident until the driver pages it out). Defaults are `qlora train`'s (COMMON decisions):
 RunSettings' field defaults.
 
-Repeated blocks: traced with `period` and `2 * period` blocks and extrapolated (memprofile.trace).
+Repeated blocks: traced with `2 * period` and `3 * period` blocks and extrapolated (memprofile.trace);
+the smaller model is the larger one's first blocks (`first_blocks`), so each is built and quantized once.
 Mixture of experts: transformers' default experts kernel ("grouped_mm") sorts all tokens x top_k
 routed copies into one buffer, so memory does not depend on the routing: the balanced and the
 worst case (every token to the same experts) are the same bytes. A model whose step depends on
@@ -754,9 +755,9 @@ def _lever_row(config, settings: RunSettings, name: str, budget: int, start: int
             "peak_at": e.peak_at if e else None}
 
 
-def _call(job):
-    fn, args = job
-    return fn(*args)
+def _call(jobs):
+    """Jobs run one after another in one worker (its fake-op cache warm for the next one)."""
+    return [fn(*args) for fn, args in jobs]
 
 
 def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
@@ -767,20 +768,27 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     `levers` ({name: RunSettings fields}, e.g. LEVERS): per lever, the longest sequence at batch 1.
 
     Configurations (and levers) are traced side by side, one process per core (each trace is
-    single-threaded Python): the checkpointed ones, which take longest, first."""
+    single-threaded Python): the lever searches, which take longest, first, then each mode with and
+    without checkpointing in the same worker (they trace the same ops on the same shapes: the second
+    replays most of them from memprofile.trace.FakeOps)."""
     import time
     t0 = time.perf_counter()
     config = load_config(config)
     mode = settings.mode
     confs = list(dict.fromkeys(list(configurations) + [mode, mode + "-ckpt"]))
-    jobs = [(_row, (config, settings.with_configuration(c), budget, seq, effective_batch, world_size,
-                    c.split("-")[0] == mode))
-            for c in sorted(confs, key=lambda c: (not c.endswith("-ckpt"), c))]
+    modes = {}
+    for c in sorted(confs, key=lambda c: (not c.endswith("-ckpt"), c)):   # -ckpt first: it takes longest
+        modes.setdefault(c.split("-")[0], []).append(
+            (_row, (config, settings.with_configuration(c), budget, seq, effective_batch, world_size,
+                    c.split("-")[0] == mode)))
     base = replace(settings, checkpointing=True)
-    lever_jobs = [(_lever_row, (config, replace(base, **fields), name, budget, seq))
+    lever_jobs = [[(_lever_row, (config, replace(base, **fields), name, budget, seq))]
                   for name, fields in (levers or {}).items() if fields]    # {} is the -ckpt row's own answer
-    jobs = lever_jobs + jobs   # the levers' searches are the longest
-    workers = _workers(len(jobs))
+    jobs = lever_jobs + sorted(modes.values(), key=len, reverse=True)
+    workers = _workers(sum(map(len, jobs)))
+    while len(jobs) < workers:        # fewer groups than cores (e.g. --configs qlora-ckpt): split one
+        i = next(i for i, group in enumerate(jobs) if len(group) > 1)
+        jobs[i:i + 1] = [[job] for job in jobs[i]]
     if workers > 1:
         import gc
         import multiprocessing
@@ -789,11 +797,11 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
         gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of the heap
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                done = list(pool.map(_call, jobs))
+                done = [r for rows in pool.map(_call, jobs) for r in rows]
         finally:
             gc.unfreeze()
     else:
-        done = [_call(job) for job in jobs]
+        done = [r for job in jobs for r in _call(job)]
     by_conf = {r["configuration"]: r for r in done if "configuration" in r}
     by_lever = {r["lever"]: r for r in done if "lever" in r}
     own = by_conf[mode + "-ckpt"]
