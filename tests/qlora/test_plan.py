@@ -204,3 +204,24 @@ def test_planner_imports_bitsandbytes_without_torch_compile():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
+    """`qlora plan` ends with os._exit (no interpreter teardown): the output must still be complete
+    and the exit status the command's (0; 2 with one line for bad input)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY["llama"]))
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # stdout a buffered pipe
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", "import sys; from qlora.cli import entry; sys.argv[0] = 'qlora'; entry()", "plan", *args],
+        capture_output=True, text=True, timeout=600, env=buffered)
+    ok = run("--model", str(config), "--memory", "64MiB", "--configs", "qlora-ckpt", "--seq", "64", "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.splitlines()[-1].startswith("recommendation for qlora"), ok.stdout
+    assert "| qlora-ckpt |" in ok.stdout and ok.stderr == ""
+    bad = run("--model", str(config), "--memory", "lots")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory" in bad.stderr
