@@ -128,9 +128,8 @@ class FakeOps:
         self._fake, self._unset = FakeTensor, unset_fake_temporarily
         self.entries: dict = {}
         self.skip: set = set()         # ops never cached (data-dependent, in-place metadata changes)
-        tags = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape, torch.Tag.inplace_view,
-                torch.Tag.nondeterministic_seeded)
-        self._skip_tags = tags
+        self._skip_tags = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape, torch.Tag.inplace_view,
+                           torch.Tag.nondeterministic_seeded)
 
     def _key(self, func, args, kwargs):
         """(key, flat tensor arguments, their fake mode), or None when the op is not cacheable."""
@@ -170,8 +169,8 @@ class FakeOps:
                 self.entries[key] = self._record(func, out, tensors, mode)
             except _Uncacheable:
                 self.entries[key] = None
-                if func._schema.is_mutable or any(t in func.tags for t in self._skip_tags):
-                    self.skip.add(func)
+                if mutable or any(t in func.tags for t in self._skip_tags):
+                    self.skip.add(func)    # an in-place op that failed once, or one whose answer depends on values
         return out
 
     def _record(self, func, out, tensors, mode):
@@ -193,7 +192,7 @@ class FakeOps:
             if type(o) is not self._fake or o.fake_mode is not mode or o.constant is not None or o.is_conj() \
                     or o.is_neg() or o.layout is not torch.strided:
                 raise _Uncacheable
-            meta = (o.dtype, tuple(o.shape), o.stride(), o.storage_offset(), o.fake_device, o.requires_grad)
+            meta = _meta(o)
             same = next((k for k, t in enumerate(tensors) if t is o), None)
             if same is not None:          # in place: argument `same` itself
                 infos.append(("self", same))
@@ -237,6 +236,11 @@ class FakeOps:
         return outs[0] if single else tuple(outs)
 
 
+def _meta(t) -> tuple:
+    """What a fake tensor's answer depends on and is made from (FakeOps._new takes it back)."""
+    return t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.fake_device, t.requires_grad
+
+
 def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
 
@@ -252,7 +256,7 @@ def _describe(x, parts: list, tensors: list, modes: list, fake: type) -> None:
                 raise _Uncacheable
             if not modes:
                 modes.append(x.fake_mode)
-            parts.append((x.dtype, tuple(x.shape), x.stride(), x.storage_offset(), x.fake_device, x.requires_grad))
+            parts.append(_meta(x))
         elif x.layout is torch.strided:
             parts.append(("real", x.dtype, tuple(x.shape), x.stride(), x.device.type))
         else:

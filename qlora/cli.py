@@ -418,4 +418,4 @@ def user_error_message(e: BaseException, args=None) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -293,10 +293,10 @@ def first_blocks(model, total: int, n: int):
     list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
     from torch import nn
 
-    from qlora.checkpointing import _hf_blocks
+    from qlora.checkpointing import _hf_blocks, _repeated_module_lists
     blocks = {id(b) for b in _hf_blocks(model)}     # transformers' block class, where it has one
-    stacks = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == total
-              and len({type(c) for c in m}) == 1 and (not blocks or {id(c) for c in m} == blocks)]
+    stacks = [name for name, m in _repeated_module_lists(model)
+              if len(m) == total and (not blocks or {id(c) for c in m} == blocks)]
     if len(stacks) != 1 or not stacks[0]:
         return None
     *path, last = stacks[0].split(".")
