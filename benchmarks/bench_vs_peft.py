@@ -150,9 +150,10 @@ def build(v: dict, folder: str, dtype=torch.bfloat16, random_init: bool = False)
         model = get_peft_model(model, LoraConfig(target_modules="all-linear", **LORA))
         return StepModule(model, lambda m, ids, y: m(input_ids=ids, labels=y).loss, autocast)
     import qlora
-    from qlora.losses import causal_lm_loss
+    from qlora.levers.losses import causal_lm_loss
     if random_init:     # no checkpoint on disk: random weights built on the device, quantized in place
         from transformers import LlamaConfig, LlamaForCausalLM
+
         from qlora.quant import quantize_model
         torch.manual_seed(0)
         default = torch.get_default_dtype()
@@ -172,11 +173,11 @@ def build(v: dict, folder: str, dtype=torch.bfloat16, random_init: bool = False)
     qlora.prepare_for_training(model, checkpointing=v["ckpt"], upcast_norms=v["upcast"],
                                **({"checkpoint_blocks": blocks} if blocks is not None else {}))
     if v["tile"]:
-        from qlora.tiled_mlp import tile_mlps
+        from qlora.levers.tiled_mlp import tile_mlps
         tile_mlps(model, tile=v["tile"], min_tokens=v["tile_min"])
     context = contextlib.nullcontext
     if v["offload"]:
-        from qlora.offload import offload_saved_tensors
+        from qlora.levers.offload import offload_saved_tensors
         context = lambda: offload_saved_tensors(min_bytes=1 << 20)   # noqa: E731
     if v["chunk"] <= 0:
         return StepModule(model, lambda m, ids, y: m(input_ids=ids, labels=y).loss, context)
@@ -220,7 +221,7 @@ def longest_in_process(step, args) -> dict:
     so every probe is a steady-state step measured once. Doubling from --search-start, then
     bisection to --search-step."""
     from memprofile.measure import measure_step_or_oom
-    from qlora.sizes import parse_size
+    from qlora.util.sizes import parse_size
     budget, device = parse_size(args.longest), _device(step)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -342,7 +343,8 @@ def step_flops(config: dict, batch: int, seq: int, rank: int, checkpointing: boo
     Per base linear [d_in -> d_out] over N = batch*seq tokens: forward 2·N·d_in·d_out, again in the
     recompute (checkpointing), and once for the input gradient (no weight gradient: frozen).
     Attention per layer: QK^T and AV, 2·2·B·S²·H per forward (the full square; a causal kernel can
-    skip half), again in the recompute, twice that in backward. Head: forward + input gradient, 2·2·N·H·V. Adapters: A and B, forward, recompute,
+    skip half), again in the recompute, twice that in backward. Head: forward + input gradient, 2·2·N·H·V.
+    Adapters: A and B, forward, recompute,
     input and weight gradients."""
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
@@ -519,7 +521,7 @@ def main() -> None:
         save()
     print(f"\n{time.time() - t0:.0f} s so far", flush=True)
     if args.budget:
-        from qlora.sizes import parse_size
+        from qlora.util.sizes import parse_size
         budget = parse_size(args.budget)
         print(f"\nlongest context at batch 1 within {args.budget}:")
         searches = {}

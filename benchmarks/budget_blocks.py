@@ -1,5 +1,5 @@
 """Step time against the memory budget: the planner checkpoints only the first k blocks that a budget
-needs (qlora.plan.fewest_checkpointed_blocks, what `qlora train ... train.memory_budget=` does), and
+needs (qlora.plan.planner.fewest_checkpointed_blocks, what `qlora train ... train.memory_budget=` does), and
 each block left out skips its recompute. Per budget: k, predicted and measured peak, step time.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/budget_blocks.py                 # a small Llama, CPU, fp32
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from memprofile.measure import measure_step
-    from qlora.plan import (Planner, RunSettings, build, fewest_checkpointed_blocks, load_config, loss_fn,
-                            make_batch, measured_optimizer)
+    from qlora.plan import Planner, RunSettings, build, fewest_checkpointed_blocks, load_config, make_batch
+    from qlora.plan.build import loss_fn, measured_optimizer
     if args.config == "100m":
         from benchmarks.bench_vs_peft import CONFIGS as BENCH
         cfg = {"model_type": "llama", **BENCH["100m"]}
@@ -86,7 +86,8 @@ def paired(config, ks, L, args, rows) -> None:
     """Step times of the k's in turn, one step each per round: drift on shared cores hits all alike."""
     import statistics
 
-    from qlora.plan import RunSettings, build, loss_fn, make_batch
+    from qlora.plan import RunSettings, build, make_batch
+    from qlora.plan.build import loss_fn
     batch = make_batch(config, "causal-lm", args.batch, args.seq)
     runs = []
     for k in ks:

@@ -120,7 +120,8 @@ def write_adapter(folder: Path, base: Path, n_layers: int, r: int = 16, alpha: i
             path = key.removesuffix(".weight")
             modules.append(path)
             out_f, in_f = shape
-            tensors[f"base_model.model.{path}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)).to(torch.bfloat16)
+            a = torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = a.to(torch.bfloat16)
             tensors[f"base_model.model.{path}.lora_B.weight"] = (torch.randn(out_f, r, generator=gen) * 2e-3).to(torch.bfloat16)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
@@ -209,7 +210,7 @@ model = PeftModel.from_pretrained(model, adapter)
 model = model.merge_and_unload()
 model.save_pretrained(out)
 """
-FLOOR_SCRIPT = "import qlora.cli, qlora.export, bitsandbytes.functional, safetensors, tqdm"
+FLOOR_SCRIPT = "import qlora.cli, qlora.export.merge, bitsandbytes.functional, safetensors, tqdm"
 
 
 def main(argv=None) -> int:

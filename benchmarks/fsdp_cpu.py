@@ -25,9 +25,10 @@ STEPS, SEQ, PER_RANK_BATCH = 8, 128, 4
 def _worker(mode: str, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     import qlora
     from qlora.quant import quantize_model
-    from qlora.train import TrainConfig, train
+    from qlora.train.loop import TrainConfig, train
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,

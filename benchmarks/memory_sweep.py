@@ -1,4 +1,4 @@
-"""The planner's accuracy: measured (CPU, memprofile.measure) vs predicted (qlora.plan, fake-tensor
+"""The planner's accuracy: measured (CPU, memprofile.measure) vs predicted (qlora.plan.planner, fake-tensor
 trace) memory of one training step, on tiny random models of many architectures.
 
     PYTHONPATH=$PWD python benchmarks/memory_sweep.py                      # the required grid, one process
@@ -67,7 +67,8 @@ def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None
              progress=None) -> list[dict]:
     """Measured vs predicted for one architecture over the grid; one dict per row."""
     from memprofile.measure import measure_step
-    from qlora.plan import Planner, RunSettings, build, load_config, loss_fn, make_batch, measured_optimizer
+    from qlora.plan import Planner, RunSettings, build, load_config, make_batch
+    from qlora.plan.build import loss_fn, measured_optimizer
 
     task = task_of(arch)
     config = load_config(TINY[arch])

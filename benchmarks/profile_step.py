@@ -84,9 +84,9 @@ def main() -> None:
               "step_seconds": {"default": timed(step, batch, opt, args.timed)}}
     print(f"default: {result['step_seconds']['default']:.3f} s", flush=True)
 
-    from qlora.checkpointing import disable_checkpointing, enable_checkpointing
-    from qlora.offload import offload_saved_tensors
-    from qlora.tiled_mlp import tile_mlps, untile_mlps
+    from qlora.levers.checkpointing import disable_checkpointing, enable_checkpointing
+    from qlora.levers.offload import offload_saved_tensors
+    from qlora.levers.tiled_mlp import tile_mlps, untile_mlps
     model = step.model
     for lever in filter(None, args.levers.split(",")):
         if lever == "offload":

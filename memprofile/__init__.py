@@ -3,7 +3,7 @@
 Knows nothing about how adapters are attached: it measures any `nn.Module` training step, and
 predicts one by running the same step on fake tensors. Building the model from a `config.json` as
 `qlora train` would and the sweep over training configurations live in `qlora.plan` and
-`qlora.profile` (memprofile never imports qlora).
+`qlora.plan.sweep` (memprofile never imports qlora).
 
 Public API
 ----------

@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import (
     CATEGORIES,
     model_storage_keys,
@@ -59,7 +60,6 @@ from memprofile.tensors import (
     unique_storage_bytes,
     weight_bytes,
 )
-from memprofile.peak import CpuPeakTracker
 
 
 @dataclass
@@ -146,7 +146,7 @@ def _to_device(obj, device):
     return obj
 
 
-def _call_model(model, batch):
+def call_model(model, batch):
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (list, tuple)):
@@ -288,7 +288,7 @@ def _forward_loss(model, batch, loss_fn):
     runs the model itself, e.g. a chunked head + cross-entropy)."""
     if getattr(loss_fn, "takes_model", False):
         return loss_fn(model, batch)
-    return loss_fn(_call_model(model, batch), batch)
+    return loss_fn(call_model(model, batch), batch)
 
 
 def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:

@@ -93,13 +93,15 @@ def peak_error(row: dict) -> float | None:
 
 
 # ------------------------------------------------------------------------------ text
-def human(n) -> str:
+def human(n, digits: int = 2) -> str:
+    """Bytes in binary units: 512 B, 1.50 KiB, 24.00 GiB (`digits` after the point); None -> "-".
+    The one bytes formatter of memprofile, qlora and the recipes."""
     if n is None:
         return "-"
     n = float(n)
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.{digits}f} {unit}"
     return f"{int(n)} B"
 
 

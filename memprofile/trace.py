@@ -20,7 +20,8 @@ optimizer state; only the peak counter differs:
   memprofile.peak's allocator events on CPU.
 * Kernel scratch the dispatcher never sees (a kernel's internal buffers) is not counted, except
   the one correction in `SCRATCH` (a convolution's weight gradient unfolds its input); the others
-  measured on CPU stay within the README's bounds ("Where does the memory go?"). Ops with data-dependent output shapes (`nonzero`, `.item()`) cannot be traced: such a
+  measured on CPU stay within the README's bounds ("Where does the memory go?").
+  Ops with data-dependent output shapes (`nonzero`, `.item()`) cannot be traced: such a
   model gets TraceError, one line naming the op.
 * Tensor subclasses built by `torch.Tensor._make_subclass` (bitsandbytes' Params4bit) cannot wrap
   a FakeTensor; during a trace they get a class deriving from both, and deep copies of fakes are
@@ -473,8 +474,11 @@ def fake_tensors(mode=None, real_functions=(), replacements=()):
     """Run under `mode` (default: a new_fake_mode()) with Tensor subclasses supported; errors
     become one-line TraceErrors. Re-enter the same mode to keep using tensors made under it.
     `real_functions` / `replacements`: see _replaced."""
-    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
-                                               UnsupportedOperatorException)
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        UnsupportedOperatorException,
+    )
 
     try:
         with (mode or new_fake_mode()), _fake_subclasses(), _replaced(real_functions, replacements):

@@ -15,18 +15,56 @@ __version__ = "0.1.0"
 # Every public name is imported on first use (PEP 562): `import qlora` and `qlora --help` cost no
 # torch import (~2 s); `qlora.add_lora` imports what it needs the first time it is read.
 _LAZY = {
-    "LoraConfig": "qlora.config", "QLoRAError": "qlora.errors",
-    "add_lora": "qlora.inject", "count_parameters": "qlora.inject", "disable_adapters": "qlora.inject",
-    "merge_lora": "qlora.inject", "print_trainable_parameters": "qlora.inject", "unload_lora": "qlora.inject",
-    "unmerge_lora": "qlora.inject",
-    "load_adapter": "qlora.adapters_io", "read_adapter_config": "qlora.adapters_io", "save_adapter": "qlora.adapters_io",
-    "LoRAConv2d": "qlora.lora", "LoRAEmbedding": "qlora.lora", "LoRALinear": "qlora.lora",
-    "load_4bit": "qlora.quant", "quantize_model": "qlora.quant",
-    "enable_checkpointing": "qlora.checkpointing", "prepare_for_training": "qlora.checkpointing",
-    "export_merged": "qlora.export", "export_adapter": "qlora.export",
-    "causal_lm_loss": "qlora.losses", "chunked_cross_entropy": "qlora.losses",
-    "for_trainer": "qlora.hf",
+    "LoraConfig": "qlora.lora.config", "QLoRAError": "qlora.errors",
+    "add_lora": "qlora.lora.inject", "count_parameters": "qlora.lora.inject", "disable_adapters": "qlora.lora.inject",
+    "merge_lora": "qlora.lora.inject", "print_trainable_parameters": "qlora.lora.inject",
+    "unload_lora": "qlora.lora.inject", "unmerge_lora": "qlora.lora.inject",
+    "load_adapter": "qlora.lora.files", "read_adapter_config": "qlora.lora.files", "save_adapter": "qlora.lora.files",
+    "LoRAConv2d": "qlora.lora.layers", "LoRAEmbedding": "qlora.lora.layers", "LoRALinear": "qlora.lora.layers",
+    "load_4bit": "qlora.quant.load", "quantize_model": "qlora.quant.convert",
+    "enable_checkpointing": "qlora.levers.checkpointing", "prepare_for_training": "qlora.levers.checkpointing",
+    "export_merged": "qlora.export.merge", "export_adapter": "qlora.export.merge",
+    "causal_lm_loss": "qlora.levers.losses", "chunked_cross_entropy": "qlora.levers.losses",
+    "for_trainer": "qlora.train.hf",
 }
+
+# 0.1.0's flat modules, now in the subpackages: `import qlora.losses` (or `from qlora.tiled_mlp import ...`)
+# gives the module where that code lives now (the same module object, imported on first use).
+_MOVED = {
+    "qlora.config": "qlora.lora.config", "qlora.inject": "qlora.lora.inject", "qlora.adapters_io": "qlora.lora.files",
+    "qlora.checkpointing": "qlora.levers.checkpointing", "qlora.offload": "qlora.levers.offload",
+    "qlora.tiled_mlp": "qlora.levers.tiled_mlp", "qlora.losses": "qlora.levers.losses", "qlora.hf": "qlora.train.hf",
+    "qlora.profile": "qlora.plan.sweep", "qlora.quantized": "qlora.arch.quantized", "qlora.heads": "qlora.arch.heads",
+    "qlora.names": "qlora.arch.names", "qlora.loading": "qlora.arch.loading", "qlora.sizes": "qlora.util.sizes",
+    "qlora.staging": "qlora.util.staging", "qlora.chunked4bit": "qlora.quant.chunked",
+    "qlora.export_verify": "qlora.export.verify", "qlora.requantize": "qlora.export.requantize",
+    "qlora.base_checkpoint": "qlora.export.checkpoint", "qlora.shard_writer": "qlora.export.writer",
+}
+
+
+class _MovedModules:
+    """The import-system finder and loader of `_MOVED`: the old name is bound to the new module."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name in _MOVED:
+            import importlib.util
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        import importlib
+        return importlib.import_module(_MOVED[spec.name])
+
+    def exec_module(self, module):
+        pass
+
+
+import sys as _sys  # noqa: E402
+
+from qlora.util.quiet import drop_known_noise  # noqa: E402
+
+_sys.meta_path.append(_MovedModules())
+drop_known_noise()
 
 
 def __getattr__(name):

@@ -137,7 +137,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
         fresh.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         del fresh
-        from qlora.staging import make_public
+        from qlora.util.staging import make_public
         make_public(tmp)                # mkdtemp made it private (0700): the cache is the user's
         try:
             os.rename(tmp, target)

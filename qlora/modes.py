@@ -10,7 +10,7 @@
 | qlora      | NF4 4-bit, frozen     | LoRA adapters in bf16 (+ head)    |
 | *-ckpt     | as above              | as above; activations recomputed  |
 
-Shared by the recipes (accuracy tables) and by `qlora.profile` (memory tables).
+Shared by the recipes (accuracy tables) and by `qlora.plan.sweep` (memory tables).
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from typing import Callable
 
 from torch import nn
 
-from qlora.config import LoraConfig
+from qlora.arch.heads import output_head_paths, task_head_paths
 from qlora.errors import QLoRAError
-from qlora.heads import output_head_paths, task_head_paths
-from qlora.inject import add_lora, find_modules
+from qlora.lora.config import LoraConfig
+from qlora.lora.inject import add_lora, find_modules
 
 MODES = ("full", "head", "lora", "qlora")
 CONFIGURATIONS = ("full", "head", "lora", "lora-ckpt", "qlora", "qlora-ckpt")
@@ -75,6 +75,6 @@ def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit:
             lora = replace(lora, modules_to_save=sorted(new_head))   # a classifier's new head trains in full
         add_lora(model, lora)          # add_lora keeps its own copy: `lora` serves every mode unchanged
     if ckpt:
-        from qlora.checkpointing import enable_checkpointing
+        from qlora.levers.checkpointing import enable_checkpointing
         enable_checkpointing(model)
     return model

@@ -9,10 +9,10 @@ Users with the Hub pass a data set name to the recipes instead (e.g. imdb, food1
 from __future__ import annotations
 
 import bz2
-import os
 import csv
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 
 import torch

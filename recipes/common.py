@@ -13,13 +13,14 @@ from typing import Optional
 
 import torch
 
-from qlora.config import LoraConfig, parse_dtype
 from qlora.errors import QLoRAError
-from qlora.inject import count_parameters
+from qlora.lora.config import LoraConfig
+from qlora.lora.inject import count_parameters
 from qlora.modes import MODES, build_for_mode
-from qlora.staging import publish, staging_folder
+from qlora.train.loop import TrainConfig, TrainingDiverged, train
+from qlora.util.dtypes import parse_dtype
+from qlora.util.staging import publish, staging_folder
 from qlora_recipes.results import write_table
-from qlora.train import TrainConfig, TrainingDiverged, train
 
 
 @dataclass
@@ -109,7 +110,7 @@ def subset(items: list, size: Optional[int], seed: int = 0) -> list:
 def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
     """qlora.export_merged into `out` (replacing an earlier export), its summary printed; the caller
     raises RecipeFailed when result.verification["passed"] is False."""
-    from qlora.export import export_merged, summary
+    from qlora.export.merge import export_merged, summary
     result = export_merged(model, out, dtype=dtype, tokenizer=tokenizer, force=True)
     print(summary(result))
     return result

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora.bundled import resolve_model
-
 from qlora_recipes import seq_cls
 from qlora_recipes.seq_cls import SeqClsConfig
 
@@ -28,8 +27,8 @@ class DemoConfig(SeqClsConfig):
 
 
 def main(cfg: DemoConfig) -> dict:
-    from qlora.export import export_adapter, summary
-    from qlora.profile import sweep
+    from qlora.export.merge import export_adapter, summary
+    from qlora.plan.sweep import sweep
     from qlora_recipes.results import markdown_table
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()

@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 
 import qlora
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import default_cache_dir, resolve_model
 from qlora.errors import QLoRAError
-from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, run_modes
 
 PRETRAINED_NAME = "fmnist-vit"         # model=fmnist-vit: pretrain here (or reuse the cached backbone)
@@ -128,7 +128,7 @@ def load_images(cfg: ImageClsConfig):
         return (fashion_mnist_subset(cfg, "train", cfg.classes, cfg.train_size),
                 fashion_mnist_subset(cfg, "test", cfg.classes, cfg.test_size),
                 [FASHION_MNIST_CLASSES[c] for c in cfg.classes])
-    from datasets import load_dataset       # users with the Hub: e.g. food101
+    from datasets import load_dataset  # users with the Hub: e.g. food101
     ds = load_dataset(cfg.dataset)
     test_split = "test" if "test" in ds else "validation"
     names = ds["train"].features["label"].names
@@ -174,8 +174,8 @@ def pretrain(cfg: ImageClsConfig, folder: Path) -> dict:
     """Train a ViT from scratch on pretrain.classes; save its backbone (no head) into `folder`."""
     from transformers import ViTConfig, ViTForImageClassification
 
+    from qlora.train.loop import TrainConfig, train
     from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES
-    from qlora.train import TrainConfig, train
     p = cfg.pretrain
     train_set = fashion_mnist_subset(cfg, "train", p.classes, p.train_size, seed=p.seed)
     test_set = fashion_mnist_subset(cfg, "test", p.classes, p.test_size, seed=p.seed)

@@ -7,18 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlora.staging import atomic_write
+from memprofile.report import human
+from qlora.util.staging import atomic_write
 
 COLUMNS = ("Model", "Mode", "Learnable Params", "%Trainable", "Accuracy", "Peak memory", "Step time")
-
-
-def human_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -28,7 +20,7 @@ def markdown_table(rows: list[dict]) -> str:
         step = f"{r['step_seconds'] * 1000:.0f} ms" if r.get("step_seconds") else "-"
         lines.append(f"| {r['model']} | {r['mode']} | {r['trainable_params']:,} | "
                      f"{100 * r['trainable_params'] / r['total_params']:.4f}% | {acc} | "
-                     f"{human_bytes(r.get('peak_bytes'))} | {step} |")
+                     f"{human(r.get('peak_bytes'), digits=1)} | {step} |")
     return "\n".join(lines)
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import qlora
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
-from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, RecipeFailed, export_verified, run_modes
 
 
@@ -63,7 +63,7 @@ def load_texts(cfg: SentimentPromptConfig):
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
         return (*pick(train_idx), *pick(test_idx))
-    from datasets import load_dataset       # users with the Hub
+    from datasets import load_dataset  # users with the Hub
     ds = load_dataset(cfg.dataset)
     test_split = "test" if "test" in ds else "validation"
     return ds["train"]["text"], ds["train"]["label"], ds[test_split]["text"], ds[test_split]["label"]

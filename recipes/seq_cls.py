@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 import qlora
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import resolve_model
-from qlora.loading import from_pretrained_quietly
 from qlora_recipes.common import RecipeBase, run_modes
 
 
@@ -35,7 +35,7 @@ def load_texts(cfg: SeqClsConfig):
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
         return (*pick(train_idx), *pick(test_idx), ["rotten", "fresh"])
-    from datasets import load_dataset       # users with the Hub: e.g. imdb
+    from datasets import load_dataset  # users with the Hub: e.g. imdb
     ds = load_dataset(cfg.dataset)
     names = ds["train"].features["label"].names
     return ds["train"]["text"], ds["train"]["label"], ds["test"]["text"], ds["test"]["label"], names

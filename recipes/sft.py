@@ -30,11 +30,13 @@ from typing import Optional
 import torch
 
 import qlora
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import resolve_model
-from qlora.config import LoraConfig, check_ints, parse_dtype
 from qlora.errors import QLoRAError
-from qlora.loading import from_pretrained_quietly
-from qlora.train import TrainConfig, train
+from qlora.lora.config import LoraConfig
+from qlora.train.loop import TrainConfig, train
+from qlora.util.checks import check_ints
+from qlora.util.dtypes import parse_dtype
 from qlora_recipes import sft_data
 from qlora_recipes.common import RecipeFailed, export_verified, split_validation, subset
 
@@ -75,13 +77,13 @@ class SFTConfig:
     gradient_checkpointing: bool = True
     """Recompute each decoder layer in backward (non-reentrant) instead of keeping its activations."""
     loss: str = "chunked"
-    """chunked: qlora.losses' chunked head + cross-entropy (never the full logits); model: the model's own loss."""
+    """chunked: qlora.levers.losses' chunked head + cross-entropy (never the full logits); model: the model's own loss."""
     loss_chunk_size: int = 256
     """Tokens per chunk of the chunked loss (peak: 4 x chunk x vocab bytes of fp32 logits)."""
     upcast_norms: bool = False
     """Cast norms, embeddings and the head to fp32 (PEFT's habit; costs memory)."""
     mlp_tile: int = 0
-    """Long context: the MLPs in sequence tiles of this many tokens (qlora.tiled_mlp; same result, one
+    """Long context: the MLPs in sequence tiles of this many tokens (qlora.levers.tiled_mlp; same result, one
     tile's [tile, intermediate] tensors at a time, one more MLP forward per step); 0: off."""
     mlp_tile_min_tokens: int = 4096
     """With mlp_tile: only inputs of more than this many tokens are tiled."""
@@ -180,7 +182,7 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
 def build_model(cfg: SFTConfig, path: str):
     from transformers import AutoModelForCausalLM
 
-    from qlora.checkpointing import prepare_for_training
+    from qlora.levers.checkpointing import prepare_for_training
     from qlora.modes import build_for_mode
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
@@ -189,7 +191,7 @@ def build_model(cfg: SFTConfig, path: str):
                            lora=lora)
     model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
     if cfg.mlp_tile:
-        from qlora.tiled_mlp import tile_mlps
+        from qlora.levers.tiled_mlp import tile_mlps
         tile_mlps(model, tile=cfg.mlp_tile, min_tokens=cfg.mlp_tile_min_tokens)
     return model
 
@@ -259,8 +261,9 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
 
 
 def _print_first_step(cfg: SFTConfig) -> None:
-    from qlora.train import read_metrics
     from tqdm.auto import tqdm
+
+    from qlora.train.loop import read_metrics
     path = Path(cfg.out_dir) / "metrics.jsonl"
     rows = [r for r in read_metrics(path) if "first_step_peak_bytes" in r] if path.is_file() else []
     if rows:
@@ -268,8 +271,8 @@ def _print_first_step(cfg: SFTConfig) -> None:
 
 
 def memory_line(cfg: SFTConfig, peak, method: str) -> str:
-    from qlora_recipes.results import human_bytes
-    return f"first step: peak {human_bytes(peak)} ({method}); savers: {cfg.savers()}"
+    from memprofile.report import human
+    return f"first step: peak {human(peak, digits=1)} ({method}); savers: {cfg.savers()}"
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -305,7 +308,7 @@ def main(cfg: SFTConfig) -> dict:
                    eval_fn=evaluate)
     print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
     if before is not None:      # the curve starts from the untrained model (train() began a fresh log)
-        from qlora.train import plot_curves, read_metrics
+        from qlora.train.loop import plot_curves, read_metrics
         rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot_curves(out / "metrics.jsonl", out / "curves.png")

@@ -83,7 +83,7 @@ def _hub_rows(name: str, split: str) -> list[Row]:
     try:
         from datasets import load_dataset
         ds = load_dataset(name, split=split)
-    except Exception as e:      # offline, unknown name, unknown split: one line, not a traceback
+    except Exception as e:  # noqa: BLE001 -- offline, unknown name, unknown split: one line, not a traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise QLoRAError(f"data={name!r} is not a local file or folder, and the Hub data set could not be "
                          f"loaded (split {split!r}): {first}") from None

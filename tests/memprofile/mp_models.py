@@ -44,8 +44,7 @@ def tiny_config(arch: str, layers: int = 2, image_size: int = 32):
 def model_from_config(arch: str, config, dtype=torch.bfloat16, init: bool = True):
     """The model with seeded random weights; init=False skips the initialisation (under fake
     tensors: ViT's trunc_normal_ reads values) and ties the weights as init would."""
-    from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
-                              AutoModelForSequenceClassification)
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     cls = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM,
            "bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification}[arch]

@@ -6,8 +6,8 @@ does not compute itself (the files on disk, stock transformers loading the expor
 """
 from __future__ import annotations
 
-import json
 import importlib
+import json
 import shutil
 import subprocess
 import sys
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel
+
     from qlora.bundled import minilm_path
     minilm = Path(minilm_path())
     folder = tmp_path_factory.mktemp("tiny-bert-demo")

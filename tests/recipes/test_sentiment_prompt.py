@@ -88,7 +88,7 @@ def test_causal_lm_recipe_tiny_all_modes(tmp_path, tiny_lm_folder):
     assert report["verification"]["passed"], report["verification"]
     plain = AutoModelForCausalLM.from_pretrained(str(merged))
     assert sum(p.numel() for p in plain.parameters()) == want["full"][1]
-    from transformers import AutoTokenizer      # the tokenizer travels with the export
+    from transformers import AutoTokenizer  # the tokenizer travels with the export
     assert AutoTokenizer.from_pretrained(str(merged))("a fine film")["input_ids"] == \
         AutoTokenizer.from_pretrained(str(tiny_lm_folder))("a fine film")["input_ids"]
 

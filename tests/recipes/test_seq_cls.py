@@ -8,10 +8,10 @@ model config, not from the model.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
-import importlib
 import shutil
 from pathlib import Path
 
@@ -90,6 +90,7 @@ def tiny_bert_folder(tmp_path_factory):
     """A random 2-layer BertModel (hidden 32) with the real MiniLM tokenizer, saved like MiniLM is
     (a bare encoder: the classifier is new when loaded for sequence classification)."""
     from transformers import BertConfig, BertModel
+
     from qlora.bundled import minilm_path
     minilm = Path(minilm_path())
     folder = tmp_path_factory.mktemp("tiny-bert")

@@ -299,8 +299,8 @@ def test_sft_end_to_end_adapter_loads_in_peft(tmp_path, tiny_chat_model, packing
 
 
 def test_failed_export_verification_exits_1(tmp_path, tiny_chat_model, monkeypatch):
-    from qlora import export_verify
     from qlora.cli import main
+    from qlora.export import verify as export_verify
     real = export_verify.verify_export
 
     def failing(*args, **kwargs):
@@ -323,8 +323,8 @@ def test_recipes_found_by_name_and_listed(capsys):
 
 
 def test_mlp_tiles_from_the_recipe_give_the_untiled_loss(tiny_chat_model):
-    """mlp_tile= tiles every MLP (qlora.tiled_mlp) and leaves the loss as it was; bad values are one line."""
-    from qlora.tiled_mlp import TiledMLP
+    """mlp_tile= tiles every MLP (qlora.levers.tiled_mlp) and leaves the loss as it was; bad values are one line."""
+    from qlora.levers.tiled_mlp import TiledMLP
     from qlora_recipes.config import load_recipe_config
     from qlora_recipes.sft import SFTConfig, build_model
     with pytest.raises(QLoRAError, match="mlp_tile=-1: must be an integer >= 0"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.recipes.test_sft import CHAT, CONFIG, smol_tok_dir, write  # noqa: F401  (smol_tok_dir: a fixture)
+from tests.recipes.test_sft import CHAT, CONFIG, smol_tok_dir, write  # noqa: F401, F811  (smol_tok_dir: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = dict(vocab_size=49152, pad_token_id=2, bos_token_id=1, eos_token_id=2)
@@ -32,7 +32,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", [pytest.param("gpt2"), pytest.param("falcon"),
                                     pytest.param("olmo2", marks=pytest.mark.slow)])
-def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):
+def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):  # noqa: F811  (the fixture)
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 

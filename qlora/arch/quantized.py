@@ -1,0 +1,73 @@
+"""Is this layer quantized, and is it a linear layer at all? The checks, without importing bitsandbytes.
+
+    is_4bit(module)          # a bitsandbytes Linear4bit (LinearNF4 / LinearFP4 included)
+    is_quantized(module)     # 4-bit or bitsandbytes' 8-bit Linear8bitLt
+    is_linear(module)        # nn.Linear (Linear4bit included) or transformers' Conv1D (GPT-2)
+    linear_features(module)  # (in, out) of either
+    is_transposed(module)    # its checkpoint weight is [in, out]: a Conv1D, or a Linear4bit made from one
+
+A model can only hold bitsandbytes layers once bitsandbytes has been imported, so when it is not in
+`sys.modules` the answer is False and the ~1 s import is never paid for the question; likewise
+transformers' Conv1D.
+
+Conv1D (GPT-2, GPT-J's ancestors, ...) is a linear layer y = x @ W + b whose weight is stored
+[in, out], the transpose of nn.Linear's [out, in]. qlora treats it as a linear layer everywhere:
+it is quantized from W.T into a Linear4bit (what transformers' bitsandbytes loader does, so both
+paths give the same codes; the layer then records `source_cls = Conv1D`, transformers' own
+attribute), LoRA wraps it with A [r, in] and B [out, r] (PEFT's `fan_in_fan_out=True` layout), and
+merges and exports transpose s·B·A back to [in, out].
+"""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+
+def _bnb_nn():
+    bnb = sys.modules.get("bitsandbytes")
+    return getattr(bnb, "nn", None) if bnb is not None else None
+
+
+def is_4bit(module) -> bool:
+    """True for a bitsandbytes Linear4bit (its weight a packed Params4bit)."""
+    bnn = _bnb_nn()
+    return bnn is not None and isinstance(module, bnn.Linear4bit)
+
+
+def is_quantized(module) -> bool:
+    """True for a bitsandbytes 4-bit or 8-bit layer: a Linear4bit / Linear8bitLt, or any module holding
+    a packed Params4bit / Int8Params of its own (bitsandbytes' Embedding4bit, ...)."""
+    bnn = _bnb_nn()
+    if bnn is None:
+        return False
+    return isinstance(module, (bnn.Linear4bit, bnn.Linear8bitLt)) or any(
+        isinstance(p, (bnn.Params4bit, bnn.Int8Params)) for p in module.parameters(recurse=False))
+
+
+def is_conv1d(module) -> bool:
+    """True for transformers' Conv1D (weight [in, out], y = x @ W + b)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def is_linear(module) -> bool:
+    """A linear layer qlora can quantize and adapt: nn.Linear (and subclasses: Linear4bit) or Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Linear4bit or a Conv1D."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)          # [in, out]
+    return module.in_features, module.out_features
+
+
+def is_transposed(module) -> bool:
+    """Whether the checkpoint stores this layer's weight [in, out]: a Conv1D, or a Linear4bit made from
+    one (by qlora.quant.convert or transformers' loader; the Linear4bit itself holds the [out, in] codes)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    if utils is None:
+        return False
+    source = getattr(module, "source_cls", None)
+    return is_conv1d(module) or (isinstance(source, type) and issubclass(source, utils.Conv1D))

@@ -1,0 +1,4 @@
+"""python -m qlora.cli: the qlora command."""
+from qlora.cli import entry
+
+entry()

@@ -1,0 +1,10 @@
+"""Dequantize-and-merge export into a plain folder stock transformers loads, streamed and verified.
+
+    merge.py       export_adapter (from files) / export_merged (from a live model)
+    verify.py      the export against the unmerged model, and the live 4-bit one
+    requantize.py  the merged layers re-quantized to 4-bit (--requantize)
+    checkpoint.py  reading the base checkpoint one tensor at a time;  writer.py  the sharded safetensors writer
+"""
+from qlora.export.merge import ExportResult, export_adapter, export_merged, report_dict, summary
+
+__all__ = ["ExportResult", "export_adapter", "export_merged", "report_dict", "summary"]

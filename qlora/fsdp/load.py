@@ -1,0 +1,107 @@
+"""Loading for FSDP without N copies: rank 0 reads the 4-bit model, every other rank builds it on meta.
+
+    model = qlora.fsdp.load_4bit_once(path)   # under torchrun / accelerate launch, on every rank
+
+`meta_4bit` makes what `qlora.quantize_model` would make, on the meta device (same modules, names,
+shapes, dtypes, the same choice of layers); `qlora.fsdp_model` then scatters rank 0's values.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from qlora.arch.quantized import linear_features
+from qlora.quant.convert import conversion_plan, mark_layer
+from qlora.quant.load import load_4bit
+from qlora.quant.settings import (
+    check_blocksize,
+    check_compute_dtype,
+    check_double_quant,
+    check_quant_type,
+    check_skip_modules,
+)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, blocksize: int,
+                     compute_dtype: torch.dtype):
+    """A bitsandbytes Linear4bit on the meta device with the shapes quantization would give: packed
+    [ceil(out*in/2), 1] uint8, absmax [blocks], nested absmax [ceil(blocks/256)], codes [16]/[256]."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+    in_f, out_f = linear_features(linear)          # nn.Linear or Conv1D (qlora.arch.quantized)
+    n = out_f * in_f
+    blocks = -(-n // blocksize)
+    meta = dict(device="meta")
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type,
+                              quant_storage=torch.uint8, device="meta")
+    state2 = (QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
+                         code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
+              if double_quant else None)
+    qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
+                    shape=torch.Size([out_f, in_f]), code=torch.empty(16, dtype=torch.float32, **meta),
+                    blocksize=blocksize, quant_type=quant_type, dtype=compute_dtype,
+                    offset=torch.empty((), dtype=torch.float32, **meta) if double_quant else None, state2=state2)
+    layer.weight = bnb.nn.Params4bit(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), requires_grad=False,
+                                     quant_state=qs, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type, quant_storage=torch.uint8, bnb_quantized=True,
+                                     module=layer)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(torch.empty(out_f, dtype=compute_dtype, **meta), requires_grad=False)
+    return layer
+
+
+def meta_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
+              compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
+              skip_modules: list[str] | None = None) -> nn.Module:
+    """What `qlora.quantize_model` makes of `model`, on the meta device (no memory, no values):
+    the same modules, names, shapes and dtypes, for the ranks that receive their shards from rank 0.
+    Same arguments and the same choice of layers as `quantize_model`; the other parameters keep
+    their dtypes (build `model` in the dtype rank 0 loads in). In place; returns `model`."""
+    compute_dtype = check_compute_dtype(compute_dtype)
+    kw = dict(quant_type=check_quant_type(quant_type), double_quant=check_double_quant(double_quant),
+              blocksize=check_blocksize(blocksize), compute_dtype=compute_dtype)
+    model.to(device="meta")
+    to_quantize, _ = conversion_plan(model, check_skip_modules(skip_modules))
+    for name in to_quantize:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = _meta_linear4bit(getattr(parent, child), **kw)
+        mark_layer(layer, compute_dtype)                         # the meta quant state's dtype is compute_dtype
+        layer.source_cls = type(getattr(parent, child))          # what make_linear4bit records
+        layer.train(parent.training)
+        setattr(parent, child, layer)
+    return model
+
+
+def load_4bit_once(name_or_path, model_class=None, *, compute_dtype: torch.dtype = torch.bfloat16,
+              quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+              skip_modules: list[str] | None = None, **from_pretrained_kwargs) -> nn.Module:
+    """`qlora.load_4bit` on rank 0 (into CPU memory unless `device_map` says otherwise); on every
+    other rank the same model on the meta device, built from the folder's config.json alone. The
+    sharded training takes every value from rank 0, so only one process ever holds the whole model."""
+    kw = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, skip_modules=skip_modules)
+    if _rank() == 0:
+        from_pretrained_kwargs.setdefault("device_map", {"": "cpu"})
+        return load_4bit(name_or_path, model_class, compute_dtype=compute_dtype, **kw, **from_pretrained_kwargs)
+    import transformers
+
+    from qlora.bundled import resolve_model
+    path = resolve_model(name_or_path)
+    model_class = model_class or transformers.AutoModelForCausalLM
+    keys = ("trust_remote_code", "revision", "token", "cache_dir", "subfolder")
+    config = transformers.AutoConfig.from_pretrained(path, **{k: from_pretrained_kwargs[k] for k in keys
+                                                              if k in from_pretrained_kwargs})
+    factory = getattr(model_class, "from_config", None) or model_class._from_config
+    extra = {"trust_remote_code": True} if from_pretrained_kwargs.get("trust_remote_code") else {}
+    with torch.device("meta"):      # as from_pretrained builds it: parameters in compute_dtype, buffers their own
+        skeleton = factory(config, dtype=compute_dtype, **extra)
+    skeleton.eval()                 # from_pretrained returns eval-mode models
+    return meta_4bit(skeleton, compute_dtype=compute_dtype, **kw)

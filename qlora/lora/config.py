@@ -1,0 +1,73 @@
+"""`LoraConfig`: what adapters to attach and how, validated when it is built.
+
+Field names follow PEFT's `LoraConfig`, so `adapter_config.json` maps one to one:
+
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    cfg = LoraConfig(r=16, target_modules="all-linear", use_rslora=True)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from qlora.errors import QLoRAError
+from qlora.util.dtypes import parse_dtype
+
+Targets = Union[str, list, tuple, None]
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters `W x + s·B A x` on a frozen base (Hu et al. 2021, arXiv:2106.09685)."""
+
+    r: int = 8
+    """Rank of the update: A is `r × in`, B is `out × r`; trainable params per Linear = r·(in+out)."""
+    lora_alpha: float = 8
+    """Scale numerator: s = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input only (training mode only), in [0, 1)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732)."""
+    target_modules: Targets = None
+    """Module-path suffixes (list), a regex (str, full match on the path), or "all-linear"."""
+    exclude_modules: Targets = None
+    """Same forms as `target_modules`; matches are never adapted."""
+    modules_to_save: Optional[list] = None
+    """Modules trained in full (e.g. a new classifier head); the original is kept beside the copy."""
+    init_lora_weights: Union[bool, str] = True
+    """True: A Kaiming-uniform, B zero. "gaussian": A ~ N(0, 1/r), B zero. Embedding: A zero, B ~ N(0, 1)
+    either way (A is per token). False: both random."""
+    dtype: Optional[Union[str, torch.dtype]] = None
+    """Adapter dtype; None = the base layer's float dtype (bf16 for a 4-bit base)."""
+    task_type: Optional[str] = None
+    """PEFT task type (CAUSAL_LM, SEQ_CLS, ...), written to adapter_config.json when known."""
+    qlora: dict = field(default_factory=dict)
+    """Set by qlora: quantization settings of the base the adapter was trained on (for export)."""
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise QLoRAError(f"r={self.r!r}: the LoRA rank must be an integer >= 1 (typical: 8, 16, 64)")
+        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise QLoRAError(f"lora_alpha={self.lora_alpha!r}: must be a number > 0 (typical: r or 2·r)")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise QLoRAError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise QLoRAError(f"init_lora_weights={self.init_lora_weights!r}: use True, False or 'gaussian'")
+        if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
+            raise QLoRAError("target_modules is empty: give module-name suffixes (e.g. ['q_proj', 'v_proj']), "
+                             "a regex, or 'all-linear'")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) or isinstance(value, set):
+                setattr(self, name, list(value))
+            elif value is not None and not isinstance(value, (str, list)):
+                raise QLoRAError(f"{name}={value!r}: give a list of module names or a regex string")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        self.dtype = parse_dtype(self.dtype)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

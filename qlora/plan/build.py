@@ -1,0 +1,267 @@
+"""The model `qlora train` would build, from a config alone: built on fake tensors for the planner's traces.
+
+    cfg = load_config("docs/configs/llama-3.1-8b.json");  build(with_layers(cfg, 2), RunSettings(), init=False)
+
+Also what a traced step runs: its batch (make_batch / fake_batch), its loss (loss_fn: the chunked loss,
+optionally under activation offload traced as host memory), its optimizer (qlora.optim), and the
+functions replaced during a trace (REAL_FUNCTIONS, replacements: bitsandbytes' code book and CPU 8-bit
+update, transformers' packed-sequence probe).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional
+
+import torch
+
+from qlora.arch.loading import from_pretrained_quietly
+from qlora.errors import QLoRAError
+from qlora.levers.offload import Offloader
+from qlora.optim import make_optimizer
+from qlora.plan.settings import TASKS, RunSettings
+
+# bitsandbytes computes its 8-bit code book (quantize_blockwise, 8-bit optimizers) with
+# data-dependent ops: a tiny constant, computed for real during a trace
+REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
+# transformers reads the position ids to detect packed sequences (then it builds an explicit
+# attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
+# step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
+REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+
+
+def _adamw8bit_cpu(*args, **kwargs):
+    """bitsandbytes' CPU 8-bit optimizer update is torch code (fp32 copies of both moments, the
+    gradient and the parameter, per tensor): traced as such on CPU, where the fused CUDA kernel
+    (no scratch) is the fake kernel's picture."""
+    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+    return _optimizer_update_8bit_blockwise_cpu(*args, **kwargs)
+
+
+def replacements(settings: RunSettings) -> tuple:
+    cpu = (("bitsandbytes.functional", "optimizer_update_8bit_blockwise", _adamw8bit_cpu),)
+    return REPLACEMENTS + (cpu if settings.device == "cpu" and settings.optimizer != "adamw" else ())
+
+
+def load_config(config):
+    """A transformers PretrainedConfig from a config object, dict, config.json path or model folder."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise QLoRAError(f"cannot read the model config {path}: {e}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise QLoRAError("the config needs a 'model_type' (e.g. 'llama', 'qwen3', 'bert', 'vit')")
+    config = dict(config)
+    model_type = config.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as e:
+        first = str(e).splitlines()[0].split(". Should contain one of")[0]   # not the list of every known type
+        raise QLoRAError(f"transformers cannot build model_type {model_type!r} ({first}); a newer transformers may "
+                         "know it, or the config.json is not a Hugging Face model config") from None
+
+
+def num_layers(config) -> int:
+    return int(getattr(config, "num_hidden_layers"))
+
+
+def layer_period(config) -> int:
+    """The shortest repeating pattern of `config.layer_types` (1 when every block is the same)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    for p in range(1, len(types) + 1):
+        if all(types[i] == types[i % p] for i in range(len(types))):
+            return p
+    return 1
+
+
+def with_layers(config, n: int):
+    """A copy of `config` with `n` blocks; per-layer lists (layer_types, ...) cut to n."""
+    total = num_layers(config)
+    out = copy.deepcopy(config)
+    out.num_hidden_layers = n
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(out, key, value[:n])
+    return out
+
+
+def model_class(task: str):
+    import transformers
+    return getattr(transformers, TASKS[task])
+
+
+def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
+    """The model as `qlora train` builds it. `path`: load real weights from this folder; else
+    from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
+    from qlora.modes import build_for_mode
+
+    cls, dtype = model_class(settings.task), settings.dtype
+
+    def load_float():
+        if path is not None:
+            return from_pretrained_quietly(cls, path, dtype=dtype)
+        if init:
+            return cls.from_config(config, dtype=dtype)
+        from transformers.initialization import no_init_weights
+        with no_init_weights():
+            model = cls.from_config(config, dtype=dtype)
+        model.tie_weights()  # no_init_weights skips the tying that init_weights does
+        return model
+
+    def load_4bit():
+        if path is not None:
+            from qlora.quant.load import load_4bit as load
+            return load(path, cls, compute_dtype=dtype)
+        from qlora.quant.convert import quantize_model
+        return quantize_model(load_float(), compute_dtype=dtype)
+
+    model = build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit, lora=settings.lora())
+    return apply_levers(model, settings, trace=not init and path is None)
+
+
+def apply_levers(model, settings: RunSettings, trace: bool = False):
+    """The long-context levers of `settings` on a model built for its mode: checkpoint only the first
+    `checkpoint_blocks` blocks, tile the MLPs (offload acts at the step: `loss_fn`). `trace` (a fake
+    model of the planner): each checkpointed block's recompute in backward is named as its own phase,
+    "backward (recompute)", whose peak extrapolates on its own line (memprofile.trace.mark_phase)."""
+    from qlora.arch.blocks import transformer_blocks
+    from qlora.levers.checkpointing import enable_checkpointing
+    if settings.checkpointing and settings.checkpoint_blocks is not None:
+        enable_checkpointing(model, blocks=settings.checkpoint_blocks)
+        if trace:
+            from memprofile.trace import mark_phase
+
+            def recompute(module, args):
+                if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
+                    mark_phase("backward (recompute)")
+            for block in transformer_blocks(model):   # transformers checkpoints `forward`: the block's own hooks stay
+                if block.gradient_checkpointing:   # outside, its children's run inside the recompute
+                    for child in block.children():
+                        child.register_forward_pre_hook(recompute)
+    if settings.mlp_tile:
+        from qlora.levers.tiled_mlp import TiledMLP, tile_mlps
+        tile_mlps(model, tile=settings.mlp_tile, min_tokens=settings.mlp_tile_min_tokens)
+        if trace:   # the fake model computes 2 tiles per call: the tiles' tensors do not overlap (same peak)
+            for m in model.modules():
+                if isinstance(m.__dict__.get("forward"), TiledMLP):
+                    m.__dict__["forward"].visit = 2
+    return model
+
+
+def first_blocks(model, total: int, n: int):
+    """A copy of `model` that runs only the first `n` of its `total` blocks, sharing every module,
+    parameter and hook (None when the blocks are not one nn.ModuleList of `total`): the model built
+    with n blocks, without building (and quantizing) it again. The modules from the root down to
+    the block list are shallow copies; nothing of `model` changes. Models loop over their block
+    list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
+    from torch import nn
+
+    from qlora.arch.blocks import repeated_module_lists, transformer_blocks
+    blocks = {id(b) for b in transformer_blocks(model)}     # transformers' block class, where it has one
+    stacks = [name for name, m in repeated_module_lists(model)
+              if len(m) == total and (not blocks or {id(c) for c in m} == blocks)]
+    if len(stacks) != 1 or not stacks[0]:
+        return None
+    *path, last = stacks[0].split(".")
+
+    def shallow(module):
+        out = copy.copy(module)
+        out._modules = dict(module._modules)
+        return out
+    root = node = shallow(model)
+    for name in path:
+        node._modules[name] = node = shallow(node._modules[name])
+    node._modules[last] = nn.ModuleList(list(node._modules[last])[:n])
+    return root
+
+
+def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
+    """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
+    gen = torch.Generator().manual_seed(seed)
+    if task == "image-cls":
+        pixels = torch.randn(batch, config.num_channels, seq, seq, generator=gen)
+        return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
+    if task == "causal-lm":
+        return {"input_ids": ids, "labels": ids.clone(), **no_cache(config)}
+    return {"input_ids": ids, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen), **no_cache(config)}
+
+
+def no_cache(config) -> dict:
+    """A training step keeps no KV cache: said explicitly where the config would turn one on
+    (transformers then also warns under checkpointing that it turned it off)."""
+    return {"use_cache": False} if getattr(config, "use_cache", False) else {}
+
+
+def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
+    """make_batch's shapes and dtypes, built under fake tensors (values do not matter)."""
+    if task == "image-cls":
+        return {"pixel_values": torch.zeros(batch, config.num_channels, seq, seq, dtype=dtype),
+                "labels": torch.zeros(batch, dtype=torch.long)}
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, **no_cache(config)}
+
+
+def loss_fn(settings: RunSettings, offloader=None):
+    """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it; with
+    settings.offload_activations, forward and loss run under qlora.levers.offload with `offloader` (an
+    Offloader class; default TracedOffloader: the host copies count as host memory in a trace)."""
+    own = settings.task != "causal-lm" or settings.loss == "model"
+    if own and not settings.offload_activations:
+        return None
+    from memprofile.measure import call_model, default_loss
+    from qlora.levers.losses import causal_lm_loss
+    size = settings.loss_chunk_size
+
+    def chunked(model, batch):
+        if own:
+            return default_loss(call_model(model, batch), batch)
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
+    chunked.takes_model = True
+    if not settings.offload_activations:
+        return chunked
+    from qlora.levers.offload import offload_saved_tensors
+
+    def offloaded(model, batch):
+        with offload_saved_tensors(model, offloader=offloader or TracedOffloader):
+            return chunked(model, batch)
+    offloaded.takes_model = True
+    return offloaded
+
+
+class TracedOffloader(Offloader):
+    """qlora.levers.offload as its CUDA path moves memory, for a trace: the host copy is made inside
+    memprofile.trace.host_memory() (host bytes, not device), the reload is a new device tensor
+    (prefetched one block ahead, as on CUDA). On real tensors outside a trace both are plain copies."""
+
+    def _to_host(self, t):
+        from memprofile.trace import host_memory
+        with host_memory():
+            return t.detach().clone(memory_format=torch.contiguous_format), None
+
+    def _to_device(self, p):
+        return p.host.clone(), None
+
+
+def optimizer(settings: RunSettings):
+    """The run's optimizer factory as the trace builds it: torch picks the foreach AdamW on CUDA (its
+    temporaries are per parameter group); paged AdamW8bit is traced as AdamW8bit (its state is resident
+    until the driver pages it out)."""
+    name = "adamw" if settings.optimizer == "adamw" else "adamw8bit"
+    return lambda params: make_optimizer(name, params, lr=1e-5, foreach=settings.device == "cuda")
+
+
+def measured_optimizer(settings: RunSettings):
+    """The run's optimizer as training makes it (qlora.optim), for measured steps."""
+    return lambda params: make_optimizer(settings.optimizer, params, lr=1e-5)

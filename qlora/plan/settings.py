@@ -1,0 +1,121 @@
+"""RunSettings: what the training run will use, as the planner models it (every default is `qlora train`'s)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+
+from qlora.errors import QLoRAError
+from qlora.lora.config import LoraConfig
+from qlora.modes import MODES
+from qlora.optim import OPTIMIZERS
+from qlora.util.checks import check_ints
+from qlora.util.dtypes import dtype_name, parse_dtype
+
+TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
+         "image-cls": "AutoModelForImageClassification"}
+LOSSES = ("chunked", "model")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the training run will use; every default is `qlora train`'s."""
+
+    mode: str = "qlora"
+    """full | head | lora | qlora (NF4 4-bit base, double quantization, blocksize 64)."""
+    checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every block (qlora.prepare_for_training)."""
+    loss: str = "chunked"
+    """chunked: qlora.levers.losses' chunked head + cross-entropy; model: the model's own loss (full logits)."""
+    loss_chunk_size: int = 256
+    """Tokens per chunk of the chunked loss."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit | paged_adamw8bit."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: float = 16
+    """LoRA alpha (no effect on memory)."""
+    lora_dropout: float = 0.05
+    """LoRA dropout: > 0 makes each adapted layer save a dropped copy of its input."""
+    target_modules: Union[str, tuple] = "all-linear"
+    """LoRA targets: all-linear or module-name suffixes."""
+    compute_dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32: weights, adapters, compute."""
+    device: str = "cuda"
+    """Device the run will use: resolves compute_dtype auto."""
+    task: str = "causal-lm"
+    """causal-lm | seq-cls | image-cls."""
+    checkpoint_blocks: Optional[int] = None
+    """With checkpointing: checkpoint only the first k blocks (None: every block; 0: none). A block
+    left out keeps its activations and skips its recompute (qlora.prepare_for_training(checkpoint_blocks=k))."""
+    offload_activations: bool = False
+    """What autograd saves of 1 MiB or more (with checkpointing: the block inputs) kept in pinned host
+    memory (qlora.levers.offload; train.offload_activations, which qlora train applies on CUDA only). Host
+    bytes are predicted apart (StepMemory.host), not in the device peak."""
+    mlp_tile: int = 0
+    """The MLP (every module named "mlp") in sequence tiles of this many tokens (qlora.levers.tiled_mlp); 0: off."""
+    mlp_tile_min_tokens: int = 4096
+    """With mlp_tile: tile only inputs of more than this many tokens (shorter ones run as they are)."""
+
+    def __post_init__(self):
+        choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
+                   "device": ("cuda", "cpu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        check_ints(self, ("lora_r", "loss_chunk_size"))
+        for name in ("checkpointing", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
+        k = self.checkpoint_blocks
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
+        if k is not None and not self.checkpointing:
+            raise QLoRAError(f"checkpoint_blocks={k} needs checkpointing=true (or leave it null)")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype)
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self.lora()  # validates rank, alpha, dropout, targets
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        return parse_dtype(self.compute_dtype)
+
+    @property
+    def configuration(self) -> str:
+        return self.mode + ("-ckpt" if self.checkpointing else "")
+
+    def lora(self) -> LoraConfig:
+        """The adapters' config (a classifier's new head trains in full: qlora.modes.build_for_mode)."""
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, dtype=self.dtype)
+
+    def with_configuration(self, configuration: str) -> "RunSettings":
+        base, _, ckpt = configuration.partition("-")
+        if base not in MODES or ckpt not in ("", "ckpt"):
+            raise QLoRAError(f"configuration {configuration!r}: use full, head, lora or qlora, optionally with -ckpt")
+        return replace(self, mode=base, checkpointing=ckpt == "ckpt",
+                       checkpoint_blocks=self.checkpoint_blocks if ckpt == "ckpt" else None)
+
+    def describe(self) -> str:
+        loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
+        if self.task != "causal-lm":
+            loss = "the model's own loss"
+        lora = (f"LoRA r={self.lora_r} alpha={self.lora_alpha:g} dropout={self.lora_dropout:g} on "
+                f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "
+                if self.mode in ("lora", "qlora") else "")
+        quant = "NF4 4-bit base (double quant, blocksize 64); " if self.mode == "qlora" else ""
+        ckpt = "off"
+        if self.checkpointing:
+            ckpt = "on (non-reentrant" + ("" if self.checkpoint_blocks is None else
+                                          f", the first {self.checkpoint_blocks} blocks only") + ")"
+        tile = (f"; MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens" if self.mlp_tile else "")
+        return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
+                f"checkpointing {ckpt}; {loss}; {self.optimizer}; "
+                f"{'activation offload to host memory' if self.offload_activations else 'no activation offload'}{tile}")

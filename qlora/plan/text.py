@@ -1,0 +1,73 @@
+"""The plan as text: the configuration table, the FSDP rows, the recommendation, the lever table."""
+from __future__ import annotations
+
+from qlora.plan.settings import RunSettings
+
+LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
+          "offload + tiled MLP": {"offload_activations": True, "mlp_tile": 1024}}
+"""The long-context levers `qlora plan --levers` tabulates (none is on in qlora train's defaults; the
+MLP tiles are tile_mlps' defaults: 1,024 tokens, above 4,096)."""
+
+
+def format_levers(rows: list[dict], budget: int) -> str:
+    """The lever rows as a markdown table: longest context at batch 1 and its breakdown."""
+    from memprofile.report import human
+    lines = [f"longest context at batch 1 within {human(budget)}, per long-context lever (checkpointing on; "
+             "qlora train's defaults use none of these levers):", "",
+             "| levers | longest seq | peak | weights | grads + optimizer | activations (on device) | host (offloaded) "
+             "| peak at |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["bytes"]
+        if b is None:
+            lines.append(f"| {r['lever']} | does not fit | | | | | | |")
+            continue
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        lines.append(f"| {r['lever']} | {r['longest_seq']} | {human(b['peak'])} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} | {human(r['host'])} | "
+                     f"{r['peak_at']} |")
+    return "\n".join(lines)
+
+
+def format_plan(result: dict) -> str:
+    """The plan as the CLI prints it: assumptions, one table row per configuration, the advice."""
+    from memprofile.report import human
+    s: RunSettings = result["assumed"]
+    lines = [f"{result['model_type']}: budget {human(result['budget'])} per device, seq {result['seq']}, "
+             f"{s.device}; predicted by tracing the model on fake tensors "
+             f"({result['seconds']:.1f} s)",
+             f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
+    if result["moe"]:
+        lines.append("mixture of experts: the grouped_mm experts kernel processes all tokens x top_k in one "
+                     "buffer, so balanced and worst-case routing take the same memory")
+    lines += ["", "| configuration | peak at batch 1 | largest batch at seq | longest seq at batch 1 | "
+                  "weights | grads + optimizer | activations (batch 1) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        b = r["bytes"]
+        w = b["weights_quantized"] + b["weights_frozen"] + b["weights_trainable"]
+        longest = "-" if r["longest_seq"] is None else (str(r["longest_seq"]) if r["longest_seq"] else "does not fit")
+        lines.append(f"| {r['configuration']} | {human(r['peak_batch1'])} | "
+                     f"{r['largest_batch'] or 'does not fit'} | {longest} | {human(w)} | "
+                     f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    if result["world_size"] > 1:
+        n = result["world_size"]
+        lines += ["", f"FSDP over {n} ranks (a formula, not a trace: weights, gradients and optimizer state / {n}, "
+                      "+ the largest block's unsharded parameters all-gathered, activations unchanged):", "",
+                  "| configuration | per-rank peak at batch 1 | sharded state | all-gather buffer |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            f = r["fsdp"]
+            state = sum(f[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
+            lines.append(f"| {r['configuration']} | {human(f['peak'])} | {human(state)} | {human(f['all_gather'])} |")
+    rec = result["recommendation"]
+    lines.append("")
+    if rec is None:
+        lines.append(f"recommendation: {s.mode} does not fit in {human(result['budget'])} at seq {result['seq']}, "
+                     "even at batch 1 with checkpointing; shorten --seq or use more memory")
+    else:
+        eff = rec["micro_batch"] * rec["grad_accum"]
+        lines.append(f"recommendation for {s.mode} (effective batch {result['effective_batch']}): "
+                     f"train.batch_size={rec['micro_batch']} train.grad_accum={rec['grad_accum']} "
+                     f"gradient_checkpointing={'true' if rec['checkpointing'] else 'false'} "
+                     f"(predicted peak {human(rec['peak'])}"
+                     + (f"; {eff} examples per step" if eff != result["effective_batch"] else "") + ")")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""The 4-bit base: NF4 (or FP4) weights through bitsandbytes, on CPU or CUDA.
+
+    settings.py  the settings and their checks          convert.py  quantize_model (any nn.Module, in place)
+    load.py      load_4bit (a Hugging Face folder)      inspect.py  quant_settings, bytes, dequantized weights
+    chunked.py   4-bit (de)quantization of a large tensor in pieces (export)
+"""
+from qlora.arch.quantized import is_4bit
+from qlora.quant.convert import make_linear4bit, make_params4bit, quantize_model
+from qlora.quant.inspect import bits_per_weight, dequantize_weight, quant_settings, quantized_bytes, quantized_numel
+from qlora.quant.load import load_4bit
+from qlora.quant.settings import (
+                                  BLOCKSIZES,
+                                  QUANT_TYPES,
+                                  check_blocksize,
+                                  check_compute_dtype,
+                                  check_double_quant,
+                                  check_quant_type,
+)
+
+is_linear4bit = is_4bit   # the 0.1.0 name
+
+__all__ = ["BLOCKSIZES", "QUANT_TYPES", "bits_per_weight", "check_blocksize", "check_compute_dtype",
+           "check_double_quant", "check_quant_type", "dequantize_weight", "is_4bit", "is_linear4bit", "load_4bit",
+           "make_linear4bit", "make_params4bit", "quant_settings", "quantize_model", "quantized_bytes",
+           "quantized_numel"]

@@ -1,0 +1,219 @@
+"""Loading a Hugging Face model with its linear layers in 4-bit: `load_4bit`, in named steps.
+
+    model = qlora.load_4bit("smollm2")                      # folder, Hub id, or bundled name
+    enc = qlora.load_4bit("minilm", AutoModel)              # any AutoModelFor... class
+
+transformers' bitsandbytes loader streams the checkpoint and quantizes each tensor as it is read
+(the float model never sits in memory); the modules to keep in compute_dtype come from our own
+rule (qlora.quant.convert.conversion_plan on the model built on the meta device), and every loaded
+layer is checked against the asked settings and marked like a layer quantize_model makes.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+
+from qlora.arch.heads import OUTPUT_HEAD_NAMES
+from qlora.arch.quantized import is_4bit, is_conv1d
+from qlora.errors import QLoRAError
+from qlora.quant.convert import conversion_plan, mark_layer, quantize_model
+from qlora.quant.settings import (
+    check_blocksize,
+    check_compute_dtype,
+    check_double_quant,
+    check_quant_type,
+    check_skip_modules,
+)
+
+# transformers' BitsAndBytesConfig has no block size: its Linear4bit placeholders use 64.
+_TRANSFORMERS_BLOCKSIZE = 64
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _check_folder(folder: str) -> None:
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise QLoRAError(f"model folder {folder!r} has no config.json; a Hugging Face model folder "
+                         f"holds config.json plus weights ({', '.join(_WEIGHT_FILES)})")
+    names = os.listdir(folder)
+    if not any(n in _WEIGHT_FILES or n.endswith(".safetensors") for n in names):
+        ggufs = [n for n in names if n.endswith(".gguf")]
+        hint = (f" It holds GGUF file(s) {ggufs}: convert them to safetensors first (see "
+                f"qlora.bundled.smollm2_path for how)." if ggufs else "")
+        raise QLoRAError(f"model folder {folder!r} has config.json but no weights; accepted: "
+                         f"{', '.join(_WEIGHT_FILES)} or *.safetensors shards.{hint}")
+
+
+def _skeleton(path: str, model_class, kwargs: dict) -> nn.Module | None:
+    """The model built on the meta device (no memory, no weights read), or None if that fails."""
+    try:
+        from transformers import AutoConfig
+        keys = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+        config = AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in keys if k in kwargs})
+        factory = getattr(model_class, "from_config", None) or model_class._from_config
+        with torch.device("meta"):
+            return factory(config, **({"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}))
+    except Exception:  # noqa: BLE001 -- any failure: fall back to name patterns, from_pretrained reports
+        return None
+
+
+class _BlocksizeForTransformers:
+    """Sets the block size of the Linear4bit placeholders transformers creates before it loads
+    weights (BitsAndBytesConfig has no block size; its Bnb4bitQuantize copies the placeholder's
+    Params4bit attributes, blocksize included). Only used for blocksize != 64 and verified after
+    loading. It swaps a module attribute of transformers for the duration of one load, so it is
+    not safe to run two such loads concurrently in threads of one process."""
+
+    def __init__(self, blocksize: int):
+        self.blocksize = blocksize
+
+    def __enter__(self):
+        import transformers.integrations as integrations
+        self.integrations, self.original = integrations, integrations.replace_with_bnb_linear
+        blocksize = self.blocksize
+
+        def replace_with_bnb_linear(model, *args, **kwargs):
+            model = self.original(model, *args, **kwargs)
+            for module in model.modules():
+                if is_4bit(module):
+                    module.weight.blocksize = blocksize
+            return model
+
+        integrations.replace_with_bnb_linear = replace_with_bnb_linear
+        return self
+
+    def __exit__(self, *exc):
+        self.integrations.replace_with_bnb_linear = self.original
+
+
+def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double_quant: bool = True,
+              compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
+              skip_modules: list[str] | None = None, **from_pretrained_kwargs) -> nn.Module:
+    """Load a Hugging Face model with its Linear layers in 4-bit (bitsandbytes via transformers).
+
+    ``name_or_path``: a model folder, a Hub id, or a bundled name ('smollm2', 'minilm'; see
+    qlora.bundled). ``model_class``: ``AutoModelForCausalLM`` (default) or any ``AutoModelFor...``
+    / concrete transformers class. Weights are streamed from disk and quantized tensor by tensor,
+    so the full-precision model never sits in memory. The output head (lm_head / classifier /
+    score, get_output_embeddings()), embeddings and norms stay in ``compute_dtype`` (the loading
+    dtype; transformers quantizes from it, so it is recorded as ``quantized_from_dtype``).
+    ``skip_modules`` keeps more modules unquantized (same matching as ``quantize_model``).
+    Other keyword arguments (``device_map``, ``trust_remote_code``, ``revision``, ...) go to
+    ``from_pretrained``; without ``device_map`` transformers picks the first CUDA GPU, else CPU.
+    """
+    quant_type = check_quant_type(quant_type)
+    blocksize = check_blocksize(blocksize)
+    compute_dtype = check_compute_dtype(compute_dtype)
+    double_quant = check_double_quant(double_quant)
+    skip = check_skip_modules(skip_modules)
+    kwargs = _from_pretrained_kwargs(from_pretrained_kwargs, compute_dtype)
+    path, model_class = _resolve(name_or_path, model_class, kwargs)
+    skips, transformers_converts = _skips_for_transformers(path, model_class, kwargs, skip)
+    model = _load(path, model_class, kwargs, quant_type=quant_type, double_quant=double_quant,
+                  compute_dtype=compute_dtype, blocksize=blocksize, skips=skips,
+                  transformers_converts=transformers_converts)
+    # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
+    # arrive in compute_dtype and are quantized here from the same values (their float weights are in
+    # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
+    if conversion_plan(model, skip)[0]:
+        quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                       blocksize=blocksize, skip_modules=skip or None)
+    _check_loaded(model, path, skip, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
+                  blocksize=blocksize)
+    return model
+
+
+def _from_pretrained_kwargs(given: dict, compute_dtype: torch.dtype) -> dict:
+    """The caller's from_pretrained keyword arguments, checked, with dtype = compute_dtype unless given
+    (a new dict: the caller's is not changed)."""
+    kwargs = dict(given)
+    if "quantization_config" in kwargs:
+        raise QLoRAError("load_4bit builds its own BitsAndBytesConfig; instead of quantization_config "
+                         "pass quant_type=, double_quant=, compute_dtype=, blocksize=, skip_modules=")
+    if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit"):
+        raise QLoRAError("load_4bit already loads in 4-bit; drop load_in_4bit/load_in_8bit")
+    if "torch_dtype" in kwargs:  # the pre-v5 name
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    kwargs["dtype"] = check_compute_dtype(kwargs["dtype"]) if "dtype" in kwargs else compute_dtype
+    return kwargs
+
+
+def _resolve(name_or_path, model_class, kwargs: dict):
+    """(local path or Hub id, transformers class); a local folder is checked and never asks the Hub."""
+    from qlora.bundled import resolve_model
+    path = resolve_model(name_or_path)
+    if os.path.isdir(path):
+        _check_folder(path)
+        kwargs.setdefault("local_files_only", True)
+    import transformers
+    if model_class is None:
+        model_class = transformers.AutoModelForCausalLM
+    if not callable(getattr(model_class, "from_pretrained", None)):
+        raise QLoRAError(f"model_class={model_class!r} has no from_pretrained; accepted: a transformers "
+                         f"class such as AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification")
+    return path, model_class
+
+
+def _skips_for_transformers(path: str, model_class, kwargs: dict, skip: list[str]) -> tuple[list[str], bool]:
+    """(llm_int8_skip_modules for BitsAndBytesConfig, whether transformers' loader has any layer of ours
+    to quantize), from the model built on the meta device (name patterns when that fails)."""
+    skeleton = _skeleton(path, model_class, kwargs)
+    if skeleton is None:
+        return list(OUTPUT_HEAD_NAMES) + skip, True
+    to_quantize, kept = conversion_plan(skeleton, skip)
+    if not to_quantize:
+        raise QLoRAError(f"load_4bit found nothing to quantize in {type(skeleton).__name__} from "
+                         f"{path!r}: no torch.nn.Linear outside the output head and "
+                         f"skip_modules={skip}; Linear layers kept: {kept[:8]}")
+    # Exact module paths (regex-escaped: transformers matches them as patterns). An explicit
+    # list also switches off transformers' own default skips, which would differ from ours.
+    modules = dict(skeleton.named_modules())
+    converts = any(type(modules[n]) is nn.Linear or is_conv1d(modules[n]) for n in to_quantize)
+    return [re.escape(n) for n in kept], converts
+
+
+def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+          blocksize: int, skips: list[str], transformers_converts: bool) -> nn.Module:
+    """transformers' from_pretrained with a BitsAndBytesConfig (one line of ours instead of its load report)."""
+    from transformers import BitsAndBytesConfig
+
+    from qlora.arch.loading import from_pretrained_quietly
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=skips)
+    try:
+        if not transformers_converts:   # e.g. Falcon (all FalconLinear): a plain load, quantized by the caller
+            return from_pretrained_quietly(model_class, path, **kwargs)
+        if blocksize != _TRANSFORMERS_BLOCKSIZE:
+            with _BlocksizeForTransformers(blocksize):
+                return from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **kwargs)
+        return from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **kwargs)
+    except ValueError as e:
+        if "GgufConfig" in str(e) or "quantized with" in str(e):
+            raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit needs a float checkpoint. "
+                             f"Remove quantization_config from its config.json after converting the "
+                             f"weights to float (see qlora.bundled.smollm2_path)") from e
+        raise
+
+
+def _check_loaded(model: nn.Module, path: str, skip: list[str], *, quant_type: str, double_quant: bool,
+                  compute_dtype: torch.dtype, blocksize: int) -> None:
+    """Every 4-bit layer has the asked settings; each is marked (qlora.quant.convert.mark_layer)."""
+    import transformers
+    layers = [m for m in model.modules() if is_4bit(m)]
+    if not layers:
+        raise QLoRAError(f"load_4bit: {type(model).__name__} from {path!r} has no 4-bit layer after "
+                         f"loading (skip_modules={skip}); it needs at least one torch.nn.Linear")
+    for layer in layers:
+        qs = layer.weight.quant_state
+        if qs.blocksize != blocksize or qs.quant_type != quant_type or qs.nested != double_quant:
+            raise QLoRAError(f"transformers {transformers.__version__} quantized with blocksize="
+                             f"{qs.blocksize}, quant_type={qs.quant_type}, double_quant={qs.nested} "
+                             f"instead of the asked {blocksize}/{quant_type}/{double_quant}; load the "
+                             f"float model and call qlora.quantize_model instead")
+        mark_layer(layer, compute_dtype)

@@ -1,0 +1,43 @@
+"""Train a qlora model with Hugging Face's trainers: transformers' `Trainer` and TRL's `SFTTrainer`.
+
+    model = qlora.load_4bit("path/to/model")
+    model = qlora.add_lora(model, qlora.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+    qlora.prepare_for_training(model)                 # checkpointing (ours: pass gradient_checkpointing=False)
+    trainer = transformers.Trainer(model=qlora.train.hf.for_trainer(model), args=..., train_dataset=...)
+    trainer.train()
+    trainer.save_model("out/adapter")                 # adapter_config.json + adapter_model.safetensors (PEFT format)
+
+Why it is needed: `Trainer.__init__` calls transformers' `validate_quantization_for_training`, which
+refuses a model with `is_quantized` set unless it is a `peft.PeftModel` or has adapters loaded through
+transformers' own PEFT integration (`model._hf_peft_config_loaded`, set by `model.add_adapter`):
+"You cannot perform fine-tuning on purely quantized models". A qlora model has trainable adapters,
+just not PEFT's classes. `for_trainer` sets that same flag (what it asserts is true: adapters are
+attached) and gives the model a `save_pretrained` that writes qlora's PEFT-format adapter, which is
+what `Trainer.save_model` and its checkpoints call. Our LoRA layers do the training; nothing of PEFT
+is involved. Not covered: Trainer's `load_best_model_at_end` / `resume_from_checkpoint` on the
+adapter (they call PEFT's `load_adapter`); resume with qlora.load_adapter instead.
+"""
+from __future__ import annotations
+
+import types
+
+from qlora.errors import QLoRAError
+
+
+def _save_adapter_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs):
+    """Trainer.save_model -> save_pretrained: our adapter files (the state_dict Trainer passes is the
+    whole model's; the adapter is read from the model itself)."""
+    from qlora.lora.files import save_adapter
+    if is_main_process:
+        save_adapter(self, save_directory)
+
+
+def for_trainer(model):
+    """`model` (with qlora adapters) made acceptable to transformers' Trainer and TRL's SFTTrainer; returns it."""
+    if getattr(model, "qlora_config", None) is None:
+        raise QLoRAError("for_trainer needs a model with qlora adapters: call qlora.add_lora(model, LoraConfig(...)) first")
+    if not hasattr(model, "config"):
+        raise QLoRAError("for_trainer needs a transformers model (PreTrainedModel)")
+    model._hf_peft_config_loaded = True       # adapters are attached: the flag transformers' add_adapter sets
+    model.save_pretrained = types.MethodType(_save_adapter_pretrained, model)
+    return model

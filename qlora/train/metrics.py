@@ -1,0 +1,120 @@
+"""What a run records: metrics.jsonl (one JSON object per line), curves.png, and the first step's peak
+memory (memprofile's allocator account on CPU, torch.cuda.max_memory_allocated on CUDA)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+class FirstStepPeak:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda.max_memory_allocated"
+        else:
+            from memprofile.peak import CpuPeakTracker
+            self.baseline = live_bytes_estimate()
+            self.tracker = CpuPeakTracker()
+            self.tracker.start()
+            self.method = "cpu-profiler-allocator-events (+ bytes of parameters and buffers before the step)"
+
+    def stop(self) -> tuple[int, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), self.method
+        self.tracker.stop()
+        return self.baseline + self.tracker.max_increase(), self.method
+
+
+def live_bytes_estimate() -> int:
+    """Bytes of all live CPU tensor storages (each once): the baseline under the step's peak."""
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensor
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads obj.__class__, which on torch.distributed's deprecated
+        # `reduce_op` object raises a FutureWarning
+        if not issubclass(type(obj), torch.Tensor) or issubclass(type(obj), FakeTensor):
+            continue       # fake tensors (a memory plan's, still in memory) have no real storage
+        try:   # tensor subclasses and storage-less tensors (left by other code) raise on these
+            if obj.is_meta or obj.device.type != "cpu":
+                continue
+            st = obj.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if ptr not in seen:
+            seen.add(ptr)
+            total += nbytes
+    return total
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """From metrics.jsonl: left, the train loss (mean per logging interval) with eval losses as points
+    and the learning rate on a second axis; right, each other eval metric by step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    evals = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                evals.setdefault(k, []).append((r["step"], v))
+    others = {k: pts for k, pts in evals.items() if "loss" not in k}
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(11 if others else 6.5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    if loss:
+        every = max(1, round(sum(r.get("loss_steps", 1) for r in rows if "loss" in r) / len(loss)))
+        ax.plot(*zip(*loss), color="C0", lw=1.6, marker="." if len(loss) < 40 else None,
+                label=f"train loss (mean of {every} step{'s' if every > 1 else ''})")
+    for i, (k, pts) in enumerate((k, p) for k, p in evals.items() if "loss" in k):
+        ax.plot(*zip(*pts), "o--", color=f"C{i + 1}", ms=6, label=k.replace("_", " "))
+    ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr:
+        ax_lr = ax.twinx()
+        ax_lr.plot(*zip(*lr), color="0.55", lw=1, ls=":", label="learning rate")
+        ax_lr.set_ylabel("learning rate", color="0.4")
+        ax_lr.tick_params(axis="y", colors="0.4")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax_lr.set_ylim(bottom=0)
+        h, l = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + h, labels + l
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper right")
+    if others:
+        ax = axes[0][1]
+        for i, (k, pts) in enumerate(others.items()):
+            ax.plot(*zip(*pts), "o-", color=f"C{i + 3}", label=k.replace("_", " "))
+            step, value = pts[-1]
+            ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel="optimizer step", title="evaluation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,35 @@
+"""The float dtypes qlora trains in, by name: one alias table for the library and the CLI.
+
+    parse_dtype("bf16") -> torch.bfloat16;  dtype_name(torch.bfloat16) -> "bfloat16"
+    canonical_dtype("fp16") -> "float16"    # torch-free: the CLI checks names before importing torch
+"""
+from __future__ import annotations
+
+from qlora.errors import QLoRAError
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def canonical_dtype(text) -> str | None:
+    """'bf16', 'torch.float16', 'FP32', ... -> the full name; None when it is not one of ours."""
+    if not isinstance(text, str):
+        return None
+    name = text.lower().removeprefix("torch.")
+    name = ALIASES.get(name, name)
+    return name if name in DTYPE_NAMES else None
+
+
+def parse_dtype(dtype):
+    """`None`, a float `torch.dtype`, or one of the names above -> a float torch.dtype."""
+    import torch
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    name = canonical_dtype(dtype)
+    if name is not None:
+        return getattr(torch, name)
+    raise QLoRAError(f"dtype {dtype!r} is not a float dtype; use one of float32, bfloat16, float16")
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")

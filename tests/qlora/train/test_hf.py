@@ -1,0 +1,93 @@
+"""qlora models under transformers' Trainer and TRL's SFTTrainer (qlora/hf.py).
+
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/qlora/train/test_hf.py
+
+A tiny random Llama in NF4 (qlora.load_4bit) + qlora.add_lora trains 2 steps under each trainer;
+the test checks that the stock trainer refuses the model without the helper (the check we pass),
+that the adapter changed, that `trainer.save_model()` wrote our PEFT-format adapter, and that PEFT's
+`PeftModel.from_pretrained` on the same 4-bit base gives the trained model's logits.
+"""
+import pytest
+import torch
+
+import qlora
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+IDS = torch.tensor([[5, 17, 30, 42, 9, 11]])
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_llama):
+    folder = tmp_path / "tiny"
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(str(folder))
+    return folder
+
+
+def qlora_model(folder):
+    model = qlora.load_4bit(str(folder), compute_dtype=torch.float32)
+    model = qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                   init_lora_weights=True))
+    return qlora.prepare_for_training(model, checkpointing=False)
+
+
+def b_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def check_saved_adapter(model, folder, adapter_dir, before):
+    from peft import PeftModel
+    after = b_weights(model)
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before), "no LoRA B weight moved"
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "adapter_config.json").is_file()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        peft = PeftModel.from_pretrained(qlora.load_4bit(str(folder), compute_dtype=torch.float32), str(adapter_dir))
+        got = peft.eval()(input_ids=IDS).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_refuses_without_helper_and_trains_with_it(tmp_path, tiny_folder):
+    from transformers import Trainer, TrainingArguments
+    model = qlora_model(tiny_folder)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 96, (4, 8), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                             disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=args, train_dataset=data)
+    before = b_weights(model)
+    trainer = Trainer(model=qlora.for_trainer(model), args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    check_saved_adapter(model, tiny_folder, tmp_path / "adapter", before)
+
+
+def test_trl_sft_trainer_trains_and_saves_our_adapter(tmp_path, tiny_folder):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    vocab = {f"w{i}": i for i in range(96)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w1", pad_token="w0", eos_token="w2")
+    model = qlora_model(tiny_folder)
+    data = Dataset.from_list([{"prompt": f"w{3 + i} w{4 + i} w5", "completion": f" w{7 + i} w8"} for i in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", gradient_checkpointing=False, logging_steps=1,
+                     bf16=False, disable_tqdm=True)
+    before = b_weights(model)
+    trainer = SFTTrainer(model=qlora.for_trainer(model), args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    # TRL casts the adapters of a 4-bit model to bf16 (the QLoRA paper's recipe); PEFT loads them into
+    # fp32 LoRA layers, so compare in fp32 with the very same (bf16-representable) values
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    check_saved_adapter(model, tiny_folder, tmp_path / "adapter", before)
