@@ -2,6 +2,7 @@
 
     is_4bit(module)          # a bitsandbytes Linear4bit (LinearNF4 / LinearFP4 included)
     is_quantized(module)     # 4-bit or bitsandbytes' 8-bit Linear8bitLt
+    is_4bit_param(p)         # a packed Params4bit: a Linear4bit's weight or a 4-bit experts matrix
     is_linear(module)        # nn.Linear (Linear4bit included) or transformers' Conv1D (GPT-2)
     linear_features(module)  # (in, out) of either
     is_transposed(module)    # its checkpoint weight is [in, out]: a Conv1D, or a Linear4bit made from one
@@ -33,6 +34,22 @@ def is_4bit(module) -> bool:
     """True for a bitsandbytes Linear4bit (its weight a packed Params4bit)."""
     bnn = _bnb_nn()
     return bnn is not None and isinstance(module, bnn.Linear4bit)
+
+
+def is_4bit_param(p) -> bool:
+    """A bitsandbytes Params4bit holding packed codes: a Linear4bit's weight, or a 4-bit experts matrix
+    (qlora.quant.experts). Duck-typed like memprofile's count: it carries a quant_state and a quant_type."""
+    return getattr(p, "quant_state", None) is not None and hasattr(p, "quant_type")
+
+
+def four_bit_params(model: nn.Module):
+    """(module path, module, parameter name, Params4bit) for every 4-bit weight of `model`, each once."""
+    seen = set()
+    for path, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if is_4bit_param(p) and id(p) not in seen:
+                seen.add(id(p))
+                yield path, module, name, p
 
 
 def is_quantized(module) -> bool:

@@ -39,10 +39,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora.arch.experts import is_experts_module
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_parts
-from qlora.arch.quantized import is_4bit, is_conv1d, is_linear, linear_features
+from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features
 from qlora.errors import QLoRAError
+from qlora.quant.experts import quantize_experts
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -163,10 +165,20 @@ def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[
     return to_quantize, kept
 
 
+def experts_plan(model: nn.Module, skip: list[str]) -> list[str]:
+    """Names of the experts modules (qlora.arch.experts: transformers' fused 3-D experts) whose matrices
+    quantize_model makes 4-bit: all but those matching skip_modules, inside an adapter wrapper, or already 4-bit."""
+    return [name for name, module in model.named_modules()
+            if is_experts_module(module) and not any(is_4bit_param(p) for p in module.parameters(recurse=False))
+            and not any(p in _ADAPTER_PARTS for p in name.split("."))
+            and not any(matches_parts(name, p) for p in skip)]
+
+
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
                    skip_modules: list[str] | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a 4-bit ``bitsandbytes.nn.Linear4bit``, in place.
+    """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a 4-bit ``bitsandbytes.nn.Linear4bit``, and
+    every fused 3-D experts matrix by a 4-bit one (qlora.quant.experts), in place.
 
     Kept as they are: the output head (``lm_head``/``classifier``/``score`` and whatever
     ``get_output_embeddings()`` returns), LoRA adapter matrices, ``nn.MultiheadAttention``'s
@@ -185,7 +197,8 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
         raise QLoRAError(f"quantize_model needs a torch.nn.Module; got {type(model).__name__}")
 
     to_quantize, kept = conversion_plan(model, skip)
-    if not to_quantize:
+    experts = experts_plan(model, skip)
+    if not to_quantize and not experts:
         from qlora.quant.inspect import quant_settings
         existing = quant_settings(model)
         if existing is not None:
@@ -209,4 +222,7 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
         setattr(parent, child, make_linear4bit(linear, quant_type=quant_type, double_quant=double_quant,
                                                compute_dtype=compute_dtype, blocksize=blocksize))
         del linear
+    for name in experts:     # one experts module at a time: its float matrices are released as it goes
+        quantize_experts(model.get_submodule(name), quant_type=quant_type, double_quant=double_quant,
+                         compute_dtype=compute_dtype, blocksize=blocksize)
     return model

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from qlora.arch.quantized import is_4bit
+from qlora.arch.quantized import four_bit_params, is_4bit
 from qlora.errors import QLoRAError
 from qlora.util.dtypes import dtype_name
 
@@ -29,18 +29,17 @@ def quant_settings(model: nn.Module) -> dict | None:
     """
     found: dict[tuple, list[str]] = {}
     for name, module in model.named_modules():
-        if not is_4bit(module):
-            continue
-        qs = module.weight.quant_state
-        if qs is None:
+        if is_4bit(module) and module.weight.quant_state is None:
             raise QLoRAError(f"4-bit layer {name!r} was never quantized (its quant_state is None)")
-        compute = module.compute_dtype
+    for path, module, pname, p in four_bit_params(model):     # Linear4bit weights and 4-bit experts
+        qs = p.quant_state
+        compute = getattr(module, "compute_dtype", None)
         source = getattr(module, "qlora_quantized_from", None) or dtype_name(
             getattr(qs, "original_dtype", None) or qs.dtype)
         nested = getattr(qs, "original_nested", qs.nested)
         key = (qs.quant_type, qs.blocksize, bool(nested),
                dtype_name(compute) if compute is not None else None, source)
-        found.setdefault(key, []).append(name)
+        found.setdefault(key, []).append(path if pname == "weight" else f"{path}.{pname}")
     if not found:
         return None
     if len(found) > 1:
@@ -74,12 +73,10 @@ def dequantize_weight(linear4bit: nn.Module) -> torch.Tensor:
 
 
 def _quant_tensors(module: nn.Module):
-    """Every tensor that stores a 4-bit layer: packed codes and the quant state."""
-    for m in module.modules():
-        if not is_4bit(m) or m.weight.quant_state is None:
-            continue
-        qs = m.weight.quant_state
-        yield m, [m.weight.data, qs.absmax, qs.code, getattr(qs, "offset", None),
+    """Every tensor that stores a 4-bit weight (Linear4bit or experts matrix): packed codes and the quant state."""
+    for _, _, _, p in four_bit_params(module):
+        qs = p.quant_state
+        yield p, [p.data, qs.absmax, qs.code, getattr(qs, "offset", None),
                   *((qs.state2.absmax, qs.state2.code) if getattr(qs, "state2", None) is not None else ())]
 
 
@@ -105,10 +102,10 @@ def quantized_bytes(module: nn.Module) -> int:
 
 
 def quantized_numel(module: nn.Module) -> int:
-    """Number of weights stored in 4-bit in ``module`` (sum of out*in of its Linear4bit layers)."""
+    """Number of weights stored in 4-bit in ``module`` (out*in of each Linear4bit, E*out*in of each experts matrix)."""
     n = 0
-    for m, _ in _quant_tensors(module):
-        shape = m.weight.quant_state.shape
+    for p, _ in _quant_tensors(module):
+        shape = p.quant_state.shape
         n += int(torch.Size(shape).numel())
     return n
 

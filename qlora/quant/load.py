@@ -19,7 +19,7 @@ from torch import nn
 from qlora.arch.heads import OUTPUT_HEAD_NAMES
 from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.errors import QLoRAError
-from qlora.quant.convert import conversion_plan, mark_layer, quantize_model
+from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -119,7 +119,10 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
     # arrive in compute_dtype and are quantized here from the same values (their float weights are in
     # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
-    if conversion_plan(model, skip)[0]:
+    # so are the fused 3-D experts of mixture-of-experts models (transformers quantizes nn.Linear only);
+    # they too were loaded in compute_dtype (not yet streamed: the whole model's experts, then one module
+    # at a time to 4-bit)
+    if conversion_plan(model, skip)[0] or experts_plan(model, skip):
         quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
                        blocksize=blocksize, skip_modules=skip or None)
     _check_loaded(model, path, skip, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,

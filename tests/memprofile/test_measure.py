@@ -3,7 +3,6 @@ import time
 
 import pytest
 import torch
-from tests.memprofile.mp_models import configure, quantize, tiny_model
 from torch import nn
 
 from memprofile.measure import (
@@ -15,6 +14,7 @@ from memprofile.measure import (
 )
 from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import CATEGORIES
+from tests.memprofile.mp_models import configure, quantize, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from tests.memprofile.mp_models import configure, tiny_model, traced
 
 from memprofile.measure import measure_step, measure_step_or_oom
 from memprofile.report import make_row, print_table, write_report
 from memprofile.tensors import CATEGORIES
+from tests.memprofile.mp_models import configure, tiny_model, traced
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

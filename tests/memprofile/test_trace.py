@@ -6,12 +6,12 @@ configurations x 2 batches x 2 lengths x loss/optimizer variants) is benchmarks/
 """
 import pytest
 import torch
-from tests.memprofile.mp_models import configure, make_batch_fn, model_from_config, tiny_config, tiny_model, traced
 from torch import nn
 
 from memprofile.measure import measure_step
 from memprofile.tensors import CATEGORIES
 from memprofile.trace import StorageTracker, TraceError, fake_tensors, trace_layers, trace_step
+from tests.memprofile.mp_models import configure, make_batch_fn, model_from_config, tiny_config, tiny_model, traced
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PEAK_BOUND, CATEGORY_BOUND = 0.05, 0.02

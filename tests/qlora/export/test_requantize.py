@@ -22,6 +22,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from qlora.errors import QLoRAError
 from tests.qlora.export.test_merge import (
     ENV,
     QLORA_BIN,
@@ -34,8 +36,6 @@ from tests.qlora.export.test_merge import (
     snapshot,
     train_qlora_adapter,
 )
-
-from qlora.errors import QLoRAError
 
 
 def roundtrip(w: torch.Tensor, quant_type: str) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Mixture-of-experts layers as transformers 5 records them: one rule for "is this an experts module".
+
+    is_experts_module(module)        # decorated by transformers' `use_experts_implementation`
+    expert_weights(module)           # {"gate_up_proj": (in, out), "down_proj": (in, out)}: its 3-D matrices
+
+transformers 5 keeps each layer's experts as fused 3-D parameters behind its experts interface
+(`transformers.integrations.moe.use_experts_implementation`, ~67 architectures: Mixtral, Qwen2/3-MoE,
+OLMoE, DeepSeek-V2/V3, gpt-oss, GLM-4-MoE, PhiMoE, Granite-MoE, ...). The decorator records the layout on
+each instance, and qlora reads only that, never a list of architectures:
+
+- `has_gate`: the up matrix is `gate_up_proj` [E, 2I, H] (gate and up fused; `is_concatenated` says
+  whether as two halves or interleaved), else `up_proj` [E, I, H];
+- `is_transposed`: the matrices are stored [E, in, out] (gpt-oss) instead of [E, out, in];
+- `has_bias`: `<name>_bias` [E, out] beside each matrix;
+- `num_experts`; the activation is the module's own `_apply_gate` / `act_fn`, and routing (router, top-k,
+  weights) happens in the parent block, outside the experts module.
+
+Families whose experts are `nn.Linear` modules (Switch, NLLB-MoE, older checkpoints) are linear layers to
+qlora and need nothing from here.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a module transformers' experts interface decorated (it sets these flags on the instance)."""
+    return all(hasattr(module, flag) for flag in _FLAGS) and isinstance(getattr(module, "num_experts"), int)
+
+
+def expert_weight_names(module: nn.Module) -> list[str]:
+    """The experts module's 3-D matrices, in the order its forward uses them (and registers them)."""
+    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+
+
+def expert_features(module: nn.Module, name: str, shape=None) -> tuple[int, int]:
+    """(in_features, out_features) of one expert of matrix `name`, from its [E, a, b] shape."""
+    _, a, b = shape if shape is not None else module.get_parameter(name).shape
+    return (a, b) if module.is_transposed else (b, a)
+
+
+def expert_weights(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """{matrix name: (in_features, out_features) of one expert}."""
+    return {name: expert_features(module, name, _shape(module, name)) for name in expert_weight_names(module)}
+
+
+def _shape(module: nn.Module, name: str):
+    p = module.get_parameter(name)
+    qs = getattr(p, "quant_state", None)      # a 4-bit matrix keeps its shape in its quant state
+    return tuple(qs.shape) if qs is not None else tuple(p.shape)

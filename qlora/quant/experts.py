@@ -1,0 +1,183 @@
+"""4-bit mixture-of-experts matrices: every expert of a fused 3-D weight in NF4/FP4, run from 4 bits.
+
+    quantize_experts(experts_module, compute_dtype=torch.bfloat16)    # in place; qlora.quantize_model calls it
+    dequantize_experts(param, idx)                                   # experts idx -> [k, a, b], nothing else
+
+Storage: each 3-D matrix ([E, a, b], qlora.arch.experts) becomes a frozen bitsandbytes `Params4bit` under
+its own name, holding exactly what `bitsandbytes.functional.quantize_4bit(W)` gives for the whole tensor
+(packed codes [E*a*b/2, 1], absmax per block of `blocksize`, double-quantized absmax; built in pieces by
+qlora.quant.chunked, so the quantizer's scratch is ~14 MiB, not 3.4x the stack). Its `quant_state.shape`
+is [E, a, b]: everything that counts 4-bit weights (quant_settings, quantized_bytes, memprofile) counts
+the experts. Bytes: E*a*b/2 + one absmax byte per 64 weights + ~1 KiB: 4.127 bits per weight.
+Expert e owns codes [e*a*b/2, (e+1)*a*b/2) and absmax [e*nb, (e+1)*nb), nb = a*b/blocksize, so any set of
+experts dequantizes alone.
+
+Forward (`experts_forward`, bound to each quantized module in place of transformers' dispatch): routing
+stays in the model's MoE block; here the token-slots are sorted by expert and the experts that received
+tokens are dequantized `qlora_chunk_experts` at a time (<= 64 MiB of 16/32-bit weights per matrix, never
+a whole layer), each projection
+
+    y_e = x_e W_e^T (+ b_e) (+ delta_e(x_e))           x_e: the rows routed to expert e
+
+then the module's own `_apply_gate` / `act_fn` (gpt-oss' clamp, interleaved gate/up), `post_expert_norm`,
+the routing weights and the sum over top-k, as transformers' grouped_mm does. The frozen matmul saves no
+weight for backward (it dequantizes the chunk again). `delta_e` is whatever the module holds in
+`expert_deltas[name]` (qlora.lora.experts puts LoRA there: s·(x_e A_eᵀ)B_eᵀ); a module without 4-bit
+weights but with deltas (LoRA on 16-bit experts) runs the same code on its float weights.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from qlora.arch.experts import expert_weight_names, is_experts_module
+from qlora.arch.quantized import is_4bit_param
+from qlora.quant.chunked import quantize_4bit_chunked
+from qlora.util.dtypes import dtype_name
+
+CHUNK_BYTES = 64 << 20
+"""Most bytes of dequantized expert weights of one matrix held at a time (forward, and again in backward)."""
+
+
+# --------------------------------------------------------------------------------------------- storage
+def quantize_experts(module: nn.Module, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
+                     blocksize: int) -> nn.Module:
+    """Replace the 3-D matrices of one experts module by 4-bit Params4bit (quantized from `compute_dtype`);
+    biases are stored in compute_dtype; the module's forward becomes `experts_forward`. In place."""
+    import bitsandbytes as bnb
+    per_expert = 0
+    for name in expert_weight_names(module):
+        w = module._parameters[name]
+        if is_4bit_param(w):
+            continue
+        E, a, b = w.shape
+        if (a * b) % blocksize:
+            raise ValueError(f"expert matrix {name} [{a}, {b}] is not a whole number of {blocksize}-weight blocks")
+        with torch.no_grad():
+            packed, state = quantize_4bit_chunked(w.detach().to(compute_dtype), quant_type=quant_type,
+                                                  blocksize=blocksize, double_quant=double_quant)
+        module._parameters[name] = bnb.nn.Params4bit(
+            packed, requires_grad=False, quant_state=state, blocksize=blocksize, compress_statistics=double_quant,
+            quant_type=quant_type, quant_storage=torch.uint8, bnb_quantized=True)
+        per_expert = max(per_expert, a * b * torch.finfo(compute_dtype).bits // 8)
+        bias = module._parameters.get(name + "_bias")
+        if bias is not None:
+            module._parameters[name + "_bias"] = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        del w
+    module.compute_dtype = compute_dtype
+    module.qlora_quantized_from = dtype_name(compute_dtype)
+    module.qlora_chunk_experts = max(1, min(CHUNK_BYTES // max(per_expert, 1), (module.num_experts + 1) // 2))
+    use_qlora_forward(module)
+    return module
+
+
+def use_qlora_forward(module: nn.Module) -> None:
+    """Bind `experts_forward` to this module (its instance, not the class: other models are untouched)."""
+    if not is_experts_module(module):
+        raise TypeError(f"{type(module).__name__} is not a transformers experts module")
+    module.forward = types.MethodType(experts_forward, module)
+    if not hasattr(module, "qlora_chunk_experts"):
+        module.qlora_chunk_experts = max(1, (module.num_experts + 1) // 2)
+
+
+def dequantize_experts(param, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Experts `idx` (LongTensor [k]; None: all) of a 4-bit 3-D matrix -> [k, a, b] in the dtype quantized from.
+
+    Bit-exact with `bitsandbytes.functional.dequantize_4bit` of the whole tensor, sliced; only the codes and
+    block constants of those experts are read. (Flat shapes: bitsandbytes 0.50's CPU kernel mis-scales a
+    matrix whose last dimension is shorter than a block.)"""
+    qs = param.quant_state
+    E, a, b = qs.shape
+    idx = torch.arange(E, device=param.device) if idx is None else idx
+    k, n, nb = len(idx), a * b, a * b // qs.blocksize
+    codes = param.data.view(E, n // 2)[idx].reshape(-1)
+    pos = (idx[:, None] * nb + torch.arange(nb, device=idx.device)).reshape(-1)          # [k*nb] block numbers
+    if qs.nested:   # bitsandbytes' dequantize_blockwise of the absmax, on these blocks only: code[q] * scale + offset
+        s2 = qs.state2
+        absmax = s2.code[qs.absmax[pos].long()] * s2.absmax[pos // s2.blocksize] + qs.offset
+    else:
+        absmax = qs.absmax[pos]
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax.float(), qs.blocksize, qs.quant_type,
+                                                         (k * n,), qs.dtype)
+    return out.view(k, a, b)
+
+
+# --------------------------------------------------------------------------------------------- forward
+class _Frozen4bitExperts(torch.autograd.Function):
+    """x [rows, in] sorted by expert -> x W_e^T [rows, out] for the 4-bit experts `idx` (sizes[j] rows each).
+    Saves no weight: backward dequantizes the chunk again. Gradient to x only (the weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, param, idx, sizes, transposed):
+        ctx.param, ctx.sizes, ctx.transposed = param, sizes, transposed
+        ctx.save_for_backward(idx)
+        return _grouped(x, dequantize_experts(param, idx), sizes, transposed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (idx,) = ctx.saved_tensors
+        w = dequantize_experts(ctx.param, idx)
+        return _grouped(dy.to(w.dtype), w, ctx.sizes, not ctx.transposed), None, None, None, None
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, sizes: list[int], transposed: bool) -> torch.Tensor:
+    """Rows of x (sizes[j] for expert j of the chunk) times w [k, out, in] ([k, in, out] if transposed)."""
+    parts = x.to(w.dtype).split(sizes)
+    return torch.cat([xj @ w[j] if transposed else xj @ w[j].T for j, xj in enumerate(parts)])
+
+
+def _project(module, name: str, x, idx, sizes, expert_of_row):
+    """One matrix of the chunk: base (4-bit or float) (+ bias) (+ delta)."""
+    w = module.get_parameter(name)
+    if is_4bit_param(w):
+        y = _Frozen4bitExperts.apply(x, w, idx, sizes, module.is_transposed)
+    else:
+        y = _grouped(x, w[idx], sizes, module.is_transposed)
+    if module.has_bias:
+        y = y + module.get_parameter(name + "_bias")[expert_of_row]
+    deltas = getattr(module, "expert_deltas", None)
+    if deltas is not None and name in deltas:
+        y = y + deltas[name](x, idx, sizes).to(y.dtype)
+    return y
+
+
+def _routed_counts(ids: torch.Tensor, num_experts: int) -> list[int]:
+    """Token-slots per expert. On fake tensors (the planner's trace) the routing is unknown: balanced."""
+    from torch._subclasses.fake_tensor import is_fake
+    if is_fake(ids):
+        n = ids.numel()
+        return [n // num_experts + (e < n % num_experts) for e in range(num_experts)]
+    return torch.bincount(ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts].tolist()
+
+
+def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H], as transformers' experts do."""
+    up, down = expert_weight_names(self)
+    T, K = top_k_index.shape
+    ids = top_k_index.reshape(-1)                                   # [S] token-slots, S = T*K
+    order = torch.argsort(ids, stable=True)                         # slots sorted by expert (sentinels >= E last)
+    counts = _routed_counts(ids, self.num_experts)
+    hit = [e for e, c in enumerate(counts) if c]                    # experts that received tokens
+    rows = sum(counts)
+    order = order[:rows]
+    x = hidden_states[order // K]                                   # [rows, H], sorted by expert
+    expert_of_row = ids[order]
+    outs, start, step = [], 0, self.qlora_chunk_experts
+    for i in range(0, len(hit), step):
+        chunk = hit[i:i + step]
+        sizes = [counts[e] for e in chunk]
+        idx = torch.tensor(chunk, device=hidden_states.device)
+        part = slice(start, start + sum(sizes))
+        h = _project(self, up, x[part], idx, sizes, expert_of_row[part])          # [rows, 2I] or [rows, I]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)               # the model's own activation
+        y = _project(self, down, h, idx, sizes, expert_of_row[part])               # [rows, H]
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        outs.append(y)
+        start = part.stop
+    y = torch.cat(outs) * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    out = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)   # slot order; dropped slots stay 0
+    return out.view(T, K, -1).sum(dim=1).to(hidden_states.dtype)

@@ -1,0 +1,147 @@
+"""4-bit mixture-of-experts matrices (qlora.quant.experts) on tiny random models of five families.
+
+    .venv/bin/python -m pytest -q tests/qlora/quant/test_experts.py      (~10 s)
+
+Reference: the plain transformers model (its own experts kernel) whose expert matrices were quantized and
+dequantized with bitsandbytes' own functions (the whole 3-D tensor, flattened: bitsandbytes 0.50's CPU
+kernel mis-scales matrices whose last dimension is shorter than a block).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qlora
+from qlora.arch.experts import expert_weight_names, is_experts_module
+from qlora.quant import quant_settings, quantized_bytes, quantized_numel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              max_position_embeddings=64, tie_word_embeddings=False)
+FAMILIES = {
+    "mixtral": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+    "qwen3_moe": dict(intermediate_size=32, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                      decoder_sparse_step=1, mlp_only_layers=[], head_dim=16, norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+    # MLA attention, a shared expert, group-limited routing; the first layer dense
+    "deepseek_v3": dict(intermediate_size=32, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                        num_hidden_layers=3, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16),
+    # transposed [E, in, out] matrices, biases, interleaved gate/up with a clamped activation
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                    sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """A random fp32 CausalLM; routers and expert biases get non-trivial values (some inits are zeros)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name or "mlp.gate" in name or name.endswith("_bias") or "e_score_correction" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def bnb_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    import bitsandbytes.functional as F
+    packed, state = F.quantize_4bit(w.reshape(-1), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    return F.dequantize_4bit(packed, state).view(w.shape)
+
+
+def reference(model):
+    """The plain model with every expert matrix replaced by bitsandbytes' quantize + dequantize of it, and
+    every other Linear as qlora.quantize_model quantizes it (same codes: bitsandbytes' own layer)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if is_experts_module(m):
+                for name in expert_weight_names(m):
+                    getattr(m, name).copy_(bnb_roundtrip(getattr(m, name)))
+    return ref
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_4bit_experts_give_the_bnb_dequantized_models_logits(family):
+    model = tiny_moe(family)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = reference(model)    # its Linear layers 4-bit as ours; its experts float, on transformers' own kernel
+    qlora.quantize_model(ref, compute_dtype=torch.float32, skip_modules=["experts"])
+    experts_before = {n: m for n, m in model.named_modules() if is_experts_module(m)}
+    qlora.quantize_model(model, compute_dtype=torch.float32)
+    assert experts_before, family
+    for name, m in experts_before.items():
+        for w in expert_weight_names(m):
+            p = m.get_parameter(w)
+            assert p.dtype == torch.uint8 and not p.requires_grad and p.quant_state.shape[0] == m.num_experts
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_bytes_and_settings_count_the_experts(family):
+    model = tiny_moe(family)
+    experts = [m for m in model.modules() if is_experts_module(m)]
+    numel = sum(m.get_parameter(n).numel() for m in experts for n in expert_weight_names(m))
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    qlora.quantize_model(model, compute_dtype=torch.float32)
+    assert quantized_numel(model) == numel + linear
+    # the 4-bit arithmetic per matrix: n/2 codes + n/64 absmax bytes (uint8, double quant) + fp32 nested
+    # absmax per 256 blocks + fp32 code books (16 + 256) + the fp32 offset
+    want = 0
+    for _, _, _, p in qlora.arch.quantized.four_bit_params(model):
+        n = p.quant_state.shape.numel()
+        want += n // 2 + n // 64 + 4 * -(-(n // 64) // 256) + 4 * (16 + 256) + 4
+    assert quantized_bytes(model) == want
+    assert quant_settings(model) == {"quant_type": "nf4", "blocksize": 64, "double_quant": True,
+                                     "compute_dtype": "float32", "quantized_from_dtype": "float32"}
+
+
+def test_only_routed_experts_are_dequantized_and_at_most_a_chunk_at_a_time(monkeypatch):
+    from qlora.quant import experts as qe
+    model = tiny_moe("qwen3_moe")
+    qlora.quantize_model(model, compute_dtype=torch.float32)
+    seen = []
+    real = qe.dequantize_experts
+    monkeypatch.setattr(qe, "dequantize_experts", lambda p, idx=None: seen.append(idx.tolist()) or real(p, idx))
+    routed = []
+    for m in model.modules():
+        if is_experts_module(m):
+            m.register_forward_pre_hook(lambda mod, args: routed.append(set(args[1].flatten().tolist())))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 3)))
+    chunk = max(m.qlora_chunk_experts for m in model.modules() if is_experts_module(m))
+    assert chunk <= 4 and all(len(s) <= chunk for s in seen)                  # 8 experts: never all at once
+    assert set().union(*map(set, seen)) <= set().union(*routed)               # only experts that got tokens
+
+
+def test_experts_backward_keeps_no_weight_and_reaches_the_input():
+    model = tiny_moe("mixtral")
+    qlora.quantize_model(model, compute_dtype=torch.float32)
+    experts = next(m for m in model.modules() if is_experts_module(m))
+    x = torch.randn(5, 32, requires_grad=True)
+    idx = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 1], [3, 0]])
+    w = torch.softmax(torch.randn(5, 2), -1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = experts(x, idx, w)
+    assert not any(t.dtype == torch.float32 and t.dim() == 3 for t in saved)  # no dequantized [k, a, b] kept
+    y.sum().backward()
+    # against the float experts on the dequantized weights, differentiated by autograd
+    from qlora.quant.experts import dequantize_experts
+    ref = copy.deepcopy(experts)
+    ref.__dict__.pop("forward")
+    for n in expert_weight_names(ref):
+        ref._parameters[n] = torch.nn.Parameter(dequantize_experts(experts.get_parameter(n)), requires_grad=False)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x2, idx, w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
