@@ -27,12 +27,22 @@ _FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
 
 def is_experts_module(module: nn.Module) -> bool:
     """True for a module transformers' experts interface decorated (it sets these flags on the instance)."""
-    return all(hasattr(module, flag) for flag in _FLAGS) and isinstance(getattr(module, "num_experts"), int)
+    flags = module.__dict__        # the instance's own attributes (not ones a wrapper forwards to what it wraps)
+    return all(flag in flags for flag in _FLAGS) and isinstance(flags["num_experts"], int)
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:
     """The experts module's 3-D matrices, in the order its forward uses them (and registers them)."""
     return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+
+
+def matrix_name(path: str, module: nn.Module) -> str | None:
+    """The matrix a target path names (`...mlp.experts.down_proj` -> 'down_proj'), when `module` is the experts
+    module it belongs to; None for a module path."""
+    name = path.rpartition(".")[2]
+    if is_experts_module(module) and name in expert_weight_names(module) and name not in module._modules:
+        return name
+    return None
 
 
 def expert_features(module: nn.Module, name: str, shape=None) -> tuple[int, int]:

@@ -22,9 +22,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qlora.arch.quantized import is_4bit, is_transposed, linear_features
+from qlora.arch.experts import expert_features, matrix_name
+from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed, linear_features
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
+from qlora.lora.experts import LoRAExperts, from_peft, peft_key_prefixes, to_peft
 from qlora.lora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
 from qlora.lora.layers import LoRAEmbedding, ModulesToSave, lora_class_for
 from qlora.util.dtypes import dtype_name, parse_dtype
@@ -41,7 +43,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names."""
     out = {}
     for path, layer in lora_layers(model).items():
-        if isinstance(layer, LoRAEmbedding):
+        if isinstance(layer, LoRAExperts):     # PEFT's target_parameters layout
+            experts_path = path.rpartition(".expert_deltas.")[0]
+            infix = peft_key_prefixes(layer.base_layer, list(layer.base_layer.expert_deltas))[layer.weight_name]
+            a, b = to_peft(layer)
+            out[f"{PREFIX}{experts_path}.{infix}lora_A.weight"] = a
+            out[f"{PREFIX}{experts_path}.{infix}lora_B.weight"] = b
+        elif isinstance(layer, LoRAEmbedding):
             out[f"{PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A
             out[f"{PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B
         else:
@@ -55,6 +63,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _config_json(model: nn.Module, config: LoraConfig) -> dict:
+    return {**_peft_fields(model, config), **_experts_fields(model)}
+
+
+def _experts_fields(model: nn.Module) -> dict:
+    """For a model with adapted experts matrices: explicit targets (PEFT resolves 'all-linear' differently on
+    mixtures of experts, and would drop some of ours), the matrices as PEFT's `target_parameters`, and
+    lora_dropout 0 (PEFT refuses dropout on parameters; the trained value is in qlora_adapter.json)."""
+    layers = lora_layers(model)
+    matrices = sorted(f"{p.rpartition('.expert_deltas.')[0]}.{layer.weight_name}" for p, layer in layers.items()
+                      if isinstance(layer, LoRAExperts))
+    if not matrices:
+        return {}
+    modules = sorted(p for p, layer in layers.items() if not isinstance(layer, LoRAExperts))
+    return {"target_modules": modules, "target_parameters": matrices, "lora_dropout": 0.0}
+
+
+def _peft_fields(model: nn.Module, config: LoraConfig) -> dict:
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return {
         "peft_type": "LORA",
@@ -79,6 +104,9 @@ def _config_json(model: nn.Module, config: LoraConfig) -> dict:
 def _model_facts(model: nn.Module) -> dict:
     """What an export needs to rebuild the trained model from the base folder alone."""
     facts = {"architecture": _architecture(model), "adapter_dtype": dtype_name(_adapter_dtype_of(model))}
+    config = getattr(model, "qlora_config", None)
+    if config is not None and any(isinstance(layer, LoRAExperts) for layer in lora_layers(model).values()):
+        facts["lora_dropout"] = config.lora_dropout     # adapter_config.json says 0 for PEFT (see _experts_fields)
     frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point]
     if frozen:
         facts["base_dtype"] = dtype_name(frozen[0])   # dtype of the unquantized frozen weights
@@ -150,12 +178,20 @@ def read_adapter_config(folder) -> LoraConfig:
     if raw.get("bias", "none") != "none":
         raise QLoRAError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
     init = raw.get("init_lora_weights", True)
+    facts = _read_qlora_facts(folder, raw)
+    targets = raw.get("target_modules")
+    if raw.get("target_parameters"):     # experts matrices: targets like modules to us
+        if isinstance(targets, str):
+            raise QLoRAError(f"{path}: target_modules as a regex together with target_parameters is not supported; "
+                             "list the module names")
+        targets = list(targets or []) + list(raw["target_parameters"])
     return LoraConfig(
-        r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8), lora_dropout=raw.get("lora_dropout", 0.0),
-        use_rslora=raw.get("use_rslora", False), target_modules=raw.get("target_modules"),
+        r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8),
+        lora_dropout=facts.get("lora_dropout", raw.get("lora_dropout", 0.0)),
+        use_rslora=raw.get("use_rslora", False), target_modules=targets,
         exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
         init_lora_weights=init if init in (True, False, "gaussian") else True,
-        task_type=raw.get("task_type"), qlora=_read_qlora_facts(folder, raw))
+        task_type=raw.get("task_type"), qlora={k: v for k, v in facts.items() if k != "lora_dropout"})
 
 
 def _read_qlora_facts(folder: Path, raw: dict) -> dict:
@@ -193,7 +229,14 @@ def read_adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
     shapes = {}
+    for path, key in _expert_keys(targets).items():
+        experts, name = targets[path], path.rpartition(".")[2]
+        E = experts.num_experts
+        n_in, n_out = expert_features(experts, name, _matrix_shape(experts, name))
+        shapes[f"{key}.lora_A.weight"], shapes[f"{key}.lora_B.weight"] = (E * r, n_in), (n_out, r * E)
     for path, module in targets.items():
+        if path in _expert_keys(targets):
+            continue
         cls = lora_class_for(module)
         if cls is LoRAEmbedding:
             shapes[f"{path}.lora_embedding_A"] = (r, module.num_embeddings)
@@ -214,6 +257,22 @@ def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
         for name, p in module.named_parameters():
             shapes[f"{path}.{name}"] = tuple(p.shape)
     return shapes
+
+
+def _matrix_shape(experts: nn.Module, name: str) -> tuple:
+    w = experts.get_parameter(name)
+    return tuple(w.quant_state.shape) if is_4bit_param(w) else tuple(w.shape)
+
+
+def _expert_keys(targets: dict) -> dict[str, str]:
+    """{experts matrix path: PEFT's key stem (the experts path + its `base_layer.` nesting)} among `targets`."""
+    matrices = {p: m for p, m in targets.items() if matrix_name(p, m)}
+    out = {}
+    for path, experts in matrices.items():
+        base, _, name = path.rpartition(".")
+        names = [q.rpartition(".")[2] for q, m in matrices.items() if m is experts]
+        out[path] = (base + "." + peft_key_prefixes(experts, names)[name]).rstrip(".")
+    return out
 
 
 def _normalise_key(key: str) -> str:
@@ -247,9 +306,17 @@ def load_adapter(model: nn.Module, folder, dtype=None) -> nn.Module:
     if missing:
         raise QLoRAError(f"adapter file lacks {missing[0]!r} (and {len(missing) - 1} more) that its config "
                          "targets; the file is incomplete; the model was left as it was")
+    stems = {stem: path for path, stem in _expert_keys(targets).items()}
     add_lora(model, config)
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: every name
+    layers = lora_layers(model)
     with torch.no_grad():
+        for stem, path in stems.items():           # experts matrices: PEFT's 2-D layout -> ours
+            base, _, name = path.rpartition(".")
+            layer = layers[f"{base}.expert_deltas.{name}"]
+            a, b = from_peft(layer, got.pop(f"{stem}.lora_A.weight"), got.pop(f"{stem}.lora_B.weight"))
+            layer.lora_A.copy_(a.to(layer.lora_A.dtype))
+            layer.lora_B.copy_(b.to(layer.lora_B.dtype))
         for key, value in got.items():
             name = _param_name(key, to_save)
             params[name].copy_(value.to(params[name].dtype))

@@ -17,22 +17,27 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from qlora.arch.experts import expert_weight_names, is_experts_module, matrix_name
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
-from qlora.arch.quantized import is_4bit, is_linear, is_transposed
+from qlora.arch.quantized import is_4bit, is_4bit_param, is_linear, is_transposed
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
+from qlora.lora.experts import LoRAExperts, attach, detach
 from qlora.lora.layers import LoRALayer, ModulesToSave, lora_class_for
 
-_INTERNAL = {"base_layer", "lora_A", "lora_B", "original_module", "modules_to_save", "lora_dropout"}
+_INTERNAL = {"base_layer", "lora_A", "lora_B", "original_module", "modules_to_save", "lora_dropout", "expert_deltas"}
 
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Module paths a user can target: everything except the insides of existing adapters."""
+    """Paths a user can target: every module except the insides of existing adapters, and each 3-D matrix of
+    an experts module (`...mlp.experts.gate_up_proj`, mapped to its experts module)."""
     out = {}
     for name, module in model.named_modules():
         if name and not _INTERNAL.intersection(name.split(".")):
             out[name] = module
+            if is_experts_module(module):
+                out.update({f"{name}.{w}": module for w in expert_weight_names(module)})
     return out
 
 
@@ -52,7 +57,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if spec == "all-linear":
         heads = output_head_paths(model)
         found = {n: m for n, m in candidates.items()
-                 if is_linear(m) and not isinstance(m, LoRALayer) and n not in heads}
+                 if (is_linear(m) and not isinstance(m, LoRALayer) and n not in heads) or matrix_name(n, m)}
         if not found:
             raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
     else:
@@ -64,9 +69,18 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                     f"target module {one!r} matches no module of {type(model).__name__}. "
                     f"Closest names in this model: {_closest(one, names)}. "
                     "Give module-path suffixes (e.g. 'q_proj', 'attention.self.query'), a regex, or 'all-linear'.")
+    # an experts module named as a whole: each of its matrices
+    found = {**{n: m for n, m in found.items() if not is_experts_module(m) or matrix_name(n, m)},
+             **{f"{n}.{w}": m for n, m in found.items() if is_experts_module(m) and not matrix_name(n, m)
+                for w in expert_weight_names(m)}}
     if config.exclude_modules:
         found = {n: m for n, m in found.items() if not _matches(n, config.exclude_modules)}
     for name, module in found.items():
+        if matrix_name(name, module):
+            if name.rpartition(".")[2] in getattr(module, "expert_deltas", {}):
+                raise QLoRAError(f"{name!r} already has a LoRA adapter; remove it first (qlora.unload_lora) "
+                                 "or leave it out of target_modules")
+            continue
         if isinstance(module, LoRALayer):
             raise QLoRAError(f"{name!r} already has a LoRA adapter; remove it first (qlora.unload_lora) "
                              "or leave it out of target_modules")
@@ -130,6 +144,12 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for path, module in targets.items():
+        if matrix_name(path, module):      # an experts matrix: LoRA on each expert's routed tokens
+            name = path.rpartition(".")[2]
+            attach(module, name, LoRAExperts(module, name, config.r, config.lora_alpha, lora_dropout=config.lora_dropout,
+                                             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                                             dtype=config.dtype))
+            continue
         cls = lora_class_for(module)
         layer = cls(module, config.r, config.lora_alpha, lora_dropout=config.lora_dropout,
                     use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
@@ -217,12 +237,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge the adapters and put plain modules back (`modules_to_save` keep their trained copy)."""
     layers = lora_layers(model)
-    if any(is_4bit(layer.base_layer) for layer in layers.values()):
+    if any(is_4bit(layer.base_layer) or any(is_4bit_param(p) for p in layer.base_layer.parameters(recurse=False))
+           for layer in layers.values()):
         raise QLoRAError("this model has a 4-bit base: merging into 4-bit weights changes the outputs. "
                          "Use qlora.export_merged(model, out_folder) to get a plain bf16/fp16 model.")
     merge_lora(model)   # all or nothing, before any module is replaced
     for path, layer in layers.items():
-        _set_submodule(model, path, layer.base_layer)
+        if isinstance(layer, LoRAExperts):
+            detach(layer.base_layer, layer.weight_name)
+        else:
+            _set_submodule(model, path, layer.base_layer)
     for path, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         _set_submodule(model, path, module.modules_to_save)
     if hasattr(model, "qlora_config"):

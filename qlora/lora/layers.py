@@ -90,7 +90,7 @@ class LoRALayer(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
-def _dropout(p: float) -> nn.Module:
+def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
@@ -109,10 +109,10 @@ class LoRALinear(LoRALayer):
         dtype = dtype or adapter_dtype(base_layer)
         device = base_layer.weight.device
         in_features, out_features = linear_features(base_layer)
-        self.lora_dropout = _dropout(lora_dropout)
+        self.lora_dropout = dropout_layer(lora_dropout)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
-        _init_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights, r)
+        init_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)                       # [..., out]
@@ -186,11 +186,11 @@ class LoRAConv2d(LoRALayer):
         dtype = dtype or adapter_dtype(base_layer)
         device = base_layer.weight.device
         b = base_layer
-        self.lora_dropout = _dropout(lora_dropout)
+        self.lora_dropout = dropout_layer(lora_dropout)
         self.lora_A = nn.Conv2d(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation,
                                 bias=False, padding_mode=b.padding_mode, device=device, dtype=dtype)
         self.lora_B = nn.Conv2d(r, b.out_channels, 1, 1, bias=False, device=device, dtype=dtype)
-        _init_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights, r)
+        init_pair(self.lora_A.weight, self.lora_B.weight, init_lora_weights, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)                       # [b, out, h', w']
@@ -216,7 +216,7 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return base_layer.weight.dtype
 
 
-def _init_pair(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
+def init_pair(a: torch.Tensor, b: torch.Tensor, init, r: int) -> None:
     with torch.no_grad():
         if init == "gaussian":
             nn.init.normal_(a, std=1 / r)

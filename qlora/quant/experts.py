@@ -138,9 +138,8 @@ def _project(module, name: str, x, idx, sizes, expert_of_row):
     if module.has_bias:
         y = y + module.get_parameter(name + "_bias")[expert_of_row]
     deltas = getattr(module, "expert_deltas", None)
-    if deltas is not None and name in deltas:
-        y = y + deltas[name](x, idx, sizes).to(y.dtype)
-    return y
+    delta = deltas[name](x, idx, sizes) if deltas is not None and name in deltas else None
+    return y if delta is None else y + delta.to(y.dtype)      # None: the adapter is disabled or merged
 
 
 def _routed_counts(ids: torch.Tensor, num_experts: int) -> list[int]:
