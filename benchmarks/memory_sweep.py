@@ -52,6 +52,14 @@ TINY = {
                    num_hidden_layers=4, new_decoder_architecture=True, num_kv_heads=2),
     "qwen3_moe": dict(model_type="qwen3_moe", **_TEXT, moe_intermediate_size=64, num_experts=4,
                       num_experts_per_tok=2),
+    # mixtures of experts beyond Mixtral / Qwen3-MoE (qlora.quant.experts: 4-bit fused experts, LoRA per expert)
+    "olmoe": dict(model_type="olmoe", **_TEXT, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(model_type="deepseek_v3", **{**_TEXT, "head_dim": 8}, moe_intermediate_size=64, n_routed_experts=4,
+                        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "gpt_oss": dict(model_type="gpt_oss", **{**_TEXT, "intermediate_size": 64}, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"] * 2),
     "roberta": dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                     vocab_size=512, max_position_embeddings=514, num_hidden_layers=4, num_labels=3),
 }

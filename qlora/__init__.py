@@ -23,7 +23,7 @@ _LAZY = {
     "LoRAConv2d": "qlora.lora.layers", "LoRAEmbedding": "qlora.lora.layers", "LoRALinear": "qlora.lora.layers",
     "load_4bit": "qlora.quant.load", "quantize_model": "qlora.quant.convert",
     "enable_checkpointing": "qlora.levers.checkpointing", "prepare_for_training": "qlora.levers.checkpointing",
-    "export_merged": "qlora.export.merge", "export_adapter": "qlora.export.merge",
+    "export_merged": "qlora.export.live", "export_adapter": "qlora.export.merge",
     "causal_lm_loss": "qlora.levers.losses", "chunked_cross_entropy": "qlora.levers.losses",
     "for_trainer": "qlora.train.hf",
 }

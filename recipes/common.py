@@ -110,7 +110,7 @@ def subset(items: list, size: Optional[int], seed: int = 0) -> list:
 def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
     """qlora.export_merged into `out` (replacing an earlier export), its summary printed; the caller
     raises RecipeFailed when result.verification["passed"] is False."""
-    from qlora.export.merge import export_merged, summary
+    from qlora.export import export_merged, summary
     result = export_merged(model, out, dtype=dtype, tokenizer=tokenizer, force=True)
     print(summary(result))
     return result

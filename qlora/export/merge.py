@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlora.arch.quantized import is_4bit, is_transposed
 from qlora.errors import QLoRAError
 from qlora.export.checkpoint import (  # noqa: F401
     base_weight_files,
@@ -171,6 +170,11 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     config = read_adapter_config(adapter)
     tensors = read_adapter_tensors(adapter)
     settings = config.qlora or {}
+    raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if raw.get("target_parameters") or settings.get("quantized_experts"):     # a mixture of experts
+        return _export_through_the_4bit_model(folder, adapter, out, settings, dtype=dtype, merge_onto=merge_onto,
+                                              force=force, verify=verify, max_shard_size=max_shard_size,
+                                              progress=progress, requantize=requantize)
     lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k}
     saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
     transposed = transposed_paths(adapter, settings, lora_paths)
@@ -254,6 +258,26 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     return result
 
 
+def _export_through_the_4bit_model(folder: Path, adapter, out: Path, settings: dict, *, dtype, merge_onto, force,
+                                   verify, max_shard_size, progress, requantize) -> ExportResult:
+    """A mixture-of-experts export: the base loaded as training had it (4-bit, the adapter's settings), the
+    adapter attached, then qlora.export.live's weight-by-weight merge, which writes each fused experts matrix
+    in the family's checkpoint layout. Memory: the 4-bit model plus one layer's experts in fp32 (the
+    per-tensor streaming of the dense path is not done for experts yet)."""
+    from qlora.export import verify as ev
+    from qlora.export.live import export_merged
+    if merge_onto != "dequantized":
+        raise QLoRAError("--merge-onto original is not supported for mixture-of-experts adapters yet; use the "
+                         "default (dequantized: the weights the adapter was trained against)")
+    if out.exists() and not force:
+        raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
+    cls = ev.model_class_for(json.loads((folder / "config.json").read_text()))
+    model = ev.load_live_qlora(folder, adapter, cls, settings).eval()
+    return export_merged(model, out, dtype=dtype, force=force, verify=verify, max_shard_size=max_shard_size,
+                         progress=progress, requantize=requantize,
+                         extra_files=[folder / f for f in COPIED_FILES if (folder / f).is_file()])
+
+
 def _check_requantize_layout(requantize, transposed) -> None:
     if requantize and transposed:
         raise QLoRAError(f"--requantize is not supported for layers stored [in, out] (transformers' Conv1D, e.g. "
@@ -306,119 +330,6 @@ def report_dict(result: ExportResult) -> dict:
     if result.requantizer is not None:
         report["requantize"] = result.requantizer.report()
     return report
-
-
-# ---------------------------------------------------------------- from an in-memory model
-
-def _clean_name(key: str) -> str | None:
-    """Our module's state-dict key -> the plain model's key (None: not part of the plain model)."""
-    parts = key.split(".")
-    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
-        return None
-    if parts[-2:-1] == ["weight"] or "quant_state" in key:   # Linear4bit's weight.absmax, ... entries
-        return None
-    return ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
-
-
-def _plain_weight(module) -> torch.Tensor:
-    """A module's weight in fp32 in its checkpoint layout: dequantized for a 4-bit layer (what its
-    forward uses; [out, in], transposed back to [in, out] for one made from a Conv1D)."""
-    if is_4bit(module):
-        import bitsandbytes.functional as bnbf
-        w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-        return w.T.contiguous() if is_transposed(module) else w
-    return module.weight.detach().float()
-
-
-def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: bool = True, tokenizer=None,
-                  max_shard_size: int = 2 << 30, progress: bool = True, requantize: str | None = None) -> ExportResult:
-    """Export an in-memory (Q)LoRA model as a plain model folder, one layer at a time: each 4-bit
-    weight is dequantized, s·B·A added in fp32, cast to `dtype` (or re-quantized, with
-    `requantize="nf4"`/"fp4") and streamed to disk."""
-    import tempfile
-
-    from qlora.lora.files import save_adapter
-    from qlora.lora.inject import lora_layers
-    from qlora.quant.inspect import quant_settings
-    dtype = parse_dtype(dtype)
-    requantize = check_requantize(requantize)
-    out = Path(out)
-    if getattr(model, "config", None) is None:
-        raise QLoRAError("export_merged needs a transformers model (with .config); for other models use "
-                         "qlora.unload_lora on a non-quantized model and save its state_dict")
-    from qlora.fsdp.shard import is_sharded
-    if is_sharded(model):   # FSDP (qlora.fsdp): no rank holds the whole model in memory
-        raise QLoRAError("export_merged needs the whole model in memory, and this one is sharded (FSDP): export "
-                         "the adapter train() wrote instead, from one process: qlora export --base BASE_FOLDER "
-                         "--adapter OUT_DIR/adapter --out MERGED")
-    layers = lora_layers(model)
-    modules = dict(model.named_modules())
-    _check_requantize_layout(requantize, {n for n, m in modules.items() if is_4bit(m) and is_transposed(m)})
-    entries, seen_ids = {}, set()
-    for key, value in model.state_dict(keep_vars=True).items():
-        name = _clean_name(key)
-        if name is None or id(value) in seen_ids:          # tied weights are written once
-            continue
-        seen_ids.add(id(value))
-        owner = modules.get(key.rsplit(".", 1)[0])
-        if name.endswith(".weight") and owner is not None and is_4bit(owner):
-            shape = tuple(owner.weight.quant_state.shape)[::-1 if is_transposed(owner) else 1]
-        else:
-            shape = tuple(value.shape)
-        entries[name] = (key, owner, shape, dtype if value.dtype.is_floating_point or shape != tuple(value.shape)
-                         else value.dtype)
-    out_specs = {n: (e[2], e[3]) for n, e in entries.items()}
-    four_bit = {n.removesuffix(".weight"): e[1] for n, e in entries.items()
-                if n.endswith(".weight") and e[1] is not None and is_4bit(e[1])}
-    result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto="dequantized")
-    rq = result.requantizer = Requantizer.create(requantize, quant_settings(model) or {}, dtype, four_bit) \
-        if requantize else None
-    plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
-    lora_by_base = {id(layer.base_layer): (path, layer) for path, layer in layers.items()}
-    tmp = _staging_folder(out, force)
-    try:
-        state = model.state_dict(keep_vars=True)
-        with ShardedWriter(tmp, plan) as writer, torch.no_grad():
-            for name in tqdm(out_specs, desc="export", unit="tensor", disable=not progress):
-                key, owner, shape, out_dtype = entries[name]
-                update_norm = 0.0
-                if name.endswith(".weight") and owner is not None and id(owner) in lora_by_base:
-                    path, layer = lora_by_base[id(owner)]
-                    seen = _plain_weight(owner)
-                    delta = layer.delta_weight()
-                    update_norm = delta.norm().item()
-                    # the unquantized W is not in memory: its rounding error is unknown, not 0
-                    result.layers.append(LayerUpdate(path, update_norm, None))
-                    tensor = seen if layer.merged else seen + delta
-                elif name.endswith(".weight") and owner is not None and is_4bit(owner):
-                    tensor = _plain_weight(owner)
-                else:
-                    tensor = state[key].detach()
-                if rq is not None and rq.wants(name):
-                    rq.write(writer, name.removesuffix(".weight"), tensor.float(), update_norm)
-                else:
-                    writer.write(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
-        config = model.config.to_dict()
-        config["architectures"] = [type(model).__name__]
-        write_config(tmp, config, dtype, quantization_config=rq.quantization_config(out_specs) if rq else None)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if verify and layers:
-            from qlora.export import verify as ev
-            # what each adapted (and, for --requantize, each 4-bit) layer held in training, read when asked
-            sources = {**four_bit, **{path: layer.base_layer for path, layer in layers.items()}}
-            check = ev.verify_requantized if rq else ev.verify_export
-            with tempfile.TemporaryDirectory() as adapter_dir:
-                save_adapter(model, adapter_dir)
-                result.verification = check(tmp, adapter_dir, result, lambda p: _plain_weight(sources[p]),
-                                            live_model=model, input_folder=tmp)
-        _finish(tmp, out, result)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
 
 
 def summary(result: ExportResult) -> str:

@@ -106,8 +106,9 @@ def verify_export(folder: Path, adapter, result, seen_weight, *, live_model=None
     `seen_weight(path)` gives the fp32 weight the adapter at module `path` saw in training."""
     def put_back(model, dtype):                 # adapted weights back to what training saw
         params = dict(model.named_parameters())
-        for layer in result.layers:
-            params[layer.name + ".weight"].copy_(seen_weight(layer.name).to(dtype))
+        for layer in result.layers:     # a module's weight, or an experts matrix (named by its own path)
+            name = layer.name + ".weight" if layer.name + ".weight" in params else layer.name
+            params[name].copy_(seen_weight(layer.name).to(dtype))
     report = _against_reference(folder, adapter, result, put_back, live_model=live_model, input_folder=input_folder)
     limit_rel, limit_agree = THRESHOLDS[result.dtype]
     report["thresholds"] = {"relative_error": limit_rel, "top1_agreement_pct": limit_agree}

@@ -20,7 +20,7 @@ from torch import nn
 from qlora.arch.experts import expert_weight_names, is_experts_module, matrix_name
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
-from qlora.arch.quantized import is_4bit, is_4bit_param, is_linear, is_transposed
+from qlora.arch.quantized import four_bit_params, is_4bit, is_4bit_param, is_linear, is_transposed
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.lora.experts import LoRAExperts, attach, detach
@@ -166,12 +166,16 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                 p.requires_grad_(True)
 
     config.qlora = dict(config.qlora or {})
-    if any(is_4bit(m) for m in model.modules()):
+    if any(is_4bit(m) for m in model.modules()) or any(True for _ in four_bit_params(model)):
         from qlora.quant.inspect import quant_settings  # only 4-bit models need bitsandbytes imported
         config.qlora.update(quant_settings(model) or {})
         # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those
         config.qlora["quantized_modules"] = sorted(
             {n.removesuffix(".base_layer") for n, m in model.named_modules() if is_4bit(m)})
+    experts_4bit = sorted(f"{path}.{name}" for path, module, name, _ in four_bit_params(model)
+                          if is_experts_module(module))
+    if experts_4bit:    # 4-bit experts matrices: the export rebuilds them through the 4-bit model (qlora.export)
+        config.qlora["quantized_experts"] = experts_4bit
     # layers whose checkpoint weight is [in, out] (transformers' Conv1D, 4-bit or not): the export
     # transposes them around the merge and the 4-bit round trip
     transposed = sorted({n.removesuffix(".base_layer") for n, m in model.named_modules()

@@ -61,10 +61,12 @@ def quantize_experts(module: nn.Module, *, quant_type: str, double_quant: bool, 
         module._parameters[name] = bnb.nn.Params4bit(
             packed, requires_grad=False, quant_state=state, blocksize=blocksize, compress_statistics=double_quant,
             quant_type=quant_type, quant_storage=torch.uint8, bnb_quantized=True)
+        module._parameters[name]._is_hf_initialized = True     # a load in progress must not re-initialise it
         per_expert = max(per_expert, a * b * torch.finfo(compute_dtype).bits // 8)
         bias = module._parameters.get(name + "_bias")
         if bias is not None:
             module._parameters[name + "_bias"] = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+            module._parameters[name + "_bias"]._is_hf_initialized = getattr(bias, "_is_hf_initialized", False)
         del w
     module.compute_dtype = compute_dtype
     module.qlora_quantized_from = dtype_name(compute_dtype)

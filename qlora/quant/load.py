@@ -16,10 +16,13 @@ import re
 import torch
 from torch import nn
 
+from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.heads import OUTPUT_HEAD_NAMES
+from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.errors import QLoRAError
 from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model
+from qlora.quant.experts import quantize_experts
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -59,6 +62,38 @@ def _skeleton(path: str, model_class, kwargs: dict) -> nn.Module | None:
             return factory(config, **({"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}))
     except Exception:  # noqa: BLE001 -- any failure: fall back to name patterns, from_pretrained reports
         return None
+
+
+class _QuantizeExpertsWhileLoading:
+    """Each experts module (qlora.arch.experts) quantized to 4-bit as soon as transformers has set its last 3-D
+    matrix, while the checkpoint is still being read: the process holds one layer's float experts at a time,
+    never the whole model's. transformers' loader sets every parameter through
+    `core_model_loading.set_param_for_module`, swapped here for the duration of one load (like
+    _BlocksizeForTransformers: not for two concurrent loads in threads of one process)."""
+
+    def __init__(self, settings: dict, skip: list[str]):
+        self.settings, self.skip = settings, skip
+
+    def __enter__(self):
+        from transformers import core_model_loading
+        self.module, self.original = core_model_loading, core_model_loading.set_param_for_module
+        original, settings, skip = self.original, self.settings, self.skip
+
+        def set_param_for_module(model, target_name, *args, **kwargs):
+            original(model, target_name, *args, **kwargs)
+            path = target_name.rpartition(".")[0]
+            experts = model.get_submodule(path) if path else model
+            if not is_experts_module(experts) or any(matches_parts(path, s) for s in skip):
+                return
+            matrices = [experts._parameters.get(n) for n in expert_weight_names(experts)]
+            if all(w is not None and w.device.type != "meta" and w.is_floating_point() for w in matrices):
+                quantize_experts(experts, **settings)
+
+        core_model_loading.set_param_for_module = set_param_for_module
+        return self
+
+    def __exit__(self, *exc):
+        self.module.set_param_for_module = self.original
 
 
 class _BlocksizeForTransformers:
@@ -113,15 +148,14 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     kwargs = _from_pretrained_kwargs(from_pretrained_kwargs, compute_dtype)
     path, model_class = _resolve(name_or_path, model_class, kwargs)
     skips, transformers_converts = _skips_for_transformers(path, model_class, kwargs, skip)
-    model = _load(path, model_class, kwargs, quant_type=quant_type, double_quant=double_quant,
-                  compute_dtype=compute_dtype, blocksize=blocksize, skips=skips,
-                  transformers_converts=transformers_converts)
+    settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
+    with _QuantizeExpertsWhileLoading(settings, skip):
+        model = _load(path, model_class, kwargs, skips=skips, transformers_converts=transformers_converts, **settings)
     # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
     # arrive in compute_dtype and are quantized here from the same values (their float weights are in
     # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
-    # so are the fused 3-D experts of mixture-of-experts models (transformers quantizes nn.Linear only);
-    # they too were loaded in compute_dtype (not yet streamed: the whole model's experts, then one module
-    # at a time to 4-bit)
+    # (the fused 3-D experts of mixture-of-experts models were quantized while loading, one module at a time;
+    # any left, e.g. a loader path that sets them otherwise, are quantized here)
     if conversion_plan(model, skip)[0] or experts_plan(model, skip):
         quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
                        blocksize=blocksize, skip_modules=skip or None)

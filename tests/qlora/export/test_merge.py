@@ -310,7 +310,7 @@ def test_export_report_json(llama, exports):
 
 def test_export_merged_equals_export_adapter(llama, exports):
     """From the in-memory QLoRA model: the same tensors as from the files (all-linear adapter)."""
-    from qlora.export.merge import export_merged
+    from qlora.export.live import export_merged
     for dtype, from_files in (("float32", exports.fp32), ("bfloat16", exports.bf16)):
         out = llama.root / f"merged-{dtype}"
         result = export_merged(llama.model, out, dtype=dtype, verify=dtype == "float32", progress=False)

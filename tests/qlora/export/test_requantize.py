@@ -190,7 +190,7 @@ def test_export_merged_fp4_float32(rq):
     dequantized base + its own s·B·A), done here."""
     import bitsandbytes.functional as F
 
-    from qlora.export.merge import export_merged
+    from qlora.export.live import export_merged
     from qlora.lora.inject import lora_layers
     out = rq.root / "merged-fp4"
     result = export_merged(rq.model, out, dtype="float32", requantize="fp4", verify=False, progress=False)
