@@ -80,7 +80,9 @@ SHAPE_RULES = {"_grouped_mm.default": _grouped_mm}
 
 def _conv_weight_grad_scratch(args) -> int:
     """convolution_backward computing a weight gradient unfolds its input (im2col) into a
-    buffer of the input's size inside the kernel, on CPU (measured: ViT's patch embedding)."""
+    buffer of the input's size inside the kernel, on CPU (measured: ViT's patch embedding). That is
+    torch's own kernel; where oneDNN takes the convolution (bf16 on AVX512-BF16 CPUs) its scratchpad
+    depends on the ISA and thread count instead, and is not modelled (README: "Not included")."""
     mask = args[-1] if len(args) >= 11 else (True, True, True)
     return args[1].untyped_storage().nbytes() if mask[1] else 0
 

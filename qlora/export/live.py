@@ -24,6 +24,7 @@ from qlora.errors import QLoRAError
 from qlora.export.merge import ExportResult, LayerUpdate, _check_requantize_layout, _finish, _staging_folder, write_config
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.writer import ShardedWriter, plan_shards
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.util.dtypes import dtype_name, parse_dtype
 
 
@@ -41,7 +42,7 @@ def _plain_weight(module) -> torch.Tensor:
     """A module's weight in fp32 in its checkpoint layout: dequantized for a 4-bit layer (what its
     forward uses; [out, in], transposed back to [in, out] for one made from a Conv1D)."""
     if is_4bit(module):
-        import bitsandbytes.functional as bnbf
+        bnbf = import_bnb().functional
         w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
         return w.T.contiguous() if is_transposed(module) else w
     return module.weight.detach().float()

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlora.errors import QLoRAError
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.util.dtypes import dtype_name
 
 CHOICES = ("none", "nf4", "fp4")
@@ -112,7 +113,7 @@ class Requantizer:
 
     def _packed_state_length(self, shape: tuple) -> int:
         """Longest the packed JSON of QuantState.as_dict(packed=True) can be for this layer."""
-        import bitsandbytes.functional as F
+        F = import_bnb().functional
         empty = torch.empty(0)
         nested = F.QuantState(empty, code=empty, blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32) \
             if self.double_quant else None

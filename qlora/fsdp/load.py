@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qlora.arch.quantized import linear_features
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.convert import conversion_plan, mark_layer
 from qlora.quant.load import load_4bit
 from qlora.quant.settings import (
@@ -33,8 +34,8 @@ def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, 
                      compute_dtype: torch.dtype):
     """A bitsandbytes Linear4bit on the meta device with the shapes quantization would give: packed
     [ceil(out*in/2), 1] uint8, absmax [blocks], nested absmax [ceil(blocks/256)], codes [16]/[256]."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
+    bnb = import_bnb()
+    QuantState = bnb.functional.QuantState
     in_f, out_f = linear_features(linear)          # nn.Linear or Conv1D (qlora.arch.quantized)
     n = out_f * in_f
     blocks = -(-n // blocksize)

@@ -41,6 +41,7 @@ from torch import nn
 
 from qlora.arch.quantized import is_4bit
 from qlora.errors import QLoRAError
+from qlora.quant.bnb_fixes import import_bnb
 
 
 def _dtensor_cls():
@@ -115,7 +116,7 @@ class Linear4bitShard(nn.Module):
 
     def quant_state(self):
         """The bitsandbytes QuantState of the (all-gathered) tensors this layer holds now."""
-        from bitsandbytes.functional import QuantState
+        QuantState = import_bnb().functional.QuantState
         state2 = (QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2,
                              dtype=torch.float32) if self.nested else None)
         absmax = self.absmax if self.nested else self.absmax.view(torch.float32)
@@ -125,7 +126,7 @@ class Linear4bitShard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # what bnb.nn.Linear4bit.forward does, with the QuantState rebuilt from this layer's tensors
-        import bitsandbytes as bnb
+        bnb = import_bnb()
         inp_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -133,7 +134,7 @@ class Linear4bitShard(nn.Module):
 
     def to_linear4bit(self):
         """A bitsandbytes Linear4bit with this layer's (unsharded, plain) tensors, sharing them."""
-        import bitsandbytes as bnb
+        bnb = import_bnb()
         if is_dtensor(self.weight):
             raise QLoRAError("to_linear4bit needs the whole layer: call it outside the sharded model "
                              "(e.g. on a model loaded from the saved adapter)")

@@ -167,7 +167,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
     config.qlora = dict(config.qlora or {})
     if any(is_4bit(m) for m in model.modules()) or any(True for _ in four_bit_params(model)):
-        from qlora.quant.inspect import quant_settings  # only 4-bit models need bitsandbytes imported
+        from qlora.quant.bnb_fixes import import_bnb  # only 4-bit models need bitsandbytes imported
+        from qlora.quant.inspect import quant_settings
+        import_bnb()   # a base quantized elsewhere (transformers' loader): trained through our fixes too
         config.qlora.update(quant_settings(model) or {})
         # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those
         config.qlora["quantized_modules"] = sorted(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from qlora.quant.bnb_fixes import import_bnb
+
 CHUNK_ELEMENTS = 1 << 20     # 4 MiB of fp32 per piece: ~14 MiB of quantizer scratch
 
 
@@ -25,7 +27,7 @@ def _step(blocksize: int, chunk_elements: int) -> int:
 def quantize_4bit_chunked(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
                           chunk_elements: int = CHUNK_ELEMENTS):
     """(packed uint8 codes [(n+1)//2, 1], bitsandbytes QuantState) of `weight` in its own dtype."""
-    import bitsandbytes.functional as F
+    F = import_bnb().functional
     flat = weight.reshape(-1)
     step = _step(blocksize, chunk_elements)
     codes, absmax = [], []
@@ -46,7 +48,7 @@ def quantize_4bit_chunked(weight: torch.Tensor, *, quant_type: str, blocksize: i
 
 def dequantize_4bit_chunked(packed: torch.Tensor, state, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """The weight in ``state.dtype`` and ``state.shape``, dequantized piece by piece."""
-    import bitsandbytes.functional as F
+    F = import_bnb().functional
     absmax = state.absmax
     if state.nested:
         absmax = F.dequantize_blockwise(state.absmax, state.state2)

@@ -44,6 +44,7 @@ from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features
 from qlora.errors import QLoRAError
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.experts import quantize_experts
 from qlora.quant.settings import (
     check_blocksize,
@@ -69,7 +70,7 @@ def make_params4bit(weight: torch.Tensor, *, quant_type: str, double_quant: bool
     codes per byte) and ``.quant_state`` with absmax per block (uint8 + nested fp32 scales when
     ``double_quant``, else fp32), the 16-entry code book and the original shape/dtype.
     """
-    import bitsandbytes as bnb
+    bnb = import_bnb()
     quant_type = check_quant_type(quant_type)
     blocksize = check_blocksize(blocksize)
     double_quant = check_double_quant(double_quant)
@@ -104,7 +105,7 @@ def make_linear4bit(linear: nn.Module, *, quant_type: str = "nf4", double_quant:
     The bias (if any) is copied in ``compute_dtype`` (Linear4bit casts it to the compute dtype
     in its forward anyway -- in place -- so storing it that way avoids a silent dtype change).
     """
-    import bitsandbytes as bnb
+    bnb = import_bnb()
     compute_dtype = check_compute_dtype(compute_dtype)
     # Built on the meta device: no throw-away random fp32 [out, in] weight is allocated.
     in_features, out_features = linear_features(linear)

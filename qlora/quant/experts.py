@@ -34,6 +34,7 @@ from torch import nn
 
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.quantized import is_4bit_param
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.chunked import quantize_4bit_chunked
 from qlora.util.dtypes import dtype_name
 
@@ -46,7 +47,7 @@ def quantize_experts(module: nn.Module, *, quant_type: str, double_quant: bool, 
                      blocksize: int) -> nn.Module:
     """Replace the 3-D matrices of one experts module by 4-bit Params4bit (quantized from `compute_dtype`);
     biases are stored in compute_dtype; the module's forward becomes `experts_forward`. In place."""
-    import bitsandbytes as bnb
+    bnb = import_bnb()
     per_expert = 0
     for name in expert_weight_names(module):
         w = module._parameters[name]

@@ -12,6 +12,7 @@ from torch import nn
 
 from qlora.arch.quantized import four_bit_params, is_4bit
 from qlora.errors import QLoRAError
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.util.dtypes import dtype_name
 
 
@@ -59,7 +60,7 @@ def dequantize_weight(linear4bit: nn.Module) -> torch.Tensor:
     CPU kernel -- layers made by qlora never are -- is unpacked first; its absmax was rounded to
     bf16 by that repack, so it is then only approximately the original.)
     """
-    import bitsandbytes.functional as F
+    F = import_bnb().functional
     layer = _layer_of(linear4bit)
     if not is_4bit(layer):
         raise QLoRAError(f"dequantize_weight needs a bitsandbytes Linear4bit; got {type(linear4bit).__name__}")

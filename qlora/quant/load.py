@@ -21,6 +21,7 @@ from qlora.arch.heads import OUTPUT_HEAD_NAMES
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.errors import QLoRAError
+from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model
 from qlora.quant.experts import quantize_experts
 from qlora.quant.settings import (
@@ -219,6 +220,7 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
     from transformers import BitsAndBytesConfig
 
     from qlora.arch.loading import from_pretrained_quietly
+    import_bnb()   # transformers imports bitsandbytes itself: through our door first (qlora.quant.bnb_fixes)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,

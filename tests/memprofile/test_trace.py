@@ -4,6 +4,8 @@ Bounds are the README's ("Where does the memory go?"): peak within 5 %, every ot
 within 2 %. A representative row per architecture here; the full sweep (8 architectures x 5
 configurations x 2 batches x 2 lengths x loss/optimizer variants) is benchmarks/memory_sweep.py.
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,18 @@ from tests.memprofile.mp_models import configure, make_batch_fn, model_from_conf
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PEAK_BOUND, CATEGORY_BOUND = 0.05, 0.02
+
+
+def native_convolution(on: bool):
+    """ViT's patch embedding is a convolution. trace.SCRATCH models the scratch of torch's own CPU
+    kernel (the weight gradient unfolds its input). On a CPU where oneDNN takes bf16 convolutions
+    (AVX512-BF16: aten::mkldnn_convolution) the kernel's scratch is oneDNN's instead, and it cannot be
+    predicted from shapes: it depends on the implementation oneDNN picks for the ISA and on the thread
+    count (measured for this [1, 3, 32, 32] bf16 input on a Xeon: forward 225 KB at 2 threads;
+    weight-gradient backward 1.10 MB + 256 KB at 2 threads, 0.56 MB + 256 KB at 1), 2x this tiny
+    model's whole step. So the step is measured on the kernel the prediction models; README: "Not
+    included"."""
+    return torch.backends.mkldnn.flags(enabled=False) if on else contextlib.nullcontext()
 
 
 def assert_close(measured, predicted, what=""):
@@ -30,7 +44,8 @@ def assert_close(measured, predicted, what=""):
 def test_trace_predicts_the_measured_step(arch, conf, batch, seq):
     model, config, make_batch = tiny_model(arch, layers=2, image_size=seq if arch == "vit" else 32)
     configure(model, conf, arch)
-    measured = measure_step(model, make_batch(batch, seq), timed_steps=0)
+    with native_convolution(arch == "vit"):
+        measured = measure_step(model, make_batch(batch, seq), timed_steps=0)
     predicted = traced(arch, conf, batch, seq)
     assert_close(measured, predicted, (arch, conf))
     assert predicted.peak_method.startswith("fake-tensor") and predicted.peak_at

@@ -15,7 +15,7 @@ import torch
 
 import qlora
 from qlora import LoraConfig, add_lora
-from qlora.quant import dequantize_weight, load_4bit, quantize_model
+from qlora.quant import dequantize_weight, is_4bit, load_4bit, quantize_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]   # transformers: is_gradient_checkpointing (via PEFT)
@@ -141,6 +141,13 @@ def test_qlora_adapter_in_peft_on_transformers_4bit_gpt2(tiny_gpt2, token_ids, t
                                     bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
     theirs = GPT2LMHeadModel.from_pretrained(tmp_path / "base", quantization_config=bnb_config, dtype=torch.float32,
                                              device_map="cpu")
+    # On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit in place on its first eval/no-grad forward
+    # for its bf16 CPU kernel: the absmax rounded to bf16 (weights up to ~0.4% off), and for in_features <
+    # blocksize, as in this 32-wide model, the repack fails (a [96, 0] reshape). qlora's layers opt out
+    # (qlora.quant.convert.mark_layer); transformers' do not: opt them out too, to compare the same weights.
+    for module in theirs.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
     peft_model = PeftModel.from_pretrained(theirs, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(token_ids).logits, live(token_ids).logits, rtol=1e-5, atol=1e-5)
