@@ -27,7 +27,7 @@ class DemoConfig(SeqClsConfig):
 
 
 def main(cfg: DemoConfig) -> dict:
-    from qlora.export.merge import export_adapter, summary
+    from qlora.export import export_adapter, summary
     from qlora.plan.sweep import sweep
     from qlora_recipes.results import markdown_table
     out = Path(cfg.out_dir)

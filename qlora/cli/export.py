@@ -36,7 +36,7 @@ def release_freed_memory_early() -> None:
 
 
 def run(args) -> int:
-    from qlora.export.merge import export_adapter, summary
+    from qlora.export import export_adapter, summary
     release_freed_memory_early()
     result = export_adapter(args.base, args.adapter, args.out, dtype=args.dtype, merge_onto=args.merge_onto,
                             force=args.force, verify=not args.no_verify, max_shard_size=args.max_shard_size,

@@ -5,7 +5,8 @@
     requantize.py  the merged layers re-quantized to 4-bit (--requantize)
     checkpoint.py  reading the base checkpoint one tensor at a time;  writer.py  the sharded safetensors writer
 """
+from qlora.export.common import ExportResult, report_dict, summary
 from qlora.export.live import export_merged
-from qlora.export.merge import ExportResult, export_adapter, report_dict, summary
+from qlora.export.merge import export_adapter
 
 __all__ = ["ExportResult", "export_adapter", "export_merged", "report_dict", "summary"]

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qlora.arch.experts import is_experts_module
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed
 from qlora.errors import QLoRAError
-from qlora.export.merge import ExportResult, LayerUpdate, _check_requantize_layout, _finish, _staging_folder, write_config
+from qlora.export.common import ExportResult, LayerUpdate, check_requantize_layout, finish, staging_folder_for, write_config
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.quant.bnb_fixes import import_bnb
@@ -106,10 +107,10 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                          "--adapter OUT_DIR/adapter --out MERGED")
     layers = lora_layers(model)
     modules = dict(model.named_modules())
-    _check_requantize_layout(requantize, {n for n, m in modules.items() if is_4bit(m) and is_transposed(m)})
+    check_requantize_layout(requantize, {n for n, m in modules.items() if is_4bit(m) and is_transposed(m)})
     entries = _entries(model, dtype)
     state = model.state_dict(keep_vars=True)
-    experts_4bit = {n for n, e in entries.items() if is_4bit_param(state[e[0]])}
+    experts_4bit = {n for n, e in entries.items() if is_experts_module(e[1]) and is_4bit_param(state[e[0]])}
     if requantize and experts_4bit:
         raise QLoRAError(f"--requantize does not write 4-bit experts matrices yet (e.g. {sorted(experts_4bit)[0]!r}); "
                          "export in bfloat16/float16 (without --requantize)")
@@ -127,7 +128,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                     if not isinstance(layer, LoRAExperts)}
     lora_by_matrix = {(id(layer.base_layer), layer.weight_name): layer for layer in layers.values()
                       if isinstance(layer, LoRAExperts)}
-    tmp = _staging_folder(out, force)
+    tmp = staging_folder_for(out, force)
     try:
         with ShardedWriter(tmp, plan) as writer, torch.no_grad():
             for name in tqdm(list(entries), desc="export", unit="tensor", disable=not progress):
@@ -174,7 +175,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
             shutil.copy2(extra, tmp / Path(extra).name)
         if verify and layers:
             _verify(model, layers, four_bit, rq, result, tmp)
-        _finish(tmp, out, result)
+        finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,44 +32,20 @@ from qlora.export.checkpoint import (  # noqa: F401
     tensor_specs,
     training_weight,
 )
+from qlora.export.common import (
+    COPIED_FILES,
+    ExportResult,
+    LayerUpdate,
+    check_requantize_layout,
+    finish,
+    staging_folder_for,
+    write_config,
+)
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.lora.files import read_adapter_config, read_adapter_tensors
 from qlora.util.dtypes import dtype_name, parse_dtype
-from qlora.util.staging import publish, staging_folder
 
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                "chat_template.jinja", "preprocessor_config.json")
-
-
-@dataclass
-class LayerUpdate:
-    """One adapted weight: what was added and how big the NF4 rounding was next to it."""
-    name: str
-    update_norm: float          # ||s·B·A||_F
-    quant_error_norm: float | None   # ||W - dequant(quant(W))||_F (W's rounding to the training dtype when
-                                     # not 4-bit); None when W is not at hand (export_merged: in memory)
-
-    @property
-    def ratio(self) -> float | None:
-        if self.quant_error_norm is None:
-            return None
-        return self.quant_error_norm / max(self.update_norm, 1e-30)
-
-
-@dataclass
-class ExportResult:
-    out: Path
-    dtype: str
-    merge_onto: str
-    layers: list[LayerUpdate] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    verification: dict = field(default_factory=dict)
-    requantizer: Requantizer | None = None     # --requantize: its settings and per-layer added error
-
-
-# ---------------------------------------------------------------- reading the inputs
 
 def adapter_updates(tensors: dict, paths: set[str],
                     transposed=frozenset()) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
@@ -128,31 +103,6 @@ def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float
 
 # ---------------------------------------------------------------- writing
 
-def _staging_folder(out: Path, force: bool) -> Path:
-    """The temp folder the export is written into (qlora.util.staging: stale ones of killed exports removed)."""
-    if out.exists() and not force:
-        raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise QLoRAError(f"{out} is a file, not a model folder; remove it or choose another --out")
-    return staging_folder(out)
-
-
-def _finish(tmp: Path, out: Path, result) -> None:
-    (tmp / "export_report.json").write_text(json.dumps(report_dict(result), indent=2))
-    publish(tmp, out)
-
-
-def write_config(folder: Path, config: dict, dtype: torch.dtype, overrides: dict | None = None,
-                 quantization_config: dict | None = None) -> None:
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    config.update(overrides or {})
-    config["dtype"] = dtype_name(dtype)
-    config.pop("torch_dtype", None)
-    if quantization_config:
-        config["quantization_config"] = quantization_config
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
 def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "dequantized", force: bool = False,
                    verify: bool = True, verify_live: bool = True, max_shard_size: int = 2 << 30,
                    progress: bool = True, requantize: str | None = None) -> ExportResult:
@@ -178,7 +128,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k}
     saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
     transposed = transposed_paths(adapter, settings, lora_paths)
-    _check_requantize_layout(requantize, transposed)
+    check_requantize_layout(requantize, transposed)
     updates = adapter_updates(tensors, lora_paths, transposed)
     specs = tensor_specs(files)
     strip, add = key_prefix_fix(list(specs), sorted(lora_paths))
@@ -208,7 +158,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         out_specs[name] = (tuple(value.shape), dtype if value.dtype.is_floating_point else value.dtype)
     plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
 
-    tmp = _staging_folder(out, force)
+    tmp = staging_folder_for(out, force)
     try:
         ckpt_key = {v: k for k, v in name_of.items()}
         with ShardedWriter(tmp, plan) as writer:
@@ -251,7 +201,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             check = ev.verify_requantized if rq else ev.verify_export
             result.verification = check(tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
                                         live_model=live, input_folder=folder)
-        _finish(tmp, out, result)
+        finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,12 +226,6 @@ def _export_through_the_4bit_model(folder: Path, adapter, out: Path, settings: d
     return export_merged(model, out, dtype=dtype, force=force, verify=verify, max_shard_size=max_shard_size,
                          progress=progress, requantize=requantize,
                          extra_files=[folder / f for f in COPIED_FILES if (folder / f).is_file()])
-
-
-def _check_requantize_layout(requantize, transposed) -> None:
-    if requantize and transposed:
-        raise QLoRAError(f"--requantize is not supported for layers stored [in, out] (transformers' Conv1D, e.g. "
-                         f"{sorted(transposed)[0]!r}); export in bfloat16/float16 (without --requantize)")
 
 
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
@@ -320,47 +264,3 @@ def _warn_small_updates(result: ExportResult) -> None:
             "behave like the trained one. Use --merge-onto dequantized.")
 
 
-def report_dict(result: ExportResult) -> dict:
-    report = {
-        "out": str(result.out), "dtype": result.dtype, "merge_onto": result.merge_onto,
-        "layers": [{"name": l.name, "update_norm": l.update_norm, "quant_error_norm": l.quant_error_norm,
-                    "ratio": l.ratio} for l in result.layers],
-        "warnings": result.warnings, "verification": result.verification,
-    }
-    if result.requantizer is not None:
-        report["requantize"] = result.requantizer.report()
-    return report
-
-
-def summary(result: ExportResult) -> str:
-    """A few lines for the terminal: the layers, the verification, and any warning."""
-    lines = [f"exported {len(result.layers)} merged layers to {result.out} ({result.dtype}, "
-             f"merged onto {result.merge_onto} weights)"]
-    if result.layers:
-        mean_upd = sum(l.update_norm for l in result.layers) / len(result.layers)
-        known = [l for l in result.layers if l.ratio is not None]
-        if known:
-            worst = max(known, key=lambda l: l.ratio)
-            lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g}; NF4 error / update: worst {worst.ratio:.3g} "
-                         f"({worst.name})")
-        else:      # export_merged: the unquantized weights were never in memory
-            lines.append(f"  LoRA update ||s·B·A||_F: mean {mean_upd:.4g} (NF4 error unknown: the unquantized "
-                         "weights are not in memory; `qlora export` from the base folder reports it)")
-    if result.requantizer is not None:
-        lines += result.requantizer.summary()
-    v = result.verification
-    if v:
-        r = v["vs_reference"]
-        if v["passed"] is None:      # requantized output: no limit
-            verdict = f"-> for information: {v['note']}"
-        else:
-            verdict = (f"-> {'PASS' if v['passed'] else 'FAIL'} (limits: relative <= {v['thresholds']['relative_error']:g}, "
-                       f"agreement >= {v['thresholds']['top1_agreement_pct']:g}%)")
-        lines.append(f"  vs unmerged reference: max |Δ| {r['max_abs_error']:.3g}, relative {r['relative_error']:.3g}, "
-                     f"top-1 agreement {r['top1_agreement_pct']:.1f}%  {verdict}")
-        if "vs_live_qlora" in v:
-            r = v["vs_live_qlora"]
-            lines.append(f"  vs live QLoRA model (bitsandbytes 4-bit forward, for information): relative "
-                         f"{r['relative_error']:.3g}, top-1 agreement {r['top1_agreement_pct']:.1f}%")
-    lines += [f"  warning: {w}" for w in result.warnings]
-    return "\n".join(lines)

@@ -317,7 +317,7 @@ def test_export_merged_equals_export_adapter(llama, exports):
         assert len(result.layers) == 14
         # the unquantized W is not in memory: its NF4 error is reported as unknown, never as 0
         assert all(l.quant_error_norm is None and l.ratio is None for l in result.layers)
-        from qlora.export.merge import summary
+        from qlora.export import summary
         assert "NF4 error unknown" in summary(result) and "worst 0" not in summary(result)
         if dtype == "float32":       # its own check: against the live model's dequantized weights + adapters
             assert result.verification["passed"], result.verification
@@ -332,7 +332,7 @@ def test_export_merged_vs_adapter_partial_targets(llama):
     """With adapters on q_proj/v_proj only, the other Linear layers were 4-bit in training but carry
     no adapter. The model that trained used dequant(quant(W)) for them, so both exports write exactly
     that: the adapter config lists every 4-bit module, adapted or not."""
-    from qlora.export.merge import export_adapter, export_merged
+    from qlora.export import export_adapter, export_merged
     root = llama.root / "partial"
     model = train_qlora_adapter(llama.base, root / "adapter", target=["q_proj", "v_proj"])
     export_adapter(llama.base, root / "adapter", root / "files", dtype="float32", verify=False, progress=False)
@@ -599,7 +599,7 @@ def test_smollm2_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from qlora.bundled import smollm2_path
-    from qlora.export.merge import export_adapter, summary
+    from qlora.export import export_adapter, summary
     base = Path(smollm2_path())
     train_qlora_adapter(base, tmp_path / "adapter", r=8, alpha=16, std=4e-3)
     figures = {}
