@@ -31,6 +31,16 @@ def is_experts_module(module: nn.Module) -> bool:
     return all(flag in flags for flag in _FLAGS) and isinstance(flags["num_experts"], int)
 
 
+def is_router(module: nn.Module, parent: nn.Module | None) -> bool:
+    """A linear layer that scores the experts (Mixtral's gate, PhiMoE's and Llama 4's nn.Linear routers with a
+    forward of their own): one output per expert, where it, its parent or a sibling records `num_experts`.
+    Routers stay as they are: not quantized, no LoRA unless named (like the output head)."""
+    if not isinstance(module, nn.Linear):
+        return False
+    counts = {getattr(m, "num_experts", None) for m in (module, parent, *(parent.children() if parent else ()))}
+    return module.out_features in {n for n in counts if isinstance(n, int) and n > 1}
+
+
 def expert_weight_names(module: nn.Module) -> list[str]:
     """The experts module's 3-D matrices, in the order its forward uses them (and registers them)."""
     return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from qlora.arch.experts import expert_weight_names, is_experts_module, matrix_name
+from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
 from qlora.arch.quantized import four_bit_params, is_4bit, is_4bit_param, is_linear, is_transposed
@@ -57,7 +57,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if spec == "all-linear":
         heads = output_head_paths(model)
         found = {n: m for n, m in candidates.items()
-                 if (is_linear(m) and not isinstance(m, LoRALayer) and n not in heads) or matrix_name(n, m)}
+                 if (is_linear(m) and not isinstance(m, LoRALayer) and n not in heads
+                     and not is_router(m, model.get_submodule(n.rpartition(".")[0]) if "." in n else model))
+                 or matrix_name(n, m)}
         if not found:
             raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
     else:
@@ -86,6 +88,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                              "or leave it out of target_modules")
         if isinstance(module, ModulesToSave):
             raise QLoRAError(f"{name!r} is in modules_to_save (trained in full); it can't also get LoRA")
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if is_router(module, parent) and type(module).forward is not nn.Linear.forward:
+            raise QLoRAError(f"{name!r} is a router with a forward of its own ({type(module).__name__}: it returns "
+                             "routing scores, not a Linear output); LoRA cannot wrap it. Leave it out of "
+                             "target_modules (or exclude it with exclude_modules)")
         if lora_class_for(module) is None:
             raise QLoRAError(
                 f"{name!r} is a {type(module).__name__}; LoRA supports nn.Linear, transformers Conv1D, "

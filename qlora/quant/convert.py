@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora.arch.experts import is_experts_module
+from qlora.arch.experts import is_experts_module, is_router
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features
@@ -156,7 +156,7 @@ def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[
         if not is_linear(module) or is_4bit(module):
             continue
         parent = modules[name.rpartition(".")[0]] if "." in name else model
-        if (name in heads or any(h and name.startswith(h + ".") for h in heads)
+        if (name in heads or any(h and name.startswith(h + ".") for h in heads) or is_router(module, parent)
                 or any(p in _ADAPTER_PARTS for p in name.split("."))
                 or isinstance(parent, nn.MultiheadAttention)  # reads out_proj.weight directly
                 or any(matches_parts(name, p) for p in skip)):

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 import qlora
-from qlora.arch.experts import expert_weight_names, is_experts_module
+from qlora.arch.experts import expert_weight_names, is_experts_module, is_router
 from qlora.lora.experts import LoRAExperts
-from tests.qlora.quant.test_experts import FAMILIES, reference, tiny_moe
+from tests.qlora.quant.test_experts import FAMILIES, MORE_FAMILIES, reference, tiny_moe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -38,7 +38,9 @@ MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate", "lm_head"}
 
 def targets(model) -> tuple[list[str], list[str]]:
     """(the Linear layers to adapt, every expert matrix), as full paths."""
-    linears = [n for n in linear_names(model) if n.rpartition(".")[2] not in MLP_NAMES]
+    parents = dict(model.named_modules())
+    linears = [n for n in linear_names(model) if n.rpartition(".")[2] not in MLP_NAMES
+               and not is_router(parents[n], parents[n.rpartition(".")[0]])]
     matrices = [f"{n}.{w}" for n, m in model.named_modules() if is_experts_module(m) for w in expert_weight_names(m)]
     return linears, matrices
 
@@ -60,7 +62,7 @@ def peft_config(model):
     return LoraConfig(r=4, lora_alpha=8, target_modules=linears, target_parameters=matrices, init_lora_weights=False)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + list(MORE_FAMILIES))
 def test_peft_loads_our_adapter_and_gives_our_logits(family, tmp_path):
     from peft import PeftModel
     model, base = qlora_moe(family)
@@ -148,3 +150,11 @@ def test_4bit_experts_refuse_an_in_place_merge():
     model, _ = qlora_moe("mixtral")
     with pytest.raises(qlora.QLoRAError, match="4-bit experts"):
         qlora.merge_lora(model)
+
+
+def test_a_router_with_its_own_forward_is_refused_in_one_line():
+    model = tiny_moe("phimoe")
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear"))      # all-linear leaves routers out
+    assert not any("router" in n for n in qlora.lora.lora_layers(model))
+    with pytest.raises(qlora.QLoRAError, match="router with a forward of its own"):
+        qlora.add_lora(tiny_moe("phimoe"), qlora.LoraConfig(r=2, target_modules=["router"]))
