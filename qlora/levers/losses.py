@@ -108,6 +108,24 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     if isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None or head.weight.dtype == torch.uint8:
         # an adapted / biased / 4-bit head: fall back to the model's own loss
         return model(**inputs, labels=labels).loss
-    hidden = model.get_decoder()(**inputs).last_hidden_state
+    aux = bool(getattr(getattr(model, "config", None), "output_router_logits", False))   # a MoE asked for it
+    out = model.get_decoder()(**inputs, **({"output_router_logits": True} if aux else {}))
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
-    return chunked_cross_entropy(hidden, head.weight, shifted, chunk_size=chunk_size)
+    loss = chunked_cross_entropy(out.last_hidden_state, head.weight, shifted, chunk_size=chunk_size)
+    return _with_router_aux_loss(model, loss, out, attention_mask) if aux else loss
+
+
+def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> torch.Tensor:
+    """loss + router_aux_loss_coef x the load-balancing loss, as the model's own forward adds it when its
+    config says output_router_logits (the model's own load_balancing_loss_func, from its modeling module);
+    the aux loss rides along as `loss.aux_loss` (qlora.train logs it)."""
+    import sys
+    fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    logits = getattr(out, "router_logits", None)
+    if fn is None or logits is None:
+        return loss
+    top_k = getattr(model, "num_experts_per_tok", None) or model.config.num_experts_per_tok
+    aux = fn(logits, getattr(model, "num_experts", None), top_k, attention_mask)
+    total = loss + model.config.router_aux_loss_coef * aux.to(loss.device)
+    total.aux_loss = aux.detach()
+    return total

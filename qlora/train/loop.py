@@ -146,7 +146,7 @@ class _Run:
         self.step_times, self.t_last, self.seen_samples = [], time.perf_counter(), 0
         # the logged loss is the mean over every micro-batch since the last log line, not the last one's:
         # micro-batch losses are summed on the device (no sync), one .item() per optimizer step
-        self.step_loss_sum, self.step_micro, self.interval = 0.0, 0, []
+        self.step_loss_sum, self.step_micro, self.interval, self.aux = 0.0, 0, [], []
 
     def epochs(self, train_set, collate, position: dict) -> int:
         from tqdm.auto import tqdm
@@ -192,6 +192,8 @@ class _Run:
                     f"Last good checkpoint: {last or 'none (set save_every)'}. Lower lr, enable "
                     "max_grad_norm, or check the data.")
             self.step_loss_sum = self.step_loss_sum + loss.detach().float()
+            if getattr(loss, "aux_loss", None) is not None:      # a MoE's router load-balancing loss (in the loss)
+                self.aux.append(loss.aux_loss.float())
             self.step_micro += 1
             acc.backward(loss)
             if acc.sync_gradients and config.max_grad_norm:
@@ -226,10 +228,13 @@ class _Run:
         self.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                              samples_s=f"{self.seen_samples / (now - self.t_last):.1f}")
         if step % config.log_every == 0 or step == self.total:
-            self.log.write({"step": step, "epoch": epoch, "loss": sum(self.interval) / len(self.interval),
-                            "loss_steps": len(self.interval), "lr": lr,
-                            "samples_per_s": self.seen_samples / max(now - self.t_last, 1e-9)})
-            self.interval = []
+            row = {"step": step, "epoch": epoch, "loss": sum(self.interval) / len(self.interval),
+                   "loss_steps": len(self.interval), "lr": lr,
+                   "samples_per_s": self.seen_samples / max(now - self.t_last, 1e-9)}
+            if self.aux:
+                row["aux_loss"] = acc.reduce(torch.stack(self.aux).mean(), "mean").item()
+            self.log.write(row)
+            self.interval, self.aux = [], []
         self.seen_samples, self.t_last = 0, time.perf_counter()
         if config.save_every and step % config.save_every == 0 and (self.sharded or acc.is_main_process):
             save_checkpoint(self.out, self.plain, self.optimizer.optimizer, self.scheduler, position, config.keep_last,

@@ -69,3 +69,43 @@ def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):  # noqa: F811  
     assert sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft.named_modules()
                   if n.endswith(".lora_A")) == sorted(targets)
     assert (got - want).norm() < (plain - want).norm() + 1e-3 * want.norm()
+
+
+def test_sft_trains_and_exports_a_mixture_of_experts(tmp_path, smol_tok_dir):  # noqa: F811  (the fixture)
+    """qlora train sft on a Qwen3-MoE folder: 4-bit experts, an adapter on every expert matrix (PEFT's
+    target_parameters), the merged export in the checkpoint's per-expert layout, loaded by transformers."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.cli import main
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                  num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+                                  max_position_embeddings=256, **VOCAB)
+    torch.manual_seed(0)
+    folder = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    for p in smol_tok_dir.iterdir():
+        shutil.copy(p, folder / p.name)
+    data = write(tmp_path / "chats.jsonl", [{"messages": CHAT[:2]}, {"messages": CHAT}] * 4)
+    out = tmp_path / "run"
+    code = main(["train", str(CONFIG), f"model={folder}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
+                 "train.batch_size=2", "train.max_steps=2", "train.progress=false", "samples=1", "max_new_tokens=2",
+                 "lora.r=4", "export=true", "export_dtype=float32"])
+    assert code == 0
+    raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    facts = json.loads((out / "adapter" / "qlora_adapter.json").read_text())
+    matrices = [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
+    assert sorted(raw["target_parameters"]) == sorted(matrices) == sorted(facts["quantized_experts"])
+    report = json.loads((out / "merged" / "export_report.json").read_text())
+    assert report["verification"]["passed"], report["verification"]
+    with safe_open(str(out / "merged" / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in set(f.keys())     # the per-expert layout
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32).eval()
+    stock = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 9]])
+    with torch.no_grad():
+        plain, want = stock(input_ids=ids).logits, merged(input_ids=ids).logits
+        got = PeftModel.from_pretrained(stock, str(out / "adapter")).eval()(input_ids=ids).logits
+    # PEFT on the float base = the merged export up to the NF4 rounding the adapter trained against
+    assert (got - want).norm() < (plain - want).norm() + 1e-3 * want.norm()

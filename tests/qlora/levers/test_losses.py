@@ -65,3 +65,31 @@ def test_peak_is_one_chunk_not_all_logits():
     logits_bytes = n * vocab * 4
     assert full >= 2 * logits_bytes                # logits + their softmax/gradient
     assert chunked < logits_bytes / 2              # about one [64, vocab] chunk plus grad_hidden
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_asking_for_router_logits_gets_the_aux_loss_and_train_logs_it(family, tmp_path):
+    """config.output_router_logits: the chunked loss adds router_aux_loss_coef x the model's own load-balancing
+    loss, the value model(..., labels=).loss has; qlora.train logs it as aux_loss."""
+    import json
+
+    import qlora
+    from qlora.train import TrainConfig, train
+    from tests.qlora.quant.test_experts import tiny_moe
+    model = tiny_moe(family)
+    model.config.output_router_logits = True
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    own = model(input_ids=ids, labels=ids)
+    ours = causal_lm_loss(model, ids, ids, chunk_size=5)
+    torch.testing.assert_close(ours, own.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.aux_loss, own.aux_loss)
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear"))
+    data = [{"input_ids": ids[i % 2]} for i in range(4)]
+
+    def collate(rows):
+        x = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": x, "labels": x}
+    train(model, data, collate, lambda m, b: causal_lm_loss(m, b["input_ids"], b["labels"]),
+          TrainConfig(batch_size=2, max_steps=2, log_every=1, out_dir=str(tmp_path), progress=False))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["aux_loss"] > 0 for r in rows if "loss" in r] == [True, True]
