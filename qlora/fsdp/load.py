@@ -12,9 +12,11 @@ import os
 import torch
 from torch import nn
 
+from qlora.arch.experts import expert_weight_names
 from qlora.arch.quantized import linear_features
 from qlora.quant.bnb_fixes import import_bnb
-from qlora.quant.convert import conversion_plan, mark_layer
+from qlora.quant.convert import conversion_plan, experts_plan, mark_layer
+from qlora.quant.experts import chunk_experts, use_qlora_forward
 from qlora.quant.load import load_4bit
 from qlora.quant.settings import (
     check_blocksize,
@@ -23,6 +25,7 @@ from qlora.quant.settings import (
     check_quant_type,
     check_skip_modules,
 )
+from qlora.util.dtypes import dtype_name
 
 
 def _rank() -> int:
@@ -59,6 +62,38 @@ def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, 
     return layer
 
 
+def _meta_experts(module: nn.Module, *, quant_type: str, double_quant: bool, blocksize: int,
+                  compute_dtype: torch.dtype) -> None:
+    """What qlora.quant.experts.quantize_experts makes of an experts module, on the meta device: each 3-D
+    matrix a meta Params4bit ([E*a*b/2, 1] uint8) with a meta QuantState of bitsandbytes' whole-tensor shapes."""
+    bnb = import_bnb()
+    QuantState = bnb.functional.QuantState
+    meta = dict(device="meta")
+    for name in expert_weight_names(module):
+        E, a, b = module._parameters[name].shape
+        blocks = E * a * b // blocksize
+        state2 = (QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
+                             code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
+                  if double_quant else None)
+        qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
+                        shape=torch.Size([E, a, b]), code=torch.empty(16, dtype=torch.float32, **meta),
+                        blocksize=blocksize, quant_type=quant_type, dtype=compute_dtype,
+                        offset=torch.empty((), dtype=torch.float32, **meta) if double_quant else None, state2=state2)
+        module._parameters[name] = bnb.nn.Params4bit(
+            torch.empty(E * a * b // 2, 1, dtype=torch.uint8, **meta), requires_grad=False, quant_state=qs,
+            blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8,
+            bnb_quantized=True)
+        bias = module._parameters.get(name + "_bias")
+        if bias is not None:
+            module._parameters[name + "_bias"] = nn.Parameter(torch.empty(bias.shape, dtype=compute_dtype, **meta),
+                                                             requires_grad=False)
+    module.compute_dtype = compute_dtype
+    module.qlora_quantized_from = dtype_name(compute_dtype)
+    per_expert = max(module._parameters[n].quant_state.shape[1:].numel() for n in expert_weight_names(module))
+    module.qlora_chunk_experts = chunk_experts(module.num_experts, per_expert * torch.finfo(compute_dtype).bits // 8)
+    use_qlora_forward(module)
+
+
 def meta_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
               compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
               skip_modules: list[str] | None = None) -> nn.Module:
@@ -70,7 +105,10 @@ def meta_4bit(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool =
     kw = dict(quant_type=check_quant_type(quant_type), double_quant=check_double_quant(double_quant),
               blocksize=check_blocksize(blocksize), compute_dtype=compute_dtype)
     model.to(device="meta")
-    to_quantize, _ = conversion_plan(model, check_skip_modules(skip_modules))
+    skip = check_skip_modules(skip_modules)
+    to_quantize, _ = conversion_plan(model, skip)
+    for name in experts_plan(model, skip):
+        _meta_experts(model.get_submodule(name), **kw)
     for name in to_quantize:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

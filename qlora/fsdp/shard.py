@@ -39,7 +39,8 @@ import os
 import torch
 from torch import nn
 
-from qlora.arch.quantized import is_4bit
+from qlora.arch.experts import expert_weight_names, is_experts_module
+from qlora.arch.quantized import is_4bit, is_4bit_param
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
 
@@ -157,13 +158,40 @@ class Linear4bitShard(nn.Module):
 
 def to_shardable(model: nn.Module) -> nn.Module:
     """Replace every bitsandbytes Linear4bit of `model` (LoRA base layers included) by a
-    Linear4bitShard holding the same tensors, in place. Returns `model`."""
+    Linear4bitShard holding the same tensors, and lay out every 4-bit experts matrix the same way
+    (`experts_to_shardable`), in place. Returns `model`."""
     for name, module in list(model.named_modules()):
         if is_4bit(module):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, Linear4bitShard.from_linear4bit(module))
+        elif is_experts_module(module):
+            experts_to_shardable(module)
     return model
+
+
+def experts_to_shardable(module: nn.Module) -> None:
+    """Each 4-bit matrix of an experts module (qlora.quant.experts) as Linear4bitShard holds its weight: the
+    packed codes stay under the matrix's name as a plain frozen uint8 parameter, `<name>_absmax` (uint8; the
+    bytes of the fp32 absmax without double quantization) beside it, both sharded on dim 0 and all-gathered as
+    bytes; the code books, nested absmax and offset are replicated buffers (`<name>_code`, ...), the rest of
+    the QuantState plain attributes (`qlora_4bit_layout`). The experts forward rebuilds the QuantState from
+    the all-gathered tensors (qlora.quant.experts.matrix_4bit). Same bytes, no copy."""
+    layout = module.__dict__.setdefault("qlora_4bit_layout", {})
+    for name in expert_weight_names(module):
+        p = module._parameters.get(name)
+        if p is None or not is_4bit_param(p):
+            continue
+        qs = p.quant_state
+        module._parameters[name] = nn.Parameter(p.data.view(torch.uint8), requires_grad=False)
+        module._parameters[name + "_absmax"] = nn.Parameter(qs.absmax.view(torch.uint8), requires_grad=False)
+        module.register_buffer(name + "_code", qs.code)
+        if qs.nested:
+            module.register_buffer(name + "_offset", qs.offset)
+            module.register_buffer(name + "_absmax2", qs.state2.absmax)
+            module.register_buffer(name + "_code2", qs.state2.code)
+        layout[name] = {"shape": tuple(qs.shape), "blocksize": qs.blocksize, "quant_type": qs.quant_type,
+                        "dtype": qs.dtype, "nested": qs.nested, "blocksize2": qs.state2.blocksize if qs.nested else 256}
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +364,16 @@ def local_bytes(model: nn.Module, optimizer=None) -> dict[str, int]:
             qs = m.weight.quant_state
             nested = [qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else []
             parts = [m.weight, qs.absmax], [qs.code, *nested]
+        elif is_experts_module(m) and any(is_4bit_param(q) for q in m.parameters(recurse=False)):   # 4-bit experts
+            states = [q.quant_state for q in m.parameters(recurse=False) if is_4bit_param(q)]
+            parts = ([q for q in m.parameters(recurse=False) if is_4bit_param(q)] + [s.absmax for s in states],
+                     [c for s in states for c in (s.code, *((s.offset, s.state2.absmax, s.state2.code)
+                                                            if s.nested else ()))])
+        elif m.__dict__.get("qlora_4bit_layout"):      # 4-bit experts laid out for sharding
+            names = list(m.qlora_4bit_layout)
+            parts = ([t for n in names for t in (m.get_parameter(n), m.get_parameter(n + "_absmax"))],
+                     [b for n in names for s in ("_code", "_offset", "_absmax2", "_code2")
+                      for b in [m._buffers.get(n + s)] if b is not None])
         else:
             continue
         for t in parts[0]:

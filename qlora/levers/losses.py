@@ -105,8 +105,11 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     head = model.get_output_embeddings()
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
               "use_cache": False}
-    if isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None or head.weight.dtype == torch.uint8:
-        # an adapted / biased / 4-bit head: fall back to the model's own loss
+    if isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None or head.weight.dtype == torch.uint8 \
+            or _is_fsdp(model):
+        # an adapted / biased / 4-bit head, or a model sharded by FSDP2 (its root and head are all-gathered by
+        # their own forward hooks, which calling the decoder and the head's weight directly would skip):
+        # the model's own loss
         return model(**inputs, labels=labels).loss
     aux = bool(getattr(getattr(model, "config", None), "output_router_logits", False))   # a MoE asked for it
     out = model.get_decoder()(**inputs, **({"output_router_logits": True} if aux else {}))
@@ -129,3 +132,9 @@ def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> tor
     total = loss + model.config.router_aux_loss_coef * aux.to(loss.device)
     total.aux_loss = aux.detach()
     return total
+
+
+def _is_fsdp(model) -> bool:
+    import sys
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))

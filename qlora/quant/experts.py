@@ -71,9 +71,14 @@ def quantize_experts(module: nn.Module, *, quant_type: str, double_quant: bool, 
         del w
     module.compute_dtype = compute_dtype
     module.qlora_quantized_from = dtype_name(compute_dtype)
-    module.qlora_chunk_experts = max(1, min(CHUNK_BYTES // max(per_expert, 1), (module.num_experts + 1) // 2))
+    module.qlora_chunk_experts = chunk_experts(module.num_experts, per_expert)
     use_qlora_forward(module)
     return module
+
+
+def chunk_experts(num_experts: int, bytes_per_expert: int) -> int:
+    """Experts dequantized at a time: CHUNK_BYTES of one matrix at most, never more than half of them."""
+    return max(1, min(CHUNK_BYTES // max(bytes_per_expert, 1), (num_experts + 1) // 2))
 
 
 def use_qlora_forward(module: nn.Module) -> None:
@@ -86,25 +91,49 @@ def use_qlora_forward(module: nn.Module) -> None:
 
 
 def dequantize_experts(param, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Experts `idx` (LongTensor [k]; None: all) of a 4-bit 3-D matrix -> [k, a, b] in the dtype quantized from.
+    """Experts `idx` (LongTensor [k]; None: all) of a 4-bit 3-D matrix (a Params4bit) -> [k, a, b] in the dtype
+    quantized from. Bit-exact with `bitsandbytes.functional.dequantize_4bit` of the whole tensor, sliced."""
+    return dequantize_codes(param.data, param.quant_state, idx)
 
-    Bit-exact with `bitsandbytes.functional.dequantize_4bit` of the whole tensor, sliced; only the codes and
-    block constants of those experts are read. (Flat shapes: bitsandbytes 0.50's CPU kernel mis-scales a
-    matrix whose last dimension is shorter than a block.)"""
-    qs = param.quant_state
+
+def dequantize_codes(codes: torch.Tensor, qs, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The same from packed codes [E*a*b/2, 1] and their QuantState: only the codes and block constants of
+    experts `idx` are read. (Flat shapes: bitsandbytes' CPU kernel mis-scales a matrix whose rows do not end on
+    a block boundary; qlora.quant.bnb_fixes.)"""
     E, a, b = qs.shape
-    idx = torch.arange(E, device=param.device) if idx is None else idx
+    idx = torch.arange(E, device=codes.device) if idx is None else idx
     k, n, nb = len(idx), a * b, a * b // qs.blocksize
-    codes = param.data.view(E, n // 2)[idx].reshape(-1)
+    picked = codes.view(E, n // 2)[idx].reshape(-1)
     pos = (idx[:, None] * nb + torch.arange(nb, device=idx.device)).reshape(-1)          # [k*nb] block numbers
     if qs.nested:   # bitsandbytes' dequantize_blockwise of the absmax, on these blocks only: code[q] * scale + offset
         s2 = qs.state2
         absmax = s2.code[qs.absmax[pos].long()] * s2.absmax[pos // s2.blocksize] + qs.offset
     else:
         absmax = qs.absmax[pos]
-    out = torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax.float(), qs.blocksize, qs.quant_type,
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(picked, absmax.float(), qs.blocksize, qs.quant_type,
                                                          (k * n,), qs.dtype)
     return out.view(k, a, b)
+
+
+def matrix_4bit(module: nn.Module, name: str):
+    """(packed codes, QuantState) of a 4-bit experts matrix, or None for a float one: a Params4bit's own, or
+    rebuilt from the plain uint8 tensors qlora.fsdp shards (`qlora_4bit_layout`: its constants)."""
+    w = module.get_parameter(name)
+    if is_4bit_param(w):
+        return w.data, w.quant_state
+    layout = module.__dict__.get("qlora_4bit_layout", {}).get(name)
+    if layout is None:
+        return None
+    QuantState = import_bnb().functional.QuantState
+    nested = layout["nested"]
+    state2 = (QuantState(absmax=module.get_buffer(name + "_absmax2"), code=module.get_buffer(name + "_code2"),
+                         blocksize=layout["blocksize2"], dtype=torch.float32) if nested else None)
+    absmax = module.get_parameter(name + "_absmax")
+    qs = QuantState(absmax=absmax if nested else absmax.view(torch.float32), shape=torch.Size(layout["shape"]),
+                    code=module.get_buffer(name + "_code"), blocksize=layout["blocksize"],
+                    quant_type=layout["quant_type"], dtype=layout["dtype"],
+                    offset=module.get_buffer(name + "_offset") if nested else None, state2=state2)
+    return w, qs
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -113,16 +142,16 @@ class _Frozen4bitExperts(torch.autograd.Function):
     Saves no weight: backward dequantizes the chunk again. Gradient to x only (the weights are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, param, idx, sizes, transposed):
-        ctx.param, ctx.sizes, ctx.transposed = param, sizes, transposed
-        ctx.save_for_backward(idx)
-        return _grouped(x, dequantize_experts(param, idx), sizes, transposed)
+    def forward(ctx, x, codes, qs, idx, sizes, transposed):
+        ctx.qs, ctx.sizes, ctx.transposed = qs, sizes, transposed
+        ctx.save_for_backward(codes, idx)
+        return _grouped(x, dequantize_codes(codes, qs, idx), sizes, transposed)
 
     @staticmethod
     def backward(ctx, dy):
-        (idx,) = ctx.saved_tensors
-        w = dequantize_experts(ctx.param, idx)
-        return _grouped(dy.to(w.dtype), w, ctx.sizes, not ctx.transposed), None, None, None, None
+        codes, idx = ctx.saved_tensors
+        w = dequantize_codes(codes, ctx.qs, idx)
+        return _grouped(dy.to(w.dtype), w, ctx.sizes, not ctx.transposed), None, None, None, None, None
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, sizes: list[int], transposed: bool) -> torch.Tensor:
@@ -133,11 +162,11 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, sizes: list[int], transposed: boo
 
 def _project(module, name: str, x, idx, sizes, expert_of_row):
     """One matrix of the chunk: base (4-bit or float) (+ bias) (+ delta)."""
-    w = module.get_parameter(name)
-    if is_4bit_param(w):
-        y = _Frozen4bitExperts.apply(x, w, idx, sizes, module.is_transposed)
+    four_bit = matrix_4bit(module, name)
+    if four_bit is not None:
+        y = _Frozen4bitExperts.apply(x, *four_bit, idx, sizes, module.is_transposed)
     else:
-        y = _grouped(x, w[idx], sizes, module.is_transposed)
+        y = _grouped(x, module.get_parameter(name)[idx], sizes, module.is_transposed)
     if module.has_bias:
         y = y + module.get_parameter(name + "_bias")[expert_of_row]
     deltas = getattr(module, "expert_deltas", None)
