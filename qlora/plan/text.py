@@ -38,8 +38,10 @@ def format_plan(result: dict) -> str:
              f"({result['seconds']:.1f} s)",
              f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
     if result["moe"]:
-        lines.append("mixture of experts: the grouped_mm experts kernel processes all tokens x top_k in one "
-                     "buffer, so balanced and worst-case routing take the same memory")
+        lines.append("mixture of experts: the routed rows (tokens x top_k) are the same for any routing; "
+                     "lora/qlora run the experts with qlora's kernel, which dequantizes at most one chunk of the "
+                     "routed experts at a time (traced with balanced routing, the most experts per chunk: "
+                     "imbalanced routing needs the same or less); full fine-tuning uses transformers' grouped_mm")
     lines += ["", "| configuration | peak at batch 1 | largest batch at seq | longest seq at batch 1 | "
                   "weights | grads + optimizer | activations (batch 1) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
