@@ -36,6 +36,11 @@ def _rng_devices(x: torch.Tensor) -> list:
     return [x.device] if x.device.type == "cuda" else []
 
 
+class NotOneTensor(Exception):
+    """The module returned something else than one tensor (a MoE block that also returns its router's
+    scores, e.g. gpt-oss): it is not tiled, it runs as it is."""
+
+
 class TiledForward(torch.autograd.Function):
     """y = fn(x) over x's tokens in tiles of `tile`; x [..., N', H] -> y [..., N', H_out]."""
 
@@ -55,6 +60,8 @@ class TiledForward(torch.autograd.Function):
         with torch.no_grad():   # may not modify in place (Falcon adds the attention output into it)
             for start in range(0, flat.shape[1], tile)[:visit]:
                 y = fn(flat[:, start:start + tile])                   # [1, t, H_out]: one tile's intermediates
+                if not isinstance(y, torch.Tensor):
+                    raise NotOneTensor(type(y).__name__)
                 if out is None:
                     out = y.new_empty((*x.shape[:-1], y.shape[-1]))
                 out.view(1, -1, y.shape[-1])[:, start:start + y.shape[1]] = y
@@ -100,6 +107,7 @@ class TiledMLP:
 
     def __init__(self, module: nn.Module, tile: int, min_tokens: int):
         self.module, self.tile, self.min_tokens = module, tile, min_tokens
+        self.not_tileable = False     # its forward returned more than one tensor: run as it is
         self.visit = None
         """None; or a memory trace's shortcut: only the first `visit` tiles are computed (wrong values,
         the same peak). qlora.plan sets it on the fake models it traces, never on a model that trains."""
@@ -109,11 +117,16 @@ class TiledMLP:
 
     def __call__(self, x, *args, **kwargs):
         tokens = x.numel() // x.shape[-1] if x.dim() else 0
-        if args or kwargs or tokens <= max(self.min_tokens, self.tile) or not torch.is_grad_enabled():
+        if args or kwargs or tokens <= max(self.min_tokens, self.tile) or not torch.is_grad_enabled() \
+                or self.not_tileable:
             return type(self.module).forward(self.module, x, *args, **kwargs)
         # the trainable parameters go in as inputs, so autograd asks this Function for their gradients
         params = [p for p in self.module.parameters() if p.requires_grad]
-        return TiledForward.apply(self._forward, self.tile, self.visit, x, *params)
+        try:
+            return TiledForward.apply(self._forward, self.tile, self.visit, x, *params)
+        except NotOneTensor:
+            self.not_tileable = True
+            return type(self.module).forward(self.module, x, *args, **kwargs)
 
 
 def tile_mlps(model: nn.Module, *, tile: int = 1024, min_tokens: int = 4096,

@@ -206,3 +206,32 @@ def test_falcon_adds_into_the_tiled_output():
     torch.testing.assert_close(tiled[0], ref[0], atol=1e-6, rtol=1e-6)
     for k in ref[1]:
         torch.testing.assert_close(tiled[1][k], ref[1][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_blocks_tile_or_run_as_they_are(family):
+    """A MoE block is token-wise: tiled (4-bit experts, LoRA on every expert), loss and gradients are the
+    untiled ones. gpt-oss' block also returns its router scores: it runs untiled, with the same results."""
+    import copy
+
+    import qlora
+    from qlora.levers.tiled_mlp import TiledMLP, tile_mlps
+    from tests.qlora.quant.test_experts import tiny_moe
+    model = tiny_moe(family)
+    qlora.quantize_model(model, compute_dtype=torch.float32)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    tiled = copy.deepcopy(model)
+    tile_mlps(tiled, tile=4, min_tokens=4)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for m in (model, tiled):
+        m.train()
+        loss = qlora.causal_lm_loss(m, ids, ids)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-6)
+    for a, b in zip(model.parameters(), tiled.parameters()):
+        if a.requires_grad and a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    forwards = [m.__dict__["forward"] for m in tiled.modules() if isinstance(m.__dict__.get("forward"), TiledMLP)]
+    assert forwards and all(f.not_tileable == (family == "gpt_oss") for f in forwards)
