@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 import qlora
-from tests.qlora.quant.test_experts import tiny_moe
+from tests.qlora.quant.test_experts import FAMILIES, MORE_FAMILIES, tiny_moe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(4))
@@ -44,7 +44,7 @@ def stock_logits(folder: Path) -> torch.Tensor:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(IDS).logits
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", [f for f in list(FAMILIES) + list(MORE_FAMILIES) if f != "olmoe"])
 def test_export_merged_loads_in_stock_transformers(family, tmp_path):
     model = trained(family, tmp_path / "base")
     result = qlora.export_merged(model, tmp_path / "out", dtype="float32", progress=False)

@@ -106,8 +106,9 @@ def test_we_load_a_peft_written_adapter(family, tmp_path):
         torch.testing.assert_close(model(IDS).logits, peft(IDS).logits, rtol=0, atol=2e-5)
 
 
-def test_training_lowers_the_loss_and_moves_every_experts_adapter():
-    model, _ = qlora_moe("qwen3_moe", init=True)
+@pytest.mark.parametrize("family", list(FAMILIES) + list(MORE_FAMILIES))
+def test_training_lowers_the_loss_and_moves_every_experts_adapter(family):
+    model, _ = qlora_moe(family, init=True)
     qlora.prepare_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -122,7 +123,7 @@ def test_training_lowers_the_loss_and_moves_every_experts_adapter():
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1, losses
+    assert losses[-1] < losses[0] - 0.01 and all(b < a for a, b in zip(losses, losses[1:])), losses
     for layer, b0 in zip(layers, before):      # B starts at 0: each expert's B moved, for every expert
         moved = (layer.lora_B.detach() - b0).flatten(1).abs().amax(1)
         assert (moved > 0).all(), moved
