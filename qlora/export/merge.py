@@ -135,18 +135,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     name_of = {key: add + key.removeprefix(strip) for key in specs}
 
     # Check that everything fits before writing anything.
-    by_name = {name_of[k]: (k, *specs[k][1:]) for k in specs}
-    for path, (a, b, kind) in updates.items():
-        if path + ".weight" not in by_name:
-            raise QLoRAError(f"adapter module {path!r} has no weight {path}.weight in the base; "
-                             "the adapter was trained on another model. Nothing was written.")
-        shape = by_name[path + ".weight"][1]
-        expect = {"linear": (b.shape[0], a.shape[1]), "linear_t": (a.shape[1], b.shape[0]),
-                  "embedding": (a.shape[1], b.shape[0]),
-                  "conv": (b.shape[0], *a.shape[1:])}[kind]
-        if tuple(shape) != tuple(expect):
-            raise QLoRAError(f"adapter for {path!r} expects a weight of shape {expect} but the base has {shape}; "
-                             "the adapter was trained on another model size. Nothing was written.")
+    _check_shapes(updates, {name_of[k]: (k, *specs[k][1:]) for k in specs})
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
     quantized = set(settings.get("quantized_modules", []))
     rq = result.requantizer = Requantizer.create(requantize, settings, dtype, quantized) if requantize else None
@@ -206,6 +195,21 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _check_shapes(updates: dict, by_name: dict) -> None:
+    """Every adapted module has a weight in the base, of the shape its A and B imply (else nothing is written)."""
+    for path, (a, b, kind) in updates.items():
+        if path + ".weight" not in by_name:
+            raise QLoRAError(f"adapter module {path!r} has no weight {path}.weight in the base; "
+                             "the adapter was trained on another model. Nothing was written.")
+        shape = by_name[path + ".weight"][1]
+        expect = {"linear": (b.shape[0], a.shape[1]), "linear_t": (a.shape[1], b.shape[0]),
+                  "embedding": (a.shape[1], b.shape[0]),
+                  "conv": (b.shape[0], *a.shape[1:])}[kind]
+        if tuple(shape) != tuple(expect):
+            raise QLoRAError(f"adapter for {path!r} expects a weight of shape {expect} but the base has {shape}; "
+                             "the adapter was trained on another model size. Nothing was written.")
 
 
 def _export_through_the_4bit_model(folder: Path, adapter, out: Path, settings: dict, *, dtype, merge_onto, force,

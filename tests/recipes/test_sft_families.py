@@ -30,26 +30,34 @@ FAMILIES = {
 }
 
 
+def train_two_steps(config, folder, tokenizer_dir):
+    """(the model folder: a random model of `config` with SmolLM2's tokenizer, the run folder of
+    `qlora train sft` on it: 2 steps, r=4, exported in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.cli import main
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    for p in tokenizer_dir.iterdir():
+        shutil.copy(p, folder / p.name)
+    data = write(folder.parent / "chats.jsonl", [{"messages": CHAT[:2]}, {"messages": CHAT}] * 4)
+    out = folder.parent / "run"
+    code = main(["train", str(CONFIG), f"model={folder}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
+                 "train.batch_size=2", "train.max_steps=2", "train.progress=false", "samples=1", "max_new_tokens=2",
+                 "lora.r=4", "export=true", "export_dtype=float32"])
+    assert code == 0
+    return folder, out
+
+
 @pytest.mark.parametrize("family", [pytest.param("gpt2"), pytest.param("falcon"),
                                     pytest.param("olmo2", marks=pytest.mark.slow)])
 def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):  # noqa: F811  (the fixture)
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.cli import main
     spec = dict(FAMILIES[family])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec, **VOCAB)
-    torch.manual_seed(0)
-    folder = tmp_path / family
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
-    for p in smol_tok_dir.iterdir():
-        shutil.copy(p, folder / p.name)
-    data = write(tmp_path / "chats.jsonl", [{"messages": CHAT[:2]}, {"messages": CHAT}] * 4)
-    out = tmp_path / "run"
-    code = main(["train", str(CONFIG), f"model={folder}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
-                 "train.batch_size=2", "train.max_steps=2", "train.progress=false", "samples=1", "max_new_tokens=2",
-                 "lora.r=4", "export=true", "export_dtype=float32"])
-    assert code == 0
+    folder, out = train_two_steps(config, tmp_path / family, smol_tok_dir)
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     facts = json.loads((out / "adapter" / "qlora_adapter.json").read_text())
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
@@ -77,22 +85,11 @@ def test_sft_trains_and_exports_a_mixture_of_experts(tmp_path, smol_tok_dir):  #
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.cli import main
     config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                                   num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
                                   max_position_embeddings=256, **VOCAB)
-    torch.manual_seed(0)
-    folder = tmp_path / "moe"
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
-    for p in smol_tok_dir.iterdir():
-        shutil.copy(p, folder / p.name)
-    data = write(tmp_path / "chats.jsonl", [{"messages": CHAT[:2]}, {"messages": CHAT}] * 4)
-    out = tmp_path / "run"
-    code = main(["train", str(CONFIG), f"model={folder}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
-                 "train.batch_size=2", "train.max_steps=2", "train.progress=false", "samples=1", "max_new_tokens=2",
-                 "lora.r=4", "export=true", "export_dtype=float32"])
-    assert code == 0
+    folder, out = train_two_steps(config, tmp_path / "moe", smol_tok_dir)
     raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
     facts = json.loads((out / "adapter" / "qlora_adapter.json").read_text())
     matrices = [f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")]
