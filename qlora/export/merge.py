@@ -116,21 +116,20 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         raise QLoRAError(f"merge_onto={merge_onto!r}: use 'dequantized' (the weights the adapter was trained "
                          "against, default) or 'original' (the unquantized base weights)")
     out = Path(out)
+    if out.exists() and not force:     # before any reading: refused in one line, nothing else said
+        staging_folder_for(out, force)
     folder, hf_config, files = base_weight_files(base)
     config = read_adapter_config(adapter)
     tensors = read_adapter_tensors(adapter)
     settings = config.qlora or {}
-    raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    if raw.get("target_parameters") or settings.get("quantized_experts"):     # a mixture of experts
-        return _export_through_the_4bit_model(folder, adapter, out, settings, dtype=dtype, merge_onto=merge_onto,
-                                              force=force, verify=verify, max_shard_size=max_shard_size,
-                                              progress=progress, requantize=requantize)
-    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k}
+    specs = tensor_specs(files)
+    experts = _experts_of(folder, hf_config, specs, adapter, settings, merge_onto, requantize)
+    expert_stems = experts.stems if experts else set()
+    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k} - expert_stems
     saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
     transposed = transposed_paths(adapter, settings, lora_paths)
     check_requantize_layout(requantize, transposed)
     updates = adapter_updates(tensors, lora_paths, transposed)
-    specs = tensor_specs(files)
     strip, add = key_prefix_fix(list(specs), sorted(lora_paths))
     name_of = {key: add + key.removeprefix(strip) for key in specs}
 
@@ -156,6 +155,9 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     writer.write(name, saved[name].to(out_specs[name][1]))
                     continue
                 key = ckpt_key[name]
+                if experts and key in experts.matrix_of:     # a piece of a 4-bit or adapted experts matrix
+                    writer.write(name, experts.piece(key, tensors, config.scaling, result).to(out_specs[name][1]))
+                    continue
                 path = name.removesuffix(".weight")
                 adapted = name.endswith(".weight") and path in updates
                 # a frozen 4-bit layer: written as the weights training used
@@ -184,12 +186,14 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         if verify:
             from qlora.export import verify as ev
             live = None
-            if verify_live and settings.get("quantized_modules"):
+            if verify_live and (settings.get("quantized_modules") or settings.get("quantized_experts")):
                 live = ev.load_live_qlora(folder, adapter, ev.model_class_for(json.loads(
                     (tmp / "config.json").read_text())), settings)
             check = ev.verify_requantized if rq else ev.verify_export
-            result.verification = check(tmp, adapter, result, ev.seen_weight_from_files(folder, settings, merge_onto),
-                                        live_model=live, input_folder=folder)
+            seen = ev.seen_weight_from_files(folder, settings, merge_onto)
+            if experts:                    # an experts matrix: what its 4-bit layer held
+                seen = (lambda files_seen: lambda p: experts.seen(p) if p in experts.matrices else files_seen(p))(seen)
+            result.verification = check(tmp, adapter, result, seen, live_model=live, input_folder=folder)
         finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,24 +216,71 @@ def _check_shapes(updates: dict, by_name: dict) -> None:
                              "the adapter was trained on another model size. Nothing was written.")
 
 
-def _export_through_the_4bit_model(folder: Path, adapter, out: Path, settings: dict, *, dtype, merge_onto, force,
-                                   verify, max_shard_size, progress, requantize) -> ExportResult:
-    """A mixture-of-experts export: the base loaded as training had it (4-bit, the adapter's settings), the
-    adapter attached, then qlora.export.live's weight-by-weight merge, which writes each fused experts matrix
-    in the family's checkpoint layout. Memory: the 4-bit model plus one layer's experts in fp32 (the
-    per-tensor streaming of the dense path is not done for experts yet)."""
-    from qlora.export import verify as ev
-    from qlora.export.live import export_merged
+def _experts_of(folder: Path, hf_config: dict, specs: dict, adapter, settings: dict, merge_onto: str, requantize):
+    """The experts matrices this export merges or rebuilds (an adapter with target_parameters, or a base whose
+    experts were 4-bit in training), or None for a model without."""
+    raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if not (raw.get("target_parameters") or settings.get("quantized_experts")):
+        return None
     if merge_onto != "dequantized":
         raise QLoRAError("--merge-onto original is not supported for mixture-of-experts adapters yet; use the "
                          "default (dequantized: the weights the adapter was trained against)")
-    if out.exists() and not force:
-        raise QLoRAError(f"{out} already exists; pass --force (force=True) to replace it, or choose another --out")
-    cls = ev.model_class_for(json.loads((folder / "config.json").read_text()))
-    model = ev.load_live_qlora(folder, adapter, cls, settings).eval()
-    return export_merged(model, out, dtype=dtype, force=force, verify=verify, max_shard_size=max_shard_size,
-                         progress=progress, requantize=requantize,
-                         extra_files=[folder / f for f in COPIED_FILES if (folder / f).is_file()])
+    if requantize:
+        raise QLoRAError("--requantize does not write 4-bit experts matrices yet; export in bfloat16/float16 "
+                         "(without --requantize)")
+    return _ExpertsExport(folder, hf_config, specs, raw.get("target_parameters") or [], settings)
+
+
+class _ExpertsExport:
+    """Per experts matrix, streamed: its checkpoint tensors read and fused (qlora.export.experts), round-tripped
+    through 4-bit when training had it so, s·B_e·A_e added per expert in fp32, split back into the checkpoint's
+    pieces, which are handed out one by one as the writer asks for them (one matrix in memory at a time,
+    plus the pieces of a second one whose keys interleave with it)."""
+
+    def __init__(self, folder, hf_config, specs, target_parameters, settings):
+        from qlora.export.experts import CheckpointExperts
+        self.ckpt = CheckpointExperts(folder, hf_config, specs)
+        self.settings, self.targets = settings, list(target_parameters)
+        self.quantized = set(settings.get("quantized_experts", []))
+        self.matrices = set(self.targets) | self.quantized
+        missing = sorted(m for m in self.matrices if m not in self.ckpt.sources)
+        if missing:
+            raise QLoRAError(f"the adapter's experts matrix {missing[0]!r} is not in the base checkpoint; the adapter "
+                             "was trained on another model. Nothing was written.")
+        self.matrix_of = {k: m for m in self.matrices for k in self.ckpt.keys(m)}
+        from qlora.lora.experts import peft_key_prefixes
+        by_module: dict[str, list[str]] = {}
+        for path in self.targets:
+            module, _, name = path.rpartition(".")
+            by_module.setdefault(module, []).append(name)
+        self.stems = {f"{m}.{infix}".rstrip(".") for m, names in by_module.items()
+                      for infix in peft_key_prefixes(self.ckpt.matrices[f"{m}.{names[0]}"], names).values()}
+        self._pieces: dict[str, torch.Tensor] = {}
+
+    def seen(self, matrix: str) -> torch.Tensor:
+        """The fp32 matrix the adapter saw in training: dequant(quant(W)) for 4-bit experts, else W."""
+        w = self.ckpt.read(matrix)
+        return roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()
+
+    def piece(self, key: str, tensors: dict, scaling: float, result) -> torch.Tensor:
+        if key not in self._pieces:
+            from qlora.export.experts import add_expert_delta_, expert_updates
+            matrix = self.matrix_of[key]
+            w = self.ckpt.read(matrix)
+            merged = roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()
+            qerr = _diff_norm(w, merged) if matrix in self.quantized else 0.0
+            del w
+            if matrix in self.targets:
+                a, b = expert_updates(tensors, [t for t in self.targets if t.rpartition(".")[0] ==
+                                                matrix.rpartition(".")[0]], self.ckpt.model)[matrix]
+                norm = add_expert_delta_(merged, a, b, scaling, self.ckpt.is_transposed(matrix))
+                result.layers.append(LayerUpdate(matrix, norm, qerr))
+                if not _all_finite(merged):
+                    raise QLoRAError(f"merging {matrix} gives non-finite weights; the adapter holds inf/NaN. "
+                                     "Nothing was written.")
+            self._pieces.update(self.ckpt.pieces(matrix, merged))
+            del merged
+        return self._pieces.pop(key)
 
 
 def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
