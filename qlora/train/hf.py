@@ -16,6 +16,13 @@ attached) and gives the model a `save_pretrained` that writes qlora's PEFT-forma
 what `Trainer.save_model` and its checkpoints call. Our LoRA layers do the training; nothing of PEFT
 is involved. Not covered: Trainer's `load_best_model_at_end` / `resume_from_checkpoint` on the
 adapter (they call PEFT's `load_adapter`); resume with qlora.load_adapter instead.
+
+TRL's preference trainers (DPOTrainer, ...) need a reference model. Given `ref_model=None` and a model that
+is not a `peft.PeftModel`, TRL loads a second full copy of the base from `model.config`'s path (+16 GiB for an
+8B model in bf16). `reference_model(model)` is that reference without a second copy: the same modules and
+weights, its forward run with the adapters disabled (the base the adapters started from):
+
+    trainer = DPOTrainer(model=qlora.for_trainer(model), ref_model=qlora.train.hf.reference_model(model), ...)
 """
 from __future__ import annotations
 
@@ -41,3 +48,22 @@ def for_trainer(model):
     model._hf_peft_config_loaded = True       # adapters are attached: the flag transformers' add_adapter sets
     model.save_pretrained = types.MethodType(_save_adapter_pretrained, model)
     return model
+
+
+def reference_model(model):
+    """The reference for TRL's preference trainers: `model` with its adapters disabled, sharing every module and
+    weight with it (a shallow copy of the model object: no tensor is copied). Its forward runs under
+    qlora.disable_adapters; TRL calls it without gradients."""
+    import copy
+
+    from qlora.lora.inject import disable_adapters
+    if getattr(model, "qlora_config", None) is None:
+        raise QLoRAError("reference_model needs a model with qlora adapters: call qlora.add_lora(model, ...) first")
+    ref = copy.copy(model)          # the same _modules / _parameters dicts: one set of weights
+    plain_forward = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        with disable_adapters(model):
+            return plain_forward(self, *args, **kwargs)
+    ref.forward = types.MethodType(forward, ref)
+    return ref

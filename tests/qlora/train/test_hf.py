@@ -91,3 +91,48 @@ def test_trl_sft_trainer_trains_and_saves_our_adapter(tmp_path, tiny_folder):
         if "lora_" in n:
             p.data = p.data.float()
     check_saved_adapter(model, tiny_folder, tmp_path / "adapter", before)
+
+
+def test_trl_dpo_trainer_uses_the_same_base_as_its_reference(tmp_path, tiny_folder, monkeypatch):
+    """DPOTrainer with qlora.train.hf.reference_model: no second model is loaded (TRL's loader would raise
+    here), the reference's outputs are the base model's (adapters disabled), and training moves the adapter."""
+    pytest.importorskip("trl")
+    import trl.trainer.dpo_trainer as dpo
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    from qlora.train.hf import reference_model
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("TRL loaded a second copy of the base model")
+    monkeypatch.setattr(dpo, "create_model_from_path", no_second_model)
+    vocab = {f"w{i}": i for i in range(96)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w1", pad_token="w0", eos_token="w2")
+    model = qlora_model(tiny_folder)
+    with torch.no_grad():                                  # a non-zero adapter: policy != reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ref = reference_model(model)
+    base = qlora.load_4bit(str(tiny_folder), compute_dtype=torch.float32).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=IDS).logits, base(input_ids=IDS).logits, rtol=0, atol=1e-6)
+        assert (model(input_ids=IDS).logits - base(input_ids=IDS).logits).abs().max() > 1e-3
+    data = Dataset.from_list([{"prompt": f"w{3 + i} w{4 + i} w5", "chosen": f" w{7 + i} w8",
+                               "rejected": f" w{20 + i} w21"} for i in range(8)])
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                     gradient_checkpointing=False)
+    before = b_weights(model)
+    trainer = DPOTrainer(model=qlora.for_trainer(model), ref_model=ref, args=args, train_dataset=data,
+                         processing_class=tok)
+    trainer.train()
+    after = b_weights(model)
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before)
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert logged and all("rewards/accuracies" in r or "rewards/chosen" in r for r in logged), logged
