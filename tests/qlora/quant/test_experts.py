@@ -74,13 +74,14 @@ def tiny_moe(family: str, seed: int = 0):
     return model
 
 
-def bnb_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+def bnb_roundtrip(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True):
     import bitsandbytes.functional as F
-    packed, state = F.quantize_4bit(w.reshape(-1), blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    packed, state = F.quantize_4bit(w.reshape(-1), blocksize=blocksize, quant_type=quant_type,
+                                    compress_statistics=double_quant)
     return F.dequantize_4bit(packed, state).view(w.shape)
 
 
-def reference(model):
+def reference(model, **settings):
     """The plain model with every expert matrix replaced by bitsandbytes' quantize + dequantize of it, and
     every other Linear as qlora.quantize_model quantizes it (same codes: bitsandbytes' own layer)."""
     ref = copy.deepcopy(model)
@@ -88,7 +89,7 @@ def reference(model):
         for m in ref.modules():
             if is_experts_module(m):
                 for name in expert_weight_names(m):
-                    getattr(m, name).copy_(bnb_roundtrip(getattr(m, name)))
+                    getattr(m, name).copy_(bnb_roundtrip(getattr(m, name), **settings))
     return ref
 
 
@@ -108,6 +109,19 @@ def test_4bit_experts_give_the_bnb_dequantized_models_logits(family):
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(quant_type="fp4", blocksize=64, double_quant=True),
+                                      dict(quant_type="nf4", blocksize=128, double_quant=False)])
+def test_fp4_blocksize_and_no_double_quant(settings):
+    model = tiny_moe("qwen3_moe")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = reference(model, **settings)
+    qlora.quantize_model(ref, compute_dtype=torch.float32, skip_modules=["experts"], **settings)
+    qlora.quantize_model(model, compute_dtype=torch.float32, **settings)
+    assert quant_settings(model) == {**settings, "compute_dtype": "float32", "quantized_from_dtype": "float32"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
