@@ -209,6 +209,8 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             y = self.post_expert_norm(y)
         outs.append(y)
         start = part.stop
+    if not outs:       # every slot routed elsewhere (expert-parallel sentinels): nothing for these experts
+        return torch.zeros_like(hidden_states)
     y = torch.cat(outs) * top_k_weights.reshape(-1)[order].unsqueeze(-1)
     out = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)   # slot order; dropped slots stay 0
     return out.view(T, K, -1).sum(dim=1).to(hidden_states.dtype)

@@ -127,11 +127,15 @@ def test_trl_dpo_trainer_uses_the_same_base_as_its_reference(tmp_path, tiny_fold
                                "rejected": f" w{20 + i} w21"} for i in range(8)])
     args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-                     gradient_checkpointing=False)
+                     gradient_checkpointing=False, bf16=False)
     before = b_weights(model)
-    trainer = DPOTrainer(model=qlora.for_trainer(model), ref_model=ref, args=args, train_dataset=data,
-                         processing_class=tok)
-    trainer.train()
+    from accelerate.state import AcceleratorState
+    try:
+        trainer = DPOTrainer(model=qlora.for_trainer(model), ref_model=ref, args=args, train_dataset=data,
+                             processing_class=tok)
+        trainer.train()
+    finally:      # the trainer's accelerate state is process-wide: the next test's Accelerator starts fresh
+        AcceleratorState._reset_state(reset_partial_state=True)
     after = b_weights(model)
     assert any((after[n] - before[n]).abs().max() > 0 for n in before)
     logged = [r for r in trainer.state.log_history if "loss" in r]
