@@ -19,6 +19,7 @@ from qlora.arch.experts import expert_features, expert_weight_names
 from qlora.arch.quantized import is_4bit_param
 from qlora.errors import QLoRAError
 from qlora.lora.layers import LoRALayer, dropout_layer, init_pair
+from qlora.quant.experts import uniform_fake
 
 
 class LoRAExperts(LoRALayer):
@@ -54,8 +55,11 @@ class LoRAExperts(LoRALayer):
         if self.merged or self.disabled:
             return None
         A, B = self.lora_A[idx], self.lora_B[idx]                   # [k, r, in], [k, out, r]
-        parts = self.lora_dropout(x).to(A.dtype).split(sizes)
-        return torch.cat([(xj @ A[j].T) @ B[j].T for j, xj in enumerate(parts)]) * self.scaling
+        x = self.lora_dropout(x).to(A.dtype)
+        if uniform_fake(x, sizes):        # a memory trace: one batched op for the loop below, the same bytes
+            h = torch.bmm(x.view(len(sizes), sizes[0], -1), A.transpose(1, 2))          # [k, n, r]
+            return torch.bmm(h, B.transpose(1, 2)).reshape(x.shape[0], -1).clone() * self.scaling
+        return torch.cat([(xj @ A[j].T) @ B[j].T for j, xj in enumerate(x.split(sizes))]) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s·B_e·A_e for every expert, fp32, laid out as the matrix is stored ([E, out, in] or transposed)."""
