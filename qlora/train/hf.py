@@ -52,18 +52,18 @@ def for_trainer(model):
 
 def reference_model(model):
     """The reference for TRL's preference trainers: `model` with its adapters disabled, sharing every module and
-    weight with it (a shallow copy of the model object: no tensor is copied). Its forward runs under
-    qlora.disable_adapters; TRL calls it without gradients."""
+    weight with it (a shallow copy of the model object: no tensor is copied). Every call runs under
+    qlora.disable_adapters, whatever forward TRL patches in (its fused LM head calls the backbone directly)."""
     import copy
 
     from qlora.lora.inject import disable_adapters
     if getattr(model, "qlora_config", None) is None:
         raise QLoRAError("reference_model needs a model with qlora adapters: call qlora.add_lora(model, ...) first")
     ref = copy.copy(model)          # the same _modules / _parameters dicts: one set of weights
-    plain_forward = type(model).forward
+    cls = type(model)
 
-    def forward(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         with disable_adapters(model):
-            return plain_forward(self, *args, **kwargs)
-    ref.forward = types.MethodType(forward, ref)
+            return cls.__call__(self, *args, **kwargs)
+    ref.__class__ = type(f"Reference{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return ref
