@@ -77,22 +77,19 @@ class CheckpointExperts:
 
 def expert_updates(tensors: dict, target_parameters: list[str], model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{experts matrix path: (A [E, r, in], B [E, out, r])} from an adapter's PEFT-layout tensors (keys without
-    PEFT's prefix): each experts module's targeted matrices nest `base_layer.` in registration order."""
-    from qlora.lora.experts import peft_key_prefixes
-    out = {}
+    PEFT's prefix; qlora.lora.experts has the layout)."""
+    from qlora.lora.experts import from_peft, peft_stems
     by_module: dict[str, list[str]] = {}
     for path in target_parameters:
         module, _, name = path.rpartition(".")
         by_module.setdefault(module, []).append(name)
     modules = dict(model.named_modules())
+    out = {}
     for module_path, names in by_module.items():
         experts = modules[module_path]
-        for name, infix in peft_key_prefixes(experts, names).items():
-            a = tensors[f"{module_path}.{infix}lora_A.weight"]          # [E*r, in], expert-major
-            b = tensors[f"{module_path}.{infix}lora_B.weight"]          # [out, r*E], rank-major
-            E = experts.num_experts
-            r = a.shape[0] // E
-            out[f"{module_path}.{name}"] = (a.reshape(E, r, -1), b.reshape(b.shape[0], r, E).permute(2, 0, 1))
+        for name, stem in peft_stems(module_path, experts, names).items():
+            out[f"{module_path}.{name}"] = from_peft(tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"],
+                                                     experts.num_experts)
     return out
 
 

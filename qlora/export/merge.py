@@ -248,13 +248,13 @@ class _ExpertsExport:
             raise QLoRAError(f"the adapter's experts matrix {missing[0]!r} is not in the base checkpoint; the adapter "
                              "was trained on another model. Nothing was written.")
         self.matrix_of = {k: m for m in self.matrices for k in self.ckpt.keys(m)}
-        from qlora.lora.experts import peft_key_prefixes
+        from qlora.lora.experts import peft_stems
         by_module: dict[str, list[str]] = {}
         for path in self.targets:
             module, _, name = path.rpartition(".")
             by_module.setdefault(module, []).append(name)
-        self.stems = {f"{m}.{infix}".rstrip(".") for m, names in by_module.items()
-                      for infix in peft_key_prefixes(self.ckpt.matrices[f"{m}.{names[0]}"], names).values()}
+        self.stems = {stem for m, names in by_module.items()
+                      for stem in peft_stems(m, self.ckpt.matrices[f"{m}.{names[0]}"], names).values()}
         self._pieces: dict[str, torch.Tensor] = {}
 
     def seen(self, matrix: str) -> torch.Tensor:

@@ -33,32 +33,40 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
-def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, blocksize: int,
-                     compute_dtype: torch.dtype):
-    """A bitsandbytes Linear4bit on the meta device with the shapes quantization would give: packed
-    [ceil(out*in/2), 1] uint8, absmax [blocks], nested absmax [ceil(blocks/256)], codes [16]/[256]."""
+def _meta_params4bit(shape: tuple, *, quant_type: str, double_quant: bool, blocksize: int,
+                     compute_dtype: torch.dtype, module: nn.Module | None = None):
+    """A quantized bitsandbytes Params4bit of a weight of `shape` on the meta device, with the shapes quantization
+    gives: packed [ceil(n/2), 1] uint8, absmax [blocks] (uint8 nested, else fp32), nested absmax
+    [ceil(blocks/256)], code books [16] / [256], offset []."""
     bnb = import_bnb()
     QuantState = bnb.functional.QuantState
-    in_f, out_f = linear_features(linear)          # nn.Linear or Conv1D (qlora.arch.quantized)
-    n = out_f * in_f
+    n = torch.Size(shape).numel()
     blocks = -(-n // blocksize)
     meta = dict(device="meta")
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type=quant_type,
-                              quant_storage=torch.uint8, device="meta")
     state2 = (QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
                          code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
               if double_quant else None)
     qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
-                    shape=torch.Size([out_f, in_f]), code=torch.empty(16, dtype=torch.float32, **meta),
+                    shape=torch.Size(shape), code=torch.empty(16, dtype=torch.float32, **meta),
                     blocksize=blocksize, quant_type=quant_type, dtype=compute_dtype,
                     offset=torch.empty((), dtype=torch.float32, **meta) if double_quant else None, state2=state2)
-    layer.weight = bnb.nn.Params4bit(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), requires_grad=False,
-                                     quant_state=qs, blocksize=blocksize, compress_statistics=double_quant,
-                                     quant_type=quant_type, quant_storage=torch.uint8, bnb_quantized=True,
-                                     module=layer)
+    return bnb.nn.Params4bit(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, **meta), requires_grad=False,
+                             quant_state=qs, blocksize=blocksize, compress_statistics=double_quant,
+                             quant_type=quant_type, quant_storage=torch.uint8, bnb_quantized=True, module=module)
+
+
+def _meta_linear4bit(linear: nn.Module, *, quant_type: str, double_quant: bool, blocksize: int,
+                     compute_dtype: torch.dtype):
+    """A bitsandbytes Linear4bit on the meta device with the shapes quantization would give."""
+    bnb = import_bnb()
+    in_f, out_f = linear_features(linear)          # nn.Linear or Conv1D (qlora.arch.quantized)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type,
+                              quant_storage=torch.uint8, device="meta")
+    layer.weight = _meta_params4bit((out_f, in_f), quant_type=quant_type, double_quant=double_quant,
+                                    blocksize=blocksize, compute_dtype=compute_dtype, module=layer)
     if linear.bias is not None:
-        layer.bias = nn.Parameter(torch.empty(out_f, dtype=compute_dtype, **meta), requires_grad=False)
+        layer.bias = nn.Parameter(torch.empty(out_f, dtype=compute_dtype, device="meta"), requires_grad=False)
     return layer
 
 
@@ -66,27 +74,14 @@ def _meta_experts(module: nn.Module, *, quant_type: str, double_quant: bool, blo
                   compute_dtype: torch.dtype) -> None:
     """What qlora.quant.experts.quantize_experts makes of an experts module, on the meta device: each 3-D
     matrix a meta Params4bit ([E*a*b/2, 1] uint8) with a meta QuantState of bitsandbytes' whole-tensor shapes."""
-    bnb = import_bnb()
-    QuantState = bnb.functional.QuantState
-    meta = dict(device="meta")
     for name in expert_weight_names(module):
-        E, a, b = module._parameters[name].shape
-        blocks = E * a * b // blocksize
-        state2 = (QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
-                             code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
-                  if double_quant else None)
-        qs = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
-                        shape=torch.Size([E, a, b]), code=torch.empty(16, dtype=torch.float32, **meta),
-                        blocksize=blocksize, quant_type=quant_type, dtype=compute_dtype,
-                        offset=torch.empty((), dtype=torch.float32, **meta) if double_quant else None, state2=state2)
-        module._parameters[name] = bnb.nn.Params4bit(
-            torch.empty(E * a * b // 2, 1, dtype=torch.uint8, **meta), requires_grad=False, quant_state=qs,
-            blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8,
-            bnb_quantized=True)
+        shape = tuple(module._parameters[name].shape)              # [E, a, b]
+        module._parameters[name] = _meta_params4bit(shape, quant_type=quant_type, double_quant=double_quant,
+                                                    blocksize=blocksize, compute_dtype=compute_dtype)
         bias = module._parameters.get(name + "_bias")
         if bias is not None:
-            module._parameters[name + "_bias"] = nn.Parameter(torch.empty(bias.shape, dtype=compute_dtype, **meta),
-                                                             requires_grad=False)
+            module._parameters[name + "_bias"] = nn.Parameter(
+                torch.empty(bias.shape, dtype=compute_dtype, device="meta"), requires_grad=False)
     module.compute_dtype = compute_dtype
     module.qlora_quantized_from = dtype_name(compute_dtype)
     per_expert = max(module._parameters[n].quant_state.shape[1:].numel() for n in expert_weight_names(module))

@@ -43,6 +43,7 @@ from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.quantized import is_4bit, is_4bit_param
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
+from qlora.quant.chunked import quant_state_from_bytes
 
 
 def _dtensor_cls():
@@ -117,13 +118,11 @@ class Linear4bitShard(nn.Module):
 
     def quant_state(self):
         """The bitsandbytes QuantState of the (all-gathered) tensors this layer holds now."""
-        QuantState = import_bnb().functional.QuantState
-        state2 = (QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2,
-                             dtype=torch.float32) if self.nested else None)
-        absmax = self.absmax if self.nested else self.absmax.view(torch.float32)
-        return QuantState(absmax=absmax, shape=torch.Size([self.out_features, self.in_features]),
-                          code=self.code, blocksize=self.blocksize, quant_type=self.quant_type,
-                          dtype=self.dtype, offset=self.offset if self.nested else None, state2=state2)
+        return quant_state_from_bytes(
+            self.absmax, self.code, (self.out_features, self.in_features), blocksize=self.blocksize,
+            quant_type=self.quant_type, dtype=self.dtype, nested=self.nested,
+            offset=self.offset if self.nested else None, absmax2=self.absmax2 if self.nested else None,
+            code2=self.code2 if self.nested else None, blocksize2=self.blocksize2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # what bnb.nn.Linear4bit.forward does, with the QuantState rebuilt from this layer's tensors

@@ -105,14 +105,15 @@ def detach(experts: nn.Module, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- PEFT's layout
-def peft_key_prefixes(experts: nn.Module, names: list[str]) -> dict[str, str]:
-    """{matrix name: PEFT's key infix after the experts module path} for the adapted matrices `names`.
+def peft_stems(module_path: str, experts: nn.Module, names: list[str]) -> dict[str, str]:
+    """{matrix name: PEFT's key stem} for the adapted matrices `names` of the experts module at `module_path`
+    (keys are stem + ".lora_A.weight" / ".lora_B.weight").
 
     PEFT (`target_parameters`) wraps each targeted parameter in a ParamWrapper, nesting several on one
     module in the module's registration order: the first wrapped is the innermost, so its keys carry one
-    `base_layer.` per wrapper outside it; the keys do not name the parameter."""
+    `base_layer` per wrapper outside it; the keys do not name the parameter."""
     ordered = [n for n in expert_weight_names(experts) if n in names]
-    return {n: "base_layer." * (len(ordered) - 1 - i) for i, n in enumerate(ordered)}
+    return {n: ".".join([module_path] + ["base_layer"] * (len(ordered) - 1 - i)) for i, n in enumerate(ordered)}
 
 
 def to_peft(layer: LoRAExperts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +123,7 @@ def to_peft(layer: LoRAExperts) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.lora_A.reshape(E * r, i), layer.lora_B.permute(1, 2, 0).reshape(layer.lora_B.shape[1], r * E)
 
 
-def from_peft(layer: LoRAExperts, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's (lora_A, lora_B) -> ours ([E, r, in], [E, out, r])."""
-    E, r, _ = layer.lora_A.shape
-    return a.reshape(E, r, -1), b.reshape(b.shape[0], r, E).permute(2, 0, 1)
-
-
-def peft_shapes(layer: LoRAExperts) -> tuple[tuple, tuple]:
-    E, r, i = layer.lora_A.shape
-    return (E * r, i), (layer.lora_B.shape[1], r * E)
+def from_peft(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (lora_A [E·r, in], lora_B [out, r·E]) -> ours (A [E, r, in], B [E, out, r])."""
+    r = a.shape[0] // num_experts
+    return a.reshape(num_experts, r, -1), b.reshape(b.shape[0], r, num_experts).permute(2, 0, 1)

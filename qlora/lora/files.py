@@ -26,7 +26,7 @@ from qlora.arch.experts import expert_features, matrix_name
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed, linear_features
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
-from qlora.lora.experts import LoRAExperts, from_peft, peft_key_prefixes, to_peft
+from qlora.lora.experts import LoRAExperts, from_peft, peft_stems, to_peft
 from qlora.lora.inject import add_lora, find_modules_to_save, find_targets, lora_layers
 from qlora.lora.layers import LoRAEmbedding, ModulesToSave, lora_class_for
 from qlora.util.dtypes import dtype_name, parse_dtype
@@ -45,10 +45,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model).items():
         if isinstance(layer, LoRAExperts):     # PEFT's target_parameters layout
             experts_path = path.rpartition(".expert_deltas.")[0]
-            infix = peft_key_prefixes(layer.base_layer, list(layer.base_layer.expert_deltas))[layer.weight_name]
+            stem = peft_stems(experts_path, layer.base_layer, list(layer.base_layer.expert_deltas))[layer.weight_name]
             a, b = to_peft(layer)
-            out[f"{PREFIX}{experts_path}.{infix}lora_A.weight"] = a
-            out[f"{PREFIX}{experts_path}.{infix}lora_B.weight"] = b
+            out[f"{PREFIX}{stem}.lora_A.weight"] = a
+            out[f"{PREFIX}{stem}.lora_B.weight"] = b
         elif isinstance(layer, LoRAEmbedding):
             out[f"{PREFIX}{path}.lora_embedding_A"] = layer.lora_embedding_A
             out[f"{PREFIX}{path}.lora_embedding_B"] = layer.lora_embedding_B
@@ -271,7 +271,7 @@ def _expert_keys(targets: dict) -> dict[str, str]:
     for path, experts in matrices.items():
         base, _, name = path.rpartition(".")
         names = [q.rpartition(".")[2] for q, m in matrices.items() if m is experts]
-        out[path] = (base + "." + peft_key_prefixes(experts, names)[name]).rstrip(".")
+        out[path] = peft_stems(base, experts, names)[name]
     return out
 
 
@@ -314,7 +314,7 @@ def load_adapter(model: nn.Module, folder, dtype=None) -> nn.Module:
         for stem, path in stems.items():           # experts matrices: PEFT's 2-D layout -> ours
             base, _, name = path.rpartition(".")
             layer = layers[f"{base}.expert_deltas.{name}"]
-            a, b = from_peft(layer, got.pop(f"{stem}.lora_A.weight"), got.pop(f"{stem}.lora_B.weight"))
+            a, b = from_peft(got.pop(f"{stem}.lora_A.weight"), got.pop(f"{stem}.lora_B.weight"), layer.lora_A.shape[0])
             layer.lora_A.copy_(a.to(layer.lora_A.dtype))
             layer.lora_B.copy_(b.to(layer.lora_B.dtype))
         for key, value in got.items():

@@ -64,3 +64,15 @@ def dequantize_4bit_chunked(packed: torch.Tensor, state, chunk_elements: int = C
             codes[i // 2:(i + m + 1) // 2], absmax[i // bs:(i + m + bs - 1) // bs], bs, state.quant_type, (m,),
             state.dtype)
     return out.view(state.shape)
+
+
+def quant_state_from_bytes(absmax: torch.Tensor, code: torch.Tensor, shape, *, blocksize: int, quant_type: str,
+                           dtype: torch.dtype, nested: bool, offset=None, absmax2=None, code2=None,
+                           blocksize2: int = 256):
+    """A bitsandbytes QuantState from plain tensors (how qlora.fsdp ships a 4-bit weight: `absmax` as uint8
+    bytes, the fp32 absmax viewed as bytes when not nested; the nested constants replicated)."""
+    import bitsandbytes.functional as F
+    state2 = F.QuantState(absmax=absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) if nested else None
+    return F.QuantState(absmax=absmax if nested else absmax.view(torch.float32), shape=torch.Size(shape), code=code,
+                        blocksize=blocksize, quant_type=quant_type, dtype=dtype, offset=offset if nested else None,
+                        state2=state2)

@@ -35,7 +35,7 @@ from torch import nn
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.quantized import is_4bit_param
 from qlora.quant.bnb_fixes import import_bnb
-from qlora.quant.chunked import quantize_4bit_chunked
+from qlora.quant.chunked import quant_state_from_bytes, quantize_4bit_chunked
 from qlora.util.dtypes import dtype_name
 
 CHUNK_BYTES = 64 << 20
@@ -124,15 +124,13 @@ def matrix_4bit(module: nn.Module, name: str):
     layout = module.__dict__.get("qlora_4bit_layout", {}).get(name)
     if layout is None:
         return None
-    QuantState = import_bnb().functional.QuantState
     nested = layout["nested"]
-    state2 = (QuantState(absmax=module.get_buffer(name + "_absmax2"), code=module.get_buffer(name + "_code2"),
-                         blocksize=layout["blocksize2"], dtype=torch.float32) if nested else None)
-    absmax = module.get_parameter(name + "_absmax")
-    qs = QuantState(absmax=absmax if nested else absmax.view(torch.float32), shape=torch.Size(layout["shape"]),
-                    code=module.get_buffer(name + "_code"), blocksize=layout["blocksize"],
-                    quant_type=layout["quant_type"], dtype=layout["dtype"],
-                    offset=module.get_buffer(name + "_offset") if nested else None, state2=state2)
+    qs = quant_state_from_bytes(
+        module.get_parameter(name + "_absmax"), module.get_buffer(name + "_code"), layout["shape"],
+        blocksize=layout["blocksize"], quant_type=layout["quant_type"], dtype=layout["dtype"], nested=nested,
+        offset=module.get_buffer(name + "_offset") if nested else None,
+        absmax2=module.get_buffer(name + "_absmax2") if nested else None,
+        code2=module.get_buffer(name + "_code2") if nested else None, blocksize2=layout["blocksize2"])
     return w, qs
 
 

@@ -69,3 +69,7 @@ def test_qlora_export_from_files(tmp_path):
     torch.testing.assert_close(stock_logits(tmp_path / "out"), ours, rtol=0, atol=2e-5)
     again = subprocess.run(cli, capture_output=True, text=True, timeout=600)     # never overwrites unasked
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    requant = subprocess.run(cli[:-3] + [str(tmp_path / "out4"), "--requantize", "nf4"], capture_output=True,
+                             text=True, timeout=600)
+    assert requant.returncode == 2 and "--requantize does not write 4-bit experts" in requant.stderr
+    assert "Traceback" not in requant.stderr and not (tmp_path / "out4").exists()

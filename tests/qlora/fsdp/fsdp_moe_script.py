@@ -17,8 +17,10 @@ import torch
 
 import qlora
 from qlora import LoraConfig
+from tests.qlora.fsdp.fsdp_script import VOCAB, collate
+from tests.qlora.fsdp.fsdp_script import data as base_data
 
-VOCAB, SEQ, STEPS, PER_RANK_BATCH = 64, 8, 6, 2
+STEPS, PER_RANK_BATCH = 6, 2
 
 
 def moe_config():
@@ -48,13 +50,8 @@ def qlora_moe(meta: bool = False):
     return model
 
 
-def data(n: int = STEPS * PER_RANK_BATCH * 2):
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(1, VOCAB, (SEQ,), generator=g) for _ in range(n)]
-
-
-def collate(examples):
-    return {"input_ids": torch.stack(examples)}
+def data():
+    return base_data(STEPS * PER_RANK_BATCH * 2)
 
 
 def lm_loss(model, batch):

@@ -30,6 +30,8 @@ def assert_rows(rows):
     ("qwen3", "qlora", "chunked", "adamw", 2, 32), ("gemma2", "lora-ckpt", "chunked", "adamw", 1, 64),
     ("phi3", "qlora-ckpt", "model", "adamw", 2, 32), ("gpt_neox", "lora", "chunked", "adamw8bit", 2, 32),
     ("mixtral", "qlora-ckpt", "chunked", "adamw", 2, 32), ("bert", "qlora", "model", "adamw", 2, 32),
+    ("qwen3_moe", "qlora-ckpt", "chunked", "adamw", 2, 32), ("olmoe", "lora-ckpt", "model", "adamw8bit", 1, 32),
+    ("gpt_oss", "qlora", "chunked", "adamw", 2, 32),
     ("vit", "lora-ckpt", "model", "adamw", 2, 32),
     ("gpt2", "qlora", "chunked", "adamw", 2, 32), ("gpt2", "qlora-ckpt", "model", "adamw8bit", 1, 64)])
 def test_planner_predicts_the_measured_step(arch, conf, loss, opt, batch, seq):

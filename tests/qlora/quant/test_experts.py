@@ -183,3 +183,12 @@ def test_experts_backward_keeps_no_weight_and_reaches_the_input():
     x2 = x.detach().clone().requires_grad_(True)
     ref(x2, idx, w).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_modules_keeps_matching_experts_float():
+    model = tiny_moe("mixtral")
+    qlora.quantize_model(model, compute_dtype=torch.float32, skip_modules=["layers.0"])
+    for name, m in model.named_modules():
+        if is_experts_module(m):
+            four_bit = [m.get_parameter(w).dtype == torch.uint8 for w in expert_weight_names(m)]
+            assert four_bit == ([False, False] if ".layers.0." in name + "." else [True, True]), name
