@@ -54,7 +54,7 @@ class Row:
 
 # ---------------------------------------------------------------- reading
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
     return spec.endswith(SUFFIXES) or spec.startswith(("/", "./", "../", "~"))
 
 
@@ -69,7 +69,7 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
         if path.suffix not in SUFFIXES:
             raise QLoRAError(f"data file {spec}: unknown type {path.suffix!r}; use {', '.join(SUFFIXES)}")
         files = [path]
-    elif _looks_local(spec):
+    elif looks_local(spec):
         raise QLoRAError(f"data file {spec} not found")
     else:
         return _hub_rows(spec, split)
@@ -145,7 +145,7 @@ def detect_format(rows: list[Row], fmt: str = "auto") -> str:
 
 # ---------------------------------------------------------------- one row -> a conversation or text pieces
 
-def _field(row: Row, name: str, optional: bool = False):
+def field_value(row: Row, name: str, optional: bool = False):
     value = row.data.get(name)
     if value is None and not optional:
         raise QLoRAError(f"{row.where}: no {name!r} value (columns: {sorted(row.data)})")
@@ -159,7 +159,7 @@ def _field(row: Row, name: str, optional: bool = False):
     return value
 
 
-def _messages(row: Row, value, what: str) -> list[dict]:
+def chat_messages(row: Row, value, what: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise QLoRAError(f"{row.where}: {what} must be a non-empty list of {{role, content}}; got {value!r:.80}")
     out = []
@@ -188,24 +188,24 @@ class Parsed:
 def parse_row(row: Row, fmt: str, chat: bool) -> Parsed:
     """`chat`: the tokenizer has a chat template (Alpaca rows then become a user/assistant chat)."""
     if fmt == "messages":
-        messages = _messages(row, _field(row, "messages"), "messages")
+        messages = chat_messages(row, field_value(row, "messages"), "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise QLoRAError(f"{row.where}: the conversation has no assistant turn to learn from")
         return Parsed(messages=messages)
     if fmt == "prompt_completion":
-        prompt, completion = _field(row, "prompt"), _field(row, "completion")
+        prompt, completion = field_value(row, "prompt"), field_value(row, "completion")
         if isinstance(prompt, list):
-            turns = (_messages(row, completion, "completion") if isinstance(completion, list) else
-                     _messages(row, [{"role": "assistant", "content": completion}], "completion"))
-            return Parsed(messages=_messages(row, prompt, "prompt") + turns, learn_from=len(prompt))
+            turns = (chat_messages(row, completion, "completion") if isinstance(completion, list) else
+                     chat_messages(row, [{"role": "assistant", "content": completion}], "completion"))
+            return Parsed(messages=chat_messages(row, prompt, "prompt") + turns, learn_from=len(prompt))
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise QLoRAError(f"{row.where}: prompt and completion must both be text (or prompt a list of messages)")
         if not completion.strip():
             raise QLoRAError(f"{row.where}: the completion is empty; fill it or drop the row")
         return Parsed(pieces=[(prompt, False), (completion, True)])
     if fmt == "alpaca":
-        instruction, output = _field(row, "instruction"), _field(row, "output")
-        extra = _field(row, "input", optional=True) or ""
+        instruction, output = field_value(row, "instruction"), field_value(row, "output")
+        extra = field_value(row, "input", optional=True) or ""
         if not str(output).strip():
             raise QLoRAError(f"{row.where}: the output is empty; fill it or drop the row")
         if chat:
@@ -214,7 +214,7 @@ def parse_row(row: Row, fmt: str, chat: bool) -> Parsed:
         prompt = ALPACA_PROMPT.format(context=", paired with an input that provides further context" if extra else "",
                                       instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
         return Parsed(pieces=[(prompt, False), (str(output), True)])
-    text = _field(row, "text")
+    text = field_value(row, "text")
     if not isinstance(text, str) or not text.strip():
         raise QLoRAError(f"{row.where}: the text is empty")
     return Parsed(pieces=[(text, True)])

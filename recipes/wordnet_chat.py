@@ -1,11 +1,15 @@
 """WordNet 3.0 as a chat instruction set: "What does the noun 'X' mean?" -> its gloss and an example.
 
     train_file, eval_file = wordnet_chat_files()     # JSONL of {"messages": [...]}, cached, built once
+    train_file, eval_file = wordnet_pair_files()     # JSONL of {"prompt", "chosen", "rejected"} (DPO), the same split
 
 One example per synset (117,659; words use `_` for spaces in the files). The split is by the word
 asked about, seeded: a word whose hash lands in the eval share is asked only in eval.jsonl, so eval
 words are never seen in training (not even through another of their senses). The files are plain
 `messages` JSONL: the SFT recipe reads them back through the same loader as a user's own data.
+The preference pairs ask the same question; chosen is the word's own definition, rejected the definition of
+another synset of the same part of speech (seeded), both as '"X" (noun): <definition>.' (no usage example: it
+would name the other word and give the answer away).
 Source format (Debian wordnet-base, /work/shared/DATA.md): `offset lex_filenum ss_type w_cnt word
 lex_id [word lex_id ...] p_cnt [ptr ...] [frames ...] | gloss`, hex w_cnt, Latin-1, licence lines
 start with two spaces.
@@ -68,6 +72,43 @@ def wordnet_chat_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 
                         continue
                     out = fe if is_eval_word(entry["word"], eval_fraction, seed) else ft
                     out.write(json.dumps(to_chat(entry)) + "\n")
+    os.replace(tmp["eval.jsonl"], evals)
+    os.replace(tmp["train.jsonl"], train)
+    return train, evals
+
+
+def pair_answer(entry: dict, definition: str) -> list[dict]:
+    return [{"role": "assistant", "content": f'"{entry["word"]}" ({entry["pos"]}): {definition}.'}]
+
+
+def wordnet_pair_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) of preference pairs under $QLORA_CACHE/wordnet-pairs-v1-..., written once."""
+    import random
+
+    from qlora.bundled import default_cache_dir
+    folder = Path(cache_dir or default_cache_dir()) / f"wordnet-pairs-v{VERSION}-eval{eval_fraction:g}-seed{seed}"
+    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
+    if train.is_file() and evals.is_file():
+        return train, evals
+    source = wordnet_dir()
+    entries = []
+    for name in WORDNET_FILES:
+        with open(source / name, encoding="latin-1") as f:
+            entries += [e for e in map(parse_line, f) if e is not None and e["definition"]]
+    by_pos: dict[str, list[str]] = {}
+    for e in entries:
+        by_pos.setdefault(e["pos"], []).append(e["definition"])
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = {name: folder / f".{name}.tmp-{os.getpid()}" for name in ("train.jsonl", "eval.jsonl")}
+    with open(tmp["train.jsonl"], "w") as ft, open(tmp["eval.jsonl"], "w") as fe:
+        for e in entries:
+            other = e["definition"]
+            while other == e["definition"]:
+                other = rng.choice(by_pos[e["pos"]])
+            question = [{"role": "user", "content": f"What does the {e['pos']} '{e['word']}' mean?"}]
+            row = {"prompt": question, "chosen": pair_answer(e, e["definition"]), "rejected": pair_answer(e, other)}
+            (fe if is_eval_word(e["word"], eval_fraction, seed) else ft).write(json.dumps(row) + "\n")
     os.replace(tmp["eval.jsonl"], evals)
     os.replace(tmp["train.jsonl"], train)
     return train, evals

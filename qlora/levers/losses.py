@@ -35,7 +35,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in _chunk_starts(hidden, n, chunk_size):
+        for start in chunk_starts(hidden, n, chunk_size):
             h = hidden[start:start + chunk_size]                       # [C, H]
             y = labels[start:start + chunk_size]                        # [C]
             ok = valid[start:start + chunk_size]
@@ -74,7 +74,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def _chunk_starts(hidden: torch.Tensor, n: int, chunk_size: int):
+def chunk_starts(hidden: torch.Tensor, n: int, chunk_size: int):
     """The chunks' first rows. Under a memory trace on fake tensors (memprofile.trace, `qlora plan`)
     only the first and the last chunk run: every chunk but the last allocates and frees exactly
     what the first does (the [N, H] gradient is allocated once, before the loop), so the trace's
@@ -101,16 +101,11 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     Packed rows: pass `position_ids` restarting at 0 for each example and no attention_mask;
     transformers then masks attention block-diagonally (no KV cache is made, which would turn that
     detection off)."""
-    from qlora.lora.layers import LoRALayer
-    head = model.get_output_embeddings()
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
               "use_cache": False}
-    if isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None or head.weight.dtype == torch.uint8 \
-            or _is_fsdp(model):
-        # an adapted / biased / 4-bit head, or a model sharded by FSDP2 (its root and head are all-gathered by
-        # their own forward hooks, which calling the decoder and the head's weight directly would skip):
-        # the model's own loss
+    if not head_is_chunkable(model):
         return model(**inputs, labels=labels).loss
+    head = model.get_output_embeddings()
     aux = bool(getattr(getattr(model, "config", None), "output_router_logits", False))   # a MoE asked for it
     out = model.get_decoder()(**inputs, **({"output_router_logits": True} if aux else {}))
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
@@ -121,7 +116,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
 def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> torch.Tensor:
     """loss + router_aux_loss_coef x the load-balancing loss, as the model's own forward adds it when its
     config says output_router_logits (the model's own load_balancing_loss_func, from its modeling module);
-    the aux loss rides along as `loss.aux_loss` (qlora.train logs it)."""
+    the aux loss rides along as `loss.metrics["aux_loss"]` (qlora.train logs it)."""
     import sys
     fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
     logits = getattr(out, "router_logits", None)
@@ -130,11 +125,20 @@ def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> tor
     top_k = getattr(model, "num_experts_per_tok", None) or model.config.num_experts_per_tok
     aux = fn(logits, getattr(model, "num_experts", None), top_k, attention_mask)
     total = loss + model.config.router_aux_loss_coef * aux.to(loss.device)
-    total.aux_loss = aux.detach()
+    total.metrics = {"aux_loss": aux.detach()}
     return total
 
 
-def _is_fsdp(model) -> bool:
+def head_is_chunkable(model) -> bool:
+    """Whether the decoder's hidden states and the head's weight can be used directly (the chunked paths). Not
+    for an adapted / biased / 4-bit head, nor for a model sharded by FSDP2 (its root and head are all-gathered by
+    their own forward hooks, which calling the decoder and the head's weight directly would skip): those use
+    the model's own forward."""
     import sys
+
+    from qlora.lora.layers import LoRALayer
+    head = model.get_output_embeddings()
     fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))
+    return not (isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None
+                or head.weight.dtype == torch.uint8
+                or (fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))))

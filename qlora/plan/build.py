@@ -191,6 +191,8 @@ def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
     if task == "image-cls":
         pixels = torch.randn(batch, config.num_channels, seq, seq, generator=gen)
         return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
+    if task == "dpo":
+        return preference_batch(torch.randint(0, config.vocab_size, (2 * batch, seq), generator=gen))
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
     if task == "causal-lm":
         return {"input_ids": ids, "labels": ids.clone(), **no_cache(config)}
@@ -208,23 +210,35 @@ def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
     if task == "image-cls":
         return {"pixel_values": torch.zeros(batch, config.num_channels, seq, seq, dtype=dtype),
                 "labels": torch.zeros(batch, dtype=torch.long)}
+    if task == "dpo":
+        return preference_batch(torch.zeros(2 * batch, seq, dtype=torch.long))
     ids = torch.zeros(batch, seq, dtype=torch.long)
     labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
     return {"input_ids": ids, "labels": labels, **no_cache(config)}
+
+
+def preference_batch(ids: torch.Tensor) -> dict:
+    """TRL's preference layout for 2B rows of token ids: every token but the first is a response token."""
+    completion = torch.ones_like(ids)
+    completion[:, 0] = 0
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
 
 
 def loss_fn(settings: RunSettings, offloader=None):
     """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it; with
     settings.offload_activations, forward and loss run under qlora.levers.offload with `offloader` (an
     Offloader class; default TracedOffloader: the host copies count as host memory in a trace)."""
-    own = settings.task != "causal-lm" or settings.loss == "model"
+    own = settings.task not in ("causal-lm", "dpo") or (settings.task == "causal-lm" and settings.loss == "model")
     if own and not settings.offload_activations:
         return None
     from memprofile.measure import call_model, default_loss
     from qlora.levers.losses import causal_lm_loss
+    from qlora.levers.preference import preference_step
     size = settings.loss_chunk_size
 
     def chunked(model, batch):
+        if settings.task == "dpo":
+            return preference_step(model, batch, chunk_size=size)
         if own:
             return default_loss(call_model(model, batch), batch)
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)

@@ -14,7 +14,10 @@ from qlora.util.checks import check_ints
 from qlora.util.dtypes import dtype_name, parse_dtype
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
-         "image-cls": "AutoModelForImageClassification"}
+         "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM"}
+"""dpo: preference tuning (qlora.levers.preference.preference_step): a batch of B pairs is 2B rows of seq tokens,
+every token but the first a response token (the most the chunked log-probs can hold), a reference pass without
+gradients (adapters off) before the policy's forward and backward."""
 LOSSES = ("chunked", "model")
 
 
@@ -45,7 +48,7 @@ class RunSettings:
     device: str = "cuda"
     """Device the run will use: resolves compute_dtype auto."""
     task: str = "causal-lm"
-    """causal-lm | seq-cls | image-cls."""
+    """causal-lm | seq-cls | image-cls | dpo (a batch of B preference pairs: 2B rows)."""
     checkpoint_blocks: Optional[int] = None
     """With checkpointing: checkpoint only the first k blocks (None: every block; 0: none). A block
     left out keeps its activations and skips its recompute (qlora.prepare_for_training(checkpoint_blocks=k))."""
@@ -105,7 +108,10 @@ class RunSettings:
 
     def describe(self) -> str:
         loss = f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "the model's own loss"
-        if self.task != "causal-lm":
+        if self.task == "dpo":
+            loss = (f"preference pairs (2 rows each), chunked log-probs ({self.loss_chunk_size} tokens), "
+                    "a reference pass without gradients")
+        elif self.task != "causal-lm":
             loss = "the model's own loss"
         lora = (f"LoRA r={self.lora_r} alpha={self.lora_alpha:g} dropout={self.lora_dropout:g} on "
                 f"{self.target_modules if isinstance(self.target_modules, str) else ','.join(self.target_modules)}; "

@@ -72,13 +72,17 @@ def settings_of(model, train_config) -> RunSettings:
 def fit_to_budget(model, train_set, collate, train_config, budget: int):
     """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
     per step fit in `budget` bytes, the predicted peak at that micro-batch, checkpoint_blocks). The
-    sequence length is that of a collated batch of the configured size. With checkpointing on, the
+    sequence length is that of a collated batch of the configured size; a batch with a completion_mask is
+    planned as preference pairs (task dpo). With checkpointing on, the
     micro-batch is chosen with every block checkpointed, then `checkpoint_blocks` is the fewest
     (the first k) that still fit at it (each block left out skips its recompute): None when all are
     needed (or checkpointing is off); the peak is the one with k blocks."""
     from dataclasses import replace as dc_replace
-    settings = settings_of(model, train_config)
     sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
+    settings = settings_of(model, train_config)
+    if "completion_mask" in sample:        # TRL's preference layout: batch_size pairs, 2 rows each
+        from dataclasses import replace
+        settings = replace(settings, task="dpo")
     x = sample.get("input_ids", sample.get("pixel_values"))
     seq = int(x.shape[-1])
     planner = Planner(model.config, settings)

@@ -23,9 +23,23 @@ is not a `peft.PeftModel`, TRL loads a second full copy of the base from `model.
 weights, its forward run with the adapters disabled (the base the adapters started from):
 
     trainer = DPOTrainer(model=qlora.for_trainer(model), ref_model=qlora.train.hf.reference_model(model), ...)
+
+KTOTrainer takes `ref_model=` the same way. GRPOTrainer and RLOOTrainer take none: with beta > 0 (RLOO's default
+0.05; GRPO's default beta=0 builds no reference) they load a second copy from the model's path, through TRL's
+`create_model_from_path`, as DPO and KTO do when given ref_model=None. `shared_reference(model)` answers that
+load, while the trainers are built, with `reference_model(model)`; TRL prepares it as its own (dropout off, its
+fused head with the trainer's temperature):
+
+    with qlora.train.hf.shared_reference(model):
+        trainer = GRPOTrainer(model=qlora.for_trainer(model), args=GRPOConfig(beta=0.04, ...), ...)
+
+TRL's `sync_ref_model=True` (mix the policy into the reference every few steps) cannot work on a reference that
+is the policy's own base: under shared_reference it is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
 
 from qlora.errors import QLoRAError
@@ -67,3 +81,34 @@ def reference_model(model):
             return cls.__call__(self, *args, **kwargs)
     ref.__class__ = type(f"Reference{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return ref
+
+
+@contextlib.contextmanager
+def shared_reference(model):
+    """While it is open, TRL's trainers asking `create_model_from_path` for `model`'s own path (their reference,
+    loaded again) get `reference_model(model)`; any other path loads as before. TRL's SyncRefModelCallback
+    (sync_ref_model=True) is refused: it would average the policy into its own frozen base."""
+    from trl.trainer import callbacks
+    from trl.trainer.utils import get_config_model_id
+    own = get_config_model_id(model.config)
+    patched = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("trl") and callable(getattr(module, "create_model_from_path", None)):
+            patched[module] = module.create_model_from_path
+
+    def create_model_from_path(model_id, *args, _load, **kwargs):
+        return reference_model(model) if model_id == own else _load(model_id, *args, **kwargs)
+
+    def refuse_sync(self, *args, **kwargs):
+        raise QLoRAError("sync_ref_model=True mixes the policy into its reference, which here is the policy's own "
+                         "4-bit base: set sync_ref_model=False")
+    sync_init = callbacks.SyncRefModelCallback.__init__
+    try:
+        for module, load in patched.items():
+            module.create_model_from_path = lambda *a, _load=load, **k: create_model_from_path(*a, _load=_load, **k)
+        callbacks.SyncRefModelCallback.__init__ = refuse_sync
+        yield
+    finally:
+        for module, load in patched.items():
+            module.create_model_from_path = load
+        callbacks.SyncRefModelCallback.__init__ = sync_init

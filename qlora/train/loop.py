@@ -8,6 +8,8 @@
 - tqdm bar with loss, learning rate and samples/s; `metrics.jsonl` (one JSON object per log line;
   `loss` is the mean over the `loss_steps` optimizer steps since the previous line, each step the
   mean of its micro-batches) and `curves.png` (train loss, eval points, learning rate) in `out_dir`.
+  A loss may carry `loss.metrics = {name: scalar tensor}` (a MoE's `aux_loss`, DPO's `rewards/margins`, ...):
+  each is averaged like the loss and written under its name.
 - Checkpoints every `save_every` steps: trainable weights (+ the adapter in PEFT format), optimizer,
   scheduler, RNG states and position, written to a temp folder and renamed; the last `keep_last`
   are kept. `resume=True` continues from the newest and reproduces the uninterrupted run's losses
@@ -146,7 +148,7 @@ class _Run:
         self.step_times, self.t_last, self.seen_samples = [], time.perf_counter(), 0
         # the logged loss is the mean over every micro-batch since the last log line, not the last one's:
         # micro-batch losses are summed on the device (no sync), one .item() per optimizer step
-        self.step_loss_sum, self.step_micro, self.interval, self.aux = 0.0, 0, [], []
+        self.step_loss_sum, self.step_micro, self.interval, self.reported = 0.0, 0, [], {}
 
     def epochs(self, train_set, collate, position: dict) -> int:
         from tqdm.auto import tqdm
@@ -192,8 +194,8 @@ class _Run:
                     f"Last good checkpoint: {last or 'none (set save_every)'}. Lower lr, enable "
                     "max_grad_norm, or check the data.")
             self.step_loss_sum = self.step_loss_sum + loss.detach().float()
-            if getattr(loss, "aux_loss", None) is not None:      # a MoE's router load-balancing loss (in the loss)
-                self.aux.append(loss.aux_loss.float())
+            for name, value in getattr(loss, "metrics", {}).items():   # what the loss reports beside itself
+                self.reported.setdefault(name, []).append(value.detach().float())
             self.step_micro += 1
             acc.backward(loss)
             if acc.sync_gradients and config.max_grad_norm:
@@ -231,10 +233,9 @@ class _Run:
             row = {"step": step, "epoch": epoch, "loss": sum(self.interval) / len(self.interval),
                    "loss_steps": len(self.interval), "lr": lr,
                    "samples_per_s": self.seen_samples / max(now - self.t_last, 1e-9)}
-            if self.aux:
-                row["aux_loss"] = acc.reduce(torch.stack(self.aux).mean(), "mean").item()
+            row.update({name: acc.reduce(torch.stack(values).mean(), "mean").item() for name, values in self.reported.items()})
             self.log.write(row)
-            self.interval, self.aux = [], []
+            self.interval, self.reported = [], {}
         self.seen_samples, self.t_last = 0, time.perf_counter()
         if config.save_every and step % config.save_every == 0 and (self.sharded or acc.is_main_process):
             save_checkpoint(self.out, self.plain, self.optimizer.optimizer, self.scheduler, position, config.keep_last,

@@ -67,28 +67,39 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+BOOKKEEPING = ("step", "epoch", "loss", "loss_steps", "lr", "samples_per_s", "first_step_peak_bytes",
+               "first_step_seconds", "peak_method")
+
+
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """From metrics.jsonl: left, the train loss (mean per logging interval) with eval losses as points
-    and the learning rate on a second axis; right, each other eval metric by step."""
+    """From metrics.jsonl: first, the train loss (mean per logging interval) with eval losses as points and the
+    learning rate on a second axis; then one panel per group of other metrics, a group being the name up to its
+    "/" (TRL's rewards/chosen, rewards/margins, ... share a panel): train values as lines, eval values as points;
+    eval metrics without a group (accuracy, perplexity) share an "evaluation" panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    evals = {}
+    eval_losses, panels = {}, {}        # panels: group -> {(name, is_eval): [(step, value)]}
     for r in rows:
         for k, v in r.items():
-            if k.startswith("eval_") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                evals.setdefault(k, []).append((r["step"], v))
-    others = {k: pts for k, pts in evals.items() if "loss" not in k}
-    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(11 if others else 6.5, 3.8), squeeze=False)
+            if k in BOOKKEEPING or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            is_eval, name = k.startswith("eval_"), k.removeprefix("eval_")
+            if is_eval and name == "loss":
+                eval_losses.setdefault(k, []).append((r["step"], v))
+                continue
+            group = name.split("/")[0] if "/" in name else (name if not is_eval else "evaluation")
+            panels.setdefault(group, {}).setdefault((name, is_eval), []).append((r["step"], v))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6.5 + 4.5 * len(panels), 3.8), squeeze=False)
     ax = axes[0][0]
     if loss:
         every = max(1, round(sum(r.get("loss_steps", 1) for r in rows if "loss" in r) / len(loss)))
         ax.plot(*zip(*loss), color="C0", lw=1.6, marker="." if len(loss) < 40 else None,
                 label=f"train loss (mean of {every} step{'s' if every > 1 else ''})")
-    for i, (k, pts) in enumerate((k, p) for k, p in evals.items() if "loss" in k):
+    for i, (k, pts) in enumerate(eval_losses.items()):
         ax.plot(*zip(*pts), "o--", color=f"C{i + 1}", ms=6, label=k.replace("_", " "))
     ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
     ax.grid(alpha=0.3)
@@ -104,15 +115,19 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         handles, labels = handles + h, labels + l
     if handles:
         ax.legend(handles, labels, fontsize=8, loc="upper right")
-    if others:
-        ax = axes[0][1]
-        for i, (k, pts) in enumerate(others.items()):
-            ax.plot(*zip(*pts), "o-", color=f"C{i + 3}", label=k.replace("_", " "))
-            step, value = pts[-1]
-            ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set(xlabel="optimizer step", title="evaluation")
+    for ax, (group, series) in zip(axes[0][1:], panels.items()):
+        names = sorted({name for name, _ in series})
+        for (name, is_eval), pts in series.items():
+            color = f"C{(names.index(name) + 3) % 10}"
+            if is_eval:
+                ax.plot(*zip(*pts), "o--", color=color, ms=5, label=f"eval {name}")
+                step, value = pts[-1]
+                ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            else:
+                ax.plot(*zip(*pts), "-", color=color, lw=1.2, alpha=0.8, label=f"train {name}")
+        ax.set(xlabel="optimizer step", title=group)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

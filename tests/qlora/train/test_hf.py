@@ -140,3 +140,97 @@ def test_trl_dpo_trainer_uses_the_same_base_as_its_reference(tmp_path, tiny_fold
     assert any((after[n] - before[n]).abs().max() > 0 for n in before)
     logged = [r for r in trainer.state.log_history if "loss" in r]
     assert logged and all("rewards/accuracies" in r or "rewards/chosen" in r for r in logged), logged
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w1"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w1", pad_token="w0", eos_token="w2")
+
+
+def _reward_length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("name", ["kto", "grpo", "rloo", "dpo"])
+def test_trl_trainers_that_build_a_reference_load_no_second_model(name, tmp_path, tiny_folder):
+    """KTO with ref_model=reference_model(model); GRPO (beta > 0), RLOO (its default beta) and DPO (ref_model=None)
+    inside shared_reference(model): TRL's loader is never reached, the trainer's reference holds the policy's own
+    tensors and runs the base (adapters off), and training moves the adapter."""
+    trl = pytest.importorskip("trl")
+    import importlib
+
+    from accelerate.state import AcceleratorState
+    from datasets import Dataset
+
+    from qlora.train.hf import reference_model, shared_reference
+    modules = [importlib.import_module(f"trl.trainer.{m}_trainer") for m in ("dpo", "kto", "grpo", "rloo")]
+    loads = []
+    originals = {m: m.create_model_from_path for m in modules}
+
+    def counted(*args, **kwargs):
+        loads.append(args[:1])
+        raise AssertionError("TRL loaded a second copy of the base model")
+    for m in modules:
+        m.create_model_from_path = counted
+    model = qlora_model(tiny_folder)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  gradient_checkpointing=False, bf16=False)
+    prompts = [{"prompt": f"w{3 + i} w{4 + i} w5"} for i in range(8)]
+    before = b_weights(model)
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if name == "kto":
+            data = Dataset.from_list([{**p, "completion": f" w{7 + i} w8", "label": i % 2 == 0}
+                                      for i, p in enumerate(prompts)])
+            trainer = trl.KTOTrainer(model=qlora.for_trainer(model), ref_model=reference_model(model),
+                                     args=trl.KTOConfig(**common), train_dataset=data, processing_class=_tiny_tokenizer())
+        elif name == "dpo":
+            data = Dataset.from_list([{**p, "chosen": " w7 w8", "rejected": " w20 w21"} for p in prompts])
+            with shared_reference(model):
+                trainer = trl.DPOTrainer(model=qlora.for_trainer(model), ref_model=None, args=trl.DPOConfig(**common),
+                                         train_dataset=data, processing_class=_tiny_tokenizer())
+        else:
+            cls, config = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[name]
+            args = config(**common, num_generations=2, max_completion_length=4, **({"beta": 0.1} if name == "grpo" else {}))
+            assert args.beta > 0
+            with shared_reference(model):
+                trainer = cls(model=qlora.for_trainer(model), reward_funcs=_reward_length, args=args,
+                              train_dataset=Dataset.from_list(prompts), processing_class=_tiny_tokenizer())
+        ref = trainer.ref_model
+        assert type(ref).__name__.startswith("Reference")
+        assert all(a is b for a, b in zip(ref.parameters(), model.parameters()))
+        trainer.train()
+    finally:
+        for m, f in originals.items():
+            m.create_model_from_path = f
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert loads == []
+    after = b_weights(model)
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before)
+
+
+def test_shared_reference_refuses_sync_ref_model(tmp_path, tiny_folder):
+    trl = pytest.importorskip("trl")
+    from accelerate.state import AcceleratorState
+    from datasets import Dataset
+
+    from qlora.train.hf import shared_reference
+    model = qlora_model(tiny_folder)
+    data = Dataset.from_list([{"prompt": "w3 w4", "chosen": " w7", "rejected": " w9"}] * 4)
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, sync_ref_model=True,
+                         gradient_checkpointing=False, disable_tqdm=True)
+    try:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with shared_reference(model), pytest.raises(qlora.QLoRAError, match="sync_ref_model"):
+            trl.DPOTrainer(model=qlora.for_trainer(model), args=args, train_dataset=data,
+                           processing_class=_tiny_tokenizer())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

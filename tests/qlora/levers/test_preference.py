@@ -1,6 +1,6 @@
-"""qlora.train.preference against TRL 1.16's DPOTrainer on the same batch, model and adapter weights.
+"""qlora.levers.preference against TRL 1.16's DPOTrainer on the same batch, model and adapter weights.
 
-    .venv/bin/python -m pytest -q tests/qlora/train/test_preference.py      (~15 s)
+    .venv/bin/python -m pytest -q tests/qlora/levers/test_preference.py      (~15 s)
 
 The policy is a tiny 4-bit Llama with a random (non-zero) adapter; the reference is the same base with the
 adapters disabled (qlora.train.hf.reference_model for TRL, qlora.disable_adapters for us). TRL tokenizes the
@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import qlora
-from qlora.train.preference import preference_loss, sequence_logps
+from qlora.levers.preference import preference_loss, sequence_logps
 from tests.qlora.train.test_hf import qlora_model, tiny_folder  # noqa: F401  (tiny_folder: a fixture)
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
 
 
-def trl_trainer(model, loss_type, tmp_path):
+def trl_trainer(model, loss_type, tmp_path, label_smoothing=0.0):
     from accelerate.state import AcceleratorState
     from datasets import Dataset
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -33,14 +33,15 @@ def trl_trainer(model, loss_type, tmp_path):
     data = Dataset.from_list([{"prompt": f"w{3 + i} w{4 + i} w5" + " w6" * i, "chosen": f" w{7 + i} w8" + " w9" * (i % 3),
                                "rejected": f" w{20 + i} w21"} for i in range(4)])
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True, bf16=False,
-                     disable_tqdm=True, gradient_checkpointing=False, loss_type=[loss_type], beta=0.3)
+                     disable_tqdm=True, gradient_checkpointing=False, loss_type=[loss_type], beta=0.3,
+                     label_smoothing=label_smoothing)
     AcceleratorState._reset_state(reset_partial_state=True)
     return DPOTrainer(model=qlora.for_trainer(model), ref_model=reference_model(model), args=args,
                       train_dataset=data, processing_class=tok)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_loss_and_rewards_equal_trls(loss_type, tmp_path, tiny_folder):  # noqa: F811  (the fixture)
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+def test_loss_and_rewards_equal_trls(loss_type, eps, tmp_path, tiny_folder):  # noqa: F811  (the fixture)
     from accelerate.state import AcceleratorState
     model = qlora_model(tiny_folder)
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_loss_and_rewards_equal_trls(loss_type, tmp_path, tiny_folder):  # noqa:
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     try:
-        trainer = trl_trainer(model, loss_type, tmp_path)
+        trainer = trl_trainer(model, loss_type, tmp_path, eps)
         batch = next(iter(trainer.get_train_dataloader()))
         model.eval()
         want = trainer.compute_loss(model, batch).item()
@@ -60,7 +61,7 @@ def test_loss_and_rewards_equal_trls(loss_type, tmp_path, tiny_folder):  # noqa:
         logps, counts = sequence_logps(model, ids, mask, completion, chunk_size=7)
         with qlora.disable_adapters(model):
             ref, _ = sequence_logps(model, ids, mask, completion, chunk_size=7)
-    loss, chosen, rejected = preference_loss(logps, ref, counts, loss_type=loss_type, beta=0.3)
+    loss, chosen, rejected = preference_loss(logps, ref, counts, loss_type=loss_type, beta=0.3, label_smoothing=eps)
     assert abs(loss.item() - want) < 1e-5, (loss.item(), want)
     assert abs(chosen.mean().item() - metrics["rewards/chosen"]) < 1e-5
     assert abs(rejected.mean().item() - metrics["rewards/rejected"]) < 1e-5
@@ -88,3 +89,16 @@ def test_the_reference_is_the_base_and_the_chunked_logps_have_gradients(tiny_fol
     torch.testing.assert_close(simpo, -torch.nn.functional.logsigmoid(2.0 * (chosen - rejected) - 0.5).mean())
     with pytest.raises(qlora.QLoRAError, match="loss_type"):
         preference_loss(logps, ref, counts, loss_type="kto")
+
+
+def test_label_smoothing_is_conservative_dpo():
+    """sigmoid with ε: the cDPO formula (TRL 1.16 dropped ε from its sigmoid; at ε = 0 the two are TRL's)."""
+    logps, ref = torch.tensor([-3.0, -5.0, -4.0, -2.0]), torch.tensor([-3.5, -4.0, -4.5, -2.5])
+    counts = torch.tensor([3, 4, 5, 2])
+    delta = (logps[:2] - ref[:2]) - (logps[2:] - ref[2:])
+    F = torch.nn.functional
+    want = (-(0.9) * F.logsigmoid(0.5 * delta) - 0.1 * F.logsigmoid(-0.5 * delta)).mean()
+    got, _, _ = preference_loss(logps, ref, counts, loss_type="sigmoid", beta=0.5, label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(qlora.QLoRAError, match="label_smoothing"):
+        preference_loss(logps, ref, counts, loss_type="robust", label_smoothing=0.5)

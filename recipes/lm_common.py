@@ -1,0 +1,288 @@
+"""What the causal-LM recipes (sft, dpo) share: their common config keys, the data sources, the model build,
+greedy samples, the first step's memory line and the end of a run (the curve from the untrained model, the
+summary, the merged export).
+
+    cfg = SFTConfig(...)                                   # an LMRecipeConfig plus the recipe's own keys
+    rows, eval_rows = read_splits(cfg, bundled={"wordnet": wordnet_chat_files})
+    path, tokenizer, pad_id = load_tokenizer(cfg)
+    model = build_model(cfg, path)                         # qlora | lora | full, the memory savers on
+    texts = greedy(model, tokenizer, [prompt_ids, ...], max_new_tokens=64, pad_id=pad_id)
+    summary = finish(cfg, model, tokenizer, result, before, summary, t0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import qlora
+from qlora.arch.loading import from_pretrained_quietly
+from qlora.bundled import resolve_model
+from qlora.errors import QLoRAError
+from qlora.lora.config import LoraConfig
+from qlora.train.loop import TrainConfig
+from qlora.util.checks import check_ints
+from qlora.util.dtypes import parse_dtype
+from qlora_recipes import sft_data
+from qlora_recipes.common import RecipeFailed, export_verified, split_validation, subset
+
+MODES = ("qlora", "lora", "full")
+
+
+@dataclass
+class LMRecipeConfig:
+    model: str = "smollm2"
+    """A model folder, a bundled name (smollm2) or a Hub id; any transformers causal LM."""
+    data: str = "wordnet"
+    """Training data: a file (.jsonl/.json/.csv/.parquet), a folder of them, a Hub data set name, or
+    `wordnet` (the recipe's bundled WordNet set)."""
+    eval_data: Optional[str] = None
+    """Evaluation data: a file/folder, or a split name of the Hub data set. None: eval_fraction of data
+    (for data=wordnet: its own eval split, whose words are unseen in training)."""
+    eval_fraction: float = 0.05
+    """Share of the rows held out (seeded) for evaluation when eval_data is None; 0: no evaluation."""
+    split: str = "train"
+    """The split of a Hub data set to train on."""
+    max_length: int = 512
+    """Tokens per sequence (prompt + response); longer ones are cut (counted)."""
+    train_size: Optional[int] = None
+    """None: every training row; an int: a seeded subset (quick runs)."""
+    eval_size: Optional[int] = 256
+    """Evaluation rows used (seeded subset); None: all."""
+    mode: str = "qlora"
+    """qlora (NF4 base + LoRA) | lora (float base + LoRA) | full (every weight trains)."""
+    compute_dtype: str = "auto"
+    """auto = bfloat16 on CUDA, float32 on CPU; the float base's dtype and the adapters' dtype."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer in backward (non-reentrant) instead of keeping its activations."""
+    loss_chunk_size: int = 256
+    """Tokens per chunk of the chunked head (peak: 4 x chunk x vocab bytes of fp32 logits)."""
+    upcast_norms: bool = False
+    """Cast norms, embeddings and the head to fp32 (PEFT's habit; costs memory)."""
+    mlp_tile: int = 0
+    """Long context: the MLPs in sequence tiles of this many tokens (qlora.levers.tiled_mlp; same result, one
+    tile's [tile, intermediate] tensors at a time, one more MLP forward per step); 0: off."""
+    mlp_tile_min_tokens: int = 4096
+    """With mlp_tile: only inputs of more than this many tokens are tiled."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
+                                                                target_modules="all-linear", task_type="CAUSAL_LM"))
+    """Adapter settings (modes lora and qlora)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, batch_size=8))
+    """The loop: epochs, max_steps, batch_size, lr, optimizer, eval_every, save_every, offload_activations..."""
+    eval_batch_size: int = 8
+    """Examples per evaluation forward pass."""
+    samples: int = 3
+    """Greedy generation samples per evaluation (prompt, reference, generated)."""
+    max_new_tokens: int = 64
+    """Tokens generated per sample."""
+    export: bool = False
+    """After training: merge the adapter into a plain model folder out_dir/merged, verified."""
+    export_dtype: str = "bfloat16"
+    """dtype of the merged export."""
+    out_dir: str = "runs/lm"
+    """Where everything goes (train.out_dir follows it)."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype)
+        check_ints(self, ("max_length", "loss_chunk_size", "eval_batch_size", "max_new_tokens"))
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
+        check_ints(self, ("train_size", "eval_size"), null="")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise QLoRAError(f"samples={self.samples!r}: must be an integer >= 0")
+        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
+                or not 0 <= self.eval_fraction < 1:
+            raise QLoRAError(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
+        for key in ("gradient_checkpointing", "upcast_norms", "export"):
+            if not isinstance(getattr(self, key), bool):
+                raise QLoRAError(f"{key}={getattr(self, key)!r}: must be true or false")
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise QLoRAError("data= is empty: give a file, a folder, a Hub data set or wordnet")
+        self.train = dataclasses.replace(self.train, out_dir=self.out_dir)
+
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return parse_dtype(self.compute_dtype)
+
+    def head_words(self) -> str:
+        """How the LM head runs, in words (the recipe's own)."""
+        return f"chunked head ({self.loss_chunk_size} tokens)"
+
+    def savers(self) -> str:
+        """The memory savers of this run, in words (the first-step memory line)."""
+        return ", ".join([
+            "NF4 base + double quant" if self.mode == "qlora" else f"{self.mode} (no 4-bit base)",
+            f"gradient checkpointing {'on (non-reentrant)' if self.gradient_checkpointing else 'OFF'}",
+            self.head_words(),
+            "fp32 up-casts ON" if self.upcast_norms else "no fp32 up-casts",
+            f"optimizer {self.train.optimizer}",
+            f"activation offload {'on' if self.train.offload_activations else 'off'}"]
+            + ([f"MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens"] if self.mlp_tile else []))
+
+
+def read_splits(cfg: LMRecipeConfig, bundled: dict[str, Callable]) -> tuple[list, list]:
+    """(training rows, evaluation rows): data / eval_data / eval_fraction, then the seeded subsets.
+    `bundled` maps a data name (wordnet) to a function returning its (train file, eval file)."""
+    data, eval_data = cfg.data, cfg.eval_data
+    if data in bundled:
+        train_file, eval_file = bundled[data]()
+        data, eval_data = str(train_file), eval_data or str(eval_file)
+    rows = sft_data.read_rows(data, cfg.split)
+    if eval_data is not None:
+        local = Path(eval_data).expanduser().exists() or sft_data.looks_local(eval_data)
+        hub = not Path(data).expanduser().exists()
+        eval_rows = sft_data.read_rows(data, eval_data) if hub and not local else sft_data.read_rows(eval_data)
+    elif cfg.eval_fraction > 0:
+        rows, eval_rows = split_validation(rows, cfg.eval_fraction, cfg.train.seed)
+    else:
+        eval_rows = []
+    return subset(rows, cfg.train_size, cfg.train.seed), subset(eval_rows, cfg.eval_size, cfg.train.seed)
+
+
+def load_tokenizer(cfg: LMRecipeConfig):
+    """(model path, tokenizer, pad id: the pad token, else EOS)."""
+    from transformers import AutoTokenizer
+    path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise QLoRAError(f"the tokenizer of {cfg.model} has neither a pad nor an EOS token")
+    return path, tokenizer, pad_id
+
+
+def build_model(cfg: LMRecipeConfig, path: str):
+    """The model of `mode` with the memory savers of `cfg` on; prints its trainable share and savers."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.levers.checkpointing import prepare_for_training
+    from qlora.modes import build_for_mode
+    torch.manual_seed(cfg.train.seed)                  # the adapters' initialisation
+    dtype = cfg.resolved_compute_dtype()
+    lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
+    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype),
+                           load_4bit=lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype),
+                           lora=lora)
+    model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
+    if cfg.mlp_tile:
+        from qlora.levers.tiled_mlp import tile_mlps
+        tile_mlps(model, tile=cfg.mlp_tile, min_tokens=cfg.mlp_tile_min_tokens)
+    trainable, total = qlora.count_parameters(model)
+    print(f"{cfg.model} · {cfg.mode}: {trainable:,} trainable of {total:,} parameters "
+          f"({100 * trainable / total:.3f}%); savers: {cfg.savers()}")
+    return model
+
+
+def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int) -> list[str]:
+    """Greedy continuations of token-id prompts, in one batched generate with the prompts left-padded: each
+    new token costs one pass over the weights (on a CPU, dequantizing every 4-bit layer), so all share it."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, width:]]
+
+
+def shown_question(prompt: str) -> str:
+    """The last line of a rendered prompt that is not a chat marker nor a bare cue like "A:" (what a sample in the
+    log shows)."""
+    import re
+    lines = [line.strip() for line in re.sub(r"<\|[^|>]*\|>", "\n", prompt).splitlines()]
+    lines = [line for line in lines if len(line) > 3 and line not in ("user", "assistant", "system")]
+    return lines[-1] if lines else prompt
+
+
+def append_samples(cfg: LMRecipeConfig, samples: list[dict]) -> None:
+    path = Path(cfg.out_dir) / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+
+
+def first_step_reporter(cfg: LMRecipeConfig) -> Callable:
+    """report(model): called by a loss function on every call; prints the first step's memory line at the
+    first training call of step 2 (train() has logged the peak by then)."""
+    calls = [0]
+
+    def report(model) -> None:
+        if not model.training:
+            return
+        calls[0] += 1
+        if calls[0] != cfg.train.grad_accum + 1:
+            return
+        from tqdm.auto import tqdm
+
+        from qlora.train.loop import read_metrics
+        path = Path(cfg.out_dir) / "metrics.jsonl"
+        rows = [r for r in read_metrics(path) if "first_step_peak_bytes" in r] if path.is_file() else []
+        if rows:
+            tqdm.write(memory_line(cfg, rows[-1]["first_step_peak_bytes"], rows[-1]["peak_method"]))
+    return report
+
+
+def memory_line(cfg: LMRecipeConfig, peak, method: str) -> str:
+    from memprofile.report import human
+    return f"first step: peak {human(peak, digits=1)} ({method}); savers: {cfg.savers()}"
+
+
+def evaluate_before(evaluate, model) -> Optional[dict]:
+    """The untrained model's evaluation (None without eval data)."""
+    if evaluate is None:
+        return None
+    print("before training:")
+    model.eval()
+    with torch.no_grad():
+        before = evaluate(model)
+    model.train()
+    return before
+
+
+def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict], summary: dict, t0: float) -> dict:
+    """After train(): the memory line, the curve from the untrained model, the full model (mode=full), the
+    verified merged export (export=true), summary.json. A failed export verification raises RecipeFailed."""
+    from qlora.train.loop import plot_curves, read_metrics
+    out = Path(cfg.out_dir)
+    print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
+    if before is not None:      # the curve starts from the untrained model (train() began a fresh log)
+        rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if cfg.mode == "full":
+        model.save_pretrained(str(out / "model"))
+        tokenizer.save_pretrained(str(out / "model"))
+    # lora / qlora: train() wrote the final adapter to out_dir/adapter (gathered under FSDP)
+    trainable, total = qlora.count_parameters(model)
+    summary = {"model": cfg.model, "mode": cfg.mode, "data": cfg.data, "steps": result.steps,
+               "trainable_params": trainable, "total_params": total, "savers": cfg.savers(),
+               "first_step_peak_bytes": result.first_step_peak_bytes, "peak_method": result.peak_method,
+               "mean_step_seconds": result.mean_step_seconds, "eval_before": before,
+               "eval_after": result.evals[-1][1] if result.evals else None, **summary, "wall_seconds": None}
+    failure = None
+    if cfg.export:
+        if cfg.mode == "full":
+            print("export: mode=full has no adapter to merge; the trained model is in out_dir/model")
+        else:
+            export = export_verified(model, out / "merged", dtype=cfg.export_dtype, tokenizer=tokenizer)
+            summary["export"] = {"out": str(export.out), "verification": export.verification}
+            failure = None if export.verification.get("passed") is not False else export
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"done in {summary['wall_seconds']:.0f} s: {out}/adapter (or model/), metrics.jsonl, curves.png, "
+          "samples.jsonl, summary.json")
+    if failure is not None:
+        raise RecipeFailed(f"the merged export in {failure.out} failed its verification (it differs from the "
+                           "trained model more than the limits allow)")
+    return summary
