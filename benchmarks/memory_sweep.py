@@ -72,16 +72,17 @@ def task_of(arch: str) -> str:
 
 
 def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None, variants=VARIANTS,
-             progress=None) -> list[dict]:
-    """Measured vs predicted for one architecture over the grid; one dict per row."""
+             progress=None, task=None) -> list[dict]:
+    """Measured vs predicted for one architecture over the grid; one dict per row. `task`: the arch's own
+    (causal-lm, seq-cls, image-cls) or dpo (a batch of preference pairs, a causal LM's)."""
     from memprofile.measure import measure_step
     from qlora.plan import Planner, RunSettings, build, load_config, make_batch
     from qlora.plan.build import loss_fn, measured_optimizer
 
-    task = task_of(arch)
+    task = task or task_of(arch)
     config = load_config(TINY[arch])
     seqs = seqs or ((32, 64) if task == "image-cls" else (32, 128))
-    if task != "causal-lm":
+    if task not in ("causal-lm", "dpo"):
         variants = tuple(dict.fromkeys(("model", opt) for _, opt in variants))
     rows = []
     for conf in configurations:

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                       help="sequence length (image side for image-cls; default 2048)")
     p.add_argument("--effective-batch", type=args.positive_int, default=16, help="examples per optimizer step (default 16)")
     p.add_argument("--rank", type=args.positive_int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--task", default="causal-lm", help="causal-lm | seq-cls | image-cls")
+    p.add_argument("--task", default="causal-lm",
+                   help="causal-lm | seq-cls | image-cls | dpo (preference pairs: --effective-batch counts pairs)")
     p.add_argument("--mode", default="qlora", help="the mode to recommend for: full | head | lora | qlora")
     p.add_argument("--configs", default="full,lora,lora-ckpt,qlora,qlora-ckpt", help="configurations to tabulate")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -37,7 +38,7 @@ def run(args) -> int:
         from qlora.bundled import resolve_model
         model = resolve_model(model)
     settings = run_settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
-    levers = LEVERS if args.levers and settings.task == "causal-lm" else None
+    levers = LEVERS if args.levers and settings.task in ("causal-lm", "dpo") else None
     result = plan(model, args.memory, settings, seq=args.seq, effective_batch=args.effective_batch,
                   configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size,
                   levers=levers)

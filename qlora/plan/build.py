@@ -218,10 +218,13 @@ def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
 
 
 def preference_batch(ids: torch.Tensor) -> dict:
-    """TRL's preference layout for 2B rows of token ids: every token but the first is a response token."""
-    completion = torch.ones_like(ids)
+    """TRL's preference layout for 2B rows of token ids: every token but the first is a response token, and the
+    last row ends in one padding token. Rows of different lengths are padded in a real batch, so its attention
+    mask is real (an all-ones mask is dropped by transformers, a padded one makes SDPA keep more per layer)."""
+    completion, attention = torch.ones_like(ids), torch.ones_like(ids)
     completion[:, 0] = 0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
+    completion[-1, -1] = attention[-1, -1] = 0
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
 
 
 def loss_fn(settings: RunSettings, offloader=None):

@@ -158,3 +158,32 @@ def test_bad_row_on_the_command_line_exits_2_with_one_line(tmp_path, tiny_chat_m
     assert run_dpo(tmp_path, tiny_chat_model, data, tmp_path / "run", "eval_fraction=0") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pairs.jsonl:5: no 'rejected' value" in err[0], err
+
+
+def test_resume_continues_the_run_exactly(tmp_path, tiny_chat_model, monkeypatch):
+    """Killed in step 4's loss with a checkpoint at step 2; train.resume=true gives the uninterrupted run's losses
+    and TRL metrics, exactly (dropout on: the RNG state is restored too)."""
+    import qlora_recipes.dpo as recipe
+    data = write(tmp_path / "pairs.jsonl", [ROWS["conversational"], ROWS["multi-turn"], ROWS["text"]] * 4)
+    args = ("eval_fraction=0", "train.max_steps=4", "train.save_every=2", "lora.lora_dropout=0.1")
+
+    def rows(out):
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert run_dpo(tmp_path, tiny_chat_model, data, tmp_path / "a", *args) == 0
+    real, calls = recipe.preference_step, []
+
+    def killed_at_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(recipe, "preference_step", killed_at_4)
+    assert run_dpo(tmp_path, tiny_chat_model, data, tmp_path / "b", *args) == 130       # "qlora train: interrupted"
+    assert sorted(p.name for p in (tmp_path / "b/checkpoints").glob("step-*")) == ["step-0000002"]
+    monkeypatch.setattr(recipe, "preference_step", real)
+    assert run_dpo(tmp_path, tiny_chat_model, data, tmp_path / "b", *args, "train.resume=true") == 0
+    uninterrupted, resumed = rows(tmp_path / "a"), rows(tmp_path / "b")
+    drop = ("samples_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in uninterrupted]
+    assert len(uninterrupted) == 4 and "rewards/margins" in uninterrupted[-1]

@@ -38,6 +38,16 @@ def test_planner_predicts_the_measured_step(arch, conf, loss, opt, batch, seq):
     assert_rows(rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=((loss, opt),)))
 
 
+@pytest.mark.parametrize("arch,conf,opt,batch,seq", [
+    ("llama", "qlora-ckpt", "adamw", 2, 64), ("llama", "qlora", "adamw8bit", 1, 32), ("qwen3", "lora-ckpt", "adamw", 2, 32),
+    ("qwen3_moe", "qlora-ckpt", "adamw", 2, 32), ("gpt2", "qlora-ckpt", "adamw", 1, 64)])
+def test_planner_predicts_the_measured_preference_step(arch, conf, opt, batch, seq):
+    """task dpo: B pairs = 2B rows, the reference pass (adapters off, no grad), the chunked log-probs, measured
+    as qlora.levers.preference.preference_step runs them."""
+    assert_rows(rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=(("chunked", opt),),
+                         task="dpo"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", REQUIRED + ("gpt2",))
 def test_the_whole_sweep_is_within_the_bounds(arch):
@@ -226,5 +236,10 @@ def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.splitlines()[-1].startswith("recommendation for qlora"), ok.stdout
     assert "| qlora-ckpt |" in ok.stdout and ok.stderr == ""
+    dpo = run("--model", str(config), "--memory", "64MiB", "--configs", "qlora-ckpt", "--seq", "64", "--device", "cpu",
+              "--task", "dpo")
+    assert dpo.returncode == 0 and "preference pairs (2 rows each)" in dpo.stdout, dpo.stderr[-2000:]
+    batch = lambda out: int(out.splitlines()[-1].split("train.batch_size=")[1].split()[0])   # noqa: E731
+    assert batch(dpo.stdout) < batch(ok.stdout)         # a pair is two rows and a reference pass
     bad = run("--model", str(config), "--memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory" in bad.stderr
