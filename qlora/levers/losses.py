@@ -132,13 +132,18 @@ def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> tor
 def head_is_chunkable(model) -> bool:
     """Whether the decoder's hidden states and the head's weight can be used directly (the chunked paths). Not
     for an adapted / biased / 4-bit head, nor for a model sharded by FSDP2 (its root and head are all-gathered by
-    their own forward hooks, which calling the decoder and the head's weight directly would skip): those use
-    the model's own forward."""
+    their own forward hooks, which calling the decoder and the head's weight directly would skip), nor for a
+    model whose forward scales or caps the logits (Cohere's logit_scale, Granite's logits_scaling, Gemma 2/3's
+    final_logit_softcapping): those use the model's own forward."""
     import sys
 
     from qlora.lora.layers import LoRALayer
     head = model.get_output_embeddings()
     fsdp = sys.modules.get("torch.distributed.fsdp")
+    config = getattr(model, "config", None)
+    transformed = (getattr(config, "final_logit_softcapping", None) is not None
+                   or getattr(config, "logit_scale", 1) not in (1, None)
+                   or getattr(config, "logits_scaling", 1) not in (1, None))
     return not (isinstance(head, LoRALayer) or getattr(head, "bias", None) is not None
-                or head.weight.dtype == torch.uint8
+                or head.weight.dtype == torch.uint8 or transformed
                 or (fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ()))))

@@ -93,3 +93,26 @@ def test_a_moe_asking_for_router_logits_gets_the_aux_loss_and_train_logs_it(fami
           TrainConfig(batch_size=2, max_steps=2, log_every=1, out_dir=str(tmp_path), progress=False))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["aux_loss"] > 0 for r in rows if "loss" in r] == [True, True]
+
+
+@pytest.mark.parametrize("family,extra", [("gemma2", dict(final_logit_softcapping=2.0, head_dim=16)),
+                                          ("cohere", dict(logit_scale=0.25)), ("granite", dict(logits_scaling=4.0))])
+def test_models_that_scale_or_cap_their_logits_get_their_own_values(family, extra):
+    """The chunked head would skip the model's logit scale / soft-cap: those models use their own forward, and
+    the loss and the preference log-probs are the model's."""
+    import transformers
+
+    from qlora.levers.preference import sequence_logps
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            initializer_range=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                            **extra)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        torch.testing.assert_close(causal_lm_loss(model, ids, ids), model(input_ids=ids, labels=ids).loss)
+        mask = torch.ones_like(ids)
+        want = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
+        torch.testing.assert_close(sequence_logps(model, ids, None, mask)[0], want, rtol=1e-5, atol=1e-4)
