@@ -53,62 +53,59 @@ def is_eval_word(word: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def wordnet_chat_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
-    """(train.jsonl, eval.jsonl) under $QLORA_CACHE/wordnet-chat-v1-..., written once (temp name, rename)."""
+def entries() -> list[dict]:
+    """Every synset with a definition, in the files' order (parse_line's dicts)."""
+    source, out = wordnet_dir(), []
+    for name in WORDNET_FILES:
+        with open(source / name, encoding="latin-1") as f:
+            out += [e for e in map(parse_line, f) if e is not None and e["definition"]]
+    return out
+
+
+def _cached_split(kind: str, rows, cache_dir, eval_fraction: float, seed: int) -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) under $QLORA_CACHE/wordnet-KIND-v1-...: `rows(entries)` yields (word, row) and is
+    called only when the files are not there yet; written once (temp names, then renamed)."""
     from qlora.bundled import default_cache_dir
-    folder = Path(cache_dir or default_cache_dir()) / f"wordnet-chat-v{VERSION}-eval{eval_fraction:g}-seed{seed}"
+    folder = Path(cache_dir or default_cache_dir()) / f"wordnet-{kind}-v{VERSION}-eval{eval_fraction:g}-seed{seed}"
     train, evals = folder / "train.jsonl", folder / "eval.jsonl"
     if train.is_file() and evals.is_file():
         return train, evals
-    source = wordnet_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = {name: folder / f".{name}.tmp-{os.getpid()}" for name in ("train.jsonl", "eval.jsonl")}
     with open(tmp["train.jsonl"], "w") as ft, open(tmp["eval.jsonl"], "w") as fe:
-        for name in WORDNET_FILES:
-            with open(source / name, encoding="latin-1") as f:
-                for line in f:
-                    entry = parse_line(line)
-                    if entry is None or not entry["definition"]:
-                        continue
-                    out = fe if is_eval_word(entry["word"], eval_fraction, seed) else ft
-                    out.write(json.dumps(to_chat(entry)) + "\n")
+        for word, row in rows(entries()):
+            (fe if is_eval_word(word, eval_fraction, seed) else ft).write(json.dumps(row) + "\n")
     os.replace(tmp["eval.jsonl"], evals)
     os.replace(tmp["train.jsonl"], train)
     return train, evals
+
+
+def wordnet_chat_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) of chats under $QLORA_CACHE/wordnet-chat-v1-..., written once."""
+    return _cached_split("chat", lambda es: ((e["word"], to_chat(e)) for e in es), cache_dir, eval_fraction, seed)
 
 
 def pair_answer(entry: dict, definition: str) -> list[dict]:
     return [{"role": "assistant", "content": f'"{entry["word"]}" ({entry["pos"]}): {definition}.'}]
 
 
-def wordnet_pair_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
-    """(train.jsonl, eval.jsonl) of preference pairs under $QLORA_CACHE/wordnet-pairs-v1-..., written once."""
+def to_pairs(entries: list[dict], seed: int = 0):
+    """(word, {"prompt", "chosen", "rejected"}) per synset: its definition against another synset's of the same
+    part of speech (seeded)."""
     import random
-
-    from qlora.bundled import default_cache_dir
-    folder = Path(cache_dir or default_cache_dir()) / f"wordnet-pairs-v{VERSION}-eval{eval_fraction:g}-seed{seed}"
-    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
-    if train.is_file() and evals.is_file():
-        return train, evals
-    source = wordnet_dir()
-    entries = []
-    for name in WORDNET_FILES:
-        with open(source / name, encoding="latin-1") as f:
-            entries += [e for e in map(parse_line, f) if e is not None and e["definition"]]
     by_pos: dict[str, list[str]] = {}
     for e in entries:
         by_pos.setdefault(e["pos"], []).append(e["definition"])
     rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = {name: folder / f".{name}.tmp-{os.getpid()}" for name in ("train.jsonl", "eval.jsonl")}
-    with open(tmp["train.jsonl"], "w") as ft, open(tmp["eval.jsonl"], "w") as fe:
-        for e in entries:
-            other = e["definition"]
-            while other == e["definition"]:
-                other = rng.choice(by_pos[e["pos"]])
-            question = [{"role": "user", "content": f"What does the {e['pos']} '{e['word']}' mean?"}]
-            row = {"prompt": question, "chosen": pair_answer(e, e["definition"]), "rejected": pair_answer(e, other)}
-            (fe if is_eval_word(e["word"], eval_fraction, seed) else ft).write(json.dumps(row) + "\n")
-    os.replace(tmp["eval.jsonl"], evals)
-    os.replace(tmp["train.jsonl"], train)
-    return train, evals
+    for e in entries:
+        other = e["definition"]
+        while other == e["definition"]:
+            other = rng.choice(by_pos[e["pos"]])
+        question = [{"role": "user", "content": f"What does the {e['pos']} '{e['word']}' mean?"}]
+        yield e["word"], {"prompt": question, "chosen": pair_answer(e, e["definition"]),
+                          "rejected": pair_answer(e, other)}
+
+
+def wordnet_pair_files(cache_dir=None, eval_fraction: float = 0.02, seed: int = 0) -> tuple[Path, Path]:
+    """(train.jsonl, eval.jsonl) of preference pairs under $QLORA_CACHE/wordnet-pairs-v1-..., written once."""
+    return _cached_split("pairs", lambda es: to_pairs(es, seed), cache_dir, eval_fraction, seed)
