@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -42,6 +41,7 @@ from qlora_recipes.lm_common import (
     LMRecipeConfig,
     append_samples,
     build_model,
+    clear_samples,
     evaluate_before,
     finish,
     first_step_reporter,
@@ -192,7 +192,6 @@ def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate,
 
 def main(cfg: DPOConfig) -> dict:
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
     path, tokenizer, pad_id = load_tokenizer(cfg)
     train_set, eval_set, stats = load_data(cfg, tokenizer)
     model = build_model(cfg, path)
@@ -203,7 +202,7 @@ def main(cfg: DPOConfig) -> dict:
         train_set = precompute_reference(model, train_set, collate, cfg.eval_batch_size, cfg.loss_chunk_size)
     loss_fn = make_loss(cfg)
     evaluate = make_eval(cfg, eval_set, tokenizer, loss_fn, collate, pad_id) if eval_set else None
-    (out / "samples.jsonl").unlink(missing_ok=True)        # this run's samples only
+    clear_samples(cfg)
     before = evaluate_before(evaluate, model)
     result = train(model, train_set, collate, loss_fn, cfg.train, eval_fn=evaluate)
     after = result.evals[-1][1] if result.evals else None

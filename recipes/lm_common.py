@@ -205,7 +205,23 @@ def shown_question(prompt: str) -> str:
     return lines[-1] if lines else prompt
 
 
+def main_process() -> bool:
+    """Whether this process writes the run's files (the only one, or rank 0 under DDP: every rank evaluates).
+    Read from the launcher's RANK, not from accelerate's state: creating that state before train()'s
+    Accelerator(cpu=...) would fix it as a single process."""
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+def clear_samples(cfg: LMRecipeConfig) -> None:
+    """samples.jsonl holds this run's samples only."""
+    if main_process():
+        (Path(cfg.out_dir) / "samples.jsonl").unlink(missing_ok=True)
+
+
 def append_samples(cfg: LMRecipeConfig, samples: list[dict]) -> None:
+    if not main_process():
+        return
     path = Path(cfg.out_dir) / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -256,11 +272,12 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
     from qlora.train.loop import plot_curves, read_metrics
     out = Path(cfg.out_dir)
     print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
-    if before is not None:      # the curve starts from the untrained model (train() began a fresh log)
+    main = main_process()
+    if before is not None and main:      # the curve starts from the untrained model (train() began a fresh log)
         rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-    if cfg.mode == "full":
+    if cfg.mode == "full" and main:
         model.save_pretrained(str(out / "model"))
         tokenizer.save_pretrained(str(out / "model"))
     # lora / qlora: train() wrote the final adapter to out_dir/adapter (gathered under FSDP)
@@ -271,7 +288,7 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
                "mean_step_seconds": result.mean_step_seconds, "eval_before": before,
                "eval_after": result.evals[-1][1] if result.evals else None, **summary, "wall_seconds": None}
     failure = None
-    if cfg.export:
+    if cfg.export and main:
         if cfg.mode == "full":
             print("export: mode=full has no adapter to merge; the trained model is in out_dir/model")
         else:
@@ -279,7 +296,8 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
             summary["export"] = {"out": str(export.out), "verification": export.verification}
             failure = None if export.verification.get("passed") is not False else export
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"done in {summary['wall_seconds']:.0f} s: {out}/adapter (or model/), metrics.jsonl, curves.png, "
           "samples.jsonl, summary.json")
     if failure is not None:

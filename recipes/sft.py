@@ -22,7 +22,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import qlora
 from qlora.errors import QLoRAError
@@ -32,6 +31,7 @@ from qlora_recipes.lm_common import (
     LMRecipeConfig,
     append_samples,
     build_model,
+    clear_samples,
     evaluate_before,
     finish,
     first_step_reporter,
@@ -140,7 +140,6 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
 
 def main(cfg: SFTConfig) -> dict:
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
     path, tokenizer, pad_id = load_tokenizer(cfg)
     train_set, eval_set, stats = load_data(cfg, tokenizer)
     if cfg.packing:
@@ -149,7 +148,7 @@ def main(cfg: SFTConfig) -> dict:
     model = build_model(cfg, path)
     loss_fn = make_loss(cfg)
     evaluate = make_eval(cfg, eval_set, tokenizer, loss_fn, pad_id) if eval_set else None
-    (out / "samples.jsonl").unlink(missing_ok=True)        # this run's samples only
+    clear_samples(cfg)
     before = evaluate_before(evaluate, model)
     result = train(model, train_set, lambda batch: sft_data.collate(batch, pad_id), loss_fn, cfg.train,
                    eval_fn=evaluate)

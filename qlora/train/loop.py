@@ -85,11 +85,18 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, int(total * config.warmup_ratio)))
+    plain = model
     if sharded:
         optimizer = accelerator.prepare(optimizer)
+    elif accelerator.num_processes > 1:
+        # DDP: the loss runs inside the wrapper's forward, whatever parts of the model it calls (the chunked
+        # head calls the decoder and reads the head's weight; DPO runs two passes): DDP prepares its gradient
+        # all-reduce in forward, which calling those parts of a wrapped model directly would skip
+        step, optimizer = accelerator.prepare(LossInForward(model, loss_fn), optimizer)
+        model, loss_fn = step, lambda wrapped, batch: wrapped(batch)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    plain = accelerator.unwrap_model(model)
+        plain = accelerator.unwrap_model(model)
     out = Path(config.out_dir)
     position = _start(out, config, plain, optimizer, scheduler, accelerator)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,14 +251,14 @@ class _Run:
             self.evaluate(step)
 
     def evaluate(self, step: int) -> None:
-        self.result.evals.append((step, _evaluate(self.model, self.eval_fn, self.accelerator, self.log, step)))
+        self.result.evals.append((step, _evaluate(self.model, self.plain, self.eval_fn, self.accelerator, self.log, step)))
         self.t_last = time.perf_counter()
 
     def finish(self, step: int) -> TrainResult:
         """The last evaluation, timings, this process's bytes, the final adapter and the curves."""
         acc, result = self.accelerator, self.result
         if self.eval_fn and (not result.evals or result.evals[-1][0] != step):
-            result.evals.append((step, _evaluate(self.model, self.eval_fn, acc, self.log, step)))
+            result.evals.append((step, _evaluate(self.model, self.plain, self.eval_fn, acc, self.log, step)))
         result.steps = step
         timed = self.step_times[1:] or self.step_times
         result.mean_step_seconds = sum(timed) / len(timed) if timed else None
@@ -263,6 +270,21 @@ class _Run:
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         acc.wait_for_everyone()
         return result
+
+
+class LossInForward(torch.nn.Module):
+    """A module whose forward is `loss_fn(model, batch)`: what DDP wraps, so that the loss is its forward."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return super().train(mode)
 
 
 def save_final_adapter(model, folder: Path, write: bool = True) -> None:
@@ -291,10 +313,10 @@ def _to(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
-def _evaluate(model, eval_fn, accelerator, log, step) -> dict:
+def _evaluate(model, plain, eval_fn, accelerator, log, step) -> dict:
     model.eval()
     with torch.no_grad(), accelerator.autocast():
-        metrics = eval_fn(accelerator.unwrap_model(model))
+        metrics = eval_fn(plain)
     model.train()
     log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     return metrics

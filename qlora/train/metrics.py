@@ -129,7 +129,7 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, png_path)

@@ -187,3 +187,45 @@ def test_resume_continues_the_run_exactly(tmp_path, tiny_chat_model, monkeypatch
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in drop} for r in uninterrupted]
     assert len(uninterrupted) == 4 and "rewards/margins" in uninterrupted[-1]
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+from qlora.cli import main, recipes_package
+recipes_package()
+import qlora_recipes.lm_common as common
+import qlora_recipes.dpo as dpo
+config, model, data, out = sys.argv[1:5]
+real_finish = dpo.finish
+def finish(cfg, model, *args):
+    rank = int(os.environ["RANK"])
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, os.path.join(out, f"rank{rank}.safetensors"))
+    return real_finish(cfg, model, *args)
+dpo.finish = finish
+sys.exit(main(["train", config, f"model={model}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
+               "train.batch_size=2", "train.max_steps=2", "train.progress=false", "samples=1", "max_new_tokens=2",
+               "lora.r=4", "mode=qlora", "train.lr=1e-2"]))
+"""
+
+
+def test_two_processes_ddp_train_the_same_adapter(tmp_path, tiny_chat_model, torchrun):
+    """DDP (torchrun, 2 gloo processes): the preference step runs inside DDP's forward (qlora.train.loop
+    LossInForward), so the gradients are all-reduced: both ranks end with the same adapter; rank 0 writes the files."""
+    from safetensors.torch import load_file
+    script = tmp_path / "ddp_dpo.py"
+    script.write_text(DDP_SCRIPT)
+    data = write(tmp_path / "pairs.jsonl", [ROWS["conversational"], ROWS["multi-turn"], ROWS["text"]] * 4)
+    out = tmp_path / "run"
+    out.mkdir()
+    torchrun(script, CONFIG, tiny_chat_model, data, out, timeout=300)
+    w0, w1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and w0
+    for name in w0:
+        torch.testing.assert_close(w0[name], w1[name], rtol=0, atol=0)
+    assert any(w0[n].abs().max() > 0 for n in w0 if "lora_B" in n)          # trained
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in r for r in logged) == 2 and "rewards/margins" in logged[-2], [(r["step"], sorted(r)[:3]) for r in logged]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2          # one per evaluation, one writer
