@@ -110,10 +110,10 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
     out = model.get_decoder()(**inputs, **({"output_router_logits": True} if aux else {}))
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
     loss = chunked_cross_entropy(out.last_hidden_state, head.weight, shifted, chunk_size=chunk_size)
-    return _with_router_aux_loss(model, loss, out, attention_mask) if aux else loss
+    return with_router_aux_loss(model, loss, out, attention_mask) if aux else loss
 
 
-def _with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> torch.Tensor:
+def with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> torch.Tensor:
     """loss + router_aux_loss_coef x the load-balancing loss, as the model's own forward adds it when its
     config says output_router_logits (the model's own load_balancing_loss_func, from its modeling module);
     the aux loss rides along as `loss.metrics["aux_loss"]` (qlora.train logs it)."""

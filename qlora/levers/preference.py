@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qlora.errors import QLoRAError
-from qlora.levers.losses import chunk_starts, head_is_chunkable
+from qlora.levers.losses import chunk_starts, head_is_chunkable, with_router_aux_loss
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo")
 REFERENCE_FREE = ("simpo",)
@@ -41,10 +41,12 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   completion_mask: torch.Tensor, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                   completion_mask: torch.Tensor, chunk_size: int = 256,
+                   router_outputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log p over each row's completion tokens [N] fp32, completion token counts [N]). Token t+1 is scored
     by position t, where completion_mask[t+1] is 1. A head that cannot be chunked (adapted, biased, 4-bit, or
-    an FSDP-sharded model: qlora.levers.losses.head_is_chunkable) is run whole by the model's own forward."""
+    an FSDP-sharded model: qlora.levers.losses.head_is_chunkable) is run whole by the model's own forward.
+    `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits."""
     from torch._subclasses.fake_tensor import is_fake
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
     n, length = scored.shape
@@ -56,12 +58,15 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     else:
         pick = lambda t: t[scored]                                         # noqa: E731
     rows, targets = pick(rows), pick(input_ids[:, 1:])                      # [M]: the scored positions
+    routed = router_outputs is not None and bool(getattr(getattr(model, "config", None), "output_router_logits", False))
+    extra = {"output_router_logits": True} if routed else {}
     if not head_is_chunkable(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits   # [N, L, V]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        logits = out.logits                                                 # [N, L, V]
         token_logps = pick(logits[:, :-1]).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     else:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state            # [N, L, H]
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        hidden = out.last_hidden_state                                      # [N, L, H]
         states = pick(hidden[:, :-1])                                       # [M, H]: completion positions only
         weight = model.get_output_embeddings().weight
         pieces = [checkpoint(_chunk_logps, states[i:i + chunk_size], weight, targets[i:i + chunk_size],
@@ -69,6 +74,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                   _chunk_logps(states[i:i + chunk_size], weight, targets[i:i + chunk_size])
                   for i in chunk_starts(states, states.shape[0], chunk_size)]
         token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    if routed:
+        router_outputs.append(out)
     if token_logps.shape[0] != rows.shape[0]:      # a fake trace ran the first and last chunks only (chunk_starts)
         return token_logps.sum() + token_logps.new_zeros(n), scored.sum(1)
     return token_logps.new_zeros(n).index_add(0, rows, token_logps), scored.sum(1)
@@ -79,20 +86,25 @@ def preference_step(model, batch: dict, *, loss_type: str = "sigmoid", beta: flo
     """The loss of one batch in TRL's layout (input_ids, attention_mask, completion_mask [2B, L]: chosen rows,
     then rejected; optional ref_logps [2B] computed before training), with TRL's metrics attached as
     `loss.metrics` (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
-    logps/rejected; qlora.train logs them). The reference pass, when one is needed, runs first, without
-    gradients and with the adapters disabled: the same 4-bit base, never a second model."""
+    logps/rejected; qlora.train logs them). A MoE whose config sets output_router_logits adds its router's
+    load-balancing loss (x router_aux_loss_coef, logged as aux_loss), as its own forward and TRL do. The
+    reference pass, when one is needed, runs first, without gradients and with the adapters disabled: the same
+    4-bit base, never a second model."""
     from qlora.lora.inject import disable_adapters
     ids, mask, completion = batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
     ref = batch.get("ref_logps")
     if ref is None and loss_type not in REFERENCE_FREE:
         with disable_adapters(model), torch.no_grad():
             ref, _ = sequence_logps(model, ids, mask, completion, chunk_size)     # activations freed layer by layer
-    logps, counts = sequence_logps(model, ids, mask, completion, chunk_size)
+    routed = []
+    logps, counts = sequence_logps(model, ids, mask, completion, chunk_size, router_outputs=routed)
     loss, chosen, rejected = preference_loss(logps, None if loss_type in REFERENCE_FREE else ref, counts,
                                              loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                                              simpo_gamma=simpo_gamma)
+    if routed:      # a MoE asking for it: + router_aux_loss_coef x its load-balancing loss, as in SFT and TRL
+        loss = with_router_aux_loss(model, loss, routed[0], mask)
     logps_c, logps_r = logps.detach().chunk(2)
-    loss.metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+    loss.metrics = {**getattr(loss, "metrics", {}), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
                     "rewards/accuracies": (chosen > rejected).float().mean(),
                     "rewards/margins": (chosen - rejected).mean(),
                     "logps/chosen": logps_c.mean(), "logps/rejected": logps_r.mean()}

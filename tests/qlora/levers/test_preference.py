@@ -102,3 +102,29 @@ def test_label_smoothing_is_conservative_dpo():
     torch.testing.assert_close(got, want)
     with pytest.raises(qlora.QLoRAError, match="label_smoothing"):
         preference_loss(logps, ref, counts, loss_type="robust", label_smoothing=0.5)
+
+
+def test_a_moe_asking_for_router_logits_adds_the_aux_loss_to_the_preference_loss():
+    """config.output_router_logits: preference_step adds router_aux_loss_coef x the model's own load-balancing
+    loss of the policy pass (the model's own forward's aux_loss on the same rows), logged as aux_loss."""
+    from qlora.levers.preference import preference_step
+    from tests.qlora.quant.test_experts import tiny_moe
+    model = tiny_moe("qwen3_moe")
+    model.config.output_router_logits = True
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear"))
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    completion = torch.zeros_like(ids)
+    completion[:, 6:] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
+    with torch.no_grad():
+        loss = preference_step(model, batch, chunk_size=3)
+        own = model(**batch_without(batch, "completion_mask")).aux_loss
+        model.config.output_router_logits = False
+        plain = preference_step(model, batch, chunk_size=3)
+    torch.testing.assert_close(loss.metrics["aux_loss"], own)
+    torch.testing.assert_close(loss, plain + model.config.router_aux_loss_coef * own)
+    assert "aux_loss" not in plain.metrics and "rewards/margins" in loss.metrics
+
+
+def batch_without(batch, key):
+    return {k: v for k, v in batch.items() if k != key}
