@@ -170,7 +170,7 @@ def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate,
             part = eval_set[i:i + cfg.eval_batch_size]
             loss = loss_fn(model, {k: v.to(device) for k, v in collate(part).items()})
             for k, v in (("loss", loss), *loss.metrics.items()):
-                sums[k] += v.item() * len(part)            # batch means, weighted by their pairs
+                sums[k] = sums.get(k, 0.0) + v.item() * len(part)      # batch means, weighted by their pairs
             pairs += len(part)
         metrics = {k: v / max(pairs, 1) for k, v in sums.items()}
         chosen = eval_set[:cfg.samples]

@@ -229,3 +229,27 @@ def test_two_processes_ddp_train_the_same_adapter(tmp_path, tiny_chat_model, tor
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in logged) == 2 and "rewards/margins" in logged[-2], logged
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2          # one per evaluation, one writer
+
+
+def test_a_mixture_of_experts_trains_with_its_router_loss(tmp_path, smol_tok_dir):
+    """A tiny Qwen3-MoE over SmolLM2's vocabulary, asking for its router logits: 4-bit experts, the preference
+    loss + the load-balancing loss (logged as aux_loss, train and eval), the export verified."""
+    import shutil
+
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(
+        "qwen3_moe", vocab_size=49152, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+        num_experts_per_tok=2, pad_token_id=2, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        output_router_logits=True)
+    folder = tmp_path / "tiny-moe"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(folder))
+    for p in smol_tok_dir.iterdir():
+        shutil.copy(p, folder / p.name)
+    data = write(tmp_path / "pairs.jsonl", [ROWS["conversational"], ROWS["multi-turn"]] * 6)
+    out = tmp_path / "run"
+    assert run_dpo(tmp_path, folder, data, out, "export=true", "train.max_steps=2") == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in logged if "loss" in r) and "eval_aux_loss" in logged[-1]
+    assert json.loads((out / "summary.json").read_text())["export"]["verification"]["passed"] is True
