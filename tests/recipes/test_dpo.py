@@ -35,7 +35,8 @@ ROWS = {
                               "rejected": "Q: What does 'cat' mean?\nA: " + BAD},
 }
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),   # PEFT reads the deprecated is_gradient_checkpointing
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 
 def trl_tokenized(tok, rows: list[dict], max_length=None, truncation_mode="keep_start") -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.recipes.test_sft import CHAT, CONFIG, smol_tok_dir, write  # noqa: F401, F811  (smol_tok_dir: a fixture)
+from tests.recipes.test_sft import CHAT, CONFIG, write
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB = dict(vocab_size=49152, pad_token_id=2, bos_token_id=1, eos_token_id=2)
@@ -51,7 +51,7 @@ def train_two_steps(config, folder, tokenizer_dir):
 
 @pytest.mark.parametrize("family", [pytest.param("gpt2"), pytest.param("falcon"),
                                     pytest.param("olmo2", marks=pytest.mark.slow)])
-def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):  # noqa: F811  (the fixture)
+def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -79,7 +79,7 @@ def test_sft_trains_and_exports(family, tmp_path, smol_tok_dir):  # noqa: F811  
     assert (got - want).norm() < (plain - want).norm() + 1e-3 * want.norm()
 
 
-def test_sft_trains_and_exports_a_mixture_of_experts(tmp_path, smol_tok_dir):  # noqa: F811  (the fixture)
+def test_sft_trains_and_exports_a_mixture_of_experts(tmp_path, smol_tok_dir):
     """qlora train sft on a Qwen3-MoE folder: 4-bit experts, an adapter on every expert matrix (PEFT's
     target_parameters), the merged export in the checkpoint's per-expert layout, loaded by transformers."""
     from peft import PeftModel

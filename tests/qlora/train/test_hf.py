@@ -12,7 +12,9 @@ import torch
 
 import qlora
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),   # TRL configs warn about their own gradient_checkpointing key
+              pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 IDS = torch.tensor([[5, 17, 30, 42, 9, 11]])
 
 
