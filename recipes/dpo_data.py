@@ -69,9 +69,7 @@ def shared_prompt(chosen, rejected):
     """(prompt, chosen rest, rejected rest): the longest shared beginning of two conversations (whole messages)
     or two texts (characters, a space before the first difference left to the responses), as TRL's
     extract_prompt splits them."""
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    n = _common_prefix(chosen, rejected)
     if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]

@@ -214,8 +214,11 @@ def main_process() -> bool:
 
 
 def clear_samples(cfg: LMRecipeConfig) -> None:
-    """samples.jsonl holds this run's samples only."""
-    if main_process():
+    """samples.jsonl holds this run's samples only (a resumed run's continue the file). An out_dir holding an
+    earlier run is refused first (qlora.train.loop.check_earlier_run): nothing of it is removed unasked."""
+    from qlora.train.loop import check_earlier_run
+    check_earlier_run(Path(cfg.out_dir), cfg.train)
+    if main_process() and not cfg.train.resume:
         (Path(cfg.out_dir) / "samples.jsonl").unlink(missing_ok=True)
 
 

@@ -96,8 +96,10 @@ def shared_reference(model):
         if name.startswith("trl") and callable(getattr(module, "create_model_from_path", None)):
             patched[module] = module.create_model_from_path
 
-    def create_model_from_path(model_id, *args, _load, **kwargs):
-        return reference_model(model) if model_id == own else _load(model_id, *args, **kwargs)
+    def answering(load):
+        def create_model_from_path(model_id, *args, **kwargs):
+            return reference_model(model) if model_id == own else load(model_id, *args, **kwargs)
+        return create_model_from_path
 
     def refuse_sync(self, *args, **kwargs):
         raise QLoRAError("sync_ref_model=True mixes the policy into its reference, which here is the policy's own "
@@ -105,7 +107,7 @@ def shared_reference(model):
     sync_init = callbacks.SyncRefModelCallback.__init__
     try:
         for module, load in patched.items():
-            module.create_model_from_path = lambda *a, _load=load, **k: create_model_from_path(*a, _load=_load, **k)
+            module.create_model_from_path = answering(load)
         callbacks.SyncRefModelCallback.__init__ = refuse_sync
         yield
     finally:

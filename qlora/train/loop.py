@@ -120,6 +120,22 @@ def _total_steps(n: int, config: TrainConfig, rank: int, world: int) -> int:
     return min(total, config.max_steps) if config.max_steps else total
 
 
+def check_earlier_run(out: Path, config: TrainConfig) -> list[Path]:
+    """An earlier run's checkpoints in `out` (replaced only with overwrite=true, continued with resume=true); a
+    fresh run into an out_dir holding an earlier run's checkpoints or final adapter is refused without overwrite.
+    Callers that write into out_dir before train() (a recipe's samples) call it first."""
+    earlier = sorted((Path(out) / "checkpoints").glob("step-*"))
+    if config.resume:
+        return earlier
+    if earlier and not config.overwrite:   # an earlier run's work: never deleted unasked
+        raise QLoRAError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run (newest {earlier[-1].name}); "
+                         "continue it with resume=true, replace it with overwrite=true, or choose another out_dir")
+    if (Path(out) / "adapter").is_dir() and not config.overwrite:   # the final adapter of an earlier run
+        raise QLoRAError(f"{Path(out) / 'adapter'} holds the adapter of an earlier run; replace it with overwrite=true "
+                         "or choose another out_dir")
+    return earlier
+
+
 def _start(out: Path, config: TrainConfig, plain, optimizer, scheduler, accelerator) -> dict:
     """The position to start from: the newest checkpoint with resume=true, else the start, after making
     sure an earlier run's work in out_dir is continued or replaced only when asked."""
@@ -132,13 +148,7 @@ def _start(out: Path, config: TrainConfig, plain, optimizer, scheduler, accelera
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return position
     if not config.resume:
-        earlier = sorted((out / "checkpoints").glob("step-*"))
-        if earlier and not config.overwrite:   # an earlier run's work: never deleted unasked
-            raise QLoRAError(f"{out} holds {len(earlier)} checkpoint(s) of an earlier run (newest {earlier[-1].name}); "
-                             "continue it with resume=true, replace it with overwrite=true, or choose another out_dir")
-        if (out / "adapter").is_dir() and not config.overwrite:   # the final adapter of an earlier run
-            raise QLoRAError(f"{out / 'adapter'} holds the adapter of an earlier run; replace it with overwrite=true "
-                             "or choose another out_dir")
+        earlier = check_earlier_run(out, config)
         if accelerator.is_main_process:
             if (out / "metrics.jsonl").exists():
                 (out / "metrics.jsonl").unlink()    # a fresh run starts a fresh log
@@ -281,10 +291,6 @@ class LossInForward(torch.nn.Module):
 
     def forward(self, batch):
         return self.loss_fn(self.model, batch)
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        return super().train(mode)
 
 
 def save_final_adapter(model, folder: Path, write: bool = True) -> None:

@@ -254,3 +254,16 @@ def test_a_mixture_of_experts_trains_with_its_router_loss(tmp_path, smol_tok_dir
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] > 0 for r in logged if "loss" in r) and "eval_aux_loss" in logged[-1]
     assert json.loads((out / "summary.json").read_text())["export"]["verification"]["passed"] is True
+
+
+def test_an_earlier_run_in_out_dir_is_refused_before_anything_of_it_changes(tmp_path, tiny_chat_model, capsys):
+    data = write(tmp_path / "pairs.jsonl", [ROWS["conversational"], ROWS["text"]] * 4)
+    out = tmp_path / "run"
+    assert run_dpo(tmp_path, tiny_chat_model, data, out, "train.max_steps=1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "samples.jsonl" in before
+    capsys.readouterr()
+    assert run_dpo(tmp_path, tiny_chat_model, data, out, "train.max_steps=1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and "holds the adapter of an earlier run" in err[0] and "overwrite=true" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
