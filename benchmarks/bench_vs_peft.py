@@ -150,7 +150,7 @@ def build(v: dict, folder: str, dtype=torch.bfloat16, random_init: bool = False)
         model = get_peft_model(model, LoraConfig(target_modules="all-linear", **LORA))
         return StepModule(model, lambda m, ids, y: m(input_ids=ids, labels=y).loss, autocast)
     import qlora
-    from qlora.levers.losses import causal_lm_loss
+    from qlora.objectives.losses import causal_lm_loss
     if random_init:     # no checkpoint on disk: random weights built on the device, quantized in place
         from transformers import LlamaConfig, LlamaForCausalLM
 

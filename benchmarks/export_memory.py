@@ -210,7 +210,7 @@ model = PeftModel.from_pretrained(model, adapter)
 model = model.merge_and_unload()
 model.save_pretrained(out)
 """
-FLOOR_SCRIPT = "import qlora.cli, qlora.export.merge, bitsandbytes.functional, safetensors, tqdm"
+FLOOR_SCRIPT = "import qlora.cli, qlora.export.from_files, bitsandbytes.functional, safetensors, tqdm"
 
 
 def main(argv=None) -> int:

@@ -23,22 +23,25 @@ _LAZY = {
     "LoRAConv2d": "qlora.lora.layers", "LoRAEmbedding": "qlora.lora.layers", "LoRALinear": "qlora.lora.layers",
     "load_4bit": "qlora.quant.load", "quantize_model": "qlora.quant.convert",
     "enable_checkpointing": "qlora.levers.checkpointing", "prepare_for_training": "qlora.levers.checkpointing",
-    "export_merged": "qlora.export.live", "export_adapter": "qlora.export.merge",
-    "causal_lm_loss": "qlora.levers.losses", "chunked_cross_entropy": "qlora.levers.losses",
+    "export_merged": "qlora.export.from_model", "export_adapter": "qlora.export.from_files",
+    "causal_lm_loss": "qlora.objectives.losses", "chunked_cross_entropy": "qlora.objectives.losses",
     "for_trainer": "qlora.train.hf",
 }
 
-# 0.1.0's flat modules, now in the subpackages: `import qlora.losses` (or `from qlora.tiled_mlp import ...`)
-# gives the module where that code lives now (the same module object, imported on first use).
+# Modules that moved since 0.1.0: `import qlora.losses` (or `from qlora.tiled_mlp import ...`) gives the module
+# where that code lives now (the same module object, imported on first use) with a DeprecationWarning.
 _MOVED = {
     "qlora.config": "qlora.lora.config", "qlora.inject": "qlora.lora.inject", "qlora.adapters_io": "qlora.lora.files",
     "qlora.checkpointing": "qlora.levers.checkpointing", "qlora.offload": "qlora.levers.offload",
-    "qlora.tiled_mlp": "qlora.levers.tiled_mlp", "qlora.losses": "qlora.levers.losses", "qlora.hf": "qlora.train.hf",
+    "qlora.tiled_mlp": "qlora.levers.tiled_mlp", "qlora.losses": "qlora.objectives.losses", "qlora.hf": "qlora.train.hf",
     "qlora.profile": "qlora.plan.sweep", "qlora.quantized": "qlora.arch.quantized", "qlora.heads": "qlora.arch.heads",
     "qlora.names": "qlora.arch.names", "qlora.loading": "qlora.arch.loading", "qlora.sizes": "qlora.util.sizes",
     "qlora.staging": "qlora.util.staging", "qlora.chunked4bit": "qlora.quant.chunked",
     "qlora.export_verify": "qlora.export.verify", "qlora.requantize": "qlora.export.requantize",
     "qlora.base_checkpoint": "qlora.export.checkpoint", "qlora.shard_writer": "qlora.export.writer",
+    "qlora.modes": "qlora.levers.modes", "qlora.levers.losses": "qlora.objectives.losses",
+    "qlora.levers.preference": "qlora.objectives.preference", "qlora.export.live": "qlora.export.from_model",
+    "qlora.export.merge": "qlora.export.from_files", "qlora.export.common": "qlora.export.result",
 }
 
 
@@ -53,6 +56,8 @@ class _MovedModules:
 
     def create_module(self, spec):
         import importlib
+        import warnings
+        warnings.warn(f"{spec.name} is now {_MOVED[spec.name]}; import it from there", DeprecationWarning, stacklevel=2)
         return importlib.import_module(_MOVED[spec.name])
 
     def exec_module(self, module):

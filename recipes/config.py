@@ -1,142 +1,56 @@
-"""Recipe configs: a YAML file, `key=value` overrides from the command line, typed dataclasses.
+"""The one config base of every recipe: the model, the mode, the adapters, the loop, where outputs go.
 
-    cfg = load_recipe_config("recipes/configs/seq_cls.yaml", ["lora.r=16", "train.epochs=1"], SeqClsConfig)
+    @dataclass
+    class MyConfig(RecipeConfig):        # a recipe adds its own keys; qlora train reads YAML + key=value into it
+        dataset: str = "rotten_tomatoes"
 
-Overrides are parsed as YAML values (`train.lr=3e-4` is a float, `lora.target_modules=[q_proj,v_proj]` a
-list), except that a string-typed field takes the text exactly as typed (`prompt=Q: {text} A:`; for an
-Optional[str] field `null` still means None). Every key is checked against the dataclass: an unknown
-key, a value YAML cannot read, or a mapping given to a scalar field names the key and what is allowed.
+`qlora train NAME key=value ...` fills it with qlora.util.configs.load_config; every field is checked here.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Optional
 
-import yaml
+import torch
 
 from qlora.errors import QLoRAError
+from qlora.lora.config import LoraConfig
+from qlora.train.config import TrainConfig
+from qlora.util.checks import check_ints
+from qlora.util.dtypes import parse_dtype
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 3e-4 / 1e3 as floats (YAML 1.1 wants a dot: 3.0e-4)."""
+@dataclass
+class RecipeConfig:
+    model: str = "smollm2"
+    """A model folder, a bundled name (minilm, smollm2) or a Hub id."""
+    mode: str = "qlora"
+    """Which weights train: full | head | lora | qlora (each recipe says which it allows)."""
+    train_size: Optional[int] = None
+    """None: every training example; an int: a fixed seeded subset (quick runs, tests)."""
+    compute_dtype: str = "auto"
+    """auto = bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs); the 4-bit compute dtype,
+    the float base's dtype and the adapters' dtype."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules="all-linear"))
+    """Adapter settings (modes lora and qlora)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: epochs, max_steps, batch_size, lr, optimizer, eval_every, save_every, offload_activations..."""
+    out_dir: str = "runs/recipe"
+    """Where everything goes (train.out_dir follows it)."""
 
+    modes = ("full", "head", "lora", "qlora")
+    """The modes this recipe accepts (a class attribute, not a config key)."""
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+    def __post_init__(self):
+        if self.mode not in self.modes:
+            raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(self.modes)}")
+        if self.compute_dtype != "auto":
+            parse_dtype(self.compute_dtype)
+        check_ints(self, ("train_size",), null="")
+        self.train = dataclasses.replace(self.train, out_dir=self.out_dir)
 
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-def field_hint(cls, parts: list[str]):
-    """The type annotation of the dotted field `parts` in dataclass `cls` (None when unknown)."""
-    hint = cls
-    for part in parts:
-        if not dataclasses.is_dataclass(hint):
-            return None
-        hint = typing.get_type_hints(hint).get(part)
-    return hint
-
-
-def _is_str_field(hint) -> tuple[bool, bool]:
-    """(a string field, None allowed): str or Optional[str]."""
-    if hint is str:
-        return True, False
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and set(args) == {str, type(None)}:
-        return True, True
-    return False, False
-
-
-def parse_override(assignment: str, cls=None) -> tuple[list[str], object]:
-    """'key.sub=value' -> (['key', 'sub'], value), the value typed for the field of `cls` it sets."""
-    if "=" not in assignment:
-        raise QLoRAError(f"override {assignment!r} is not key=value (e.g. lora.r=16 train.epochs=1)")
-    key, _, raw = assignment.partition("=")
-    parts = key.strip().split(".")
-    hint = field_hint(cls, parts) if cls is not None else None
-    is_str, nullable = _is_str_field(hint)
-    if is_str:                          # the text as typed: prompt=Q: {text} A: needs no quoting
-        if nullable and raw.strip() in ("", "null", "~", "None"):
-            return parts, None
-        return parts, raw
-    try:
-        value = _yaml(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
-        raise QLoRAError(f"override {key}={raw!r}: YAML cannot read the value ({problem}); quote it, "
-                         f"e.g. {key}='\"{raw}\"'") from None
-    scalar = hint is not None and hint is not typing.Any and not dataclasses.is_dataclass(hint) and not (
-        hint is dict or typing.get_origin(hint) is dict or _allows_dict(hint))
-    if isinstance(value, dict) and scalar:
-        raise QLoRAError(f"override {key}={raw!r}: YAML reads this as a mapping {value!r}, but {key} takes a single "
-                         f"value; quote it if you meant the text, e.g. {key}='\"{raw}\"'")
-    return parts, value
-
-
-def _allows_dict(hint) -> bool:
-    return any(a is dict or typing.get_origin(a) is dict for a in typing.get_args(hint))
-
-
-def apply_override(tree: dict, assignment: str, cls=None) -> None:
-    parts, value = parse_override(assignment, cls)
-    key = ".".join(parts)
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise QLoRAError(f"override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass `cls` from `data`, recursing into dataclass-typed fields; unknown keys fail."""
-    if not isinstance(data, dict):
-        raise QLoRAError(f"{where or 'config'} must be a mapping of keys to values, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise QLoRAError(f"unknown config key {where + unknown[0]!r}; allowed keys here: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints.get(name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}{name}.")
-        elif dataclasses.is_dataclass(hint) and not isinstance(value, hint):
-            keys = ", ".join(f.name for f in dataclasses.fields(hint))
-            raise QLoRAError(f"{where}{name} must be a section with keys {keys}; got {value!r}")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except QLoRAError as e:
-        raise QLoRAError(f"{where.rstrip('.') or 'config'}: {e}") from None
-    except TypeError as e:
-        raise QLoRAError(f"{where.rstrip('.') or 'config'}: {e}") from None
-
-
-def load_recipe_config(path, overrides: list[str], cls):
-    path = Path(path)
-    if not path.is_file():
-        raise QLoRAError(f"config file {str(path)!r} not found (see recipes/configs/)")
-    try:
-        tree = _yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise QLoRAError(f"{path} is not valid YAML: {e}") from None
-    for assignment in overrides:
-        apply_override(tree, assignment, cls)
-    tree.pop("recipe", None)
-    return from_dict(cls, tree)
-
-
-def recipe_name(path) -> str:
-    """The `recipe:` key of a config file (which script in recipes/ runs it)."""
-    tree = yaml.safe_load(Path(path).read_text()) or {}
-    name = tree.get("recipe")
-    if not name:
-        raise QLoRAError(f"{path} has no 'recipe:' key naming the script in recipes/ that runs it")
-    return name
+    def resolved_compute_dtype(self) -> torch.dtype:
+        if self.compute_dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return parse_dtype(self.compute_dtype)

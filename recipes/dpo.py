@@ -4,12 +4,12 @@
     qlora train dpo model=FOLDER_OR_HUB_ID data=pairs.jsonl           # your model (an SFT'd one), your pairs
     qlora train recipes/configs/dpo.yaml data=pairs/ loss_type=ipo beta=0.5 precompute_ref=true export=true
 
-Data (recipes/dpo_data.py): rows with `prompt` / `chosen` / `rejected` as texts or chat messages, or `chosen` /
+Data (qlora/data/preference.py): rows with `prompt` / `chosen` / `rejected` as texts or chat messages, or `chosen` /
 `rejected` as whole conversations sharing their beginning (TRL's formats); files, folders, Hub data sets as
 for SFT. The default, `wordnet`, asks "What does the noun 'X' mean?": chosen is X's WordNet definition,
 rejected another word's (recipes/wordnet_chat.py), eval words unseen in training.
 
-One step (qlora.levers.preference.preference_step), B pairs = 2B rows (chosen rows, then rejected):
+One step (qlora.objectives.preference.preference_step), B pairs = 2B rows (chosen rows, then rejected):
   1. the reference log-probs: the same 4-bit base with the adapters disabled, no gradients (the activations
      of one layer at a time), or read from the batch with precompute_ref=true (one pass over the training
      pairs before training; no reference pass in the steps);
@@ -29,27 +29,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
+from tqdm.auto import tqdm
 
+from qlora.data import preference as dpo_data
 from qlora.errors import QLoRAError
-from qlora.levers.preference import LOSS_TYPES, REFERENCE_FREE, preference_step, sequence_logps
-from qlora.lora.inject import disable_adapters
+from qlora.objectives.preference import LOSS_TYPES, REFERENCE_FREE, precompute_reference, preference_step
 from qlora.train.loop import TrainConfig, train
 from qlora.util.checks import check_ints
-from qlora_recipes import dpo_data
-from qlora_recipes.lm_common import (
+from qlora_recipes.causal_lm import (
     LMRecipeConfig,
     append_samples,
     build_model,
     clear_samples,
     evaluate_before,
     finish,
-    first_step_reporter,
     greedy,
     load_tokenizer,
     read_splits,
+    report_first_step,
     shown_question,
 )
+from qlora_recipes.wordnet_chat import wordnet_pair_files
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -57,7 +57,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 @dataclass
 class DPOConfig(LMRecipeConfig):
-    """The keys every causal-LM recipe shares (recipes/lm_common.py: model, data, eval_data, max_length, mode,
+    """The keys every causal-LM recipe shares (recipes/causal_lm.py: model, data, eval_data, max_length, mode,
     the memory savers, lora, train, samples, export, out_dir, ...) and preference tuning's own below."""
     format: str = "auto"
     """auto (from the columns) | preference (prompt, chosen, rejected) | implicit_prompt (chosen, rejected)."""
@@ -110,7 +110,6 @@ class DPOConfig(LMRecipeConfig):
 
 
 def load_data(cfg: DPOConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    from qlora_recipes.wordnet_chat import wordnet_pair_files
     rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_pair_files})
     sets, stats = [], {}
     for name, part in (("train", rows), ("eval", eval_rows)):
@@ -128,30 +127,8 @@ def load_data(cfg: DPOConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
     return sets[0], sets[1], stats
 
 
-def precompute_reference(model, examples: list[dict], collate, batch_size: int, chunk_size: int) -> list[dict]:
-    """The examples with "ref_logps": (chosen, rejected) from the base with its adapters disabled (new dicts)."""
-    from tqdm.auto import tqdm
-    device = next(model.parameters()).device
-    out = []
-    was_training = model.training
-    model.eval()
-    with disable_adapters(model), torch.no_grad():
-        for i in tqdm(range(0, len(examples), batch_size), desc="reference log-probs"):
-            part = examples[i:i + batch_size]
-            batch = {k: v.to(device) for k, v in collate(part).items()}
-            logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                      chunk_size)
-            chosen, rejected = logps.tolist()[:len(part)], logps.tolist()[len(part):]
-            out += [{**ex, "ref_logps": (c, r)} for ex, c, r in zip(part, chosen, rejected)]
-    model.train(was_training)
-    return out
-
-
 def make_loss(cfg: DPOConfig):
-    report = first_step_reporter(cfg)
-
     def loss_fn(model, batch):
-        report(model)
         return preference_step(model, batch, loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                                simpo_gamma=cfg.simpo_gamma, chunk_size=cfg.loss_chunk_size)
     return loss_fn
@@ -160,7 +137,6 @@ def make_loss(cfg: DPOConfig):
 def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate, pad_id: int):
     """evaluate(model) -> {loss, rewards/..., logps/...} over the held-out pairs (each pair weighted alike);
     prints greedy samples and appends them to samples.jsonl."""
-    from tqdm.auto import tqdm
     calls = [0]
 
     def evaluate(model):
@@ -204,7 +180,8 @@ def main(cfg: DPOConfig) -> dict:
     evaluate = make_eval(cfg, eval_set, tokenizer, loss_fn, collate, pad_id) if eval_set else None
     clear_samples(cfg)
     before = evaluate_before(evaluate, model)
-    result = train(model, train_set, collate, loss_fn, cfg.train, eval_fn=evaluate)
+    result = train(model, train_set, collate, loss_fn, cfg.train, eval_fn=evaluate,
+                   on_first_step=report_first_step(cfg))
     after = result.evals[-1][1] if result.evals else None
     if before and after:
         print(f"held-out pairs after {result.steps} steps: rewards/accuracies {before['rewards/accuracies']:.3f} -> "

@@ -32,8 +32,9 @@ import torch
 import qlora
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import default_cache_dir, resolve_model
+from qlora.data.rows import subset
 from qlora.errors import QLoRAError
-from qlora_recipes.common import RecipeBase, run_modes
+from qlora_recipes.four_modes import FourModesConfig, run_modes
 
 PRETRAINED_NAME = "fmnist-vit"         # model=fmnist-vit: pretrain here (or reuse the cached backbone)
 CACHE_PREFIX = "fmnist-vit-pretrained"
@@ -72,7 +73,7 @@ class PretrainConfig:
 
 
 @dataclass
-class ImageClsConfig(RecipeBase):
+class ImageClsConfig(FourModesConfig):
     model: str = PRETRAINED_NAME
     """fmnist-vit (pretrained here on pretrain.classes, cached), a model folder, or a Hub id."""
     dataset: str = "fashion_mnist"
@@ -95,13 +96,13 @@ class ImageClsConfig(RecipeBase):
 
 # ------------------------------------------------------------------------------------------ data
 
-def fashion_mnist_subset(cfg: RecipeBase, split: str, classes: list, size: Optional[int], seed: int = 0):
+def fashion_mnist_subset(cfg: FourModesConfig, split: str, classes: list, size: Optional[int], seed: int = 0):
     """[(image float [1, 28, 28] normalised, label in 0..len(classes)-1)] of `classes`, a seeded subset."""
     from qlora_recipes.bundled_data import fashion_mnist
     images, labels = fashion_mnist(split)
     relabel = {c: i for i, c in enumerate(classes)}
     idx = [i for i, y in enumerate(labels.tolist()) if y in relabel]
-    idx = cfg.subset(idx, size, seed)
+    idx = subset(idx, size, seed)
     x = (images[idx].float().div_(255).sub_(FMNIST_MEAN).div_(FMNIST_STD)).unsqueeze(1)
     return [(x[k], relabel[int(labels[i])]) for k, i in enumerate(idx)]
 
@@ -132,7 +133,7 @@ def load_images(cfg: ImageClsConfig):
     ds = load_dataset(cfg.dataset)
     test_split = "test" if "test" in ds else "validation"
     names = ds["train"].features["label"].names
-    pick = lambda split, size: HubImages(split, cfg.subset(list(range(len(split))), size))
+    pick = lambda split, size: HubImages(split, subset(list(range(len(split))), size))
     return pick(ds["train"], cfg.train_size), pick(ds[test_split], cfg.test_size), names
 
 

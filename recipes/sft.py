@@ -4,7 +4,7 @@
     qlora train sft model=FOLDER_OR_HUB_ID data=my.jsonl              # your model, your data
     qlora train recipes/configs/sft.yaml data=chats/ eval_data=dev.jsonl packing=true export=true
 
-Data (recipes/sft_data.py): a .jsonl / .json / .csv / .parquet file, a folder of them or a Hub data
+Data (qlora/data/sft.py): a .jsonl / .json / .csv / .parquet file, a folder of them or a Hub data
 set, in the `messages`, `prompt`+`completion`, Alpaca or `text` format; the loss is on the assistant
 / completion tokens (train_on=completions). The default data, `wordnet`, is WordNet 3.0 turned into
 chats ("What does the noun 'X' mean?" -> gloss + example; recipes/wordnet_chat.py), split by word.
@@ -23,30 +23,33 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 import qlora
+from qlora.data import sft as sft_data
 from qlora.errors import QLoRAError
 from qlora.train.loop import TrainConfig, train
-from qlora_recipes import sft_data
-from qlora_recipes.lm_common import (
+from qlora_recipes.causal_lm import (
     LMRecipeConfig,
     append_samples,
     build_model,
     clear_samples,
     evaluate_before,
     finish,
-    first_step_reporter,
     greedy,
     load_tokenizer,
     read_splits,
+    report_first_step,
     shown_question,
 )
+from qlora_recipes.wordnet_chat import wordnet_chat_files
 
 LOSSES = ("chunked", "model")
 
 
 @dataclass
 class SFTConfig(LMRecipeConfig):
-    """The keys every causal-LM recipe shares (recipes/lm_common.py: model, data, eval_data, max_length, mode,
+    """The keys every causal-LM recipe shares (recipes/causal_lm.py: model, data, eval_data, max_length, mode,
     the memory savers, lora, train, samples, export, out_dir, ...) and SFT's own below."""
     format: str = "auto"
     """auto (from the columns) | messages | prompt_completion | alpaca | text."""
@@ -55,7 +58,7 @@ class SFTConfig(LMRecipeConfig):
     packing: bool = False
     """Concatenate examples into rows of max_length tokens (position ids restart, no cross-attention)."""
     loss: str = "chunked"
-    """chunked: qlora.levers.losses' chunked head + cross-entropy (never the full logits); model: the model's own loss."""
+    """chunked: qlora.objectives.losses' chunked head + cross-entropy (never the full logits); model: the model's own loss."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, batch_size=8, out_dir="runs/sft"))
     """The loop: epochs, max_steps, batch_size, lr, optimizer, eval_every, save_every, offload_activations..."""
     out_dir: str = "runs/sft"
@@ -77,7 +80,6 @@ class SFTConfig(LMRecipeConfig):
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """(train examples, eval examples, stats): read, split, subset, encode, truncate."""
-    from qlora_recipes.wordnet_chat import wordnet_chat_files
     rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_chat_files})
     encoder = sft_data.Encoder(tokenizer, train_on=cfg.train_on)
     train_set, train_stats = sft_data.encode_rows(rows, sft_data.detect_format(rows, cfg.format), encoder,
@@ -95,12 +97,8 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
 
 
 def make_loss(cfg: SFTConfig):
-    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens. In training, its
-    first call of step 2 prints the first step's memory line (train() has logged it by then)."""
-    report = first_step_reporter(cfg)
-
+    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens."""
     def loss_fn(model, batch):
-        report(model)
         if cfg.loss == "chunked":
             return qlora.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                         position_ids=batch.get("position_ids"), chunk_size=cfg.loss_chunk_size)
@@ -110,7 +108,6 @@ def make_loss(cfg: SFTConfig):
 
 def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: int):
     """evaluate(model) -> {loss, perplexity}; prints greedy samples and appends them to samples.jsonl."""
-    from tqdm.auto import tqdm
     calls = [0]
 
     def evaluate(model):
@@ -151,7 +148,7 @@ def main(cfg: SFTConfig) -> dict:
     clear_samples(cfg)
     before = evaluate_before(evaluate, model)
     result = train(model, train_set, lambda batch: sft_data.collate(batch, pad_id), loss_fn, cfg.train,
-                   eval_fn=evaluate)
+                   eval_fn=evaluate, on_first_step=report_first_step(cfg))
     after = result.evals[-1][1] if result.evals else None
     if before and after:
         print(f"eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {before['perplexity']:.2f} -> "

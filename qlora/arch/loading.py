@@ -1,7 +1,12 @@
-"""Loading a transformers model with one line of ours instead of transformers' load report.
+"""The doors through which a user's model and tokenizer come in: one rule for what is their problem (exit 2).
 
     model = from_pretrained_quietly(AutoModelForSequenceClassification, "minilm", num_labels=2)
     # new head classifier: 2 labels, initialised
+    tokenizer, pad_id = load_tokenizer("smollm2")          # pad id: the pad token, else EOS
+
+Whatever transformers raises while reading a user's folder or Hub id (no tokenizer files, no config.json, an
+unknown model type, unreadable weights: OSError, ValueError, KeyError) is bad input: a QLoRAError naming the
+folder and the fix, never a traceback. Errors raised after the files are read are not caught here.
 
 A base checkpoint loaded into a class with a new head (a classifier on an encoder, a 10-class ViT
 head) makes transformers log a multi-line "LOAD REPORT" table (MISSING classifier.weight, newly
@@ -14,6 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+
+from transformers import AutoTokenizer
+
+from qlora.arch.heads import output_head_paths
+from qlora.errors import QLoRAError
 
 
 class _DropLoadReport(logging.Filter):
@@ -50,7 +60,6 @@ def _modules_of(keys) -> list[str]:
 
 def describe_load(model, info: dict) -> list[str]:
     """The lines that replace transformers' load report (none when every weight was found and used)."""
-    from qlora.arch.heads import output_head_paths
     lines = []
     heads = output_head_paths(model)
     missing = _modules_of(info.get("missing_keys") or [])
@@ -76,8 +85,32 @@ def from_pretrained_quietly(cls, path, *, log=None, **kwargs):
     `describe_load`'s lines, printed through `log` (default: print to stdout)."""
     log = log or (lambda line: print(line, file=sys.stdout))
     kwargs.pop("output_loading_info", None)
-    with _no_load_report():
+    with _no_load_report(), users_files("model", path):
         model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     for line in describe_load(model, info):
         log(line)
     return model
+
+
+@contextlib.contextmanager
+def users_files(what: str, path):
+    """The one rule at the doors: transformers failing to read the user's `what` at `path` is a QLoRAError."""
+    try:
+        yield
+    except QLoRAError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QLoRAError(f"cannot load the {what} of {path}: {first[:300]} -- give a folder with config.json, the "
+                         "weights and the tokenizer files (tokenizer.json or its vocabulary), a bundled name or a Hub "
+                         "id") from None
+
+
+def load_tokenizer(path) -> tuple:
+    """(tokenizer, pad id: its pad token, else EOS) of a model folder or Hub id; QLoRAError when there is none."""
+    with users_files("tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise QLoRAError(f"the tokenizer of {path} has neither a pad nor an EOS token; set one in its files")
+    return tokenizer, pad_id

@@ -1,14 +1,19 @@
 """qlora train / qlora demo: find a recipe (a configs/NAME.yaml of the recipes package) and run it.
 
-The library knows nothing of recipes; the command line finds them: recipes/ beside the package in a
-source checkout, else the installed `qlora_recipes`.
+The library knows nothing of recipes; the command line finds them by name: the package `qlora_recipes`
+(pyproject.toml maps it to the folder recipes/; an editable install of a checkout uses that folder).
 """
 from __future__ import annotations
 
+import importlib
 import sys
+import typing
 from pathlib import Path
 
-from qlora.errors import QLoRAError
+import yaml
+
+from qlora.errors import QLoRAError, RecipeFailed
+from qlora.util.configs import load_config
 
 
 def add_parsers(sub) -> None:
@@ -35,26 +40,12 @@ def recipe_list() -> str:
 
 
 def recipes_package():
-    """The recipes package `qlora_recipes`: recipes/ beside this package in a source checkout (also
-    when an older install is on the path), else the one installed with the wheel."""
-    import importlib
-    import importlib.util
-    if "qlora_recipes" in sys.modules:
-        return sys.modules["qlora_recipes"]
-    checkout = Path(__file__).resolve().parent.parent.parent
-    init = checkout / "recipes" / "__init__.py"
-    if (checkout / "pyproject.toml").is_file() and init.is_file():
-        spec = importlib.util.spec_from_file_location("qlora_recipes", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qlora_recipes"] = module
-        spec.loader.exec_module(module)
-        return module
+    """The recipes package `qlora_recipes` (the folder recipes/, mapped by pyproject.toml; installed with qlora)."""
     try:
         return importlib.import_module("qlora_recipes")
     except ModuleNotFoundError:
         raise QLoRAError("the recipes (package qlora_recipes) are not installed: reinstall qlora "
-                         "(pip install .), or run from a source checkout") from None
+                         "(pip install . in a source checkout)") from None
 
 
 def recipes_dir() -> Path:
@@ -81,13 +72,19 @@ def find_config(name_or_path: str) -> Path:
                      f"(configs in {recipes_dir() / 'configs'})")
 
 
+def recipe_name(path: Path) -> str:
+    """The `recipe:` key of a config file (which script of the recipes package runs it)."""
+    tree = yaml.safe_load(path.read_text()) or {}
+    name = tree.get("recipe") if isinstance(tree, dict) else None
+    if not name:
+        raise QLoRAError(f"{path} has no 'recipe:' key naming the script in recipes/ that runs it")
+    return name
+
+
 def run_recipe(config_path: str, overrides: list[str]):
     """Import the recipe module that the config names, build its config (the type of main()'s first
     argument) from the YAML and the overrides, and run main()."""
-    import importlib
-    import typing
     package = recipes_package()
-    from qlora_recipes.config import load_recipe_config, recipe_name
     path = find_config(config_path)
     name = recipe_name(path)
     if not (recipes_dir() / f"{name}.py").is_file():
@@ -95,14 +92,11 @@ def run_recipe(config_path: str, overrides: list[str]):
     module = importlib.import_module(f"{package.__name__}.{name}")
     hints = typing.get_type_hints(module.main)
     config_class = next(v for k, v in hints.items() if k != "return")
-    cfg = load_recipe_config(path, overrides, config_class)
-    return module.main(cfg)
+    return module.main(load_config(path, overrides, config_class))
 
 
 def run_or_fail(config: str, overrides: list[str]) -> int:
-    """0, or 1 when the recipe ran but failed a check it promises (qlora_recipes.common.RecipeFailed)."""
-    recipes_package()
-    from qlora_recipes.common import RecipeFailed
+    """0, or 1 when the recipe ran but failed a check it promises (qlora.errors.RecipeFailed)."""
     try:
         run_recipe(config, overrides)
     except RecipeFailed as e:

@@ -1,12 +1,15 @@
 """Dequantize-and-merge export into a plain folder stock transformers loads, streamed and verified.
 
-    merge.py       export_adapter (from files);  live.py  export_merged (from an in-memory model)
+    from_files.py  export_adapter: a base checkpoint + an adapter folder -> merged folder, one tensor at a time
+    from_model.py  export_merged: an in-memory (4-bit) model with adapters -> merged folder
+    experts.py     fused experts matrices of a checkpoint, merged one matrix at a time
+    result.py      ExportResult, the staging folder, the summary lines
     verify.py      the export against the unmerged model, and the live 4-bit one
     requantize.py  the merged layers re-quantized to 4-bit (--requantize)
     checkpoint.py  reading the base checkpoint one tensor at a time;  writer.py  the sharded safetensors writer
 """
-from qlora.export.common import ExportResult, report_dict, summary
-from qlora.export.live import export_merged
-from qlora.export.merge import export_adapter
+from qlora.export.from_files import export_adapter
+from qlora.export.from_model import export_merged
+from qlora.export.result import ExportResult, report_dict, summary
 
 __all__ = ["ExportResult", "export_adapter", "export_merged", "report_dict", "summary"]

@@ -103,7 +103,7 @@ def model_class(task: str):
 def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
     """The model as `qlora train` builds it. `path`: load real weights from this folder; else
     from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
-    from qlora.modes import build_for_mode
+    from qlora.levers.modes import build_for_mode
 
     cls, dtype = model_class(settings.task), settings.dtype
 
@@ -235,8 +235,8 @@ def loss_fn(settings: RunSettings, offloader=None):
     if own and not settings.offload_activations:
         return None
     from memprofile.measure import call_model, default_loss
-    from qlora.levers.losses import causal_lm_loss
-    from qlora.levers.preference import preference_step
+    from qlora.objectives.losses import causal_lm_loss
+    from qlora.objectives.preference import preference_step
     size = settings.loss_chunk_size
 
     def chunked(model, batch):

@@ -10,9 +10,9 @@ traced on fake tensors (memprofile.trace), no weights and no device.
     qlora plan --model docs/configs/llama-3.1-8b.json --memory 24GiB --seq 2048 --effective-batch 16
 
 The model is built as training builds it: transformers `AutoModelFor*.from_config`, then
-`qlora.modes.build_for_mode` (qlora: `qlora.quantize_model`, NF4 + double quantization; LoRA via
+`qlora.levers.modes.build_for_mode` (qlora: `qlora.quantize_model`, NF4 + double quantization; LoRA via
 `qlora.add_lora`; `-ckpt`: non-reentrant checkpointing of every block), the loss qlora trains with
-(chunked head + cross-entropy, `qlora.levers.losses.causal_lm_loss`, or the model's own) and the optimizer
+(chunked head + cross-entropy, `qlora.objectives.losses.causal_lm_loss`, or the model's own) and the optimizer
 (torch AdamW, bitsandbytes AdamW8bit; paged AdamW8bit is traced as AdamW8bit: its state is
 resident until the driver pages it out). Defaults are `qlora train`'s (COMMON decisions):
 RunSettings' field defaults.

@@ -26,7 +26,8 @@ def import_before_fork(config, settings: RunSettings) -> None:
     the tracer), imported once in the parent so that the forked workers share it."""
     import importlib
     import_bitsandbytes()
-    for name in ("memprofile.trace", "qlora.modes", "qlora.quant", "qlora.levers.losses", "qlora.levers.checkpointing",
+    for name in ("memprofile.trace", "qlora.levers.modes", "qlora.quant", "qlora.objectives.losses",
+                 "qlora.levers.checkpointing",
                  "transformers.initialization"):
         importlib.import_module(name)
     try:

@@ -7,15 +7,15 @@ from typing import Optional, Union
 import torch
 
 from qlora.errors import QLoRAError
+from qlora.levers.modes import MODES
 from qlora.lora.config import LoraConfig
-from qlora.modes import MODES
 from qlora.optim import OPTIMIZERS
 from qlora.util.checks import check_ints
 from qlora.util.dtypes import dtype_name, parse_dtype
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM"}
-"""dpo: preference tuning (qlora.levers.preference.preference_step): a batch of B pairs is 2B rows of seq tokens,
+"""dpo: preference tuning (qlora.objectives.preference.preference_step): a batch of B pairs is 2B rows of seq tokens,
 every token but the first a response token (the most the chunked log-probs can hold), a reference pass without
 gradients (adapters off) before the policy's forward and backward."""
 LOSSES = ("chunked", "model")
@@ -30,7 +30,7 @@ class RunSettings:
     checkpointing: bool = True
     """Non-reentrant activation checkpointing of every block (qlora.prepare_for_training)."""
     loss: str = "chunked"
-    """chunked: qlora.levers.losses' chunked head + cross-entropy; model: the model's own loss (full logits)."""
+    """chunked: qlora.objectives.losses' chunked head + cross-entropy; model: the model's own loss (full logits)."""
     loss_chunk_size: int = 256
     """Tokens per chunk of the chunked loss."""
     optimizer: str = "adamw"
@@ -94,7 +94,7 @@ class RunSettings:
         return self.mode + ("-ckpt" if self.checkpointing else "")
 
     def lora(self) -> LoraConfig:
-        """The adapters' config (a classifier's new head trains in full: qlora.modes.build_for_mode)."""
+        """The adapters' config (a classifier's new head trains in full: qlora.levers.modes.build_for_mode)."""
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, dtype=self.dtype)

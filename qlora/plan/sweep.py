@@ -5,7 +5,7 @@
     qlora plan --model path/to/config.json --memory 24GiB --seq 2048
 
 Each row builds a fresh model in its configuration exactly as `qlora train` does (qlora.plan.planner.build:
-qlora.modes' full/head/lora/qlora, -ckpt = checkpointing), measures one training step with
+qlora.levers.modes' full/head/lora/qlora, -ckpt = checkpointing), measures one training step with
 memprofile.measure (the run's loss and optimizer) and predicts the same step with qlora.plan.planner
 (the model traced on fake tensors from its config). An out-of-memory row is recorded as
 fits=false; a configuration that cannot be built or traced gets its one-line error in the row
@@ -20,7 +20,7 @@ import sys
 import torch
 
 from qlora.errors import QLoRAError
-from qlora.modes import CONFIGURATIONS, check_mode
+from qlora.levers.modes import CONFIGURATIONS, check_mode
 from qlora.plan.build import build, loss_fn, make_batch, measured_optimizer
 from qlora.plan.settings import TASKS, RunSettings
 from qlora.util.dtypes import dtype_name, parse_dtype

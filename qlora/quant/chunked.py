@@ -8,7 +8,7 @@ a whole [5632, 2048] MLP weight was the peak of a streaming export. The pieces a
 quantization blocks, so each block's codes and absmax are those of the whole-tensor call; the
 second-level ("double") quantization of the absmax vector needs the whole vector (its offset is
 the vector's mean) and is done once, the way ``bitsandbytes.functional.quantize_4bit`` does it.
-Used by the export (qlora.export.merge, qlora.export.requantize); training layers are built by
+Used by the export (qlora.export.from_files, qlora.export.requantize); training layers are built by
 ``qlora.quant.convert.make_params4bit``. Tests compare both functions with bitsandbytes' own.
 """
 from __future__ import annotations

@@ -62,11 +62,13 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 
 def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainConfig,
-          eval_fn: Optional[Callable] = None) -> TrainResult:
+          eval_fn: Optional[Callable] = None, on_first_step: Optional[Callable[[TrainResult], None]] = None
+          ) -> TrainResult:
     """Train the parameters of `model` that require grad.
 
     `collate(list_of_examples) -> batch`; `loss_fn(model, batch) -> scalar loss`;
-    `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad)."""
+    `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad); `on_first_step(result)` once, on
+    the main process, when the first optimizer step's peak memory and time are in `result`."""
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
                               gradient_accumulation_steps=config.grad_accum,
@@ -102,7 +104,7 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(model=model, plain=plain, optimizer=optimizer, scheduler=scheduler, params=params, config=config,
                accelerator=accelerator, sharded=sharded, out=out, total=total, predicted_peak=predicted_peak,
-               loss_fn=loss_fn, eval_fn=eval_fn, result=TrainResult(steps=position["step"]),
+               loss_fn=loss_fn, eval_fn=eval_fn, on_first_step=on_first_step, result=TrainResult(steps=position["step"]),
                log=MetricsLog(out / "metrics.jsonl", accelerator.is_main_process))
     step = run.epochs(train_set, collate, position)
     return run.finish(step)
@@ -238,6 +240,8 @@ class _Run:
             if self.predicted_peak is not None:
                 if (msg := check_prediction(result.first_step_peak_bytes, self.predicted_peak)) is not None:
                     warnings.warn(msg, stacklevel=3)
+            if self.on_first_step is not None and acc.is_main_process:
+                self.on_first_step(result)
         loss_value = acc.reduce(self.step_loss_sum / self.step_micro, "mean").item()   # this step's mean
         self.step_loss_sum, self.step_micro = 0.0, 0
         result.losses.append((step, loss_value))

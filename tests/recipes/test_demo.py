@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_recipes.config import load_recipe_config
+from qlora.util.configs import load_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -45,7 +45,7 @@ def tiny_bert(tmp_path_factory):
 def test_demo_writes_table_profile_and_a_verified_export(tiny_bert, tmp_path, capsys):
     demo = vars(importlib.import_module("qlora_recipes.demo"))
     out = tmp_path / "demo"
-    cfg = load_recipe_config(ROOT / "recipes" / "configs" / "demo.yaml",
+    cfg = load_config(ROOT / "recipes" / "configs" / "demo.yaml",
                              [f"model={tiny_bert}", "train_size=32", "test_size=32", "max_length=16",
                               "train.batch_size=16", f"out_dir={out}", "train.progress=false",
                               "profile_batch=2", "profile_seq=8"], demo["DemoConfig"])

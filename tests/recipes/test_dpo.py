@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.data import preference as dpo_data
+from qlora.data.rows import read_rows
 from qlora.errors import QLoRAError
-from qlora_recipes import dpo_data
-from qlora_recipes.sft_data import read_rows
 from tests.recipes.test_sft import write
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,8 +86,8 @@ def test_max_prompt_length_keeps_the_prompts_end_and_a_full_prompt_is_dropped(to
 
 
 @pytest.mark.parametrize("rows, match", [
-    ([{"prompt": "Q", "chosen": "A"}], r"pairs\.jsonl: columns \['chosen', 'prompt'\] are not preference pairs "
-                                       r"\(no rejected column\)"),
+    ([{"prompt": "Q", "chosen": "A"}], r"pairs\.jsonl: columns \['chosen', 'prompt'\] fit no format \(closest: "
+                                       r"preference, which needs \['rejected'\]\)"),
     ([ROWS["text"], {"prompt": "Q", "chosen": "A"}], r"pairs\.jsonl:2: no 'rejected' value"),
     ([{**ROWS["text"], "chosen": "  "}], r"pairs\.jsonl:1: the chosen response is empty"),
     ([{**ROWS["conversational"], "rejected": [{"role": "assistant", "content": ""}]}],
@@ -196,7 +196,7 @@ import torch
 from safetensors.torch import save_file
 from qlora.cli import main, recipes_package
 recipes_package()
-import qlora_recipes.lm_common as common
+import qlora_recipes.causal_lm as common
 import qlora_recipes.dpo as dpo
 config, model, data, out = sys.argv[1:5]
 real_finish = dpo.finish

@@ -93,13 +93,13 @@ def test_cached_backbone_is_reused(tmp_path, monkeypatch):
     _fashion_mnist_or_skip()
     import importlib
 
-    from qlora_recipes.config import load_recipe_config
+    from qlora.util.configs import load_config
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
     ns = vars(importlib.import_module("qlora_recipes.image_cls"))
     tiny = [f"out_dir={tmp_path / 'run'}", "train.progress=false", "pretrain.train_size=64", "pretrain.test_size=16",
             "pretrain.epochs=1", "pretrain.hidden_size=16", "pretrain.intermediate_size=32", "pretrain.num_layers=1",
             "pretrain.num_heads=2", "pretrain.patch_size=14"]
-    cfg = load_recipe_config(CONFIG, tiny, ns["ImageClsConfig"])
+    cfg = load_config(CONFIG, tiny, ns["ImageClsConfig"])
     first = ns["pretrained_backbone"](cfg)
 
     def no_pretraining(*args):
@@ -107,7 +107,7 @@ def test_cached_backbone_is_reused(tmp_path, monkeypatch):
     # run_path returns a copy of the script's globals: patch the dict its functions actually read
     monkeypatch.setitem(ns["pretrained_backbone"].__globals__, "pretrain", no_pretraining)
     assert ns["pretrained_backbone"](cfg) == first
-    other = load_recipe_config(CONFIG, tiny + ["pretrain.seed=1"], ns["ImageClsConfig"])  # other settings, other folder
+    other = load_config(CONFIG, tiny + ["pretrain.seed=1"], ns["ImageClsConfig"])  # other settings, other folder
     with pytest.raises(AssertionError, match="pretrained again"):
         ns["pretrained_backbone"](other)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(first).name]  # the failed one left nothing
@@ -116,9 +116,9 @@ def test_cached_backbone_is_reused(tmp_path, monkeypatch):
 def test_config_refuses_overlapping_classes():
     import importlib
 
-    from qlora_recipes.config import load_recipe_config
+    from qlora.util.configs import load_config
     ns = vars(importlib.import_module("qlora_recipes.image_cls"))
     with pytest.raises(QLoRAError, match="overlap"):
-        load_recipe_config(CONFIG, ["classes=[4, 5, 6]"], ns["ImageClsConfig"])
+        load_config(CONFIG, ["classes=[4, 5, 6]"], ns["ImageClsConfig"])
     with pytest.raises(QLoRAError, match="patch_size"):
-        load_recipe_config(CONFIG, ["pretrain.patch_size=5"], ns["ImageClsConfig"])
+        load_config(CONFIG, ["pretrain.patch_size=5"], ns["ImageClsConfig"])

@@ -100,9 +100,9 @@ def test_prompt_masking(tiny_lm_folder):
 
     from transformers import AutoTokenizer
 
-    from qlora_recipes.config import load_recipe_config
+    from qlora.util.configs import load_config
     ns = vars(importlib.import_module("qlora_recipes.sentiment_prompt"))
-    cfg = load_recipe_config(CONFIG, ["max_length=24"], ns["SentimentPromptConfig"])
+    cfg = load_config(CONFIG, ["max_length=24"], ns["SentimentPromptConfig"])
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_lm_folder))
     encode = ns["PromptEncoder"](tokenizer, cfg)
     fresh = tokenizer(" fresh", add_special_tokens=False)["input_ids"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from qlora import QLoRAError
-from qlora_recipes.config import load_recipe_config
+from qlora.util.configs import load_config
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -38,7 +38,7 @@ def recipe():
 
 
 def _load(recipe, overrides):
-    return load_recipe_config(CONFIG, overrides, recipe["SeqClsConfig"])
+    return load_config(CONFIG, overrides, recipe["SeqClsConfig"])
 
 
 # ---------------------------------------------------------------- config errors
@@ -80,7 +80,7 @@ def test_bad_keys_and_values_are_named(recipe, override, needles):
 
 def test_missing_config_file_is_named(recipe, tmp_path):
     with pytest.raises(QLoRAError, match="not found"):
-        load_recipe_config(tmp_path / "nope.yaml", [], recipe["SeqClsConfig"])
+        load_config(tmp_path / "nope.yaml", [], recipe["SeqClsConfig"])
 
 
 # ---------------------------------------------------------------- end to end

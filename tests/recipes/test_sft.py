@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.data import sft as sft_data
+from qlora.data.rows import Row, read_rows
+from qlora.data.sft import IGNORE, Encoder, collate, detect_format, encode_rows, pack
 from qlora.errors import QLoRAError
-from qlora_recipes import sft_data
-from qlora_recipes.sft_data import IGNORE, Encoder, Row, collate, detect_format, encode_rows, pack, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "recipes/configs/sft.yaml"
@@ -208,16 +209,16 @@ def test_packed_loss_equals_token_weighted_mean_of_example_losses(tiny_llama):
 # ---------------------------------------------------------------- config overrides (issue 13's recipe side)
 
 def test_override_strings_taken_as_typed_and_bad_values_named():
-    from qlora_recipes.config import load_recipe_config
+    from qlora.util.configs import load_config
     from qlora_recipes.sft import SFTConfig
-    cfg = load_recipe_config(CONFIG, ["data=Q: {text} A:", "eval_data=null", "train.lr=3e-4"], SFTConfig)
+    cfg = load_config(CONFIG, ["data=Q: {text} A:", "eval_data=null", "train.lr=3e-4"], SFTConfig)
     assert cfg.data == "Q: {text} A:" and cfg.eval_data is None and cfg.train.lr == 3e-4
     with pytest.raises(QLoRAError, match=r"override max_length='\[1, 2': YAML cannot read the value .*quote it"):
-        load_recipe_config(CONFIG, ["max_length=[1, 2"], SFTConfig)
+        load_config(CONFIG, ["max_length=[1, 2"], SFTConfig)
     with pytest.raises(QLoRAError, match="override train.lr='{a: 1}': YAML reads this as a mapping"):
-        load_recipe_config(CONFIG, ["train.lr={a: 1}"], SFTConfig)
+        load_config(CONFIG, ["train.lr={a: 1}"], SFTConfig)
     with pytest.raises(QLoRAError, match="mode='head'; allowed: qlora, lora, full"):
-        load_recipe_config(CONFIG, ["mode=head"], SFTConfig)
+        load_config(CONFIG, ["mode=head"], SFTConfig)
 
 
 # ---------------------------------------------------------------- end to end
@@ -285,14 +286,14 @@ def test_recipes_found_by_name_and_listed(capsys):
 def test_mlp_tiles_from_the_recipe_give_the_untiled_loss(tiny_chat_model):
     """mlp_tile= tiles every MLP (qlora.levers.tiled_mlp) and leaves the loss as it was; bad values are one line."""
     from qlora.levers.tiled_mlp import TiledMLP
-    from qlora_recipes.config import load_recipe_config
+    from qlora.util.configs import load_config
     from qlora_recipes.sft import SFTConfig, build_model
     with pytest.raises(QLoRAError, match="mlp_tile=-1: must be an integer >= 0"):
-        load_recipe_config(CONFIG, ["mlp_tile=-1"], SFTConfig)
+        load_config(CONFIG, ["mlp_tile=-1"], SFTConfig)
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     losses = []
     for over in ([], ["mlp_tile=8", "mlp_tile_min_tokens=0"]):
-        cfg = load_recipe_config(CONFIG, ["mode=lora", "lora.lora_dropout=0.0", *over], SFTConfig)
+        cfg = load_config(CONFIG, ["mode=lora", "lora.lora_dropout=0.0", *over], SFTConfig)
         torch.manual_seed(0)
         model = build_model(cfg, str(tiny_chat_model))
         tiled = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), TiledMLP)]

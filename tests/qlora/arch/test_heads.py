@@ -2,8 +2,8 @@
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from qlora.arch.heads import output_head_paths, task_head_paths
+from qlora.levers.modes import build_for_mode
 from qlora.lora.config import LoraConfig
-from qlora.modes import build_for_mode
 
 
 def test_causal_lm_has_no_task_head(tiny_llama):

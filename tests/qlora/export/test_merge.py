@@ -203,7 +203,7 @@ def llama(tmp_path_factory):
 def exports(llama):
     """fp32 and bf16 exports (verified against the reference, fp32 also against the live QLoRA model;
     timed) and an fp32 export in small shards."""
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     out = SimpleNamespace(results={}, seconds={})
     for dtype in ("float32", "bfloat16"):
         t0 = time.perf_counter()
@@ -223,7 +223,7 @@ def bert(tmp_path_factory):
     BertForSequenceClassification with modules_to_save=["classifier"], and its fp32 export."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     root = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     BertModel(BertConfig(**BERT)).to(torch.bfloat16).save_pretrained(root / "base")
@@ -310,7 +310,7 @@ def test_export_report_json(llama, exports):
 
 def test_export_merged_equals_export_adapter(llama, exports):
     """From the in-memory QLoRA model: the same tensors as from the files (all-linear adapter)."""
-    from qlora.export.live import export_merged
+    from qlora.export.from_model import export_merged
     for dtype, from_files in (("float32", exports.fp32), ("bfloat16", exports.bf16)):
         out = llama.root / f"merged-{dtype}"
         result = export_merged(llama.model, out, dtype=dtype, verify=dtype == "float32", progress=False)
@@ -354,7 +354,7 @@ def test_export_maps_one_input_shard_at_a_time(llama, exports, tmp_path, monkeyp
     every input shard held open, RSS grew to the model's size. At each write at most the shard of
     the tensor being written may be mapped. (The sharded fp32 export serves as a multi-file base.)"""
     from qlora.export import writer as shard_writer
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     shards = sorted(str(p) for p in exports.sharded.glob("*.safetensors"))
     assert len(shards) >= 3
     mapped_counts, streamed = [], []
@@ -386,7 +386,7 @@ def test_export_maps_one_input_shard_at_a_time(llama, exports, tmp_path, monkeyp
 def test_checkpoint_key_ending_like_an_adapted_module(llama, exports, tmp_path):
     """A tensor named like an adapted weight plus a prefix without a dot ("audio_model.layers.0..."
     next to "model.layers.0...") must not be taken for it, by the merge or by the verification."""
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     base = tmp_path / "base"
     shutil.copytree(llama.base, base)
     tensors = load_file(str(base / "model.safetensors"))
@@ -403,7 +403,7 @@ def test_checkpoint_key_ending_like_an_adapted_module(llama, exports, tmp_path):
 def test_refuses_adapter_from_another_model_size(llama, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     other = LlamaForCausalLM(LlamaConfig(**{**LLAMA, "hidden_size": 32, "intermediate_size": 64}))
     qlora.add_lora(other, qlora.LoraConfig(r=4, target_modules="all-linear"))
     qlora.save_adapter(other, tmp_path / "adapter")
@@ -417,7 +417,7 @@ def test_refuses_adapter_from_another_model_size(llama, tmp_path):
 @pytest.mark.parametrize("rename", [("self_attn.q_proj", "self_attn.qq_proj"), ("model.layers.", "transformer.h.")])
 def test_refuses_adapter_modules_missing_from_base(llama, tmp_path, rename):
     """Some (q_proj -> qq_proj) or all (another naming scheme) adapter modules don't exist in the base."""
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     shutil.copy(llama.adapter / "adapter_config.json", adapter)
@@ -429,7 +429,7 @@ def test_refuses_adapter_modules_missing_from_base(llama, tmp_path, rename):
 
 
 def test_refuses_existing_out_untouched(llama, tmp_path):
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"precious")
@@ -638,7 +638,7 @@ def test_smollm2_export(tmp_path):
 def test_chunked_roundtrip_equals_bitsandbytes_whole_tensor(shape, dtype, double_quant, quant_type, blocksize, chunk):
     import bitsandbytes.functional as bnbf
 
-    from qlora.export.merge import roundtrip_4bit
+    from qlora.export.from_files import roundtrip_4bit
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02
     q, state = bnbf.quantize_4bit(w.to(dtype), blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type=quant_type)

@@ -69,7 +69,7 @@ def run_cli(args: list[str]) -> tuple[int, str]:
 def rq(tmp_path_factory):
     """Base, adapter, `qlora export --requantize nf4` (bf16, through the CLI, verified) and the plain
     bf16 export of the same adapter."""
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     root = tmp_path_factory.mktemp("requantize")
     base = save_llama_base(root / "base")
     model = train_qlora_adapter(base, root / "adapter")
@@ -190,7 +190,7 @@ def test_export_merged_fp4_float32(rq):
     dequantized base + its own s·B·A), done here."""
     import bitsandbytes.functional as F
 
-    from qlora.export.live import export_merged
+    from qlora.export.from_model import export_merged
     from qlora.lora.inject import lora_layers
     out = rq.root / "merged-fp4"
     result = export_merged(rq.model, out, dtype="float32", requantize="fp4", verify=False, progress=False)
@@ -218,7 +218,7 @@ def test_invalid_requantize_value_cli_exit_2(rq, tmp_path):
 
 def test_requantize_refused_without_4bit_layers(rq, tmp_path):
     """An adapter whose config lists no 4-bit modules (a plain LoRA run): nothing to re-quantize."""
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     adapter = tmp_path / "adapter"
     shutil.copytree(rq.adapter, adapter)
     facts = json.loads((adapter / "qlora_adapter.json").read_text())

@@ -152,7 +152,7 @@ def test_adapter_loads_in_peft_and_exports(run, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import LlamaForCausalLM
 
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     s, folder = run["s"], run["out"] / "A" / "adapter"
     saved = load_file(str(folder / "adapter_model.safetensors"))
     assert json.loads((folder / "qlora_adapter.json").read_text())["architecture"] == "LlamaForCausalLM"

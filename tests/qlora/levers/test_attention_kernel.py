@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import qlora
-from qlora.levers.losses import causal_lm_loss
+from qlora.objectives.losses import causal_lm_loss
 
 
 @pytest.fixture

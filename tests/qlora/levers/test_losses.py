@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.levers.losses import causal_lm_loss, chunked_cross_entropy
+from qlora.objectives.losses import causal_lm_loss, chunked_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -102,7 +102,7 @@ def test_models_that_scale_or_cap_their_logits_get_their_own_values(family, extr
     the loss and the preference log-probs are the model's."""
     import transformers
 
-    from qlora.levers.preference import sequence_logps
+    from qlora.objectives.preference import sequence_logps
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -42,7 +42,7 @@ def block_inputs(model):
 
 
 def grads_of(model, ids, offload: bool):
-    from qlora.levers.losses import causal_lm_loss
+    from qlora.objectives.losses import causal_lm_loss
     refs = block_inputs(model)
     if offload:
         with offload_saved_tensors(model, min_bytes=0) as off:
@@ -76,7 +76,7 @@ def test_offload_moves_the_checkpointed_inputs_and_keeps_the_gradients(tiny_llam
 
 def test_parameters_and_small_tensors_stay(tiny_llama):
     model, ids = model_and_ids(tiny_llama)
-    from qlora.levers.losses import causal_lm_loss
+    from qlora.objectives.losses import causal_lm_loss
     with offload_saved_tensors(model, min_bytes=2 * 16 * 32 * 4) as off:   # a block input's size
         loss = causal_lm_loss(model, ids, ids, chunk_size=8)
     loss.backward()

@@ -1,4 +1,4 @@
-"""qlora.levers.preference against TRL 1.16's DPOTrainer on the same batch, model and adapter weights.
+"""qlora.objectives.preference against TRL 1.16's DPOTrainer on the same batch, model and adapter weights.
 
     .venv/bin/python -m pytest -q tests/qlora/levers/test_preference.py      (~15 s)
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qlora
-from qlora.levers.preference import preference_loss, sequence_logps
+from qlora.objectives.preference import preference_loss, sequence_logps
 from tests.qlora.train.test_hf import qlora_model, tiny_folder  # noqa: F401  (tiny_folder: a fixture)
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
@@ -107,7 +107,7 @@ def test_label_smoothing_is_conservative_dpo():
 def test_a_moe_asking_for_router_logits_adds_the_aux_loss_to_the_preference_loss():
     """config.output_router_logits: preference_step adds router_aux_loss_coef x the model's own load-balancing
     loss of the policy pass (the model's own forward's aux_loss on the same rows), logged as aux_loss."""
-    from qlora.levers.preference import preference_step
+    from qlora.objectives.preference import preference_step
     from tests.qlora.quant.test_experts import tiny_moe
     model = tiny_moe("qwen3_moe")
     model.config.output_router_logits = True

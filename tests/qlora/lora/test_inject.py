@@ -504,7 +504,7 @@ def test_second_add_on_other_modules_records_union(tiny_llama):
 
 
 def test_unfreeze_head_by_name_trains_exactly_those_modules_and_names_the_closest_on_a_typo(tiny_bert_cls):
-    from qlora.modes import unfreeze_head
+    from qlora.levers.modes import unfreeze_head
     model = tiny_bert_cls()
     count = unfreeze_head(model, ["classifier", "pooler"])
     expected = sum(p.numel() for m in (model.classifier, model.bert.pooler) for p in m.parameters())

@@ -43,7 +43,7 @@ def test_planner_predicts_the_measured_step(arch, conf, loss, opt, batch, seq):
     ("qwen3_moe", "qlora-ckpt", "adamw", 2, 32), ("gpt2", "qlora-ckpt", "adamw", 1, 64)])
 def test_planner_predicts_the_measured_preference_step(arch, conf, opt, batch, seq):
     """task dpo: B pairs = 2B rows, the reference pass (adapters off, no grad), the chunked log-probs, measured
-    as qlora.levers.preference.preference_step runs them."""
+    as qlora.objectives.preference.preference_step runs them."""
     assert_rows(rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=(("chunked", opt),),
                          task="dpo"))
 

@@ -105,7 +105,7 @@ def test_adapters_are_peft_compatible_both_ways(tiny_gpt2, token_ids, tmp_path):
 def test_qlora_export_loads_in_stock_transformers_and_matches_the_live_model(tiny_gpt2, token_ids, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     base = tiny_gpt2()
     base.save_pretrained(tmp_path / "base")
     live = quantize_model(copy.deepcopy(base), compute_dtype=torch.float32)
@@ -159,7 +159,7 @@ def test_export_of_a_peft_written_gpt2_adapter(tiny_gpt2, token_ids, tmp_path):
     from peft import get_peft_model
     from transformers import GPT2LMHeadModel
 
-    from qlora.export.merge import export_adapter
+    from qlora.export.from_files import export_adapter
     tiny_gpt2().save_pretrained(tmp_path / "base")
     theirs = get_peft_model(tiny_gpt2(), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                                          fan_in_fan_out=True, init_lora_weights=False)).eval()

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from qlora.arch.experts import is_experts_module
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed
 from qlora.errors import QLoRAError
-from qlora.export.common import ExportResult, LayerUpdate, check_requantize_layout, finish, staging_folder_for, write_config
 from qlora.export.requantize import Requantizer, check_requantize
+from qlora.export.result import ExportResult, LayerUpdate, check_requantize_layout, finish, staging_folder_for, write_config
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.util.dtypes import dtype_name, parse_dtype

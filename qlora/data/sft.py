@@ -1,12 +1,11 @@
-"""The SFT data loader: your chat / instruction files -> token ids with the loss on the answers.
+"""Supervised fine-tuning data: chat / instruction rows -> token ids with the loss on the answers.
 
-    rows = read_rows("my.jsonl")                          # [Row(where="my.jsonl:3", data={...})]
+    rows = read_rows("my.jsonl")                          # qlora.data.rows: files, folders, Hub data sets
     fmt = detect_format(rows, "auto")                     # messages | prompt_completion | alpaca | text
     encode = Encoder(tokenizer, max_length=512, train_on="completions")
     examples, stats = encode_rows(rows, fmt, encode)      # [{"input_ids", "labels", ...}], cut/dropped counts
     packed = pack(examples, max_length=512)               # rows of <= 512 tokens, position ids restart
 
-Sources: a .jsonl / .json / .csv / .parquet file, a folder of them, or a `datasets` Hub name.
 Formats, detected from the columns (first row) or forced with `format=`:
 
 | format | columns | what is learned (train_on=completions) |
@@ -25,155 +24,25 @@ token precedes it), which also keeps a packed row from predicting across an exam
 """
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from qlora.data.rows import Row, chat_messages, field_value, match_format
 from qlora.errors import QLoRAError
 
 IGNORE = -100
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
            "alpaca": ("instruction", "output"), "text": ("text",)}
-ROLES = ("system", "user", "assistant", "tool")
 ACCEPTED = ("messages (a list of {role, content}) | prompt + completion | instruction + output (+ input, "
             "Alpaca) | text")
 ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
 
-@dataclass
-class Row:
-    where: str
-    """file:line (JSONL), file row N (others) or hub[split] row N: named in every error."""
-    data: dict
-
-
-# ---------------------------------------------------------------- reading
-
-def looks_local(spec: str) -> bool:
-    return spec.endswith(SUFFIXES) or spec.startswith(("/", "./", "../", "~"))
-
-
-def read_rows(spec: str, split: str = "train") -> list[Row]:
-    """Every row of a file, of every data file in a folder (sorted, recursive), or of a Hub data set."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-        if not files:
-            raise QLoRAError(f"data folder {spec} holds no {', '.join(SUFFIXES)} files")
-    elif path.is_file():
-        if path.suffix not in SUFFIXES:
-            raise QLoRAError(f"data file {spec}: unknown type {path.suffix!r}; use {', '.join(SUFFIXES)}")
-        files = [path]
-    elif looks_local(spec):
-        raise QLoRAError(f"data file {spec} not found")
-    else:
-        return _hub_rows(spec, split)
-    rows = [row for f in files for row in _file_rows(f)]
-    if not rows:
-        raise QLoRAError(f"data {spec} has no rows (empty file{'s' if len(files) > 1 else ''})")
-    return rows
-
-
-def _hub_rows(name: str, split: str) -> list[Row]:
-    try:
-        from datasets import load_dataset
-        ds = load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 -- offline, unknown name, unknown split: one line, not a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QLoRAError(f"data={name!r} is not a local file or folder, and the Hub data set could not be "
-                         f"loaded (split {split!r}): {first}") from None
-    return [Row(f"{name}[{split}] row {i + 1}", dict(r)) for i, r in enumerate(ds)]
-
-
-def _file_rows(path: Path) -> list[Row]:
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QLoRAError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(value, dict):
-                raise QLoRAError(f"{path}:{n}: each line must be a JSON object with named columns; got "
-                                 f"{type(value).__name__}")
-            rows.append(Row(f"{path}:{n}", value))
-        return rows
-    if path.suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            return []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise QLoRAError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
-            n = len(next(iter(value.values())))       # a dict of columns {col: [values]}
-            value = [{k: v[i] for k, v in value.items()} for i in range(n)]
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise QLoRAError(f"{path}: give a JSON list of objects (one per example) or a dict of columns")
-        return [Row(f"{path} row {i + 1}", v) for i, v in enumerate(value)]
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return [Row(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
-    import pyarrow.parquet as pq
-    return [Row(f"{path} row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-
-
 def detect_format(rows: list[Row], fmt: str = "auto") -> str:
-    """The format of these rows: `fmt` checked against the columns, or the first that fits them."""
-    columns = sorted(rows[0].data)
-    source = rows[0].where.rsplit(":", 1)[0].split(" row ")[0]
-    if fmt == "auto":
-        for name, needed in FORMATS.items():
-            if set(needed) <= set(columns):
-                return name
-        raise QLoRAError(f"{source}: columns {columns} fit no format; accepted: {ACCEPTED} (or set format=)")
-    if fmt not in FORMATS:
-        raise QLoRAError(f"format={fmt!r}; use auto or one of {', '.join(FORMATS)}")
-    missing = [c for c in FORMATS[fmt] if c not in columns]
-    if missing:
-        raise QLoRAError(f"{source}: format={fmt} needs the column(s) {missing}; columns found: {columns}")
-    return fmt
-
-
-# ---------------------------------------------------------------- one row -> a conversation or text pieces
-
-def field_value(row: Row, name: str, optional: bool = False):
-    value = row.data.get(name)
-    if value is None and not optional:
-        raise QLoRAError(f"{row.where}: no {name!r} value (columns: {sorted(row.data)})")
-    if isinstance(value, str) and value.lstrip().startswith("[") and name in ("messages", "prompt", "completion"):
-        try:                          # CSV cells hold messages as JSON text
-            parsed = json.loads(value)
-            if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed):
-                return parsed
-        except json.JSONDecodeError:
-            pass
-    return value
-
-
-def chat_messages(row: Row, value, what: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise QLoRAError(f"{row.where}: {what} must be a non-empty list of {{role, content}}; got {value!r:.80}")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise QLoRAError(f"{row.where}: {what}[{j}] must be {{\"role\": ..., \"content\": ...}}; got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise QLoRAError(f"{row.where}: {what}[{j}] has role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise QLoRAError(f"{row.where}: {what}[{j}] content must be text; got {type(m['content']).__name__}")
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise QLoRAError(f"{row.where}: {what}[{j}] is an empty assistant turn; fill it or drop the row")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    """The SFT format of these rows (qlora.data.rows.match_format over FORMATS)."""
+    return match_format(rows, fmt, FORMATS, ACCEPTED)
 
 
 @dataclass

@@ -4,6 +4,7 @@
     with qlora.disable_adapters(model), torch.no_grad():
         ref_logps, _ = sequence_logps(model, input_ids, attention_mask, completion_mask)   # the same base: no 2nd model
     loss, chosen_rewards, rejected_rewards = preference_loss(logps, ref_logps, n, loss_type="sigmoid", beta=0.1)
+    examples = precompute_reference(model, examples, collate, batch_size=8, chunk_size=256)   # + "ref_logps"
 
 `sequence_logps` sums log p(token | prefix) over each row's completion tokens with the LM head applied in chunks
 of `chunk_size` selected positions, each chunk recomputed in backward (torch.utils.checkpoint): the step never
@@ -27,9 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from qlora.errors import QLoRAError
-from qlora.levers.losses import chunk_starts, head_is_chunkable, with_router_aux_loss
+from qlora.lora.inject import disable_adapters
+from qlora.objectives.losses import chunk_starts, head_is_chunkable, with_router_aux_loss
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo")
 REFERENCE_FREE = ("simpo",)
@@ -45,7 +48,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
                    router_outputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log p over each row's completion tokens [N] fp32, completion token counts [N]). Token t+1 is scored
     by position t, where completion_mask[t+1] is 1. A head that cannot be chunked (adapted, biased, 4-bit, or
-    an FSDP-sharded model: qlora.levers.losses.head_is_chunkable) is run whole by the model's own forward.
+    an FSDP-sharded model: qlora.objectives.losses.head_is_chunkable) is run whole by the model's own forward.
     `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits."""
     from torch._subclasses.fake_tensor import is_fake
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
@@ -90,7 +93,6 @@ def preference_step(model, batch: dict, *, loss_type: str = "sigmoid", beta: flo
     load-balancing loss (x router_aux_loss_coef, logged as aux_loss), as its own forward and TRL do. The
     reference pass, when one is needed, runs first, without gradients and with the adapters disabled: the same
     4-bit base, never a second model."""
-    from qlora.lora.inject import disable_adapters
     ids, mask, completion = batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
     ref = batch.get("ref_logps")
     if ref is None and loss_type not in REFERENCE_FREE:
@@ -140,3 +142,21 @@ def preference_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, counts:
     else:   # ipo
         loss = (chosen_ratio / n_c - rejected_ratio / n_r - 1 / (2 * beta)) ** 2
     return loss.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def precompute_reference(model, examples: list[dict], collate, batch_size: int, chunk_size: int) -> list[dict]:
+    """The examples with "ref_logps": (chosen, rejected) from the base with its adapters disabled (new dicts)."""
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    with disable_adapters(model), torch.no_grad():
+        for i in tqdm(range(0, len(examples), batch_size), desc="reference log-probs"):
+            part = examples[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(part).items()}
+            logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                      chunk_size)
+            chosen, rejected = logps.tolist()[:len(part)], logps.tolist()[len(part):]
+            out += [{**ex, "ref_logps": (c, r)} for ex, c, r in zip(part, chosen, rejected)]
+    model.train(was_training)
+    return out

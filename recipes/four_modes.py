@@ -1,7 +1,10 @@
-"""What every recipe shares: its base config and the loop over modes that fills the table.
+"""The four-mode comparison (seq_cls, image_cls, sentiment_prompt, demo): one fresh model per mode, one table.
 
-A recipe script defines how to load its model and data; `run_modes` trains one fresh model per
-mode (full, head, lora, qlora) on the same data and writes the seed-style table.
+    rows = run_modes(cfg, model_name=..., load_float=..., load_4bit=..., train_set=..., collate=..., loss_fn=...,
+                     evaluate=...)        # full, head, lora, qlora in a row -> out_dir/table.md + table.json
+
+A recipe script defines how to load its model and data; `run_modes` trains one fresh model per mode on the same
+data (with cfg.lr_grid: a learning-rate search on a held-out validation part) and writes the table.
 """
 from __future__ import annotations
 
@@ -13,28 +16,26 @@ from typing import Optional
 
 import torch
 
+from qlora.data.rows import split_validation
 from qlora.errors import QLoRAError
-from qlora.lora.config import LoraConfig
+from qlora.levers.modes import MODES, build_for_mode
 from qlora.lora.inject import count_parameters
-from qlora.modes import MODES, build_for_mode
 from qlora.train.loop import TrainConfig, TrainingDiverged, train
-from qlora.util.dtypes import parse_dtype
+from qlora.util.checks import check_ints
 from qlora.util.staging import publish, staging_folder
+from qlora_recipes.config import RecipeConfig
 from qlora_recipes.results import write_table
 
 
 @dataclass
-class RecipeBase:
+class FourModesConfig(RecipeConfig):
+    """The keys of every recipe (recipes/config.py) and the four-mode comparison's own below."""
     model: str = "minilm"
     """A model folder, a bundled name (minilm, smollm2) or a Hub id."""
     mode: str = "all"
     """full | head | lora | qlora | all (the four in a row)."""
-    train_size: Optional[int] = None
-    """None: the whole training split; an int: a fixed seeded subset (quick runs, tests)."""
     test_size: Optional[int] = None
     """None: the whole test split; an int: a fixed seeded subset."""
-    compute_dtype: str = "auto"
-    """4-bit compute dtype: auto = bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
     out_dir: str = "runs/recipe"
     """table.md, table.json and one folder per mode (metrics, curves, adapter) go here."""
     lr: dict = field(default_factory=lambda: {"full": 5e-5, "head": 1e-3, "lora": 1e-3, "qlora": 1e-3})
@@ -46,16 +47,13 @@ class RecipeBase:
     give each mode the same number of candidates. None: one run per mode at lr.<mode>."""
     val_fraction: float = 0.1
     """Share of the training split held out (seeded) for the learning-rate search."""
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules="all-linear"))
-    """Adapter settings for the lora and qlora modes."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Loop settings shared by every mode (train.lr is replaced by lr.<mode>)."""
+    """Loop settings shared by every mode (train.lr is replaced by lr.<mode>, train.out_dir by out_dir/<mode>)."""
+
+    modes = (*MODES, "all")
 
     def __post_init__(self):
-        if self.mode not in (*MODES, "all"):
-            raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}, all")
-        if self.compute_dtype != "auto":
-            parse_dtype(self.compute_dtype)
+        super().__post_init__()
         if not isinstance(self.lr, dict):
             raise QLoRAError(f"lr={self.lr!r}: give one learning rate per mode (lr.full=5e-5 lr.lora=1e-3 ...)")
         missing = [m for m in MODES if m not in self.lr]
@@ -77,34 +75,10 @@ class RecipeBase:
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
                 or not 0 < self.val_fraction < 1:
             raise QLoRAError(f"val_fraction={self.val_fraction!r}: must be a number between 0 and 1 (e.g. 0.1)")
-        for name in ("train_size", "test_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise QLoRAError(f"{name}={v!r}: must be null or an integer >= 1")
+        check_ints(self, ("test_size",), null="")
 
-    def modes(self) -> list[str]:
+    def selected_modes(self) -> list[str]:
         return list(MODES) if self.mode == "all" else [self.mode]
-
-    def resolved_compute_dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return parse_dtype(self.compute_dtype)
-
-    def subset(self, items: list, size: Optional[int], seed: int = 0) -> list:
-        return subset(items, size, seed)
-
-
-class RecipeFailed(RuntimeError):
-    """The recipe ran but its result fails a check it promises (e.g. a merged export that does not
-    match the trained model): `qlora train` prints it and exits 1 (bad input exits 2)."""
-
-
-def subset(items: list, size: Optional[int], seed: int = 0) -> list:
-    """A seeded random subset of `size` items, in their original order (all of them when size is None)."""
-    if size is None or size >= len(items):
-        return items
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:size]
-    return [items[i] for i in sorted(order.tolist())]
 
 
 def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
@@ -116,15 +90,7 @@ def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
     return result
 
 
-def split_validation(items: list, fraction: float, seed: int = 0) -> tuple[list, list]:
-    """(fit, validation): a seeded random `fraction` of `items` held out for model selection."""
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(items) * fraction))
-    held = set(order[:n_val])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_set, collate, loss_fn, evaluate,
+def run_modes(cfg: FourModesConfig, *, model_name: str, load_float, load_4bit, train_set, collate, loss_fn, evaluate,
               make_eval=None, head=None, tokenizer=None, after_mode=None) -> list[dict]:
     """Train one fresh model per mode and write out_dir/table.md + table.json. Returns the rows.
 
@@ -134,7 +100,7 @@ def run_modes(cfg: RecipeBase, *, model_name: str, load_float, load_4bit, train_
     if cfg.lr_grid and make_eval is None:
         raise QLoRAError("this recipe has no validation split, so lr_grid is not supported; set lr.<mode> instead")
     rows = []
-    for mode in cfg.modes():
+    for mode in cfg.selected_modes():
         grid = (cfg.lr_grid or {}).get(mode)
         if grid:
             fit_set, val_set = split_validation(train_set, cfg.val_fraction, cfg.train.seed)

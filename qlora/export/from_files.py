@@ -32,7 +32,8 @@ from qlora.export.checkpoint import (  # noqa: F401
     tensor_specs,
     training_weight,
 )
-from qlora.export.common import (
+from qlora.export.requantize import Requantizer, check_requantize
+from qlora.export.result import (
     COPIED_FILES,
     ExportResult,
     LayerUpdate,
@@ -41,7 +42,6 @@ from qlora.export.common import (
     staging_folder_for,
     write_config,
 )
-from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.lora.files import read_adapter_config, read_adapter_tensors
 from qlora.util.dtypes import dtype_name, parse_dtype

@@ -13,29 +13,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 import qlora
+from memprofile.report import human
 from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import load_tokenizer as load_tokenizer_of
 from qlora.bundled import resolve_model
-from qlora.errors import QLoRAError
+from qlora.data.rows import read_splits as read_data_splits
+from qlora.errors import QLoRAError, RecipeFailed
+from qlora.levers.checkpointing import prepare_for_training
+from qlora.levers.modes import build_for_mode
+from qlora.levers.tiled_mlp import tile_mlps
 from qlora.lora.config import LoraConfig
-from qlora.train.loop import TrainConfig
+from qlora.train.loop import TrainConfig, check_earlier_run, plot_curves, read_metrics
 from qlora.util.checks import check_ints
-from qlora.util.dtypes import parse_dtype
-from qlora_recipes import sft_data
-from qlora_recipes.common import RecipeFailed, export_verified, split_validation, subset
+from qlora_recipes.config import RecipeConfig
+from qlora_recipes.four_modes import export_verified
 
 MODES = ("qlora", "lora", "full")
 
 
 @dataclass
-class LMRecipeConfig:
+class LMRecipeConfig(RecipeConfig):
+    """The keys of every recipe (recipes/config.py) and those every causal-LM recipe shares below."""
     model: str = "smollm2"
     """A model folder, a bundled name (smollm2) or a Hub id; any transformers causal LM."""
     data: str = "wordnet"
@@ -50,14 +60,10 @@ class LMRecipeConfig:
     """The split of a Hub data set to train on."""
     max_length: int = 512
     """Tokens per sequence (prompt + response); longer ones are cut (counted)."""
-    train_size: Optional[int] = None
-    """None: every training row; an int: a seeded subset (quick runs)."""
     eval_size: Optional[int] = 256
     """Evaluation rows used (seeded subset); None: all."""
     mode: str = "qlora"
     """qlora (NF4 base + LoRA) | lora (float base + LoRA) | full (every weight trains)."""
-    compute_dtype: str = "auto"
-    """auto = bfloat16 on CUDA, float32 on CPU; the float base's dtype and the adapters' dtype."""
     gradient_checkpointing: bool = True
     """Recompute each decoder layer in backward (non-reentrant) instead of keeping its activations."""
     loss_chunk_size: int = 256
@@ -87,16 +93,13 @@ class LMRecipeConfig:
     out_dir: str = "runs/lm"
     """Where everything goes (train.out_dir follows it)."""
 
+    modes = MODES
+
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
-        if self.compute_dtype != "auto":
-            parse_dtype(self.compute_dtype)
+        super().__post_init__()
         check_ints(self, ("max_length", "loss_chunk_size", "eval_batch_size", "max_new_tokens"))
-        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
-        check_ints(self, ("train_size", "eval_size"), null="")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
-            raise QLoRAError(f"samples={self.samples!r}: must be an integer >= 0")
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens", "samples"), minimum=0)
+        check_ints(self, ("eval_size",), null="")
         if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
                 or not 0 <= self.eval_fraction < 1:
             raise QLoRAError(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
@@ -105,12 +108,6 @@ class LMRecipeConfig:
                 raise QLoRAError(f"{key}={getattr(self, key)!r}: must be true or false")
         if not isinstance(self.data, str) or not self.data.strip():
             raise QLoRAError("data= is empty: give a file, a folder, a Hub data set or wordnet")
-        self.train = dataclasses.replace(self.train, out_dir=self.out_dir)
-
-    def resolved_compute_dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return parse_dtype(self.compute_dtype)
 
     def head_words(self) -> str:
         """How the LM head runs, in words (the recipe's own)."""
@@ -129,41 +126,24 @@ class LMRecipeConfig:
 
 
 def read_splits(cfg: LMRecipeConfig, bundled: dict[str, Callable]) -> tuple[list, list]:
-    """(training rows, evaluation rows): data / eval_data / eval_fraction, then the seeded subsets.
+    """(training rows, evaluation rows) of cfg.data / eval_data / eval_fraction, seeded subsets (qlora.data.rows).
     `bundled` maps a data name (wordnet) to a function returning its (train file, eval file)."""
     data, eval_data = cfg.data, cfg.eval_data
     if data in bundled:
         train_file, eval_file = bundled[data]()
         data, eval_data = str(train_file), eval_data or str(eval_file)
-    rows = sft_data.read_rows(data, cfg.split)
-    if eval_data is not None:
-        local = Path(eval_data).expanduser().exists() or sft_data.looks_local(eval_data)
-        hub = not Path(data).expanduser().exists()
-        eval_rows = sft_data.read_rows(data, eval_data) if hub and not local else sft_data.read_rows(eval_data)
-    elif cfg.eval_fraction > 0:
-        rows, eval_rows = split_validation(rows, cfg.eval_fraction, cfg.train.seed)
-    else:
-        eval_rows = []
-    return subset(rows, cfg.train_size, cfg.train.seed), subset(eval_rows, cfg.eval_size, cfg.train.seed)
+    return read_data_splits(data, eval_data, split=cfg.split, eval_fraction=cfg.eval_fraction, seed=cfg.train.seed,
+                            train_size=cfg.train_size, eval_size=cfg.eval_size)
 
 
 def load_tokenizer(cfg: LMRecipeConfig):
     """(model path, tokenizer, pad id: the pad token, else EOS)."""
-    from transformers import AutoTokenizer
     path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise QLoRAError(f"the tokenizer of {cfg.model} has neither a pad nor an EOS token")
-    return path, tokenizer, pad_id
+    return (path, *load_tokenizer_of(path))
 
 
 def build_model(cfg: LMRecipeConfig, path: str):
     """The model of `mode` with the memory savers of `cfg` on; prints its trainable share and savers."""
-    from transformers import AutoModelForCausalLM
-
-    from qlora.levers.checkpointing import prepare_for_training
-    from qlora.modes import build_for_mode
     torch.manual_seed(cfg.train.seed)                  # the adapters' initialisation
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
@@ -172,7 +152,6 @@ def build_model(cfg: LMRecipeConfig, path: str):
                            lora=lora)
     model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
     if cfg.mlp_tile:
-        from qlora.levers.tiled_mlp import tile_mlps
         tile_mlps(model, tile=cfg.mlp_tile, min_tokens=cfg.mlp_tile_min_tokens)
     trainable, total = qlora.count_parameters(model)
     print(f"{cfg.model} · {cfg.mode}: {trainable:,} trainable of {total:,} parameters "
@@ -199,7 +178,6 @@ def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, p
 def shown_question(prompt: str) -> str:
     """The last line of a rendered prompt that is not a chat marker nor a bare cue like "A:" (what a sample in the
     log shows)."""
-    import re
     lines = [line.strip() for line in re.sub(r"<\|[^|>]*\|>", "\n", prompt).splitlines()]
     lines = [line for line in lines if len(line) > 3 and line not in ("user", "assistant", "system")]
     return lines[-1] if lines else prompt
@@ -209,14 +187,12 @@ def main_process() -> bool:
     """Whether this process writes the run's files (the only one, or rank 0 under DDP: every rank evaluates).
     Read from the launcher's RANK, not from accelerate's state: creating that state before train()'s
     Accelerator(cpu=...) would fix it as a single process."""
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 
 def clear_samples(cfg: LMRecipeConfig) -> None:
     """samples.jsonl holds this run's samples only (a resumed run's continue the file). An out_dir holding an
     earlier run is refused first (qlora.train.loop.check_earlier_run): nothing of it is removed unasked."""
-    from qlora.train.loop import check_earlier_run
     check_earlier_run(Path(cfg.out_dir), cfg.train)
     if main_process() and not cfg.train.resume:
         (Path(cfg.out_dir) / "samples.jsonl").unlink(missing_ok=True)
@@ -231,30 +207,13 @@ def append_samples(cfg: LMRecipeConfig, samples: list[dict]) -> None:
         f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
-def first_step_reporter(cfg: LMRecipeConfig) -> Callable:
-    """report(model): called by a loss function on every call; prints the first step's memory line at the
-    first training call of step 2 (train() has logged the peak by then)."""
-    calls = [0]
-
-    def report(model) -> None:
-        if not model.training:
-            return
-        calls[0] += 1
-        if calls[0] != cfg.train.grad_accum + 1:
-            return
-        from tqdm.auto import tqdm
-
-        from qlora.train.loop import read_metrics
-        path = Path(cfg.out_dir) / "metrics.jsonl"
-        rows = [r for r in read_metrics(path) if "first_step_peak_bytes" in r] if path.is_file() else []
-        if rows:
-            tqdm.write(memory_line(cfg, rows[-1]["first_step_peak_bytes"], rows[-1]["peak_method"]))
-    return report
-
-
 def memory_line(cfg: LMRecipeConfig, peak, method: str) -> str:
-    from memprofile.report import human
     return f"first step: peak {human(peak, digits=1)} ({method}); savers: {cfg.savers()}"
+
+
+def report_first_step(cfg: LMRecipeConfig) -> Callable:
+    """train()'s on_first_step: the first step's memory line, printed when that step is done."""
+    return lambda result: tqdm.write(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
 
 
 def evaluate_before(evaluate, model) -> Optional[dict]:
@@ -272,7 +231,6 @@ def evaluate_before(evaluate, model) -> Optional[dict]:
 def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict], summary: dict, t0: float) -> dict:
     """After train(): the memory line, the curve from the untrained model, the full model (mode=full), the
     verified merged export (export=true), summary.json. A failed export verification raises RecipeFailed."""
-    from qlora.train.loop import plot_curves, read_metrics
     out = Path(cfg.out_dir)
     print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
     main = main_process()

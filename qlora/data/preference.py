@@ -1,6 +1,6 @@
-"""The preference data loader: pairs of responses -> TRL's token layout (prompt, chosen and rejected ids).
+"""Preference data: pairs of responses -> TRL's token layout (prompt, chosen and rejected ids).
 
-    rows = sft_data.read_rows("pairs.jsonl")                 # files, folders, Hub data sets: as for SFT
+    rows = read_rows("pairs.jsonl")                          # qlora.data.rows: files, folders, Hub data sets
     fmt = detect_format(rows)                                # preference | implicit_prompt
     examples, stats = encode_pairs(rows, fmt, tokenizer, max_length=512, max_prompt_length=None)
     batch = collate(examples[:4], pad_id, max_length=512)    # input_ids, attention_mask, completion_mask [8, L]
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora.data.rows import Row, chat_messages, field_value, match_format
 from qlora.errors import QLoRAError
-from qlora_recipes.sft_data import Row, chat_messages, field_value
 
 FORMATS = {"preference": ("prompt", "chosen", "rejected"), "implicit_prompt": ("chosen", "rejected")}
 ACCEPTED = ("prompt + chosen + rejected (texts, or chat messages) | chosen + rejected (whole conversations or "
@@ -36,21 +36,8 @@ TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 def detect_format(rows: list[Row], fmt: str = "auto") -> str:
-    columns = sorted(rows[0].data)
-    source = rows[0].where.rsplit(":", 1)[0].split(" row ")[0]
-    if fmt == "auto":
-        for name, needed in FORMATS.items():
-            if set(needed) <= set(columns):
-                return name
-        missing = [c for c in ("chosen", "rejected") if c not in columns]
-        raise QLoRAError(f"{source}: columns {columns} are not preference pairs (no {' or '.join(missing) or 'prompt'} "
-                         f"column); accepted: {ACCEPTED}")
-    if fmt not in FORMATS:
-        raise QLoRAError(f"format={fmt!r}; use auto or one of {', '.join(FORMATS)}")
-    missing = [c for c in FORMATS[fmt] if c not in columns]
-    if missing:
-        raise QLoRAError(f"{source}: format={fmt} needs the column(s) {missing}; columns found: {columns}")
-    return fmt
+    """The preference format of these rows (qlora.data.rows.match_format over FORMATS)."""
+    return match_format(rows, fmt, FORMATS, ACCEPTED)
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""Training objectives that never hold the full [tokens, vocab] logits.
+
+    losses.py      causal-LM cross-entropy with the head in chunks (causal_lm_loss), the MoE router's aux loss
+    preference.py  sequence log-probs in chunks, DPO and relatives on one base (preference_step), reference log-probs
+"""
