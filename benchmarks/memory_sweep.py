@@ -132,7 +132,7 @@ def worst_table(rows: list[dict]) -> str:
 
 
 def out_of_bounds(rows: list[dict], peak: float = 5.0, other: float = 2.0) -> list[dict]:
-    """Rows with an error beyond the README's bounds (peak 5 %, other categories 2 %)."""
+    """Rows with an error beyond the bounds of docs/memory.md (peak 5 %, other categories 2 %)."""
     return [r for r in rows if any(abs(v) > (peak if k == "peak" else other) for k, v in r["error_pct"].items())]
 
 

@@ -20,7 +20,7 @@ optimizer state; only the peak counter differs:
   memprofile.peak's allocator events on CPU.
 * Kernel scratch the dispatcher never sees (a kernel's internal buffers) is not counted, except
   the one correction in `SCRATCH` (a convolution's weight gradient unfolds its input); the others
-  measured on CPU stay within the README's bounds ("Where does the memory go?").
+  measured on CPU stay within the bounds of docs/memory.md ("qlora plan").
   Ops with data-dependent output shapes (`nonzero`, `.item()`) cannot be traced: such a
   model gets TraceError, one line naming the op.
 * Tensor subclasses built by `torch.Tensor._make_subclass` (bitsandbytes' Params4bit) cannot wrap
@@ -82,7 +82,7 @@ def _conv_weight_grad_scratch(args) -> int:
     """convolution_backward computing a weight gradient unfolds its input (im2col) into a
     buffer of the input's size inside the kernel, on CPU (measured: ViT's patch embedding). That is
     torch's own kernel; where oneDNN takes the convolution (bf16 on AVX512-BF16 CPUs) its scratchpad
-    depends on the ISA and thread count instead, and is not modelled (README: "Not included")."""
+    depends on the ISA and thread count instead, and is not modelled (docs/memory.md: "Not included")."""
     mask = args[-1] if len(args) >= 11 else (True, True, True)
     return args[1].untyped_storage().nbytes() if mask[1] else 0
 

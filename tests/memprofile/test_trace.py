@@ -1,6 +1,6 @@
 """memprofile.trace (the step on fake tensors) against memprofile.measure (the step on CPU).
 
-Bounds are the README's ("Where does the memory go?"): peak within 5 %, every other category
+Bounds are those of docs/memory.md ("qlora plan"): peak within 5 %, every other category
 within 2 %. A representative row per architecture here; the full sweep (8 architectures x 5
 configurations x 2 batches x 2 lengths x loss/optimizer variants) is benchmarks/memory_sweep.py.
 """
@@ -26,7 +26,7 @@ def native_convolution(on: bool):
     predicted from shapes: it depends on the implementation oneDNN picks for the ISA and on the thread
     count (measured for this [1, 3, 32, 32] bf16 input on a Xeon: forward 225 KB at 2 threads;
     weight-gradient backward 1.10 MB + 256 KB at 2 threads, 0.56 MB + 256 KB at 1), 2x this tiny
-    model's whole step. So the step is measured on the kernel the prediction models; README: "Not
+    model's whole step. So the step is measured on the kernel the prediction models; docs/memory.md: "Not
     included"."""
     return torch.backends.mkldnn.flags(enabled=False) if on else contextlib.nullcontext()
 

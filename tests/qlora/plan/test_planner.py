@@ -1,6 +1,6 @@
 """qlora.plan.planner: the model as qlora train builds it, traced on fake tensors, against the measured step.
 
-Bounds are the README's ("Where does the memory go?"): peak within 5 %, every other category
+Bounds are those of docs/memory.md ("qlora plan"): peak within 5 %, every other category
 within 2 %. The default suite checks one row per architecture; `-m slow` runs the whole sweep of
 benchmarks/memory_sweep.py (8 architectures and GPT-2 x 5 configurations x 2 batches x 2 lengths x
 chunked/model loss x AdamW/8-bit AdamW).

@@ -7,7 +7,7 @@ from qlora.cli import main
 
 CATEGORIES = ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer",
               "activations", "peak")
-PEAK_BOUND, CATEGORY_BOUND = 0.05, 0.02   # README, "Where does the memory go?"
+PEAK_BOUND, CATEGORY_BOUND = 0.05, 0.02   # docs/memory.md, "qlora plan"
 
 
 @pytest.fixture
