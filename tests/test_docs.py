@@ -531,11 +531,11 @@ def test_the_checks_catch_wrong_docs(tmp_path):
     assert any(":8:" in p and "'x'" in p for p in commands), commands
     assert any(":10:" in p and "--batches" in p for p in commands), commands
     names = name_and_path_problems(d)
-    assert any(":10:" in p and "qlora.levers.losses" in p for p in names), names
+    assert any(":10:" in p and "qlora.objectives.losses" in p for p in names), names
     assert any(":10:" in p and "qlora/nowhere.py" in p for p in names), names
     blocks = block_problems(d)
     assert len(blocks) == 1 and ":12:" in blocks[0], blocks
     links = link_problems(d)
     assert len(links) == 2 and any("none.md" in p for p in links) and any("#nothing" in p for p in links), links
-    assert resolve("qlora.levers.losses.causal_lm_loss") is None
-    assert resolve("qlora.levers.losses.no_such_function") is not None
+    assert resolve("qlora.objectives.losses.causal_lm_loss") is None
+    assert resolve("qlora.objectives.losses.no_such_function") is not None
