@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 import qlora
-from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import from_pretrained_quietly, users_files
 from qlora.bundled import default_cache_dir, resolve_model
 from qlora.data.rows import subset
 from qlora.errors import QLoRAError
@@ -238,17 +239,17 @@ def accuracy_eval(test_set, collate, batch_size: int = 256):
 
 
 def main(cfg: ImageClsConfig) -> list[dict]:
-    from transformers import AutoConfig, AutoModelForImageClassification
     if cfg.model == PRETRAINED_NAME and cfg.dataset != "fashion_mnist":
         raise QLoRAError(f"model={PRETRAINED_NAME} is a 28x28 grey-scale backbone for dataset=fashion_mnist; with "
                          f"dataset={cfg.dataset} give a Hub model (e.g. model=google/vit-base-patch16-224)")
     train_set, test_set, names = load_images(cfg)
     path = pretrained_backbone(cfg) if cfg.model == PRETRAINED_NAME else resolve_model(cfg.model)
     processor = None
-    if cfg.dataset != "fashion_mnist":
-        from transformers import AutoImageProcessor
-        processor = AutoImageProcessor.from_pretrained(path)
-    collate = image_collate(processor, AutoConfig.from_pretrained(path))
+    with users_files("image processor and config", path):
+        if cfg.dataset != "fashion_mnist":
+            processor = AutoImageProcessor.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    collate = image_collate(processor, config)
     # A new head for the fine-tuning classes: missing from our backbone folder, and of another size in
     # a Hub checkpoint (ImageNet's 1000 classes), hence ignore_mismatched_sizes.
     labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import qlora
-from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import from_pretrained_quietly, load_tokenizer
 from qlora.bundled import resolve_model
 from qlora.data.rows import subset
 from qlora.errors import QLoRAError, RecipeFailed
@@ -98,12 +99,8 @@ class PromptEncoder:
 
 
 def main(cfg: SentimentPromptConfig) -> list[dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise QLoRAError(f"the tokenizer of {cfg.model} has neither a pad nor an EOS token")
+    tokenizer, pad_id = load_tokenizer(path)
     encode = PromptEncoder(tokenizer, cfg)
     train_x, train_y, test_x, test_y = load_texts(cfg)
     if max(max(train_y), max(test_y)) >= len(cfg.answers):

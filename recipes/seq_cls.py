@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 import qlora
-from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import from_pretrained_quietly, load_tokenizer
 from qlora.bundled import resolve_model
 from qlora.data.rows import subset
 from qlora_recipes.four_modes import FourModesConfig, run_modes
@@ -43,9 +44,8 @@ def load_texts(cfg: SeqClsConfig):
 
 
 def main(cfg: SeqClsConfig) -> list[dict]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer, _ = load_tokenizer(path)
     train_x, train_y, test_x, test_y, names = load_texts(cfg)
     train_set = subset(list(zip(train_x, train_y)), cfg.train_size)
     test_set = subset(list(zip(test_x, test_y)), cfg.test_size)

@@ -100,8 +100,9 @@ def users_files(what: str, path):
     except QLoRAError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QLoRAError(f"cannot load the {what} of {path}: {first[:300]} -- give a folder with config.json, the "
+        said = " ".join(str(e).split()) or type(e).__name__          # transformers' words, on one line
+        said = said if len(said) <= 160 else said[:157] + "..."
+        raise QLoRAError(f"cannot load the {what} of {path} ({said}); give a folder with config.json, the "
                          "weights and the tokenizer files (tokenizer.json or its vocabulary), a bundled name or a Hub "
                          "id") from None
 

@@ -76,6 +76,13 @@ def files(tmp_path_factory):
     p["yaml_unknown_recipe"] = root / "unknown.yaml"
     p["yaml_unknown_recipe"].write_text("recipe: nosuchrecipe\n")
     p["exists"] = folder("exists")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    p["tokenizer_only"] = root / "tokenizer_only"     # a tokenizer, and no config.json nor weights
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>").save_pretrained(p["tokenizer_only"])
+    p["text_data"] = root / "text.jsonl"
+    p["text_data"].write_text('{"text": "a a a"}\n' * 8)
     return p
 
 
@@ -167,6 +174,17 @@ CASES = [
     (["train", str(CONFIGS / "seq_cls.yaml"), "train.warmup_ratio=[1]"], ["warmup_ratio"]),
     (["train", str(CONFIGS / "seq_cls.yaml"), "lora.r=0"], ["r"]),
     (["train", str(CONFIGS / "seq_cls.yaml"), "compute_dtype=int8"], ["int8"]),
+    # the doors: a model folder the user gave that transformers cannot read (one rule: qlora.arch.loading)
+    (["train", "sft", "model={base}", "out_dir={root}/sft-out"], ["tokenizer", "base", "tokenizer.json"]),
+    (["train", "dpo", "model={base}", "out_dir={root}/dpo-out"], ["tokenizer", "base"]),
+    (["train", "sft", "model={empty}", "out_dir={root}/sft-out"], ["tokenizer", "empty"]),
+    (["train", "sft", "model={unknown_type}", "out_dir={root}/sft-out"], ["unknown_type"]),
+    (["train", "seq_cls", "model={base}", "out_dir={root}/cls-out"], ["tokenizer", "base"]),
+    (["train", "sentiment_prompt", "model={no_weights}", "out_dir={root}/sp-out"], ["tokenizer", "no-weights"]),
+    (["train", "sft", "model={tokenizer_only}", "data={text_data}", "eval_fraction=0", "out_dir={root}/sft-out"],
+     ["model", "tokenizer_only", "config.json"]),
+    (["train", "sft", "model={tokenizer_only}", "data={text_data}", "eval_fraction=0", "mode=lora",
+      "out_dir={root}/sft-out"], ["model", "tokenizer_only", "config.json"]),
     (["demo", "no_such_key=1"], ["no_such_key"]),
     (["demo", "--out", "{file}/sub", "mode=fast"], ["fast"]),
     (["nosuchcommand"], ["invalid choice"]),
