@@ -11,7 +11,7 @@ Measure (memprofile.measure):
     measure_step(model, batch, *, loss_fn=None, optimizer=None, device=None,
                  warmup_steps=1, timed_steps=1, train=True) -> StepMemory
     measure_step_or_oom(model, batch, **same) -> StepMemory      # fits=False on out of memory
-    is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)
+    is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)   # memprofile.oom
     StepMemory.bytes() -> {category: int}; .peak_method, .step_seconds, .trainable_params, ...
 Predict (memprofile.trace: the same step on fake tensors, no memory):
     trace_step(build, make_batch, *, loss_fn=None, optimizer=None) -> StepMemory (predicted)
@@ -35,7 +35,7 @@ import importlib
 
 # name -> its home; imported on first use, so that `import memprofile.units` (torch-free) stays light
 _HOMES = {
-    "StepMemory": "memprofile.measure", "call_or_oom": "memprofile.measure", "is_out_of_memory": "memprofile.measure",
+    "StepMemory": "memprofile.measure", "call_or_oom": "memprofile.oom", "is_out_of_memory": "memprofile.oom",
     "measure_step": "memprofile.measure", "measure_step_or_oom": "memprofile.measure",
     "make_row": "memprofile.report", "markdown_table": "memprofile.report", "print_table": "memprofile.report",
     "write_report": "memprofile.report",

@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from memprofile.oom import call_or_oom, is_out_of_memory  # noqa: F401 - is_out_of_memory: part of this API
 from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import (
     CATEGORIES,
@@ -97,34 +98,11 @@ class StepMemory:
 
 
 # ---------------------------------------------------------------------------- out of memory
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch.OutOfMemoryError, MemoryError, or a RuntimeError saying 'out of memory'."""
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-    return False
-
-
 def free_memory(device: torch.device | str | None = None) -> None:
     """Collect garbage and return cached CUDA blocks, e.g. after an out-of-memory step."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def call_or_oom(fn: Callable, *args, **kwargs) -> tuple[Any, BaseException | None]:
-    """(fn(...), None), or (None, exc) if it ran out of memory; other errors propagate."""
-    try:
-        return fn(*args, **kwargs), None
-    except BaseException as exc:  # noqa: BLE001 - filtered right below
-        if not is_out_of_memory(exc):
-            raise
-        return None, exc
 
 
 # ---------------------------------------------------------------------------- helpers

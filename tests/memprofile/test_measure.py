@@ -5,13 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from memprofile.measure import (
-    StepMemory,
-    call_or_oom,
-    is_out_of_memory,
-    measure_step,
-    measure_step_or_oom,
-)
+from memprofile.measure import StepMemory, measure_step, measure_step_or_oom
+from memprofile.oom import call_or_oom, is_out_of_memory
 from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import CATEGORIES
 from tests.memprofile.mp_models import configure, quantize, tiny_model
@@ -198,6 +193,7 @@ def test_out_of_memory_is_recorded_not_raised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert call_or_oom(lambda: 3) == (3, None)
     with pytest.raises(ValueError):
