@@ -11,7 +11,7 @@ from qlora.lora.config import LoraConfig
 from qlora.modes import MODES
 from qlora.optim import OPTIMIZERS
 from qlora.util.checks import check_ints
-from qlora.util.dtypes import dtype_name, parse_dtype
+from qlora.util.dtypes import dtype_name, resolve_dtype
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM"}
@@ -77,17 +77,14 @@ class RunSettings:
             raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
         if k is not None and not self.checkpointing:
             raise QLoRAError(f"checkpoint_blocks={k} needs checkpointing=true (or leave it null)")
-        if self.compute_dtype != "auto":
-            parse_dtype(self.compute_dtype)
+        resolve_dtype(self.compute_dtype, self.device)     # a bad name fails here
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         self.lora()  # validates rank, alpha, dropout, targets
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if self.device == "cuda" else torch.float32
-        return parse_dtype(self.compute_dtype)
+        return resolve_dtype(self.compute_dtype, self.device)
 
     @property
     def configuration(self) -> str:
