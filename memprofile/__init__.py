@@ -40,7 +40,7 @@ _HOMES = {
     "make_row": "memprofile.report", "markdown_table": "memprofile.report", "print_table": "memprofile.report",
     "write_report": "memprofile.report",
     "CATEGORIES": "memprofile.tensors", "param_counts": "memprofile.tensors", "weight_bytes": "memprofile.tensors",
-    "TraceError": "memprofile.trace", "trace_layers": "memprofile.trace", "trace_step": "memprofile.trace",
+    "TraceError": "memprofile.fake", "trace_layers": "memprofile.trace", "trace_step": "memprofile.trace",
     "human": "memprofile.units", "parse_size": "memprofile.units",
 }
 

@@ -146,7 +146,7 @@ def default_loss(output, batch) -> torch.Tensor:
     return output.float().mean()
 
 
-def _make_optimizer(optimizer, params):
+def make_optimizer(optimizer, params):
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if not params:
@@ -239,13 +239,13 @@ def measure_step(
     loss_fn = loss_fn or default_loss
     batch = _to_device(batch, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params)
+    opt = make_optimizer(optimizer, params)
     was_training = model.training
     model.train(train)
     try:
         for _ in range(warmup_steps):
             _train_step(model, batch, loss_fn, opt, params)
-        result = _measured_step(model, batch, loss_fn, opt, params, device)
+        result = measured_step(model, batch, loss_fn, opt, params, device)
         times = []
         for _ in range(timed_steps):
             _sync(device)
@@ -269,7 +269,7 @@ def _forward_loss(model, batch, loss_fn):
     return loss_fn(call_model(model, batch), batch)
 
 
-def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:
+def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:
     """One step, measured. `tracker` (start/stop/max_increase, optional `phase` and `peak_at`)
     replaces the device's own peak counter: memprofile.trace passes its storage tracker."""
     # Everything that is live before the step begins: the baseline the peak starts from.
