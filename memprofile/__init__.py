@@ -11,32 +11,50 @@ Measure (memprofile.measure):
     measure_step(model, batch, *, loss_fn=None, optimizer=None, device=None,
                  warmup_steps=1, timed_steps=1, train=True) -> StepMemory
     measure_step_or_oom(model, batch, **same) -> StepMemory      # fits=False on out of memory
-    is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)
+    is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)   # memprofile.oom
     StepMemory.bytes() -> {category: int}; .peak_method, .step_seconds, .trainable_params, ...
 Predict (memprofile.trace: the same step on fake tensors, no memory):
     trace_step(build, make_batch, *, loss_fn=None, optimizer=None) -> StepMemory (predicted)
     trace_layers(build_n_blocks, make_batch, *, layers, period=1, ...) -> StepMemory (extrapolated)
     TraceError: a step that cannot be traced (one line)
+Units (memprofile.units, torch-free):
+    human(n) -> "24.00 GiB";  parse_size("24GiB") -> 25769803776
 Report (memprofile.report):
     make_row(config, batch, seq, rank, measured=None, predicted=None) -> dict
     write_report(rows, out_dir) -> {"json", "md", "csv", "png": Path};  print_table(rows)
 
 CATEGORIES = weights_quantized, weights_frozen, weights_trainable, gradients, optimizer,
 activations, peak (bytes).
-"""
-from memprofile.measure import (
-    StepMemory,
-    call_or_oom,
-    is_out_of_memory,
-    measure_step,
-    measure_step_or_oom,
-)
-from memprofile.report import make_row, markdown_table, print_table, write_report
-from memprofile.tensors import CATEGORIES, param_counts, weight_bytes
-from memprofile.trace import TraceError, trace_layers, trace_step
 
-__all__ = [
-    "CATEGORIES", "StepMemory", "TraceError", "call_or_oom", "is_out_of_memory", "make_row",
-    "markdown_table", "measure_step", "measure_step_or_oom", "param_counts", "print_table",
-    "trace_layers", "trace_step", "weight_bytes", "write_report",
-]
+The names above are imported from their modules on first use: importing memprofile (or its
+torch-free memprofile.units) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+# name -> its home; imported on first use, so that `import memprofile.units` (torch-free) stays light
+_HOMES = {
+    "StepMemory": "memprofile.measure", "call_or_oom": "memprofile.oom", "is_out_of_memory": "memprofile.oom",
+    "measure_step": "memprofile.measure", "measure_step_or_oom": "memprofile.measure",
+    "make_row": "memprofile.report", "markdown_table": "memprofile.report", "print_table": "memprofile.report",
+    "write_report": "memprofile.report",
+    "CATEGORIES": "memprofile.tensors", "param_counts": "memprofile.tensors", "weight_bytes": "memprofile.tensors",
+    "TraceError": "memprofile.fake", "trace_layers": "memprofile.trace", "trace_step": "memprofile.trace",
+    "human": "memprofile.units", "parse_size": "memprofile.units",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'memprofile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

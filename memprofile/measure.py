@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from memprofile.oom import call_or_oom, is_out_of_memory  # noqa: F401 - is_out_of_memory: part of this API
 from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import (
     CATEGORIES,
@@ -97,34 +98,11 @@ class StepMemory:
 
 
 # ---------------------------------------------------------------------------- out of memory
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch.OutOfMemoryError, MemoryError, or a RuntimeError saying 'out of memory'."""
-    oom_type = getattr(torch, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    if isinstance(exc, RuntimeError):
-        msg = str(exc).lower()
-        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
-    return False
-
-
 def free_memory(device: torch.device | str | None = None) -> None:
     """Collect garbage and return cached CUDA blocks, e.g. after an out-of-memory step."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def call_or_oom(fn: Callable, *args, **kwargs) -> tuple[Any, BaseException | None]:
-    """(fn(...), None), or (None, exc) if it ran out of memory; other errors propagate."""
-    try:
-        return fn(*args, **kwargs), None
-    except BaseException as exc:  # noqa: BLE001 - filtered right below
-        if not is_out_of_memory(exc):
-            raise
-        return None, exc
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -168,7 +146,7 @@ def default_loss(output, batch) -> torch.Tensor:
     return output.float().mean()
 
 
-def _make_optimizer(optimizer, params):
+def make_optimizer(optimizer, params):
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     if not params:
@@ -261,13 +239,13 @@ def measure_step(
     loss_fn = loss_fn or default_loss
     batch = _to_device(batch, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(optimizer, params)
+    opt = make_optimizer(optimizer, params)
     was_training = model.training
     model.train(train)
     try:
         for _ in range(warmup_steps):
             _train_step(model, batch, loss_fn, opt, params)
-        result = _measured_step(model, batch, loss_fn, opt, params, device)
+        result = measured_step(model, batch, loss_fn, opt, params, device)
         times = []
         for _ in range(timed_steps):
             _sync(device)
@@ -291,7 +269,7 @@ def _forward_loss(model, batch, loss_fn):
     return loss_fn(call_model(model, batch), batch)
 
 
-def _measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:
+def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> StepMemory:
     """One step, measured. `tracker` (start/stop/max_increase, optional `phase` and `peak_at`)
     replaces the device's own peak counter: memprofile.trace passes its storage tracker."""
     # Everything that is live before the step begins: the baseline the peak starts from.

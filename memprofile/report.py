@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from memprofile.tensors import CATEGORIES
+from memprofile.units import human  # also read from here by the recipes (memprofile.units is its home)
 
 STACK = CATEGORIES[:-1]  # what the bars stack: everything but the peak
 _COLORS = ["#4c72b0", "#8c8c8c", "#55a868", "#c44e52", "#8172b2", "#dd8452"]
@@ -93,18 +94,6 @@ def peak_error(row: dict) -> float | None:
 
 
 # ------------------------------------------------------------------------------ text
-def human(n, digits: int = 2) -> str:
-    """Bytes in binary units: 512 B, 1.50 KiB, 24.00 GiB (`digits` after the point); None -> "-".
-    The one bytes formatter of memprofile, qlora and the recipes."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{digits}f} {unit}"
-    return f"{int(n)} B"
-
-
 def markdown_table(rows: list[dict]) -> str:
     """Each category with its share of the measured peak; predicted vs measured peak."""
     head = (["config", "batch", "seq"] + [f"{c} (% peak)" for c in STACK]

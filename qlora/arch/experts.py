@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from memprofile.tensors import unpacked_shape
+
 _FLAGS = ("has_gate", "has_bias", "is_transposed", "num_experts")
 
 
@@ -67,6 +69,4 @@ def expert_weights(module: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _shape(module: nn.Module, name: str):
-    p = module.get_parameter(name)
-    qs = getattr(p, "quant_state", None)      # a 4-bit matrix keeps its shape in its quant state
-    return tuple(qs.shape) if qs is not None else tuple(p.shape)
+    return tuple(unpacked_shape(module.get_parameter(name)))    # a 4-bit matrix's shape is in its quant state

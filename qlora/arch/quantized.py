@@ -3,6 +3,7 @@
     is_4bit(module)          # a bitsandbytes Linear4bit (LinearNF4 / LinearFP4 included)
     is_quantized(module)     # 4-bit or bitsandbytes' 8-bit Linear8bitLt
     is_4bit_param(p)         # a packed Params4bit: a Linear4bit's weight or a 4-bit experts matrix
+    has_4bit(model)          # any 4-bit layer or 4-bit parameter in it: a QLoRA model
     is_linear(module)        # nn.Linear (Linear4bit included) or transformers' Conv1D (GPT-2)
     linear_features(module)  # (in, out) of either
     is_transposed(module)    # its checkpoint weight is [in, out]: a Conv1D, or a Linear4bit made from one
@@ -24,6 +25,8 @@ import sys
 
 from torch import nn
 
+from memprofile.tensors import is_4bit_param  # the parameter-level rule's one home (duck-typed, no bitsandbytes)
+
 
 def _bnb_nn():
     bnb = sys.modules.get("bitsandbytes")
@@ -31,15 +34,16 @@ def _bnb_nn():
 
 
 def is_4bit(module) -> bool:
-    """True for a bitsandbytes Linear4bit (its weight a packed Params4bit)."""
+    """True for a bitsandbytes Linear4bit (LinearNF4 / LinearFP4 included), its weight quantized yet or not
+    (is_4bit_param asks the weight)."""
     bnn = _bnb_nn()
     return bnn is not None and isinstance(module, bnn.Linear4bit)
 
 
-def is_4bit_param(p) -> bool:
-    """A bitsandbytes Params4bit holding packed codes: a Linear4bit's weight, or a 4-bit experts matrix
-    (qlora.quant.experts). Duck-typed like memprofile's count: it carries a quant_state and a quant_type."""
-    return getattr(p, "quant_state", None) is not None and hasattr(p, "quant_type")
+def has_4bit(model: nn.Module) -> bool:
+    """Whether `model` has a 4-bit base: a bitsandbytes Linear4bit (LinearNF4 / LinearFP4 included) or a
+    packed Params4bit anywhere (a 4-bit experts matrix)."""
+    return any(is_4bit(m) for m in model.modules()) or any(True for _ in four_bit_params(model))
 
 
 def four_bit_params(model: nn.Module):

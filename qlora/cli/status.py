@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from memprofile.oom import is_out_of_memory
 from qlora.errors import QLoRAError
 
 REPORT_BUGS = "the qlora maintainers, with the command line, `qlora --version` and the traceback above"
@@ -17,7 +18,7 @@ def user_error_message(e: BaseException, args=None) -> str | None:
     import errno
     if isinstance(e, QLoRAError):
         return str(e)
-    if type(e).__name__ == "OutOfMemoryError" or isinstance(e, MemoryError):
+    if is_out_of_memory(e):             # torch's OutOfMemoryError, MemoryError, a RuntimeError saying so
         return (f"out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); lower the batch size "
                 "or sequence length, or see `qlora plan --help` for what fits")
     if isinstance(e, OSError):

@@ -7,8 +7,6 @@ shapes, dtypes, the same choice of layers); `qlora.fsdp_model` then scatters ran
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -25,12 +23,8 @@ from qlora.quant.settings import (
     check_quant_type,
     check_skip_modules,
 )
+from qlora.util.dist import is_main_process
 from qlora.util.dtypes import dtype_name
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _meta_params4bit(shape: tuple, *, quant_type: str, double_quant: bool, blocksize: int,
@@ -122,7 +116,7 @@ def load_4bit_once(name_or_path, model_class=None, *, compute_dtype: torch.dtype
     other rank the same model on the meta device, built from the folder's config.json alone. The
     sharded training takes every value from rank 0, so only one process ever holds the whole model."""
     kw = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, skip_modules=skip_modules)
-    if _rank() == 0:
+    if is_main_process():
         from_pretrained_kwargs.setdefault("device_map", {"": "cpu"})
         return load_4bit(name_or_path, model_class, compute_dtype=compute_dtype, **kw, **from_pretrained_kwargs)
     import transformers

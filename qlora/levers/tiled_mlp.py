@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qlora.errors import QLoRAError
+from qlora.util.checks import must_be_int
 
 
 def _rng_devices(x: torch.Tensor) -> list:
@@ -136,9 +137,10 @@ def tile_mlps(model: nn.Module, *, tile: int = 1024, min_tokens: int = 4096,
     updates the sizes); :func:`untile_mlps` undoes it. The modules must be token-wise (one tensor in,
     one out, each token on its own): every transformer MLP / feed-forward is."""
     from qlora.lora.inject import find_modules
-    for key, value in (("tile", tile), ("min_tokens", min_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "tile" else 0):
-            raise QLoRAError(f"tile_mlps: {key}={value!r} must be an integer >= {1 if key == 'tile' else 0}")
+    for key, value, minimum in (("tile", tile, 1), ("min_tokens", min_tokens, 0)):
+        need = must_be_int(value, minimum)
+        if need is not None:
+            raise QLoRAError(f"tile_mlps: {key}={value!r} must be {need}")
     found = find_modules(model, list(names), "tile_mlps name")
     for path, module in found.items():
         current = module.__dict__.get("forward")

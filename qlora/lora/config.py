@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from qlora.errors import QLoRAError
+from qlora.util.checks import check_numbers, must_be_int
 from qlora.util.dtypes import parse_dtype
 
 Targets = Union[str, list, tuple, None]
@@ -47,12 +48,10 @@ class LoraConfig:
     """Set by qlora: quantization settings of the base the adapter was trained on (for export)."""
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise QLoRAError(f"r={self.r!r}: the LoRA rank must be an integer >= 1 (typical: 8, 16, 64)")
-        if not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise QLoRAError(f"lora_alpha={self.lora_alpha!r}: must be a number > 0 (typical: r or 2·r)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise QLoRAError(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
+        if (need := must_be_int(self.r)) is not None:
+            raise QLoRAError(f"r={self.r!r}: the LoRA rank must be {need} (typical: 8, 16, 64)")
+        check_numbers(self, ("lora_alpha",), above=0, hint="typical: r or 2·r")
+        check_numbers(self, ("lora_dropout",), at_least=0, below=1)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise QLoRAError(f"init_lora_weights={self.init_lora_weights!r}: use True, False or 'gaussian'")
         if self.target_modules is None or self.target_modules == [] or self.target_modules == "":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memprofile.tensors import unpacked_shape
 from qlora.arch.experts import expert_features, expert_weight_names
 from qlora.arch.quantized import is_4bit_param
 from qlora.errors import QLoRAError
@@ -34,7 +35,7 @@ class LoRAExperts(LoRALayer):
         self.scaling = lora_alpha / (r ** 0.5 if use_rslora else r)
         self.merged = self.disabled = False
         weight = experts.get_parameter(name)
-        shape = tuple(weight.quant_state.shape) if is_4bit_param(weight) else tuple(weight.shape)
+        shape = tuple(unpacked_shape(weight))
         E = shape[0]
         in_features, out_features = expert_features(experts, name, shape)
         if dtype is None:

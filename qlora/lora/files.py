@@ -22,8 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from memprofile.tensors import unpacked_shape
 from qlora.arch.experts import expert_features, matrix_name
-from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed, linear_features
+from qlora.arch.quantized import is_4bit, is_transposed, linear_features
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.lora.experts import LoRAExperts, from_peft, peft_stems, to_peft
@@ -260,8 +261,7 @@ def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
 
 
 def _matrix_shape(experts: nn.Module, name: str) -> tuple:
-    w = experts.get_parameter(name)
-    return tuple(w.quant_state.shape) if is_4bit_param(w) else tuple(w.shape)
+    return tuple(unpacked_shape(experts.get_parameter(name)))
 
 
 def _expert_keys(targets: dict) -> dict[str, str]:

@@ -17,10 +17,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from memprofile.tensors import param_counts
 from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
-from qlora.arch.quantized import four_bit_params, is_4bit, is_4bit_param, is_linear, is_transposed
+from qlora.arch.quantized import four_bit_params, has_4bit, is_4bit, is_4bit_param, is_linear, is_transposed
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.lora.experts import LoRAExperts, attach, detach
@@ -173,7 +174,7 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
                 p.requires_grad_(True)
 
     config.qlora = dict(config.qlora or {})
-    if any(is_4bit(m) for m in model.modules()) or any(True for _ in four_bit_params(model)):
+    if has_4bit(model):
         from qlora.quant.bnb_fixes import import_bnb  # only 4-bit models need bitsandbytes imported
         from qlora.quant.inspect import quant_settings
         import_bnb()   # a base quantized elsewhere (transformers' loader): trained through our fixes too
@@ -203,22 +204,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters. A 4-bit weight counts as its unpacked element count; the frozen
-    original kept beside a `modules_to_save` copy is not counted (it is not used in forward)."""
-    trainable = total = 0
-    skip = {id(p) for m in model.modules() if isinstance(m, ModulesToSave)
-            for p in m.original_module.parameters()}
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen or id(p) in skip:
-            continue
-        seen.add(id(p))
-        quant_state = getattr(p, "quant_state", None)
-        n = quant_state.shape.numel() if quant_state is not None else p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
+    """(trainable, total) parameters: memprofile.tensors.param_counts, the one count. A 4-bit weight counts
+    as its unpacked element count; the frozen original kept beside a `modules_to_save` copy is not counted
+    (the trained copy stands in for it in forward), unless another module shares its tensor (a tied head)."""
+    return param_counts(model)
 
 
 def print_trainable_parameters(model: nn.Module) -> str:

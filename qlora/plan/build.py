@@ -133,13 +133,13 @@ def apply_levers(model, settings: RunSettings, trace: bool = False):
     """The long-context levers of `settings` on a model built for its mode: checkpoint only the first
     `checkpoint_blocks` blocks, tile the MLPs (offload acts at the step: `loss_fn`). `trace` (a fake
     model of the planner): each checkpointed block's recompute in backward is named as its own phase,
-    "backward (recompute)", whose peak extrapolates on its own line (memprofile.trace.mark_phase)."""
+    "backward (recompute)", whose peak extrapolates on its own line (memprofile.tracker.mark_phase)."""
     from qlora.arch.blocks import transformer_blocks
     from qlora.levers.checkpointing import enable_checkpointing
     if settings.checkpointing and settings.checkpoint_blocks is not None:
         enable_checkpointing(model, blocks=settings.checkpoint_blocks)
         if trace:
-            from memprofile.trace import mark_phase
+            from memprofile.tracker import mark_phase
 
             def recompute(module, args):
                 if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
@@ -259,11 +259,11 @@ def loss_fn(settings: RunSettings, offloader=None):
 
 class TracedOffloader(Offloader):
     """qlora.levers.offload as its CUDA path moves memory, for a trace: the host copy is made inside
-    memprofile.trace.host_memory() (host bytes, not device), the reload is a new device tensor
+    memprofile.tracker.host_memory() (host bytes, not device), the reload is a new device tensor
     (prefetched one block ahead, as on CUDA). On real tensors outside a trace both are plain copies."""
 
     def _to_host(self, t):
-        from memprofile.trace import host_memory
+        from memprofile.tracker import host_memory
         with host_memory():
             return t.detach().clone(memory_format=torch.contiguous_format), None
 

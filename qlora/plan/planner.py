@@ -17,7 +17,7 @@ The model is built as training builds it: transformers `AutoModelFor*.from_confi
 resident until the driver pages it out). Defaults are `qlora train`'s (COMMON decisions):
 RunSettings' field defaults.
 
-Repeated blocks: traced with `2 * period` and `3 * period` blocks and extrapolated (memprofile.trace);
+Repeated blocks: traced with `2 * period` and `3 * period` blocks and extrapolated (memprofile.extrapolate);
 the smaller model is the larger one's first blocks (`first_blocks`), so each is built and quantized once.
 Mixture of experts: every routing has the same routed rows (tokens x top_k). Full fine-tuning runs
 transformers' grouped_mm (one buffer of them); lora/qlora run qlora.quant.experts' kernel, traced with
@@ -68,7 +68,7 @@ class Planner:
         on the shape). The 2p-block model is the 3p-block one's first blocks (`first_blocks`: built
         and quantized once) with the 3p one's optimizer (the blocks left out get no gradient, so
         their state is neither counted nor stepped)."""
-        from memprofile.trace import fake_tensors, new_fake_mode
+        from memprofile.fake import fake_tensors, new_fake_mode
         key = (n, seq if self.settings.task == "image-cls" else None)
         if key in self._models:
             return self._models[key]
@@ -92,7 +92,7 @@ class Planner:
         return self._models[key]
 
     def _traced(self, fn, what: str):
-        from memprofile.trace import TraceError
+        from memprofile.fake import TraceError
         try:
             return fn()
         except QLoRAError:
@@ -105,7 +105,8 @@ class Planner:
                              f"{type(e).__name__}: {msg}") from None
 
     def _step(self, n: int, batch: int, seq: int):
-        from memprofile.trace import fake_tensors, trace_built
+        from memprofile.fake import fake_tensors
+        from memprofile.trace import trace_built
         mode, model, opt = self._fake_model(n, seq)
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
             return self._traced(lambda: trace_built(
@@ -115,7 +116,7 @@ class Planner:
 
     def estimate(self, batch: int, seq: int):
         """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
-        from memprofile.trace import extrapolate
+        from memprofile.extrapolate import extrapolate
         if (batch, seq) not in self._cache:
             p, L = self.period, self.layers
             if self._parts is not None:   # the first k of L blocks checkpointed
@@ -138,11 +139,11 @@ class Planner:
         return [Planner(with_layers(self.config, c + u), replace(self.settings, checkpoint_blocks=c)) for c, u in shapes]
 
     def _estimate_mixed(self, batch: int, seq: int):
-        """Checkpointed and uncheckpointed blocks as two increments (memprofile.trace.extrapolate_increments):
+        """Checkpointed and uncheckpointed blocks as two increments (memprofile.extrapolate.extrapolate_increments):
         base (p + p) + (k - p)/p x one more checkpointed unit + (L - k - p)/p x one more plain unit. The
         recompute inside backward is its own phase (apply_levers), so the peak is the larger of the
         backward through the plain blocks (linear in both counts) and the recomputes."""
-        from memprofile.trace import extrapolate_increments
+        from memprofile.extrapolate import extrapolate_increments
         base, more_ckpt, more_plain = (part.estimate(batch, seq) for part in self._parts)
         k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
         return extrapolate_increments(base, [(more_ckpt, (k - p) / p), (more_plain, (L - k - p) / p)])

@@ -10,8 +10,8 @@ from qlora.errors import QLoRAError
 from qlora.levers.modes import MODES
 from qlora.lora.config import LoraConfig
 from qlora.optim import OPTIMIZERS
-from qlora.util.checks import check_ints
-from qlora.util.dtypes import dtype_name, parse_dtype
+from qlora.util.checks import check_bools, check_ints
+from qlora.util.dtypes import dtype_name, resolve_dtype
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM"}
@@ -68,26 +68,19 @@ class RunSettings:
             if getattr(self, name) not in allowed:
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         check_ints(self, ("lora_r", "loss_chunk_size"))
-        for name in ("checkpointing", "offload_activations"):
-            if not isinstance(getattr(self, name), bool):
-                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
+        check_bools(self, ("checkpointing", "offload_activations"))
         check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
-        k = self.checkpoint_blocks
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise QLoRAError(f"checkpoint_blocks={k!r}: must be null (every block) or an integer >= 0")
-        if k is not None and not self.checkpointing:
-            raise QLoRAError(f"checkpoint_blocks={k} needs checkpointing=true (or leave it null)")
-        if self.compute_dtype != "auto":
-            parse_dtype(self.compute_dtype)
+        check_ints(self, ("checkpoint_blocks",), minimum=0, null="every block")
+        if self.checkpoint_blocks is not None and not self.checkpointing:
+            raise QLoRAError(f"checkpoint_blocks={self.checkpoint_blocks} needs checkpointing=true (or leave it null)")
+        resolve_dtype(self.compute_dtype, self.device)     # a bad name fails here
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         self.lora()  # validates rank, alpha, dropout, targets
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if self.device == "cuda" else torch.float32
-        return parse_dtype(self.compute_dtype)
+        return resolve_dtype(self.compute_dtype, self.device)
 
     @property
     def configuration(self) -> str:

@@ -103,7 +103,7 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     Configurations (and levers) are traced side by side, one process per core (each trace is
     single-threaded Python): the lever searches, which take longest, first, then each mode with and
     without checkpointing in the same worker (they trace the same ops on the same shapes: the second
-    replays most of them from memprofile.trace.FakeOps)."""
+    replays most of them from memprofile.fakeops.FakeOps)."""
     import time
     t0 = time.perf_counter()
     config = load_config(config)

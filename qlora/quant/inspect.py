@@ -10,6 +10,7 @@ import copy
 import torch
 from torch import nn
 
+from memprofile.tensors import unpacked_numel
 from qlora.arch.quantized import four_bit_params, is_4bit
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
@@ -104,11 +105,7 @@ def quantized_bytes(module: nn.Module) -> int:
 
 def quantized_numel(module: nn.Module) -> int:
     """Number of weights stored in 4-bit in ``module`` (out*in of each Linear4bit, E*out*in of each experts matrix)."""
-    n = 0
-    for p, _ in _quant_tensors(module):
-        shape = p.quant_state.shape
-        n += int(torch.Size(shape).numel())
-    return n
+    return sum(unpacked_numel(p) for _, _, _, p in four_bit_params(module))
 
 
 def bits_per_weight(module: nn.Module) -> float:

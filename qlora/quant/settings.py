@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from qlora.errors import QLoRAError
+from qlora.util.checks import must_be_int
 from qlora.util.dtypes import canonical_dtype
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -26,7 +27,7 @@ def check_quant_type(quant_type: Any) -> str:
 
 
 def check_blocksize(blocksize: Any) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+    if must_be_int(blocksize) is not None or blocksize not in BLOCKSIZES:
         raise QLoRAError(f"blocksize={blocksize!r} is not supported by bitsandbytes 4-bit "
                          f"quantization; accepted: {', '.join(map(str, BLOCKSIZES))} (64 is QLoRA's)")
     return blocksize

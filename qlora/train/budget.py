@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from qlora.arch.quantized import has_4bit
 from qlora.errors import QLoRAError
 from qlora.plan.planner import Planner, fewest_checkpointed_blocks
 from qlora.plan.settings import RunSettings
@@ -42,7 +43,7 @@ def settings_of(model, train_config) -> RunSettings:
     from qlora.lora.layers import LoRALayer
     modules = list(model.modules())
     lora = getattr(model, "qlora_config", None)
-    if any(type(m).__name__ in ("Linear4bit", "LinearNF4") for m in modules):
+    if has_4bit(model):
         mode = "qlora"
     elif any(isinstance(m, LoRALayer) for m in modules):
         mode = "lora"

@@ -6,7 +6,7 @@ from typing import Optional
 
 from qlora.errors import QLoRAError
 from qlora.optim import OPTIMIZERS
-from qlora.util.checks import check_ints
+from qlora.util.checks import check_bools, check_ints, check_numbers
 
 
 class TrainingDiverged(QLoRAError):
@@ -70,27 +70,16 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise QLoRAError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         check_ints(self, ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"))
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise QLoRAError(f"lr={self.lr!r}: must be > 0")
-        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
-                or not 0 <= self.warmup_ratio < 1:
-            raise QLoRAError(f"warmup_ratio={self.warmup_ratio!r}: must be in [0, 1)")
+        check_numbers(self, ("lr",), above=0)
+        check_numbers(self, ("warmup_ratio",), at_least=0, below=1)
         check_ints(self, ("max_steps", "eval_every", "save_every"), null="off")
-        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool) or
-                                               not isinstance(self.max_grad_norm, (int, float)) or
-                                               not self.max_grad_norm > 0):
-            raise QLoRAError(f"max_grad_norm={self.max_grad_norm!r}: must be null (no clipping) or a number > 0")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                or not self.weight_decay >= 0:
-            raise QLoRAError(f"weight_decay={self.weight_decay!r}: must be a number >= 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise QLoRAError(f"seed={self.seed!r}: must be an integer")
+        check_numbers(self, ("max_grad_norm",), above=0, null="no clipping")
+        check_numbers(self, ("weight_decay",), at_least=0)
+        check_ints(self, ("seed",), minimum=None)
         if self.memory_budget is not None:
             from qlora.util.sizes import parse_size
             parse_size(self.memory_budget)          # a bad size fails here, not after the model is built
-        for name in ("bf16", "resume", "overwrite", "progress", "offload_activations", "fsdp"):
-            if not isinstance(getattr(self, name), bool):
-                raise QLoRAError(f"{name}={getattr(self, name)!r}: must be true or false")
+        check_bools(self, ("bf16", "resume", "overwrite", "progress", "offload_activations", "fsdp"))
         if self.fsdp and self.optimizer != "adamw":
             raise QLoRAError(f"fsdp=True with optimizer={self.optimizer!r}: the sharded path supports "
                              "optimizer='adamw' only (its moments are sharded with the parameters)")

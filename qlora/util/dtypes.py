@@ -2,6 +2,7 @@
 
     parse_dtype("bf16") -> torch.bfloat16;  dtype_name(torch.bfloat16) -> "bfloat16"
     canonical_dtype("fp16") -> "float16"    # torch-free: the CLI checks names before importing torch
+    resolve_dtype("auto") -> torch.bfloat16 on CUDA, torch.float32 on CPU   # the one "auto" compute dtype
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def parse_dtype(dtype):
     if name is not None:
         return getattr(torch, name)
     raise QLoRAError(f"dtype {dtype!r} is not a float dtype; use one of float32, bfloat16, float16")
+
+
+def resolve_dtype(dtype, device=None):
+    """The compute dtype `dtype` stands for: "auto" is bfloat16 on CUDA and float32 elsewhere (bf16 matmuls
+    are slow on most CPUs); anything else as parse_dtype reads it. `device` ("cuda", "cpu", a torch.device):
+    where the run computes; None: CUDA when it is available."""
+    if isinstance(dtype, str) and dtype == "auto":
+        import torch
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_cuda else torch.float32
+    return parse_dtype(dtype)
 
 
 def dtype_name(dtype) -> str:

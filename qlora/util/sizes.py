@@ -1,24 +1,20 @@
-"""Memory sizes as people write them: '24GiB', '2GB', '512MB', '1e9' -> bytes (no torch import)."""
+"""Memory sizes: memprofile.units' `parse_size` and `human`, for qlora (no torch import).
+
+    parse_size("24GiB") -> 25769803776     # a bad size is a QLoRAError (the CLI prints it in one line)
+    human(25769803776) -> "24.00 GiB"
+"""
 from __future__ import annotations
 
+from memprofile import units
+from memprofile.units import human
 from qlora.errors import QLoRAError
 
+__all__ = ["human", "parse_size"]
 
-def parse_size(text: str) -> int:
-    """'24GiB', '2GB', '512MB', '1e9' -> bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    t = str(text).strip().upper().replace(" ", "")
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            number = t[: -len(unit)]
-            break
-    else:
-        number, factor = t, 1
+
+def parse_size(text) -> int:
+    """memprofile.units.parse_size, its SizeError raised as a QLoRAError."""
     try:
-        size = int(float(number) * factor)
-    except (ValueError, OverflowError):
-        raise QLoRAError(f"size {text!r} is not understood; write e.g. 24GiB, 2GB, 512MB") from None
-    if size < 1:
-        raise QLoRAError(f"size {text!r} must be positive; write e.g. 24GiB, 2GB, 512MB")
-    return size
+        return units.parse_size(text)
+    except units.SizeError as e:
+        raise QLoRAError(str(e)) from None

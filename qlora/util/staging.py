@@ -69,7 +69,7 @@ def clean_stale(target: Path, log: Callable[[str], None] | None = None) -> list[
     removed paths."""
     log = log or (lambda line: print(line, file=sys.stderr))
     removed = []
-    from memprofile.report import human
+    from memprofile.units import human
     for path, pid, running in stale_leftovers(target):
         size = human(size_of(path), digits=1)
         if running:

@@ -1,19 +1,15 @@
 """memprofile.measure on tiny models: each category checked against an independent count."""
+import copy
 import time
 
 import pytest
 import torch
 from torch import nn
 
-from memprofile.measure import (
-    StepMemory,
-    call_or_oom,
-    is_out_of_memory,
-    measure_step,
-    measure_step_or_oom,
-)
+from memprofile.measure import StepMemory, measure_step, measure_step_or_oom
+from memprofile.oom import call_or_oom, is_out_of_memory
 from memprofile.peak import CpuPeakTracker
-from memprofile.tensors import CATEGORIES
+from memprofile.tensors import CATEGORIES, param_counts, param_dtypes, weight_bytes
 from tests.memprofile.mp_models import configure, quantize, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -198,6 +194,7 @@ def test_out_of_memory_is_recorded_not_raised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(MemoryError())
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert call_or_oom(lambda: 3) == (3, None)
     with pytest.raises(ValueError):
@@ -234,3 +231,35 @@ def test_measuring_a_1m_parameter_model_costs_well_under_a_second_more_than_its_
     measured = time.perf_counter() - t0
     assert measured - plain < 0.5, (measured, plain)
     assert r.activations > 0 and r.step_seconds > 0
+
+
+class _SaveWrapper(nn.Module):
+    """The shape of qlora's ModulesToSave and PEFT's ModulesToSaveWrapper: a frozen original beside the
+    trained copy that forward uses."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.modules_to_save(x)
+
+
+def test_param_counts_count_a_saved_modules_copy_not_its_original():
+    """memprofile.tensors.param_counts, the one (trainable, total) count (qlora.count_parameters is it):
+    a modules_to_save wrapper's frozen original is not counted, its trained copy is; a tensor the original
+    shares with another module (a tied head) is counted there, once. Weight bytes still hold the original."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))       # embedding [10, 4], head [10, 4] + bias 10
+    model[1].weight = model[0].weight                                  # tied
+    assert param_counts(model) == (50, 50)
+    model[1] = _SaveWrapper(model[1])
+    # the embedding (frozen with the original it is tied to) + the head's trained copy (weight and bias)
+    assert param_counts(model) == (50, 40 + 50)
+    assert sum(param_dtypes(model).values()) == 90
+    assert sum(weight_bytes(model).values()) == 4 * (40 + 10 + 50)     # the original's bias is memory all the same
+    untied = nn.Sequential(nn.Embedding(10, 4), _SaveWrapper(nn.Linear(4, 10)))
+    assert param_counts(untied) == (40 + 50, 40 + 50)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlora.cli import build_parser, main
 
@@ -238,6 +239,13 @@ def test_a_bug_prints_its_traceback_and_says_so(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("exc, words", [(MemoryError(), ["out of memory", "batch"]),
+                                        (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be..."),
+                                         ["out of memory (CUDA error: out of memory)", "batch"]),
+                                        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                                      "can't allocate memory: you tried to allocate 8 bytes"),
+                                         ["out of memory", "can't allocate memory", "batch"]),
+                                        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                         ["out of memory (CUDA out of memory.", "batch"]),
                                         (OSError(28, "No space left on device", "/x/model.safetensors"),
                                          ["No space left", "/x/model.safetensors", "disk space"]),
                                         (KeyboardInterrupt(), ["interrupted"])])

@@ -379,6 +379,26 @@ def test_count_parameters_tied_weights_counted_once(tiny_llama):
     assert total == sum(p.numel() for p in model.parameters())     # torch dedups too
 
 
+def test_count_parameters_is_memprofiles_count_with_modules_to_save(tiny_bert_cls, tiny_llama):
+    """qlora.count_parameters and memprofile's param_counts (the planner's and the sweep's trainable/total)
+    are one count: a modules_to_save copy is counted instead of its frozen original, also when that original
+    is tied to the embeddings (the embeddings still count: forward uses them)."""
+    from memprofile.tensors import param_counts
+    bert = tiny_bert_cls()
+    _, total0 = count_parameters(bert)
+    add_lora(bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query"], modules_to_save=["classifier"]))
+    lora = sum(p.numel() for n, p in bert.named_parameters() if "lora_" in n)
+    head = sum(p.numel() for p in bert.classifier.modules_to_save.parameters())
+    assert count_parameters(bert) == param_counts(bert) == (lora + head, total0 + lora)
+    llama = tiny_llama(tie_word_embeddings=True)
+    _, total0 = count_parameters(llama)
+    add_lora(llama, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert llama.lm_head.original_module.weight is llama.model.embed_tokens.weight
+    lora = sum(p.numel() for n, p in llama.named_parameters() if "lora_" in n)
+    head = llama.lm_head.modules_to_save.weight.numel()
+    assert count_parameters(llama) == param_counts(llama) == (lora + head, total0 + lora + head)
+
+
 # ---------------------------------------------------------------- print_trainable_parameters
 
 LINE = re.compile(r"^trainable params: (\d{1,3}(?:,\d{3})*) \|\| all params: (\d{1,3}(?:,\d{3})*) "

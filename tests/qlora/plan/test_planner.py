@@ -191,9 +191,9 @@ def test_the_smaller_traced_model_is_the_larger_ones_first_blocks(arch, conf, op
 
 
 def test_fake_op_cache_changes_no_byte(tiny):
-    """memprofile.trace.FakeOps (replayed FakeTensorMode answers) against every op run by
+    """memprofile.fakeops.FakeOps (replayed FakeTensorMode answers) against every op run by
     FakeTensorMode itself: the same trace, every field (4-bit layers, LoRA, checkpointing, chunked loss)."""
-    from memprofile.trace import FakeOps
+    from memprofile.fakeops import FakeOps, fake_ops
     settings = RunSettings(device="cuda")
     with_cache = Planner(tiny, settings).estimate(2, 64)
     FakeOps.enabled = False
@@ -202,8 +202,7 @@ def test_fake_op_cache_changes_no_byte(tiny):
     finally:
         FakeOps.enabled = True
     assert vars(with_cache) == vars(without)
-    from memprofile.trace import _fake_ops
-    assert sum(e is not None for e in _fake_ops().entries.values()) > 100
+    assert sum(e is not None for e in fake_ops().entries.values()) > 100
 
 
 def test_planner_imports_bitsandbytes_without_torch_compile():

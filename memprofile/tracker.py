@@ -1,0 +1,177 @@
+"""The allocation tracker of a fake-tensor trace: live bytes of every storage the step allocates, and their peak.
+
+* `StorageTracker` (a TorchDispatchMode) sees every op's outputs. An output whose storage is
+  neither one of the op's inputs' storages (a view, an in-place or out= result) nor already known
+  is a new allocation: its `nbytes()` are added, and a weakref finalizer on the storage subtracts
+  them when the last tensor or view on it dies (what autograd saves keeps it alive; a checkpointed
+  block's recomputed tensors die after their backward). The peak is the baseline live before the
+  step (weights, optimizer state, batch) plus the highest running sum: the same definition as
+  memprofile.peak's allocator events on CPU. It has memprofile.peak.CpuPeakTracker's
+  start / stop / max_increase, so memprofile.measure's step runs with either.
+* Kernel scratch the dispatcher never sees (a kernel's internal buffers) is not counted, except
+  the one correction in `SCRATCH` (a convolution's weight gradient unfolds its input); the others
+  measured on CPU stay within the README's bounds ("Where does the memory go?"). Meta kernels
+  stricter than the CPU kernels get a shape rule (`SHAPE_RULES`: grouped_mm's meta accepts only
+  bf16; the output shape is the same).
+* Host memory: storages allocated inside `host_memory()` (e.g. what an activation offloader copies
+  to pinned CPU memory) are counted in `host_peak` (StepMemory.host), not in the peak.
+  `mark_phase(name)` lets a model hook name a sub-phase (e.g. the recompute of checkpointed blocks
+  inside backward), whose peak is then extrapolated on its own line (memprofile.extrapolate).
+
+Every op goes through memprofile.fakeops' cache of FakeTensorMode's answers.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memprofile.fakeops import fake_ops
+
+
+def _grouped_mm(func, args, kwargs):
+    """aten._grouped_mm's meta kernel accepts only bf16 (CUDA's rule), the CPU kernel any float:
+    take the shape from bf16 copies, the dtype from the inputs (the copies are not counted)."""
+    a, b = args[0], args[1]
+    if a.dtype == torch.bfloat16:
+        return func(*args, **kwargs)
+    out = func(a.to(torch.bfloat16), b.to(torch.bfloat16), *args[2:], **kwargs)
+    return torch.empty_like(out, dtype=kwargs.get("out_dtype") or a.dtype)
+
+
+SHAPE_RULES = {"_grouped_mm.default": _grouped_mm}
+
+
+def _conv_weight_grad_scratch(args) -> int:
+    """convolution_backward computing a weight gradient unfolds its input (im2col) into a
+    buffer of the input's size inside the kernel, on CPU (measured: ViT's patch embedding). That is
+    torch's own kernel; where oneDNN takes the convolution (bf16 on AVX512-BF16 CPUs) its scratchpad
+    depends on the ISA and thread count instead, and is not modelled (README: "Not included")."""
+    mask = args[-1] if len(args) >= 11 else (True, True, True)
+    return args[1].untyped_storage().nbytes() if mask[1] else 0
+
+
+# kernel scratch the dispatcher never sees: op name -> bytes live during that op only
+SCRATCH = {"convolution_backward.default": _conv_weight_grad_scratch}
+
+
+_DEVICE = torch.ops.prim.device.default
+
+
+def _tensors(obj):
+    """The tensors in an op's arguments or outputs (tuples, lists, dicts of them; pytree's
+    tree_leaves, without its cost on every dispatch)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _tensors(x)
+
+
+_ACTIVE: list = []   # the StorageTracker(s) running now (innermost last)
+_HOST = [0]          # > 0 inside host_memory()
+
+
+@contextlib.contextmanager
+def host_memory():
+    """Storages allocated inside this context are host memory (counted in `host`, not in the peak).
+    Outside a trace it does nothing: a real allocation is where it is."""
+    _HOST[0] += 1
+    try:
+        yield
+    finally:
+        _HOST[0] -= 1
+
+
+def mark_phase(name: str) -> None:
+    """Name the phase of the running trace from here on (no-op outside a trace)."""
+    if _ACTIVE:
+        _ACTIVE[-1].phase = name
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of the storages allocated while active; start/stop/max_increase like
+    memprofile.peak.CpuPeakTracker, plus `peak_at` ("backward: aten.mm")."""
+
+    method = "fake-tensor trace (memprofile.trace)"
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.keys: set[int] = set()
+        self.finalizers: list = []
+        self.phase = "forward"
+        self.peak_at = ""
+        self.phase_peaks: dict[str, int] = {}   # the most live bytes within each phase (forward, backward, ...)
+        self.host_live = self.host_peak = 0     # storages made inside host_memory()
+        self.ops = fake_ops()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # C++ asking a fake tensor its device (~60 % of a step's dispatches): nothing to count
+            device = getattr(args[0], "fake_device", None)
+            return device if device is not None else func(*args, **(kwargs or {}))
+        rule, scratch = SHAPE_RULES.get(func.__name__), SCRATCH.get(func.__name__)
+        if scratch:
+            self._note(self.live + scratch(args), f"{func.__name__} (scratch)")
+        out = rule(func, args, kwargs or {}) if rule else self.ops(func, args, kwargs or {})
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            s = t.untyped_storage()
+            key = s._cdata
+            if key in inputs or key in self.keys:
+                continue  # a view / in-place result, or a storage already counted
+            n = s.nbytes()
+            self.keys.add(key)
+            if _HOST[0]:
+                self.host_live += n
+                self.host_peak = max(self.host_peak, self.host_live)
+                self.finalizers.append(weakref.finalize(s, self._free_host, key, n))
+                continue
+            self.live += n
+            self.finalizers.append(weakref.finalize(s, self._free, key, n))
+            self._note(self.live, func.__name__)
+        return out
+
+    def _note(self, live: int, what: str) -> None:
+        """Record `live` bytes at this moment: the overall peak and the current phase's."""
+        if live > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = live
+        if live > self.peak:
+            self.peak, self.peak_at = live, f"{self.phase}: {what}"
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """Count a tensor made outside the dispatcher (e.g. torch.get_rng_state()) until it dies."""
+        s = t.untyped_storage()
+        if s._cdata not in self.keys:
+            self.keys.add(s._cdata)
+            self.live += s.nbytes()
+            self.finalizers.append(weakref.finalize(s, self._free, s._cdata, s.nbytes()))
+            self._note(self.live, getattr(t, "_memprofile_what", "host tensor"))
+        return t
+
+    def _free(self, key: int, n: int) -> None:
+        self.keys.discard(key)
+        self.live -= n
+
+    def _free_host(self, key: int, n: int) -> None:
+        self.keys.discard(key)
+        self.host_live -= n
+
+    def start(self) -> None:
+        self.__enter__()
+        _ACTIVE.append(self)
+
+    def stop(self) -> None:
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
+        self.__exit__(None, None, None)
+        for f in self.finalizers:
+            f.detach()
+
+    def max_increase(self) -> int:
+        return self.peak
