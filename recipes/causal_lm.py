@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import qlora
-from memprofile.report import human
+from memprofile.units import human
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.arch.loading import load_tokenizer as load_tokenizer_of
 from qlora.bundled import resolve_model
@@ -36,7 +35,8 @@ from qlora.levers.modes import build_for_mode
 from qlora.levers.tiled_mlp import tile_mlps
 from qlora.lora.config import LoraConfig
 from qlora.train.loop import TrainConfig, check_earlier_run, plot_curves, read_metrics
-from qlora.util.checks import check_ints
+from qlora.util.checks import check_bools, check_ints, check_numbers
+from qlora.util.dist import is_main_process
 from qlora_recipes.config import RecipeConfig
 from qlora_recipes.four_modes import export_verified
 
@@ -100,12 +100,8 @@ class LMRecipeConfig(RecipeConfig):
         check_ints(self, ("max_length", "loss_chunk_size", "eval_batch_size", "max_new_tokens"))
         check_ints(self, ("mlp_tile", "mlp_tile_min_tokens", "samples"), minimum=0)
         check_ints(self, ("eval_size",), null="")
-        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \
-                or not 0 <= self.eval_fraction < 1:
-            raise QLoRAError(f"eval_fraction={self.eval_fraction!r}: must be in [0, 1)")
-        for key in ("gradient_checkpointing", "upcast_norms", "export"):
-            if not isinstance(getattr(self, key), bool):
-                raise QLoRAError(f"{key}={getattr(self, key)!r}: must be true or false")
+        check_numbers(self, ("eval_fraction",), at_least=0, below=1)
+        check_bools(self, ("gradient_checkpointing", "upcast_norms", "export"))
         if not isinstance(self.data, str) or not self.data.strip():
             raise QLoRAError("data= is empty: give a file, a folder, a Hub data set or wordnet")
 
@@ -183,23 +179,16 @@ def shown_question(prompt: str) -> str:
     return lines[-1] if lines else prompt
 
 
-def main_process() -> bool:
-    """Whether this process writes the run's files (the only one, or rank 0 under DDP: every rank evaluates).
-    Read from the launcher's RANK, not from accelerate's state: creating that state before train()'s
-    Accelerator(cpu=...) would fix it as a single process."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def clear_samples(cfg: LMRecipeConfig) -> None:
     """samples.jsonl holds this run's samples only (a resumed run's continue the file). An out_dir holding an
     earlier run is refused first (qlora.train.loop.check_earlier_run): nothing of it is removed unasked."""
     check_earlier_run(Path(cfg.out_dir), cfg.train)
-    if main_process() and not cfg.train.resume:
+    if is_main_process() and not cfg.train.resume:
         (Path(cfg.out_dir) / "samples.jsonl").unlink(missing_ok=True)
 
 
 def append_samples(cfg: LMRecipeConfig, samples: list[dict]) -> None:
-    if not main_process():
+    if not is_main_process():
         return
     path = Path(cfg.out_dir) / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +222,7 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
     verified merged export (export=true), summary.json. A failed export verification raises RecipeFailed."""
     out = Path(cfg.out_dir)
     print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
-    main = main_process()
+    main = is_main_process()
     if before is not None and main:      # the curve starts from the untrained model (train() began a fresh log)
         rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -18,7 +18,7 @@ from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.train.config import TrainConfig
 from qlora.util.checks import check_ints
-from qlora.util.dtypes import parse_dtype
+from qlora.util.dtypes import resolve_dtype
 
 
 @dataclass
@@ -45,12 +45,9 @@ class RecipeConfig:
     def __post_init__(self):
         if self.mode not in self.modes:
             raise QLoRAError(f"mode={self.mode!r}; allowed: {', '.join(self.modes)}")
-        if self.compute_dtype != "auto":
-            parse_dtype(self.compute_dtype)
+        resolve_dtype(self.compute_dtype)
         check_ints(self, ("train_size",), null="")
         self.train = dataclasses.replace(self.train, out_dir=self.out_dir)
 
     def resolved_compute_dtype(self) -> torch.dtype:
-        if self.compute_dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return parse_dtype(self.compute_dtype)
+        return resolve_dtype(self.compute_dtype)

@@ -35,7 +35,7 @@ from qlora.data import preference as dpo_data
 from qlora.errors import QLoRAError
 from qlora.objectives.preference import LOSS_TYPES, REFERENCE_FREE, precompute_reference, preference_step
 from qlora.train.loop import TrainConfig, train
-from qlora.util.checks import check_ints
+from qlora.util.checks import check_bools, check_ints, check_numbers
 from qlora_recipes.causal_lm import (
     LMRecipeConfig,
     append_samples,
@@ -91,16 +91,10 @@ class DPOConfig(LMRecipeConfig):
         if self.truncation_mode not in dpo_data.TRUNCATION_MODES:
             raise QLoRAError(f"truncation_mode={self.truncation_mode!r}; allowed: "
                              f"{', '.join(dpo_data.TRUNCATION_MODES)}")
-        for key in ("beta", "simpo_gamma"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise QLoRAError(f"{key}={value!r}: must be a number > 0")
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
-            raise QLoRAError(f"label_smoothing={ls!r}: must be in [0, 0.5)")
+        check_numbers(self, ("beta", "simpo_gamma"), above=0)
+        check_numbers(self, ("label_smoothing",), at_least=0, below=0.5)
         check_ints(self, ("max_prompt_length",), null="off")
-        if not isinstance(self.precompute_ref, bool):
-            raise QLoRAError(f"precompute_ref={self.precompute_ref!r}: must be true or false")
+        check_bools(self, ("precompute_ref",))
 
     def head_words(self) -> str:
         reference = ("no reference (reference-free)" if self.loss_type in REFERENCE_FREE else

@@ -21,7 +21,7 @@ from qlora.errors import QLoRAError
 from qlora.levers.modes import MODES, build_for_mode
 from qlora.lora.inject import count_parameters
 from qlora.train.loop import TrainConfig, TrainingDiverged, train
-from qlora.util.checks import check_ints
+from qlora.util.checks import check_ints, check_numbers, must_be_number
 from qlora.util.staging import publish, staging_folder
 from qlora_recipes.config import RecipeConfig
 from qlora_recipes.results import write_table
@@ -62,19 +62,16 @@ class FourModesConfig(RecipeConfig):
         for m, v in self.lr.items():
             if m not in MODES:
                 raise QLoRAError(f"unknown config key 'lr.{m}'; allowed keys here: {', '.join(MODES)}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise QLoRAError(f"lr.{m}={v!r}: must be a number > 0 (e.g. 1e-3)")
+            if need := must_be_number(v, above=0):
+                raise QLoRAError(f"lr.{m}={v!r}: must be {need} (e.g. 1e-3)")
         if self.lr_grid is not None:
             if not isinstance(self.lr_grid, dict) or any(m not in MODES for m in self.lr_grid):
                 raise QLoRAError(f"lr_grid={self.lr_grid!r}: a mapping from mode ({', '.join(MODES)}) "
                                  f"to a list of learning rates, e.g. lr_grid.lora=[1e-3,3e-3,1e-2]")
             for m, values in self.lr_grid.items():
-                if (not isinstance(values, list) or not values or
-                        any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values)):
+                if not isinstance(values, list) or not values or any(must_be_number(v, above=0) for v in values):
                     raise QLoRAError(f"lr_grid.{m}={values!r}: must be a non-empty list of numbers > 0")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0 < self.val_fraction < 1:
-            raise QLoRAError(f"val_fraction={self.val_fraction!r}: must be a number between 0 and 1 (e.g. 0.1)")
+        check_numbers(self, ("val_fraction",), above=0, below=1, hint="e.g. 0.1")
         check_ints(self, ("test_size",), null="")
 
     def selected_modes(self) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from memprofile.report import human
+from memprofile.units import human
 from qlora.util.staging import atomic_write
 
 COLUMNS = ("Model", "Mode", "Learnable Params", "%Trainable", "Accuracy", "Peak memory", "Step time")

@@ -29,6 +29,7 @@ import qlora
 from qlora.data import sft as sft_data
 from qlora.errors import QLoRAError
 from qlora.train.loop import TrainConfig, train
+from qlora.util.checks import check_bools
 from qlora_recipes.causal_lm import (
     LMRecipeConfig,
     append_samples,
@@ -71,8 +72,7 @@ class SFTConfig(LMRecipeConfig):
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise QLoRAError(f"{key}={value!r}; allowed: {', '.join(allowed)}")
-        if not isinstance(self.packing, bool):
-            raise QLoRAError(f"packing={self.packing!r}: must be true or false")
+        check_bools(self, ("packing",))
 
     def head_words(self) -> str:
         return f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "model loss (full logits)"

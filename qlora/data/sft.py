@@ -30,6 +30,7 @@ import torch
 
 from qlora.data.rows import Row, chat_messages, field_value, match_format
 from qlora.errors import QLoRAError
+from qlora.util.checks import must_be_int
 
 IGNORE = -100
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
@@ -178,8 +179,8 @@ class Stats:
 
 def encode_rows(rows: list[Row], fmt: str, encoder: Encoder, max_length: int) -> tuple[list[dict], Stats]:
     """Encode and truncate every row; an example whose learned tokens are all cut away is a counted skip."""
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise QLoRAError(f"max_length={max_length!r}: must be an integer >= 2")
+    if need := must_be_int(max_length, 2):
+        raise QLoRAError(f"max_length={max_length!r}: must be {need}")
     stats, out = Stats(rows=len(rows)), []
     for row in rows:
         ex = encoder(row, parse_row(row, fmt, encoder.chat))
