@@ -9,6 +9,9 @@ returns a *factory* so a test can build several identical copies (same seed -> s
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +134,27 @@ def torchrun():
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc
     return run
+
+
+@pytest.fixture(scope="session")
+def smol_tok_dir(tmp_path_factory) -> Path:
+    """A folder with SmolLM2-135M-Instruct's tokenizer files (tokenizer.json, chat template)."""
+    from qlora.bundled import SMOLLM2_CACHE_NAME, _is_complete, default_cache_dir, smollm2_gguf_path
+    cached = default_cache_dir() / SMOLLM2_CACHE_NAME
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    if _is_complete(cached):
+        for p in cached.iterdir():
+            if p.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+                shutil.copy(p, folder / p.name)
+        return folder
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+    gguf = Path(smollm2_gguf_path())
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tok(smol_tok_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smol_tok_dir))

@@ -1,34 +1,10 @@
-"""Fixtures of the causal-LM recipe tests (sft, dpo): SmolLM2-135M-Instruct's real tokenizer and a tiny random
-Llama over its vocabulary."""
+"""Fixtures of the causal-LM recipe tests (sft, dpo): a tiny random Llama over SmolLM2-135M-Instruct's vocabulary
+(its tokenizer: the `smol_tok_dir` fixture of tests/conftest.py)."""
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-
-@pytest.fixture(scope="session")
-def smol_tok_dir(tmp_path_factory) -> Path:
-    """A folder with SmolLM2-135M-Instruct's tokenizer files (tokenizer.json, chat template)."""
-    from qlora.bundled import SMOLLM2_CACHE_NAME, _is_complete, default_cache_dir, smollm2_gguf_path
-    cached = default_cache_dir() / SMOLLM2_CACHE_NAME
-    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
-    if _is_complete(cached):
-        for p in cached.iterdir():
-            if p.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy(p, folder / p.name)
-        return folder
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-    gguf = Path(smollm2_gguf_path())
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tok(smol_tok_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(smol_tok_dir))
 
 
 @pytest.fixture
