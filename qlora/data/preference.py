@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.data.rows import Row, chat_messages, field_value, match_format
+from qlora.data.rows import Counts, Row, chat_messages, field_value, match_format
 from qlora.errors import QLoRAError
 
 FORMATS = {"preference": ("prompt", "chosen", "rejected"), "implicit_prompt": ("chosen", "rejected")}
@@ -121,22 +121,17 @@ def encode_pair(tokenizer, pair: Pair) -> dict:
 
 
 @dataclass
-class Stats:
-    rows: int = 0
-    kept: int = 0
+class Stats(Counts):
+    """Pairs: cut = a sequence longer than max_length (cut by the collator); dropped = the prompt alone fills
+    max_length (keep_start): nothing left to score."""
     prompt_cut: int = 0
     """Prompts longer than max_prompt_length (their start cut)."""
-    cut: int = 0
-    """Pairs with a sequence longer than max_length (cut by the collator)."""
-    dropped: int = 0
-    """Pairs whose prompt alone fills max_length (keep_start): nothing left to score."""
     identical: int = 0
     """Pairs whose chosen and rejected tokens are the same (no preference to learn): skipped."""
 
-    def line(self, name: str, max_length: int) -> str:
-        return (f"{name}: {self.rows:,} pairs -> {self.kept:,} kept; {self.prompt_cut:,} prompts cut to "
-                f"max_prompt_length, {self.cut:,} pairs cut to max_length={max_length}, {self.dropped:,} dropped "
-                f"(prompt fills max_length), {self.identical:,} skipped (chosen = rejected)")
+    LINE = ("{name}: {rows:,} pairs -> {kept:,} kept; {prompt_cut:,} prompts cut to max_prompt_length, {cut:,} pairs "
+            "cut to max_length={max_length}, {dropped:,} dropped (prompt fills max_length), {identical:,} skipped "
+            "(chosen = rejected)")
 
 
 def encode_pairs(rows: list[Row], fmt: str, tokenizer, *, max_length: int, max_prompt_length=None,

@@ -11,10 +11,11 @@ Every row keeps where it came from (file:line, file row N, name[split] row N): e
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -29,6 +30,25 @@ class Row:
     where: str
     """file:line (JSONL), file row N (others) or hub[split] row N: named in every error."""
     data: dict
+
+
+@dataclass
+class Counts:
+    """What encoding did to the rows: the counts every loader keeps (each adds its own)."""
+    rows: int = 0
+    """Rows read."""
+    kept: int = 0
+    """Examples that train (or evaluate)."""
+    cut: int = 0
+    """Examples longer than max_length, truncated."""
+    dropped: int = 0
+    """Examples left with nothing to learn after the cut (skipped)."""
+
+    LINE: ClassVar[str] = "{name}: {rows:,} rows -> {kept:,} kept; {cut:,} cut to max_length={max_length}, {dropped:,} dropped"
+    """The one-line report, formatted with the counts, `name` and `max_length`."""
+
+    def line(self, name: str, max_length: int) -> str:
+        return self.LINE.format(name=name, max_length=max_length, **dataclasses.asdict(self))
 
 
 def looks_local(spec: str) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora.data.rows import Row, chat_messages, field_value, match_format
+from qlora.data.rows import Counts, Row, chat_messages, field_value, match_format
 from qlora.errors import QLoRAError
 from qlora.util.checks import must_be_int
 
@@ -161,20 +161,14 @@ class Encoder:
 
 
 @dataclass
-class Stats:
-    rows: int = 0
-    kept: int = 0
-    cut: int = 0
-    """Examples longer than max_length, truncated."""
-    dropped: int = 0
-    """Examples with no learned token left after truncation (skipped)."""
+class Stats(Counts):
     tokens: int = 0
+    """Tokens of the kept examples."""
     learned_tokens: int = 0
+    """Of those, the tokens with a label (the loss is on them)."""
 
-    def line(self, name: str, max_length: int) -> str:
-        return (f"{name}: {self.rows:,} rows -> {self.kept:,} examples, {self.tokens:,} tokens "
-                f"({self.learned_tokens:,} learned); {self.cut:,} cut to max_length={max_length}, "
-                f"{self.dropped:,} dropped (nothing left to learn after the cut)")
+    LINE = ("{name}: {rows:,} rows -> {kept:,} examples, {tokens:,} tokens ({learned_tokens:,} learned); {cut:,} cut "
+            "to max_length={max_length}, {dropped:,} dropped (nothing left to learn after the cut)")
 
 
 def encode_rows(rows: list[Row], fmt: str, encoder: Encoder, max_length: int) -> tuple[list[dict], Stats]:
