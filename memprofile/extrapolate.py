@@ -10,6 +10,7 @@ peaks (forward, backward, its recompute, optimizer step), each extrapolated on i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 from memprofile.measure import StepMemory
@@ -36,9 +37,33 @@ def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> 
     if phases and values["peak"] is not None:
         at = max(phases, key=phases.get)
         values["peak"], values["peak_at"] = phases[at], f"{at} (extrapolated per phase)"
+        _composition_at(values, at, [a, b], lambda vs: line(*vs), lambda i: i if i < lb / 2 else layers - (lb - i))
     values["dtypes"] = {k: int(round(v + (v - a.dtypes.get(k, 0)) * (layers - lb) / (lb - la)))
                         for k, v in b.dtypes.items()}
     return StepMemory(**values)
+
+
+def _composition_at(values: dict, phase: str, traces: list, combine, block) -> None:
+    """values' at_peak / temporary_parts / peak_phase: each trace's composition at `phase`'s peak, combined
+    number by number as the byte counts are (`combine([v of each trace])`), so they add up to the peak;
+    `block(i)`: the block of the whole model that block i of the last trace stands for."""
+    found = [t.phase_at_peak.get(phase) for t in traces]
+    if not all(found):
+        values["at_peak"], values["temporary_parts"], values["peak_phase"] = {}, {}, ""
+        return
+    def merged(key):
+        names = dict.fromkeys(name for f in found for name in f[key])
+        return {name: combine([f[key].get(name, 0) for f in found]) for name in names}
+    values["at_peak"] = merged("bytes")
+    values["at_peak"]["temporary"] += values["peak"] - sum(values["at_peak"].values())   # the rounding of each line
+    values["temporary_parts"] = {k: v for k, v in sorted(merged("temporary_parts").items(), key=lambda kv: -kv[1]) if v}
+    where = found[-1]["where"]
+    match = re.search(r" of block (\d+) \(([^)]*?)(\d+)\)", where)
+    if match:
+        k = block(int(match.group(1)))
+        where = where[:match.start()] + f" of block {k} ({match.group(2)}{k})" + where[match.end():]
+    values["peak_phase"] = where + " (extrapolated)"
+    values["phase_at_peak"] = {}
 
 
 def extrapolate_increments(base: StepMemory, increments: list) -> StepMemory:
@@ -61,5 +86,6 @@ def extrapolate_increments(base: StepMemory, increments: list) -> StepMemory:
     if phases and values["peak"] is not None:
         at = max(phases, key=phases.get)
         values["peak"], values["peak_at"] = phases[at], f"{at} (extrapolated per phase)"
+        _composition_at(values, at, [*traces, base], lambda vs: line(vs[-1], vs[:-1]), lambda i: i)
     values["dtypes"] = {k: line(v, [t.dtypes.get(k, 0) for t in traces]) for k, v in base.dtypes.items()}
     return StepMemory(**values)

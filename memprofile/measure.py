@@ -61,6 +61,7 @@ from memprofile.tensors import (
     unique_storage_bytes,
     weight_bytes,
 )
+from memprofile.tracker import StorageTracker
 
 
 @dataclass
@@ -78,6 +79,10 @@ class StepMemory:
     peak_method: str = ""
     peak_at: str = ""  # predictions only: the phase and op at the peak
     phase_peaks: dict = field(default_factory=dict)  # predictions only: peak bytes within each phase
+    at_peak: dict = field(default_factory=dict)  # bytes by category live at the peak's moment (sum = peak)
+    peak_phase: str = ""  # when the peak happened: "backward of block 3 (model.layers.3): mm"
+    temporary_parts: dict = field(default_factory=dict)  # at_peak["temporary"] by what made it
+    phase_at_peak: dict = field(default_factory=dict)  # predictions only: phase -> at-peak bytes by category
     host: int | None = None  # predictions only: the most bytes in host memory at once (offloaded tensors)
     step_seconds: float | None = None
     step_seconds_method: str = ""
@@ -174,14 +179,18 @@ def _grads(params):
 
 
 class _SavedTensorCounter:
-    """pack hook: remember each saved tensor's storage (weakly) unless it is excluded."""
+    """pack hook: remember each saved tensor's storage (weakly) unless it is excluded; tell the accountant
+    (a StorageTracker with a Composition) that the storage is an activation now."""
 
-    def __init__(self, exclude: set):
+    def __init__(self, exclude: set, accountant=None):
         self.exclude = exclude
+        self.accountant = accountant
         self.saved: dict = {}  # storage key -> (nbytes, weakref to a tensor on it)
 
     def pack(self, t: torch.Tensor):
         k = storage_key(t)
+        if self.accountant is not None:
+            self.accountant.retag(t, "activations")
         if k not in self.exclude:
             refs = self.saved.setdefault(k, [storage_nbytes(t), []])
             refs[1].append(weakref.ref(t))
@@ -275,15 +284,20 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
     # Everything that is live before the step begins: the baseline the peak starts from.
     seen: set = set()
     weights = weight_bytes(model, seen)
-    before = sum(weights.values())
-    before += unique_storage_bytes(_grads(params), seen)
-    before += unique_storage_bytes(_optimizer_state_tensors(opt, params), seen)
+    before_grads = unique_storage_bytes(_grads(params), seen)
+    before_opt = unique_storage_bytes(_optimizer_state_tensors(opt, params), seen)
     inputs = unique_storage_bytes(nested_tensors(batch), seen)
-    before += inputs
+    before = sum(weights.values()) + before_grads + before_opt + inputs
+
+    # What is live at the peak's moment, by category: the fake-tensor tracker does it itself; a real step gets a
+    # StorageTracker in real mode beside the device's peak counter (memprofile.composition).
+    accountant = tracker if tracker is not None else StorageTracker(real=True)
+    accountant.account(model, params, {**weights, "gradients": before_grads, "optimizer": before_opt, "inputs": inputs})
 
     exclude = model_storage_keys(model) | {storage_key(t) for t in nested_tensors(batch)}
-    counter = _SavedTensorCounter(exclude)
+    counter = _SavedTensorCounter(exclude, accountant)
     on_cuda = device.type == "cuda" and tracker is None
+    own_accountant = tracker is None
     if tracker is not None:
         pass
     elif on_cuda:
@@ -302,23 +316,28 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
     t0 = time.perf_counter()
     if tracker is not None:
         tracker.start()
+    if own_accountant:
+        accountant.start()
     try:
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             loss = _forward_loss(model, batch, loss_fn)  # the outputs besides the loss die here
         activations = counter.live_bytes()
         loss_value = None if _is_fake(loss) else float(loss.detach())
-        _phase(tracker, "backward")
+        _phase(accountant, "backward")
         if loss.requires_grad:
             loss.backward()
         del loss
         gradients = unique_storage_bytes(_grads(params))
-        _phase(tracker, "optimizer step")
+        _phase(accountant, "optimizer step")
         if opt is not None:
             opt.step()
         _sync(device)
     finally:
+        if own_accountant:
+            accountant.stop()
         if tracker is not None:
             tracker.stop()
+        accountant.release()
         if gc_was_enabled:
             gc.enable()
     seconds = time.perf_counter() - t0
@@ -330,6 +349,11 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
         peak, method = before + tracker.max_increase(), tracker.method
     if opt is not None:
         opt.zero_grad(set_to_none=True)
+    at_peak, parts, where = accountant.composition.at_peak()
+    unseen = peak - sum(at_peak.values())      # live to the allocator, made by no op's output: kernel scratch
+    if unseen and own_accountant:
+        at_peak["temporary"] += unseen
+        parts["kernel scratch and allocator rounding"] = unseen
 
     return StepMemory(
         **weights,
@@ -341,6 +365,10 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
         peak_method=method,
         peak_at=getattr(tracker, "peak_at", ""),
         phase_peaks={k: before + v for k, v in getattr(tracker, "phase_peaks", {}).items()},
+        at_peak=at_peak,
+        peak_phase=where,
+        temporary_parts=dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        phase_at_peak={} if own_accountant else accountant.composition.by_phase(),
         step_seconds=seconds,
         step_seconds_method="the measured step itself (profiled, hooks on)",
         loss=loss_value,

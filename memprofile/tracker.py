@@ -28,6 +28,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memprofile.composition import Blocks, Composition, temporary_kind
 from memprofile.fakeops import fake_ops
 
 
@@ -100,8 +101,13 @@ class StorageTracker(TorchDispatchMode):
 
     method = "fake-tensor trace (memprofile.trace)"
 
-    def __init__(self):
+    def __init__(self, real: bool = False):
+        """`real`: the step runs on real tensors (the op runs as it is; the tracker only accounts what is live
+        at the peak, beside the device's own peak counter), not on fake ones."""
         super().__init__()
+        self.real = real
+        self.composition = None   # a memprofile.composition.Composition: bytes by category at the peak
+        self.blocks = None        # a memprofile.composition.Blocks: which block a moment belongs to
         self.live = self.peak = 0
         self.keys: set[int] = set()
         self.finalizers: list = []
@@ -109,16 +115,19 @@ class StorageTracker(TorchDispatchMode):
         self.peak_at = ""
         self.phase_peaks: dict[str, int] = {}   # the most live bytes within each phase (forward, backward, ...)
         self.host_live = self.host_peak = 0     # storages made inside host_memory()
-        self.ops = fake_ops()
+        self.ops = None if real else fake_ops()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:  # C++ asking a fake tensor its device (~60 % of a step's dispatches): nothing to count
             device = getattr(args[0], "fake_device", None)
             return device if device is not None else func(*args, **(kwargs or {}))
-        rule, scratch = SHAPE_RULES.get(func.__name__), SCRATCH.get(func.__name__)
-        if scratch:
-            self._note(self.live + scratch(args), f"{func.__name__} (scratch)")
-        out = rule(func, args, kwargs or {}) if rule else self.ops(func, args, kwargs or {})
+        if self.real:
+            out = func(*args, **(kwargs or {}))
+        else:
+            rule, scratch = SHAPE_RULES.get(func.__name__), SCRATCH.get(func.__name__)
+            if scratch:
+                self._note(self.live, func.__name__, extra=scratch(args))
+            out = rule(func, args, kwargs or {}) if rule else self.ops(func, args, kwargs or {})
         inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
         for t in _tensors(out):
             s = t.untyped_storage()
@@ -132,31 +141,72 @@ class StorageTracker(TorchDispatchMode):
                 self.host_peak = max(self.host_peak, self.host_live)
                 self.finalizers.append(weakref.finalize(s, self._free_host, key, n))
                 continue
-            self.live += n
-            self.finalizers.append(weakref.finalize(s, self._free, key, n))
-            self._note(self.live, func.__name__)
+            self._allocated(s, key, n, func.__name__)
         return out
 
-    def _note(self, live: int, what: str) -> None:
-        """Record `live` bytes at this moment: the overall peak and the current phase's."""
-        if live > self.phase_peaks.get(self.phase, -1):
-            self.phase_peaks[self.phase] = live
-        if live > self.peak:
-            self.peak, self.peak_at = live, f"{self.phase}: {what}"
+    def _allocated(self, s, key: int, n: int, what: str) -> None:
+        self.live += n
+        self.finalizers.append(weakref.finalize(s, self._free, key, n))
+        if self.composition is not None:
+            recompute = self.phase.startswith("backward") and self.blocks is not None and self.blocks.running
+            self.composition.allocated(key, n, temporary_kind(self.phase + (" (recompute)" if recompute else ""),
+                                                              what))
+        self._note(self.live, what)
+
+    def _note(self, live: int, what: str, extra: int = 0) -> None:
+        """Record `live` (+ `extra` scratch) bytes at this moment: the overall peak and the current phase's."""
+        total = live + extra
+        if total > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = total
+            if self.composition is not None:
+                self.composition.snapshot(self.phase, lambda: self.where(what), extra, "kernel scratch (modelled)")
+        if total > self.peak:
+            self.peak, self.peak_at = total, f"{self.phase}: {what}" + (" (scratch)" if extra else "")
+
+    def where(self, what: str = "") -> str:
+        """The moment now in words: "backward of block 3 (model.layers.3): mm"."""
+        blocks = self.blocks.where(self.phase) if self.blocks is not None else ""
+        return f"{self.phase}{blocks}" + (f": {what}" if what else "")
 
     def track(self, t: torch.Tensor) -> torch.Tensor:
         """Count a tensor made outside the dispatcher (e.g. torch.get_rng_state()) until it dies."""
         s = t.untyped_storage()
         if s._cdata not in self.keys:
             self.keys.add(s._cdata)
-            self.live += s.nbytes()
-            self.finalizers.append(weakref.finalize(s, self._free, s._cdata, s.nbytes()))
-            self._note(self.live, getattr(t, "_memprofile_what", "host tensor"))
+            self._allocated(s, s._cdata, s.nbytes(), getattr(t, "_memprofile_what", "host tensor"))
         return t
+
+    def account(self, model, params, baseline: dict[str, int]) -> None:
+        """Keep the composition of what is live, by category (memprofile.composition), for a step of `model`:
+        `baseline` the bytes by category live before it; the gradients of `params` are retagged as they are
+        accumulated, the blocks of the model name the moments. `release()` undoes the hooks."""
+        self.composition, self.blocks = Composition(baseline), Blocks(model)
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda p: self.retag(p.grad, "gradients")) for p in params]
+
+    def release(self) -> None:
+        for h in getattr(self, "hooks", ()):
+            h.remove()
+        if self.blocks is not None:
+            self.blocks.remove()
+
+    def saved_tensors(self):
+        """A saved_tensors_hooks context that retags what autograd saves as activations (measured steps have
+        their own pack hook, which calls retag)."""
+        def pack(t):
+            self.retag(t, "activations")
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def retag(self, t: torch.Tensor, category: str) -> None:
+        """The storage of `t`, made in this step, is now `category` (activations, gradients)."""
+        if self.composition is not None:
+            self.composition.retag(t.untyped_storage()._cdata, category)
 
     def _free(self, key: int, n: int) -> None:
         self.keys.discard(key)
         self.live -= n
+        if self.composition is not None:
+            self.composition.freed(key)
 
     def _free_host(self, key: int, n: int) -> None:
         self.keys.discard(key)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import qlora
+from memprofile.composition import describe
 from memprofile.units import human
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.arch.loading import load_tokenizer as load_tokenizer_of
@@ -196,13 +197,17 @@ def append_samples(cfg: LMRecipeConfig, samples: list[dict]) -> None:
         f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
-def memory_line(cfg: LMRecipeConfig, peak, method: str) -> str:
-    return f"first step: peak {human(peak, digits=1)} ({method}); savers: {cfg.savers()}"
+def memory_line(cfg: LMRecipeConfig, result) -> str:
+    """The first step's peak, what is live at it by category (train()'s account) and the savers of the run."""
+    at_peak = (f"\n  {describe(result.first_step_at_peak, result.first_step_peak_phase, result.first_step_temporary_parts)}"
+               if result.first_step_at_peak else "")
+    return (f"first step: peak {human(result.first_step_peak_bytes, digits=1)} ({result.peak_method}); "
+            f"savers: {cfg.savers()}{at_peak}")
 
 
 def report_first_step(cfg: LMRecipeConfig) -> Callable:
     """train()'s on_first_step: the first step's memory line, printed when that step is done."""
-    return lambda result: tqdm.write(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
+    return lambda result: tqdm.write(memory_line(cfg, result))
 
 
 def evaluate_before(evaluate, model) -> Optional[dict]:
@@ -221,7 +226,7 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
     """After train(): the memory line, the curve from the untrained model, the full model (mode=full), the
     verified merged export (export=true), summary.json. A failed export verification raises RecipeFailed."""
     out = Path(cfg.out_dir)
-    print(memory_line(cfg, result.first_step_peak_bytes, result.peak_method))
+    print(memory_line(cfg, result))
     main = is_main_process()
     if before is not None and main:      # the curve starts from the untrained model (train() began a fresh log)
         rows = [{"step": 0, **{f"eval_{k}": v for k, v in before.items()}}, *read_metrics(out / "metrics.jsonl")]

@@ -46,13 +46,13 @@ def main(cfg: DemoConfig) -> dict:
                                 dtype="float32", force=True)
     t_total = time.perf_counter() - t0
 
-    from memprofile.report import markdown_table as markdown_report
+    from memprofile.report import print_table
     print("\n" + "=" * 78)
     print(f"qlora demo: {cfg.model} on {cfg.dataset}, {cfg.train_size or 'all'} train / {cfg.test_size or 'all'} "
           f"test snippets, {cfg.train.epochs} epoch(s)\n")
     print(markdown_table(rows))
     print(f"\nmemory of one training step (batch {cfg.profile_batch} x {cfg.profile_seq} tokens, fp32):\n")
-    print(markdown_report(profile_rows))
+    print_table(profile_rows)
     if export is not None:
         print("\n" + summary(export))
     print(f"\ntime: fine-tuning {t_train:.0f} s, profile {t_profile:.0f} s, total {t_total:.0f} s")

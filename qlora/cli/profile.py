@@ -28,8 +28,8 @@ def run(args) -> int:
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=ints(args.batch, "batch"), seqs=ints(args.seq, "seq"), ranks=ints(args.rank, "rank"),
                  settings=settings, out=args.out)
-    from memprofile.report import markdown_table as markdown_report
+    from memprofile.report import print_table
     print(f"assumed: {settings.describe()} (mode and checkpointing per row)")
-    print(markdown_report(rows))
+    print_table(rows)
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
     return 0

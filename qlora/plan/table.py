@@ -70,6 +70,7 @@ def _row(config, settings: RunSettings, budget: int, seq: int, effective_batch: 
     planner = Planner(config, settings)
     e = planner.estimate(1, seq)
     row = {"configuration": settings.configuration, "peak_batch1": e.peak, "bytes": e.bytes(), "peak_at": e.peak_at,
+           "at_peak": e.at_peak, "peak_phase": e.peak_phase, "temporary_parts": e.temporary_parts,
            "largest_batch": planner.largest_batch(budget, seq),
            "longest_seq": None if settings.task == "image-cls" else planner.longest_seq(budget, start=seq),
            "trainable_params": e.trainable_params, "total_params": e.total_params,

@@ -1,6 +1,7 @@
 """The plan as text: the configuration table, the FSDP rows, the recommendation, the lever table."""
 from __future__ import annotations
 
+from memprofile.composition import describe
 from qlora.plan.settings import RunSettings
 
 LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
@@ -60,6 +61,9 @@ def format_plan(result: dict) -> str:
             f = r["fsdp"]
             state = sum(f[k] for k in ("weights_quantized", "weights_frozen", "weights_trainable", "gradients", "optimizer"))
             lines.append(f"| {r['configuration']} | {human(f['peak'])} | {human(state)} | {human(f['all_gather'])} |")
+    lines += ["", f"what is live at the peak of batch 1 (seq {result['seq']}), by category (they add up to the peak):"]
+    lines += [f"  {r['configuration']}: {describe(r['at_peak'], r['peak_phase'], r['temporary_parts'])}"
+              for r in result["rows"] if r.get("at_peak")]
     rec = result["recommendation"]
     lines.append("")
     if rec is None:

@@ -91,6 +91,9 @@ class TrainResult:
     losses: list = field(default_factory=list)        # (step, loss) per optimizer step
     evals: list = field(default_factory=list)         # (step, {metric: value})
     first_step_peak_bytes: Optional[int] = None
+    first_step_at_peak: dict = field(default_factory=dict)   # bytes by category live at that peak (sum = the peak)
+    first_step_peak_phase: str = ""                            # when: "backward of block 3 (model.layers.3): mm"
+    first_step_temporary_parts: dict = field(default_factory=dict)   # at_peak["temporary"] by what made it
     first_step_seconds: Optional[float] = None
     mean_step_seconds: Optional[float] = None
     peak_method: str = ""

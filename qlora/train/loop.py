@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
+from memprofile.tracker import mark_phase
 from qlora.errors import QLoRAError
 from qlora.optim import make_optimizer
 from qlora.train.budget import apply_memory_budget, check_prediction
@@ -184,7 +185,8 @@ class _Run:
                 if step >= self.total:
                     break
                 batch = _to(collate([train_set[i] for i in batches[b]]), acc.device)
-                tracker = FirstStepPeak(acc.device) if step == 0 and self.result.first_step_peak_bytes is None else None
+                first = step == 0 and self.result.first_step_peak_bytes is None
+                tracker = FirstStepPeak(acc.device, None if self.sharded else self.plain, batch) if first else None
                 self.micro_step(batch, step, epoch)
                 self.seen_samples += len(batches[b]) * world
                 if not acc.sync_gradients:
@@ -204,6 +206,7 @@ class _Run:
         """Forward, loss, backward of one micro-batch; the optimizer steps when accumulation is complete."""
         config, acc = self.config, self.accelerator
         with acc.accumulate(self.model), acc.autocast(), _offload(config, acc.device, self.model):
+            mark_phase("forward")                   # the first step's memory account names the phases
             loss = self.loss_fn(self.model, batch)
             if not torch.isfinite(loss.detach()).all():
                 last = latest_checkpoint(self.out)
@@ -216,6 +219,7 @@ class _Run:
             for name, value in getattr(loss, "metrics", {}).items():   # what the loss reports beside itself
                 self.reported.setdefault(name, []).append(value.detach().float())
             self.step_micro += 1
+            mark_phase("backward")
             acc.backward(loss)
             if acc.sync_gradients and config.max_grad_norm:
                 if self.sharded:
@@ -223,6 +227,7 @@ class _Run:
                     clip_grad_norm_(self.params, config.max_grad_norm)
                 else:
                     acc.clip_grad_norm_(self.params, config.max_grad_norm)
+            mark_phase("optimizer step")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -234,9 +239,13 @@ class _Run:
         self.step_times.append(now - self.t_last)
         if tracker is not None:
             result.first_step_peak_bytes, result.peak_method = tracker.stop()
+            result.first_step_at_peak, result.first_step_peak_phase = tracker.at_peak, tracker.peak_phase
+            result.first_step_temporary_parts = tracker.temporary_parts
             result.first_step_seconds = self.step_times[-1]
             self.log.write({"step": step, "first_step_peak_bytes": result.first_step_peak_bytes,
-                            "first_step_seconds": round(self.step_times[-1], 4), "peak_method": result.peak_method})
+                            "first_step_seconds": round(self.step_times[-1], 4), "peak_method": result.peak_method,
+                            **({"first_step_at_peak": tracker.at_peak, "first_step_peak_phase": tracker.peak_phase,
+                                "first_step_temporary_parts": tracker.temporary_parts} if tracker.at_peak else {})})
             if self.predicted_peak is not None:
                 if (msg := check_prediction(result.first_step_peak_bytes, self.predicted_peak)) is not None:
                     warnings.warn(msg, stacklevel=3)

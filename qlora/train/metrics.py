@@ -1,5 +1,6 @@
 """What a run records: metrics.jsonl (one JSON object per line), curves.png, and the first step's peak
-memory (memprofile's allocator account on CPU, torch.cuda.max_memory_allocated on CUDA)."""
+memory (memprofile's allocator account on CPU, torch.cuda.max_memory_allocated on CUDA) with what is live at
+that peak, by category."""
 from __future__ import annotations
 
 import json
@@ -8,25 +9,55 @@ from pathlib import Path
 
 import torch
 
+from memprofile.peak import CpuPeakTracker
+from memprofile.tensors import nested_tensors, unique_storage_bytes, weight_bytes
+from memprofile.tracker import StorageTracker
+
 
 class FirstStepPeak:
-    def __init__(self, device):
+    """The first optimizer step's peak (CPU: the allocator's events over the bytes live before it; CUDA:
+    max_memory_allocated) and, given the model and its first batch, what is live at that peak by category
+    (memprofile.composition: `at_peak`, `peak_phase`, `temporary_parts`, adding up to the peak)."""
+
+    def __init__(self, device, model=None, batch=None):
         self.device = torch.device(device)
+        self.at_peak, self.peak_phase, self.temporary_parts = {}, "", {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda.max_memory_allocated"
         else:
-            from memprofile.peak import CpuPeakTracker
             self.baseline = live_bytes_estimate()
             self.tracker = CpuPeakTracker()
             self.tracker.start()
             self.method = "cpu-profiler-allocator-events (+ bytes of parameters and buffers before the step)"
+        self.account = None
+        if model is not None:
+            seen: set = set()
+            weights = weight_bytes(model, seen)
+            inputs = unique_storage_bytes(nested_tensors(batch), seen)
+            self.account = StorageTracker(real=True)
+            self.account.account(model, [p for p in model.parameters() if p.requires_grad], {**weights, "inputs": inputs})
+            self.saved = self.account.saved_tensors()
+            self.saved.__enter__()
+            self.account.start()
 
     def stop(self) -> tuple[int, str]:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device), self.method
-        self.tracker.stop()
-        return self.baseline + self.tracker.max_increase(), self.method
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.tracker.stop()
+            peak = self.baseline + self.tracker.max_increase()
+        if self.account is not None:
+            self.account.stop()
+            self.saved.__exit__(None, None, None)
+            self.account.release()
+            at_peak, parts, self.peak_phase = self.account.composition.at_peak()
+            unseen = peak - sum(at_peak.values())   # other tensors live before the step, kernel scratch, rounding
+            if unseen:
+                at_peak["temporary"] += unseen
+                parts["other tensors live before the step, kernel scratch"] = unseen
+            self.at_peak, self.temporary_parts = at_peak, dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+        return peak, self.method
 
 
 def live_bytes_estimate() -> int:

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from memprofile.composition import AT_PEAK
 from memprofile.measure import measure_step, measure_step_or_oom
 from memprofile.report import make_row, print_table, write_report
 from memprofile.tensors import CATEGORIES
@@ -47,6 +48,8 @@ def test_write_report_writes_four_files(rows, tmp_path, capsys):
         assert all(isinstance(v, int) for v in row["predicted_bytes"].values())
         if row["fits"]:
             assert all(isinstance(v, int) for v in row["bytes"].values())
+            assert sum(row["at_peak"].values()) == row["bytes"]["peak"] and row["peak_phase"]   # adds up, exactly
+        assert sum(row["predicted_at_peak"].values()) == row["predicted_bytes"]["peak"] and row["predicted_peak_phase"]
     assert data["rows"][0]["peak_method"] == "cpu-profiler-allocator-events"
     assert data["rows"][2]["fits"] is False and data["rows"][2]["bytes"]["peak"] is None
     env = data["environment"]
@@ -56,12 +59,14 @@ def test_write_report_writes_four_files(rows, tmp_path, capsys):
 
     md = paths["md"].read_text()
     assert "| qlora-ckpt | 2 | 16 |" in md and "out of memory" in md
+    assert md.index("| largest temporary |") < md.index("| predicted peak |")     # the composition at the peak first
     assert "KiB" in md or "MiB" in md
     assert "memory.png" in md
 
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and int(table[0]["measured_peak"]) == rows[0]["bytes"]["peak"]
+    assert sum(int(table[0][f"at_peak_{c}"]) for c in AT_PEAK) == rows[0]["bytes"]["peak"]
     assert float(table[0]["peak_error_pct"]) == pytest.approx(
         (rows[0]["predicted_bytes"]["peak"] - rows[0]["bytes"]["peak"]) / rows[0]["bytes"]["peak"] * 100,
         abs=1e-3)
@@ -75,4 +80,6 @@ def test_write_report_writes_four_files(rows, tmp_path, capsys):
 
     print_table(rows)
     out = capsys.readouterr().out
-    assert out.startswith("| config | batch | seq |") and out.count("\n") == 2 + len(rows)
+    first, maxima = out.split("largest value of each category during the step:")
+    assert first.startswith("| config | batch | seq |") and "| when | largest temporary |" in first
+    assert first.strip().count("\n") == 1 + len(rows) and maxima.strip().count("\n") == 1 + len(rows)

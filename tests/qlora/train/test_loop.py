@@ -345,3 +345,21 @@ def test_a_fresh_run_keeps_an_earlier_runs_adapter(tiny_llama, tmp_path):
     train(_lora_llama(tiny_llama), _data(), _collate, _lm_loss, _config(out, max_steps=1, overwrite=True))
     assert (earlier / "adapter_model.safetensors").read_bytes() != b"earlier run"
     assert (earlier / "adapter_config.json").is_file()
+
+
+def test_the_first_steps_peak_is_logged_with_what_is_live_at_it(tiny_llama, tmp_path):
+    """train() logs the first step's peak with its composition by category (memprofile.composition): they add up
+    to the logged peak exactly, the phase and block are named, and on_first_step gets them once."""
+    from memprofile.composition import AT_PEAK
+    seen = []
+    out = tmp_path / "run"
+    result = train(_lora_llama(tiny_llama), _data(), _collate, _lm_loss, _config(out, save_every=None),
+                   on_first_step=seen.append)
+    assert len(seen) == 1 and seen[0] is result
+    row = next(r for r in read_metrics(out / "metrics.jsonl") if "first_step_peak_bytes" in r)
+    at = row["first_step_at_peak"]
+    assert set(at) == set(AT_PEAK) and at == result.first_step_at_peak
+    assert sum(at.values()) == row["first_step_peak_bytes"] == result.first_step_peak_bytes
+    assert at["weights_trainable"] > 0 and at["weights_frozen"] > 0 and at["inputs"] > 0
+    assert row["first_step_peak_phase"].split(":")[0].split(" ")[0] in ("forward", "backward", "optimizer")
+    assert sum(row["first_step_temporary_parts"].values()) == at["temporary"]
