@@ -23,6 +23,10 @@ Report (memprofile.report):
     make_row(config, batch, seq, rank, measured=None, predicted=None) -> dict
     write_report(rows, out_dir) -> {"json", "md", "csv", "png": Path};  print_table(rows)
 
+Inside a trace: memprofile.fakeops (replayed fake-op answers: what makes a trace fast), memprofile.tracker
+(live bytes of every storage and their peak), memprofile.extrapolate (a StepMemory at any number of blocks
+from the traces of a few).
+
 CATEGORIES = weights_quantized, weights_frozen, weights_trainable, gradients, optimizer,
 activations, peak (bytes).
 
