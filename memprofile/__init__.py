@@ -13,6 +13,9 @@ Measure (memprofile.measure):
     measure_step_or_oom(model, batch, **same) -> StepMemory      # fits=False on out of memory
     is_out_of_memory(exc) -> bool;  call_or_oom(fn, *a, **kw) -> (result, exc | None)   # memprofile.oom
     StepMemory.bytes() -> {category: int}; .peak_method, .step_seconds, .trainable_params, ...
+    StepMemory.at_peak -> {category: int} live at the peak's moment (sum = peak), .peak_phase, .temporary_parts
+At the peak (memprofile.composition): AT_PEAK (the six categories, inputs, temporary), Composition (the bytes
+    by category while a step runs), Blocks (which block a moment belongs to), describe(at_peak, where) -> one line
 Predict (memprofile.trace: the same step on fake tensors, no memory):
     trace_step(build, make_batch, *, loss_fn=None, optimizer=None) -> StepMemory (predicted)
     trace_layers(build_n_blocks, make_batch, *, layers, period=1, ...) -> StepMemory (extrapolated)
@@ -22,6 +25,10 @@ Units (memprofile.units, torch-free):
 Report (memprofile.report):
     make_row(config, batch, seq, rank, measured=None, predicted=None) -> dict
     write_report(rows, out_dir) -> {"json", "md", "csv", "png": Path};  print_table(rows)
+
+Inside a trace: memprofile.fakeops (replayed fake-op answers: what makes a trace fast), memprofile.tracker
+(live bytes of every storage and their peak), memprofile.extrapolate (a StepMemory at any number of blocks
+from the traces of a few).
 
 CATEGORIES = weights_quantized, weights_frozen, weights_trainable, gradients, optimizer,
 activations, peak (bytes).

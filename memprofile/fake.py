@@ -15,9 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+    unset_fake_temporarily,
+)
 
 
 class TraceError(ValueError):
@@ -28,8 +37,6 @@ class TraceError(ValueError):
 def _fake_subclasses():
     """Let `torch.Tensor._make_subclass(cls, fake)` (Params4bit.__new__ calls it) return the fake
     tensor itself with a class deriving from FakeTensor and `cls`."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     original = torch.Tensor._make_subclass
     made: dict[type, type] = {}
     # Tensor.__deepcopy__ gives a fake tensor whose views report another storage than itself
@@ -71,7 +78,6 @@ def _fake_subclasses():
 
 def new_fake_mode():
     """A FakeTensorMode for fake_tensors(mode): real constants (bitsandbytes' code books) allowed."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
@@ -81,10 +87,6 @@ def _replaced(functions, replacements):
     with data-dependent ops (bitsandbytes' 8-bit code book) are computed for real (they are tiny).
     Each (module, name, fn) in `replacements` is replaced by fn: a decision a library takes from
     tensor values, answered for the inputs the trace stands for."""
-    import importlib
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     saved = []
     for module_name, name in functions:
         module = importlib.import_module(module_name)
@@ -111,12 +113,6 @@ def fake_tensors(mode=None, real_functions=(), replacements=()):
     """Run under `mode` (default: a new_fake_mode()) with Tensor subclasses supported; errors
     become one-line TraceErrors. Re-enter the same mode to keep using tensors made under it.
     `real_functions` / `replacements`: see _replaced."""
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        UnsupportedOperatorException,
-    )
-
     try:
         with (mode or new_fake_mode()), _fake_subclasses(), _replaced(real_functions, replacements):
             yield

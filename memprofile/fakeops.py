@@ -11,6 +11,7 @@ metadata changes) runs through FakeTensorMode. Same bytes: a test compares trace
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 
 class _Uncacheable(Exception):
@@ -33,7 +34,6 @@ class FakeOps:
     enabled = True
 
     def __init__(self):
-        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
         self._fake, self._unset = FakeTensor, unset_fake_temporarily
         self.entries: dict = {}
         self.skip: set = set()         # ops never cached (data-dependent, in-place metadata changes)

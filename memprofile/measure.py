@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memprofile.oom import call_or_oom, is_out_of_memory  # noqa: F401 - is_out_of_memory: part of this API
 from memprofile.peak import CpuPeakTracker
@@ -206,7 +207,6 @@ class _SavedTensorCounter:
 
 
 def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
     return isinstance(t, FakeTensor)
 
 

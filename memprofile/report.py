@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from memprofile.composition import AT_PEAK
 from memprofile.tensors import CATEGORIES
 from memprofile.units import human  # also read from here by the recipes (memprofile.units is its home)
@@ -88,8 +90,6 @@ def environment() -> dict:
         pass
     env["cpu"] = cpu
     try:
-        import torch
-
         env["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         env["cpu_threads"] = torch.get_num_threads()
@@ -203,10 +203,10 @@ def plot(rows: list[dict], path) -> Path:
     """memory.png: one stacked bar per row, the composition at the peak (measured, or predicted when the row
     was not measured, hatched), which reaches the peak; a black line at the measured peak and a red dashed one
     at the predicted; beside each bar, a marker per category at its largest value in the step."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~0.25 s, only plots need it
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), which must come first
 
     path = Path(path)
     n = max(len(rows), 1)

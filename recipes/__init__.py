@@ -15,6 +15,8 @@
 Recipe plumbing lives here, not in the library: `config` (YAML + overrides -> dataclasses),
 `common` (the four-mode comparison and learning-rate search), `results` (the table writer),
 `bundled_data` (readers of the offline data sets), `sft_data` (the SFT data loader).
+Also: `dpo` (preference tuning of a causal LM), `causal_lm` (what sft and dpo share), `four_modes` (the
+four-mode comparison), `wordnet_chat` (WordNet 3.0 as chat and preference data).
 In a source checkout this folder is `recipes/`; `qlora.cli.recipes_package()` imports it as
 `qlora_recipes` when the package is not installed. Keep this file free of heavy imports.
 """

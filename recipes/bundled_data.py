@@ -13,10 +13,14 @@ import csv
 import gzip
 import importlib.util
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
 
+from qlora.bundled import default_cache_dir
 from qlora.errors import QLoRAError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -91,11 +95,6 @@ def wordnet_dir() -> Path:
     """Folder of WordNet 3.0's data.{noun,verb,adj,adv}: Debian's wordnet-base system-wide, unpacked into
     .data/ by ./run setup, or unpacked here (once, no root) into $QLORA_CACHE/wordnet-base with
     `apt-get download wordnet-base && dpkg -x`."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    from qlora.bundled import default_cache_dir
     cache = default_cache_dir() / "wordnet-base"
     candidates = [Path("/usr/share/wordnet"),
                   Path(__file__).resolve().parent.parent / ".data/root/usr/share/wordnet",

@@ -13,8 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from memprofile.report import print_table
 from qlora.bundled import resolve_model
+from qlora.export import export_adapter, summary
+from qlora.plan.sweep import sweep
 from qlora_recipes import seq_cls
+from qlora_recipes.results import markdown_table
 from qlora_recipes.seq_cls import SeqClsConfig
 
 
@@ -27,9 +31,6 @@ class DemoConfig(SeqClsConfig):
 
 
 def main(cfg: DemoConfig) -> dict:
-    from qlora.export import export_adapter, summary
-    from qlora.plan.sweep import sweep
-    from qlora_recipes.results import markdown_table
     out = Path(cfg.out_dir)
     t0 = time.perf_counter()
     rows = seq_cls.main(cfg)
@@ -46,7 +47,6 @@ def main(cfg: DemoConfig) -> dict:
                                 dtype="float32", force=True)
     t_total = time.perf_counter() - t0
 
-    from memprofile.report import print_table
     print("\n" + "=" * 78)
     print(f"qlora demo: {cfg.model} on {cfg.dataset}, {cfg.train_size or 'all'} train / {cfg.test_size or 'all'} "
           f"test snippets, {cfg.train.epochs} epoch(s)\n")

@@ -18,6 +18,7 @@ import torch
 
 from qlora.data.rows import split_validation
 from qlora.errors import QLoRAError
+from qlora.export import export_merged, summary
 from qlora.levers.modes import MODES, build_for_mode
 from qlora.lora.inject import count_parameters
 from qlora.train.loop import TrainConfig, TrainingDiverged, train
@@ -81,7 +82,6 @@ class FourModesConfig(RecipeConfig):
 def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
     """qlora.export_merged into `out` (replacing an earlier export), its summary printed; the caller
     raises RecipeFailed when result.verification["passed"] is False."""
-    from qlora.export import export_merged, summary
     result = export_merged(model, out, dtype=dtype, tokenizer=tokenizer, force=True)
     print(summary(result))
     return result

@@ -28,13 +28,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
 import qlora
 from qlora.arch.loading import from_pretrained_quietly, users_files
 from qlora.bundled import default_cache_dir, resolve_model
 from qlora.data.rows import subset
 from qlora.errors import QLoRAError
+from qlora.train.loop import TrainConfig, train
+from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES, fashion_mnist
 from qlora_recipes.four_modes import FourModesConfig, run_modes
 
 PRETRAINED_NAME = "fmnist-vit"         # model=fmnist-vit: pretrain here (or reuse the cached backbone)
@@ -99,7 +101,6 @@ class ImageClsConfig(FourModesConfig):
 
 def fashion_mnist_subset(cfg: FourModesConfig, split: str, classes: list, size: Optional[int], seed: int = 0):
     """[(image float [1, 28, 28] normalised, label in 0..len(classes)-1)] of `classes`, a seeded subset."""
-    from qlora_recipes.bundled_data import fashion_mnist
     images, labels = fashion_mnist(split)
     relabel = {c: i for i, c in enumerate(classes)}
     idx = [i for i, y in enumerate(labels.tolist()) if y in relabel]
@@ -126,11 +127,10 @@ class HubImages:
 def load_images(cfg: ImageClsConfig):
     """(train set, test set, label names); rows are (image, label)."""
     if cfg.dataset == "fashion_mnist":
-        from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES
         return (fashion_mnist_subset(cfg, "train", cfg.classes, cfg.train_size),
                 fashion_mnist_subset(cfg, "test", cfg.classes, cfg.test_size),
                 [FASHION_MNIST_CLASSES[c] for c in cfg.classes])
-    from datasets import load_dataset  # users with the Hub: e.g. food101
+    from datasets import load_dataset  # lazy: datasets (~0.5 s) only for users with the Hub: e.g. food101
     ds = load_dataset(cfg.dataset)
     test_split = "test" if "test" in ds else "validation"
     names = ds["train"].features["label"].names
@@ -174,10 +174,6 @@ def pretrained_backbone(cfg: ImageClsConfig) -> str:
 
 def pretrain(cfg: ImageClsConfig, folder: Path) -> dict:
     """Train a ViT from scratch on pretrain.classes; save its backbone (no head) into `folder`."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    from qlora.train.loop import TrainConfig, train
-    from qlora_recipes.bundled_data import FASHION_MNIST_CLASSES
     p = cfg.pretrain
     train_set = fashion_mnist_subset(cfg, "train", p.classes, p.train_size, seed=p.seed)
     test_set = fashion_mnist_subset(cfg, "test", p.classes, p.test_size, seed=p.seed)

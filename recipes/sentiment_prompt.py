@@ -30,6 +30,7 @@ from qlora.arch.loading import from_pretrained_quietly, load_tokenizer
 from qlora.bundled import resolve_model
 from qlora.data.rows import subset
 from qlora.errors import QLoRAError, RecipeFailed
+from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
 from qlora_recipes.four_modes import FourModesConfig, export_verified, run_modes
 
 
@@ -60,12 +61,11 @@ class SentimentPromptConfig(FourModesConfig):
 def load_texts(cfg: SentimentPromptConfig):
     """(train_texts, train_labels, test_texts, test_labels)."""
     if cfg.dataset == "rotten_tomatoes":
-        from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
         texts, labels = rotten_tomatoes()
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
         return (*pick(train_idx), *pick(test_idx))
-    from datasets import load_dataset  # users with the Hub
+    from datasets import load_dataset  # lazy: datasets (~0.5 s) only for users with the Hub
     ds = load_dataset(cfg.dataset)
     test_split = "test" if "test" in ds else "validation"
     return ds["train"]["text"], ds["train"]["label"], ds[test_split]["text"], ds[test_split]["label"]

@@ -18,6 +18,7 @@ import qlora
 from qlora.arch.loading import from_pretrained_quietly, load_tokenizer
 from qlora.bundled import resolve_model
 from qlora.data.rows import subset
+from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
 from qlora_recipes.four_modes import FourModesConfig, run_modes
 
 
@@ -32,12 +33,11 @@ class SeqClsConfig(FourModesConfig):
 def load_texts(cfg: SeqClsConfig):
     """(train_texts, train_labels, test_texts, test_labels, label names)."""
     if cfg.dataset == "rotten_tomatoes":
-        from qlora_recipes.bundled_data import rotten_tomatoes, stratified_split
         texts, labels = rotten_tomatoes()
         train_idx, test_idx = stratified_split(labels, 0.2, seed=0)
         pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
         return (*pick(train_idx), *pick(test_idx), ["rotten", "fresh"])
-    from datasets import load_dataset  # users with the Hub: e.g. imdb
+    from datasets import load_dataset  # lazy: datasets (~0.5 s) only for users with the Hub: e.g. imdb
     ds = load_dataset(cfg.dataset)
     names = ds["train"].features["label"].names
     return ds["train"]["text"], ds["train"]["label"], ds["test"]["text"], ds["test"]["label"], names

@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from pathlib import Path
 
+from qlora.bundled import default_cache_dir
 from qlora_recipes.bundled_data import WORDNET_FILES, wordnet_dir
 
 VERSION = 1                    # bump when the question/answer wording changes: a new cache folder
@@ -65,7 +67,6 @@ def entries() -> list[dict]:
 def _cached_split(kind: str, rows, cache_dir, eval_fraction: float, seed: int) -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl) under $QLORA_CACHE/wordnet-KIND-v1-...: `rows(entries)` yields (word, row) and is
     called only when the files are not there yet; written once (temp names, then renamed)."""
-    from qlora.bundled import default_cache_dir
     folder = Path(cache_dir or default_cache_dir()) / f"wordnet-{kind}-v{VERSION}-eval{eval_fraction:g}-seed{seed}"
     train, evals = folder / "train.jsonl", folder / "eval.jsonl"
     if train.is_file() and evals.is_file():
@@ -92,7 +93,6 @@ def pair_answer(entry: dict, definition: str) -> list[dict]:
 def to_pairs(entries: list[dict], seed: int = 0):
     """(word, {"prompt", "chosen", "rejected"}) per synset: its definition against another synset's of the same
     part of speech (seeded)."""
-    import random
     by_pos: dict[str, list[str]] = {}
     for e in entries:
         by_pos.setdefault(e["pos"], []).append(e["definition"])

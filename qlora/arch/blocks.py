@@ -30,7 +30,7 @@ def is_transformers_model(model: nn.Module) -> bool:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """transformers' checkpointable layers (GradientCheckpointingLayer), in model order."""
     try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
+        from transformers.modeling_layers import GradientCheckpointingLayer  # lazy: ~1.8 s; a model that has them loaded it
     except ImportError:            # transformers < 4.53: no per-layer switch
         return []
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -5,13 +5,20 @@ the environment (one line on stderr naming it and the fix, no stack trace); 3 a 
 traceback, then a line saying so); 130 interrupted (Ctrl-C).
 
 Nothing heavy is imported at module level: `qlora --help` must not pay for torch.
+
+    recipes.py  qlora train / qlora demo: find a recipe's config and run it
+    plan.py     qlora plan;  profile.py  qlora profile;  export.py  qlora export
+    args.py     argument types and the options the planning subcommands share
+    status.py   the exit-status rules: which errors are the user's;  __main__.py  python -m qlora.cli
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 
+from qlora import __version__
 from qlora.cli import export, plan, profile, recipes
 from qlora.cli.recipes import find_config, known_recipes, recipes_dir, recipes_package, run_recipe  # noqa: F401
 from qlora.cli.status import REPORT_BUGS, user_error_message
@@ -39,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from qlora import __version__
     return __version__
 
 
@@ -73,7 +79,6 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 -- sorted below into the user's problem (2) and our bug (3)
         message = user_error_message(e, args)
         if message is None:
-            import traceback
             traceback.print_exc()
             print(f"qlora {args.command}: this is a bug in qlora ({type(e).__name__}), not a problem with your "
                   f"input; please report it to {REPORT_BUGS}",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from qlora.errors import QLoRAError
@@ -45,7 +46,6 @@ def model(text: str) -> str:
         raise argparse.ArgumentTypeError(f"folder {text!r} has no config.json; give a Hugging Face model folder "
                                          "(config.json + weights), its config.json, or a bundled name (minilm, smollm2)")
     if config is not None and config.exists():
-        import json
         try:
             data = json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -85,7 +85,7 @@ def run_options(p) -> None:
 
 
 def run_settings(args, **fields):
-    from qlora.plan import RunSettings
+    from qlora.plan import RunSettings  # lazy: qlora --help imports no torch
     targets = args.target_modules if args.target_modules == "all-linear" else tuple(args.target_modules.split(","))
     return RunSettings(task=args.task, compute_dtype=args.dtype, loss=args.loss, loss_chunk_size=args.loss_chunk_size,
                        optimizer=args.optimizer, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -1,6 +1,7 @@
 """qlora export: merge an adapter into its base, a plain model folder (optionally re-quantized)."""
 from __future__ import annotations
 
+import ctypes
 import sys
 
 from qlora.cli import args
@@ -29,14 +30,13 @@ def release_freed_memory_early() -> None:
     export that allocates and frees one layer after another holds on to ~75 MB more than it uses.
     A fixed 1 MiB threshold returns big blocks to the system at once (Linux/glibc only)."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
 
 def run(args) -> int:
-    from qlora.export import export_adapter, summary
+    from qlora.export import export_adapter, summary  # lazy: qlora --help imports no torch
     release_freed_memory_early()
     result = export_adapter(args.base, args.adapter, args.out, dtype=args.dtype, merge_onto=args.merge_onto,
                             force=args.force, verify=not args.no_verify, max_shard_size=args.max_shard_size,

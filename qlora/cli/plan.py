@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qlora.bundled import resolve_model
 from qlora.cli import args
+from qlora.cli.args import run_settings
 
 
 def add_parser(sub) -> None:
@@ -31,11 +33,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from qlora.cli.args import run_settings
-    from qlora.plan import LEVERS, format_levers, format_plan, plan
+    from qlora.plan import LEVERS, format_levers, format_plan, plan  # lazy: qlora --help imports no torch
     model = args.model
     if not (model.endswith(".json") or Path(model).is_dir()):
-        from qlora.bundled import resolve_model
         model = resolve_model(model)
     settings = run_settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
     levers = LEVERS if args.levers and settings.task in ("causal-lm", "dpo") else None

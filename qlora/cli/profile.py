@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from qlora.cli import args
+from qlora.cli.args import ints, run_settings
 
 
 def add_parser(sub) -> None:
@@ -20,15 +21,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
+    import torch  # lazy: qlora --help imports no torch
 
-    from qlora.cli.args import ints, run_settings
-    from qlora.plan.sweep import sweep
+    from qlora.plan.sweep import sweep  # lazy: qlora --help imports no torch
     settings = run_settings(args, device="cuda" if torch.cuda.is_available() else "cpu")
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
                  batches=ints(args.batch, "batch"), seqs=ints(args.seq, "seq"), ranks=ints(args.rank, "rank"),
                  settings=settings, out=args.out)
-    from memprofile.report import print_table
+    from memprofile.report import print_table  # lazy: qlora --help imports no torch
     print(f"assumed: {settings.describe()} (mode and checkpointing per row)")
     print_table(rows)
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")

@@ -1,6 +1,8 @@
 """The exit-status rules: which errors are the user's (one line, exit 2) and which are ours (exit 3)."""
 from __future__ import annotations
 
+import errno
+import json
 import sys
 
 from memprofile.oom import is_out_of_memory
@@ -15,7 +17,6 @@ def user_error_message(e: BaseException, args=None) -> str | None:
     QLoRAError is ours (the message is written for the user). Operating-system errors (a missing or
     unreadable file, a full disk, a read-only folder), out-of-memory and a config file that does not
     parse are the environment's, so they are named with the file and a fix."""
-    import errno
     if isinstance(e, QLoRAError):
         return str(e)
     if is_out_of_memory(e):             # torch's OutOfMemoryError, MemoryError, a RuntimeError saying so
@@ -41,7 +42,6 @@ def user_error_message(e: BaseException, args=None) -> str | None:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         return (f"{config or 'a YAML file'} is not valid YAML{at}: {getattr(e, 'problem', None) or e}; "
                 "fix the file (quote values that hold ':' or '{')")
-    import json
     if isinstance(e, json.JSONDecodeError):
         return f"a JSON file is not valid JSON ({e}); fix or replace the file"
     return None

@@ -78,7 +78,7 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
 
 def _hub_rows(name: str, split: str) -> list[Row]:
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: datasets costs ~0.5 s, only Hub data sets need it
         ds = load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 -- offline, unknown name, unknown split: one line, not a traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -119,7 +119,7 @@ def _file_rows(path: Path) -> list[Row]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return [Row(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow (with datasets) only for .parquet files
     return [Row(f"{path} row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.export.writer import SAFETENSORS_DTYPES
 from qlora.quant.chunked import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantize_4bit_chunked
@@ -46,7 +47,6 @@ def find_key(specs: dict, name: str) -> str:
 
 def base_weight_files(base) -> tuple[Path, dict, list[Path]]:
     """(folder, config.json as dict, safetensors files) of a Hugging Face model folder."""
-    from qlora.bundled import resolve_model
     folder = Path(resolve_model(str(base)))
     if not folder.is_dir():
         raise QLoRAError(f"base model folder {str(base)!r} does not exist (export needs the weights on disk)")

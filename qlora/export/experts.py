@@ -13,21 +13,28 @@ Memory: one fused matrix (its checkpoint tensors, then the stacked copy), never 
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 import torch
+import transformers
 
 from qlora.arch.experts import expert_weight_names, is_experts_module
+from qlora.export.checkpoint import read_tensor
+from qlora.export.verify import model_class_for
+from qlora.lora.experts import from_peft, peft_stems
 
 
 class CheckpointExperts:
     def __init__(self, folder: Path, hf_config: dict, specs: dict):
         """`specs`: {checkpoint key: (file, shape, dtype)} of the base folder (qlora.export.checkpoint)."""
-        import transformers
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.conversion_mapping import get_model_conversion_mapping  # lazy: transformers >= 5 only
+        from transformers.core_model_loading import (  # lazy: transformers >= 5 only
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
 
-        from qlora.export.verify import model_class_for
         config = transformers.AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
             self.model = model_class_for(hf_config)._from_config(config)
@@ -51,11 +58,8 @@ class CheckpointExperts:
 
     def read(self, name: str) -> torch.Tensor:
         """The fused [E, a, b] matrix `name` from its checkpoint tensors, through transformers' conversion."""
-        from copy import deepcopy
+        from transformers.core_model_loading import dot_natural_key  # lazy: transformers >= 5 only
 
-        from transformers.core_model_loading import dot_natural_key
-
-        from qlora.export.checkpoint import read_tensor
         keys = sorted(self.sources[name], key=lambda kp: dot_natural_key(kp[0]))
         if len(keys) == 1 and keys[0][1] is None:          # stored fused already (gpt-oss)
             return read_tensor(self.specs[keys[0][0]][0], keys[0][0])
@@ -68,7 +72,7 @@ class CheckpointExperts:
 
     def pieces(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """{checkpoint key: tensor} for a fused matrix, in the checkpoint's layout (transformers' revert)."""
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers >= 5 only
         return revert_weight_conversion(self.model, {name: tensor})
 
     def keys(self, name: str) -> list[str]:
@@ -78,7 +82,6 @@ class CheckpointExperts:
 def expert_updates(tensors: dict, target_parameters: list[str], model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{experts matrix path: (A [E, r, in], B [E, out, r])} from an adapter's PEFT-layout tensors (keys without
     PEFT's prefix; qlora.lora.experts has the layout)."""
-    from qlora.lora.experts import from_peft, peft_stems
     by_module: dict[str, list[str]] = {}
     for path in target_parameters:
         module, _, name = path.rpartition(".")

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qlora.errors import QLoRAError
+from qlora.export import verify as ev
 from qlora.export.checkpoint import (  # noqa: F401
     base_weight_files,
     key_prefix_fix,
@@ -32,6 +33,7 @@ from qlora.export.checkpoint import (  # noqa: F401
     tensor_specs,
     training_weight,
 )
+from qlora.export.experts import CheckpointExperts, add_expert_delta_, expert_updates
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.result import (
     COPIED_FILES,
@@ -43,6 +45,7 @@ from qlora.export.result import (
     write_config,
 )
 from qlora.export.writer import ShardedWriter, plan_shards
+from qlora.lora.experts import peft_stems
 from qlora.lora.files import read_adapter_config, read_adapter_tensors
 from qlora.util.dtypes import dtype_name, parse_dtype
 
@@ -184,7 +187,6 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 shutil.copy2(folder / extra, tmp / extra)
         _warn_small_updates(result)
         if verify:
-            from qlora.export import verify as ev
             live = None
             if verify_live and (settings.get("quantized_modules") or settings.get("quantized_experts")):
                 live = ev.load_live_qlora(folder, adapter, ev.model_class_for(json.loads(
@@ -238,7 +240,6 @@ class _ExpertsExport:
     plus the pieces of a second one whose keys interleave with it)."""
 
     def __init__(self, folder, hf_config, specs, target_parameters, settings):
-        from qlora.export.experts import CheckpointExperts
         self.ckpt = CheckpointExperts(folder, hf_config, specs)
         self.settings, self.targets = settings, list(target_parameters)
         self.quantized = set(settings.get("quantized_experts", []))
@@ -248,7 +249,6 @@ class _ExpertsExport:
             raise QLoRAError(f"the adapter's experts matrix {missing[0]!r} is not in the base checkpoint; the adapter "
                              "was trained on another model. Nothing was written.")
         self.matrix_of = {k: m for m in self.matrices for k in self.ckpt.keys(m)}
-        from qlora.lora.experts import peft_stems
         by_module: dict[str, list[str]] = {}
         for path in self.targets:
             module, _, name = path.rpartition(".")
@@ -264,7 +264,6 @@ class _ExpertsExport:
 
     def piece(self, key: str, tensors: dict, scaling: float, result) -> torch.Tensor:
         if key not in self._pieces:
-            from qlora.export.experts import add_expert_delta_, expert_updates
             matrix = self.matrix_of[key]
             w = self.ckpt.read(matrix)
             merged = roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()

@@ -22,10 +22,17 @@ from tqdm.auto import tqdm
 from qlora.arch.experts import is_experts_module
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed
 from qlora.errors import QLoRAError
+from qlora.export import verify as ev
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.result import ExportResult, LayerUpdate, check_requantize_layout, finish, staging_folder_for, write_config
 from qlora.export.writer import ShardedWriter, plan_shards
+from qlora.fsdp.shard import is_sharded
+from qlora.lora.experts import LoRAExperts
+from qlora.lora.files import save_adapter
+from qlora.lora.inject import lora_layers
 from qlora.quant.bnb_fixes import import_bnb
+from qlora.quant.experts import dequantize_experts
+from qlora.quant.inspect import quant_settings
 from qlora.util.dtypes import dtype_name, parse_dtype
 
 
@@ -53,7 +60,6 @@ def _plain_matrix(experts, name: str) -> torch.Tensor:
     """An experts matrix [E, a, b] in fp32: dequantized when 4-bit (what the experts forward computes with)."""
     w = experts.get_parameter(name)
     if is_4bit_param(w):
-        from qlora.quant.experts import dequantize_experts
         return dequantize_experts(w).float()
     return w.detach().float()
 
@@ -61,7 +67,7 @@ def _plain_matrix(experts, name: str) -> torch.Tensor:
 def _checkpoint_layout(model, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """{checkpoint key: tensor} for one model tensor, as save_pretrained lays it out (renamed, and a fused
     experts matrix split into the family's per-expert tensors where its checkpoints have them)."""
-    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers >= 5 only
     return revert_weight_conversion(model, {name: tensor})
 
 
@@ -91,16 +97,12 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                   extra_files=()) -> ExportResult:
     """Export an in-memory (Q)LoRA model as a plain model folder, one weight at a time (module docstring).
     `extra_files` (paths) are copied into the folder (a base folder's tokenizer files)."""
-    from qlora.lora.experts import LoRAExperts
-    from qlora.lora.inject import lora_layers
-    from qlora.quant.inspect import quant_settings
     dtype = parse_dtype(dtype)
     requantize = check_requantize(requantize)
     out = Path(out)
     if getattr(model, "config", None) is None:
         raise QLoRAError("export_merged needs a transformers model (with .config); for other models use "
                          "qlora.unload_lora on a non-quantized model and save its state_dict")
-    from qlora.fsdp.shard import is_sharded
     if is_sharded(model):   # FSDP (qlora.fsdp): no rank holds the whole model in memory
         raise QLoRAError("export_merged needs the whole model in memory, and this one is sharded (FSDP): export "
                          "the adapter train() wrote instead, from one process: qlora export --base BASE_FOLDER "
@@ -185,9 +187,6 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
 def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:
     """The export against the unmerged model: what each adapted (and, for --requantize, each 4-bit) weight
     held in training put back, the adapter as a separate path (qlora.export.verify)."""
-    from qlora.export import verify as ev
-    from qlora.lora.experts import LoRAExperts
-    from qlora.lora.files import save_adapter
     sources = {**{p: (lambda m=m: _plain_weight(m)) for p, m in four_bit.items()}}
     for path, layer in layers.items():
         if isinstance(layer, LoRAExperts):

@@ -23,8 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlora.arch.heads import OUTPUT_HEAD_NAMES
+from qlora.arch.names import matches_suffix
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
+from qlora.quant.chunked import dequantize_4bit_chunked, quantize_4bit_chunked
+from qlora.quant.settings import check_blocksize, check_double_quant, check_quant_type
 from qlora.util.dtypes import dtype_name
 
 CHOICES = ("none", "nf4", "fp4")
@@ -76,7 +80,6 @@ class Requantizer:
 
     @classmethod
     def create(cls, quant_type: str, settings: dict, dtype: torch.dtype, modules) -> "Requantizer":
-        from qlora.quant.settings import check_blocksize, check_double_quant, check_quant_type
         if not modules:
             raise QLoRAError("--requantize re-quantizes the layers that were 4-bit in training, and there were none "
                              "(a plain LoRA model; its adapter_config.json lists no qlora.quantized_modules): export "
@@ -125,7 +128,6 @@ class Requantizer:
 
     def write(self, writer, path: str, merged: torch.Tensor, update_norm: float) -> RequantizedLayer:
         """Quantize the fp32 merged weight of `path`, write its tensors, and record the added error."""
-        from qlora.quant.chunked import dequantize_4bit_chunked, quantize_4bit_chunked
         # In pieces (bit-exact with bitsandbytes' whole-tensor quantize_4bit; no 3.4x-layer scratch)
         packed, state = quantize_4bit_chunked(merged.to(self.dtype), quant_type=self.quant_type,
                                               blocksize=self.blocksize, double_quant=self.double_quant)
@@ -146,8 +148,6 @@ class Requantizer:
         """config.json's quantization_config. transformers makes every nn.Linear not listed in
         llm_int8_skip_modules 4-bit: listed are the module paths of every 2-D float weight that is
         not re-quantized, and the output heads (possibly tied: no weight of their own)."""
-        from qlora.arch.heads import OUTPUT_HEAD_NAMES
-        from qlora.arch.names import matches_suffix
         kept = {name.removesuffix(".weight") for name, (shape, dtype) in out_specs.items()
                 if name.endswith(".weight") and len(shape) == 2 and dtype.is_floating_point and not self.wants(name)}
         kept |= {h for h in OUTPUT_HEAD_NAMES if not any(matches_suffix(m, [h]) for m in self.modules)}

@@ -14,11 +14,17 @@ Memory: one model at a time; the reference is made from the exported model in pl
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
+from transformers import AutoTokenizer
 
 from qlora.export.checkpoint import base_weight_files, find_key, read_tensor, tensor_specs, training_weight
+from qlora.lora.files import load_adapter, read_adapter_config
+from qlora.quant.load import load_4bit
 from qlora.util.dtypes import parse_dtype
 
 # relative logit error (||Δ||/||ref||) and top-1 agreement an export must reach against the reference
@@ -30,7 +36,6 @@ SENTENCES = ["The capital of France is Paris, and it is known for the Eiffel Tow
 
 
 def model_class_for(config: dict):
-    import transformers
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
         if cls is not None:
@@ -45,7 +50,6 @@ def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
         return {"pixel_values": torch.randn(n, config.num_channels, config.image_size, config.image_size,
                                             generator=gen)}
     try:
-        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(folder)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -79,9 +83,6 @@ def _against_reference(folder: Path, adapter, result, put_back, *, live_model=No
     """Logits of the export in `folder` vs the unmerged reference built from the same loaded model:
     `put_back(model, dtype)` restores what training saw in each adapted layer, then the adapter is
     attached as a separate path. Also vs `live_model`, if given (for information)."""
-    import json
-
-    from qlora.lora.files import load_adapter
     cls = model_class_for(json.loads((Path(folder) / "config.json").read_text()))
     dtype = parse_dtype(result.dtype)
     model = cls.from_pretrained(folder, dtype=dtype, **load_kwargs).eval()
@@ -125,8 +126,6 @@ def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model
     """A --requantize export, loaded by transformers + bitsandbytes on CPU, against the unmerged
     reference: the same model with each 4-bit layer put back to a float Linear holding what training
     saw, plus the adapter as a separate path. For information: `passed` is None (no limit)."""
-    from torch import nn
-
     def put_back(model, dtype):                 # 4-bit layers back to float Linears holding what training saw
         for layer in result.requantizer.layers:
             old = model.get_submodule(layer.name)
@@ -154,8 +153,6 @@ def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
 
 def load_live_qlora(base_folder: Path, adapter, cls, settings: dict):
     """The trained QLoRA model as it ran: 4-bit base (same settings) + adapter."""
-    from qlora.lora.files import load_adapter, read_adapter_config
-    from qlora.quant.load import load_4bit
     labels = {k: v for k, v in (settings.get("config_overrides") or {}).items() if k in ("id2label", "label2id")}
     # modules trained in full (e.g. a pooler + classifier head) stayed in float during training
     keep = list(read_adapter_config(adapter).modules_to_save or []) or None

@@ -8,10 +8,12 @@ shapes, dtypes, the same choice of layers); `qlora.fsdp_model` then scatters ran
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
 
 from qlora.arch.experts import expert_weight_names
 from qlora.arch.quantized import linear_features
+from qlora.bundled import resolve_model
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.convert import conversion_plan, experts_plan, mark_layer
 from qlora.quant.experts import chunk_experts, use_qlora_forward
@@ -119,9 +121,7 @@ def load_4bit_once(name_or_path, model_class=None, *, compute_dtype: torch.dtype
     if is_main_process():
         from_pretrained_kwargs.setdefault("device_map", {"": "cpu"})
         return load_4bit(name_or_path, model_class, compute_dtype=compute_dtype, **kw, **from_pretrained_kwargs)
-    import transformers
 
-    from qlora.bundled import resolve_model
     path = resolve_model(name_or_path)
     model_class = model_class or transformers.AutoModelForCausalLM
     keys = ("trust_remote_code", "revision", "token", "cache_dir", "subfolder")

@@ -37,8 +37,10 @@ import hashlib
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from qlora.arch.blocks import outermost_module_lists
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.quantized import is_4bit, is_4bit_param
 from qlora.errors import QLoRAError
@@ -47,7 +49,7 @@ from qlora.quant.chunked import quant_state_from_bytes
 
 
 def _dtensor_cls():
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: torch.distributed.tensor costs ~0.5 s
     return DTensor
 
 
@@ -202,7 +204,6 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     when they are separate modules with untied weights. Each unit is all-gathered just before it
     runs and freed after it; the root's own parameters stay gathered from forward to backward, so
     keeping the (large) embedding and head out of the root keeps them out of the per-rank peak."""
-    from qlora.arch.blocks import outermost_module_lists
     found = [child for lst in outermost_module_lists(model) for child in lst if any(True for _ in child.parameters())]
     ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
     ends = [m for m in ends if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
@@ -219,7 +220,6 @@ def _signature(model: nn.Module) -> str:
 
 def _check_same_model(model: nn.Module, device) -> None:
     """Every rank must hold the same parameter names, shapes, dtypes and trainable flags."""
-    import torch.distributed as dist
     sig = _signature(model)
     digest = torch.frombuffer(bytearray(hashlib.sha256(sig.encode()).digest()), dtype=torch.uint8).to(device)
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
@@ -246,10 +246,9 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mp_poli
     parameter and buffer then gets rank 0's values (parameters scattered one at a time, buffers
     broadcast). `mp_policy`: an optional `torch.distributed.fsdp.MixedPrecisionPolicy` (it never
     touches the uint8 4-bit tensors)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.device_mesh import init_device_mesh  # lazy: FSDP only (~0.5 s)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: FSDP only (~0.5 s)
+    from torch.distributed.tensor import distribute_tensor  # lazy: FSDP only (~0.5 s)
 
     if not (dist.is_available() and dist.is_initialized()):
         raise QLoRAError("FSDP needs a process group: launch the script with torchrun --nproc_per_node N (on GPUs "
@@ -304,7 +303,6 @@ def gathered(model: nn.Module):
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (L2) over sharded gradients: squares summed over each rank's
     shards, all-reduced, then every local shard scaled by min(1, max_norm / (norm + 1e-6))."""
-    import torch.distributed as dist
     grads = [local(p.grad) for p in params if p.grad is not None]
     device = grads[0].device if grads else device_for_rank()
     sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -320,7 +318,7 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 
 def shard_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     """param <- value (a whole tensor present on every rank): a DTensor takes its own part."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # lazy: FSDP only (~0.5 s)
     value = value.to(device=local(param).device, dtype=param.dtype)
     if is_dtensor(param):
         local(param).copy_(distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local())
@@ -331,7 +329,7 @@ def shard_full_(param: torch.Tensor, value: torch.Tensor) -> None:
 def shard_optimizer_state(state_dict: dict, optimizer) -> dict:
     """An optimizer state dict of whole tensors -> the same with DTensors wherever the parameter is
     one and the state tensor has its shape (AdamW's moments), so load_state_dict gets each rank's shard."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # lazy: FSDP only (~0.5 s)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     out = {}
     for pid, state in state_dict["state"].items():

@@ -21,6 +21,7 @@ from torch import nn
 
 from qlora.arch.heads import output_head_paths, task_head_paths
 from qlora.errors import QLoRAError
+from qlora.levers.checkpointing import enable_checkpointing
 from qlora.lora.config import LoraConfig
 from qlora.lora.inject import add_lora, find_modules
 
@@ -75,6 +76,5 @@ def build_for_mode(mode: str, *, load_float: Callable[[], nn.Module], load_4bit:
             lora = replace(lora, modules_to_save=sorted(new_head))   # a classifier's new head trains in full
         add_lora(model, lora)          # add_lora keeps its own copy: `lora` serves every mode unchanged
     if ckpt:
-        from qlora.levers.checkpointing import enable_checkpointing
         enable_checkpointing(model)
     return model

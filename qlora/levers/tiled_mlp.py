@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qlora.errors import QLoRAError
+from qlora.lora.inject import find_modules
 from qlora.util.checks import must_be_int
 
 
@@ -136,7 +137,6 @@ def tile_mlps(model: nn.Module, *, tile: int = 1024, min_tokens: int = 4096,
     has more than ``min_tokens`` tokens. Returns the patched module paths. Idempotent (re-tiling
     updates the sizes); :func:`untile_mlps` undoes it. The modules must be token-wise (one tensor in,
     one out, each token on its own): every transformer MLP / feed-forward is."""
-    from qlora.lora.inject import find_modules
     for key, value, minimum in (("tile", tile, 1), ("min_tokens", min_tokens, 0)):
         need = must_be_int(value, minimum)
         if need is not None:

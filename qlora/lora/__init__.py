@@ -2,6 +2,7 @@
 
     config.py  LoraConfig (PEFT's field names)        layers.py  LoRALinear / LoRAEmbedding / LoRAConv2d
     inject.py  add_lora, merge / unmerge / unload     files.py   save_adapter / load_adapter (PEFT format)
+experts.py LoRAExperts: LoRA on every expert of a fused 3-D mixture-of-experts matrix
 """
 from qlora.lora.config import LoraConfig
 from qlora.lora.files import load_adapter, read_adapter_config, read_adapter_tensors, save_adapter

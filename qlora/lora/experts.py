@@ -20,7 +20,7 @@ from qlora.arch.experts import expert_features, expert_weight_names
 from qlora.arch.quantized import is_4bit_param
 from qlora.errors import QLoRAError
 from qlora.lora.layers import LoRALayer, dropout_layer, init_pair
-from qlora.quant.experts import uniform_fake
+from qlora.quant.experts import uniform_fake, use_qlora_forward
 
 
 class LoRAExperts(LoRALayer):
@@ -89,7 +89,6 @@ class LoRAExperts(LoRALayer):
 
 def attach(experts: nn.Module, name: str, layer: LoRAExperts) -> None:
     """Put `layer` where the experts forward reads it (and bind that forward to float experts too)."""
-    from qlora.quant.experts import use_qlora_forward
     if "expert_deltas" not in experts._modules:
         experts.expert_deltas = nn.ModuleDict()
     experts.expert_deltas[name] = layer

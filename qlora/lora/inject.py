@@ -26,6 +26,8 @@ from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.lora.experts import LoRAExperts, attach, detach
 from qlora.lora.layers import LoRALayer, ModulesToSave, lora_class_for
+from qlora.quant.bnb_fixes import import_bnb
+from qlora.quant.inspect import quant_settings
 
 _INTERNAL = {"base_layer", "lora_A", "lora_B", "original_module", "modules_to_save", "lora_dropout", "expert_deltas"}
 
@@ -175,8 +177,6 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
     config.qlora = dict(config.qlora or {})
     if has_4bit(model):
-        from qlora.quant.bnb_fixes import import_bnb  # only 4-bit models need bitsandbytes imported
-        from qlora.quant.inspect import quant_settings
         import_bnb()   # a base quantized elsewhere (transformers' loader): trained through our fixes too
         config.qlora.update(quant_settings(model) or {})
         # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those

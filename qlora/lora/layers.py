@@ -14,6 +14,7 @@ Attach them with `qlora.add_lora`; this file only defines the layers.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -237,7 +238,6 @@ class ModulesToSave(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        import copy
         self.original_module = module
         self.modules_to_save = copy.deepcopy(module)
         self.use_original = False  # set by qlora.disable_adapters

@@ -17,7 +17,12 @@ so the total work is the same as the unchunked path.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
+from torch._subclasses.fake_tensor import is_fake
+
+from qlora.lora.layers import LoRALayer
 
 IGNORE_INDEX = -100
 
@@ -79,7 +84,6 @@ def chunk_starts(hidden: torch.Tensor, n: int, chunk_size: int):
     only the first and the last chunk run: every chunk but the last allocates and frees exactly
     what the first does (the [N, H] gradient is allocated once, before the loop), so the trace's
     bytes are the same and its time no longer grows with the tokens (512 chunks at 128k)."""
-    from torch._subclasses.fake_tensor import is_fake
     starts = range(0, n, chunk_size)
     return (starts[0], starts[-1]) if len(starts) > 2 and is_fake(hidden) else starts
 
@@ -117,7 +121,6 @@ def with_router_aux_loss(model, loss: torch.Tensor, out, attention_mask) -> torc
     """loss + router_aux_loss_coef x the load-balancing loss, as the model's own forward adds it when its
     config says output_router_logits (the model's own load_balancing_loss_func, from its modeling module);
     the aux loss rides along as `loss.metrics["aux_loss"]` (qlora.train logs it)."""
-    import sys
     fn = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
     logits = getattr(out, "router_logits", None)
     if fn is None or logits is None:
@@ -135,9 +138,6 @@ def head_is_chunkable(model) -> bool:
     their own forward hooks, which calling the decoder and the head's weight directly would skip), nor for a
     model whose forward scales or caps the logits (Cohere's logit_scale, Granite's logits_scaling, Gemma 2/3's
     final_logit_softcapping): those use the model's own forward."""
-    import sys
-
-    from qlora.lora.layers import LoRALayer
     head = model.get_output_embeddings()
     fsdp = sys.modules.get("torch.distributed.fsdp")
     config = getattr(model, "config", None)

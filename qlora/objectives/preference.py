@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
@@ -50,7 +51,6 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     by position t, where completion_mask[t+1] is 1. A head that cannot be chunked (adapted, biased, 4-bit, or
     an FSDP-sharded model: qlora.objectives.losses.head_is_chunkable) is run whole by the model's own forward.
     `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits."""
-    from torch._subclasses.fake_tensor import is_fake
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
     n, length = scored.shape
     rows = torch.arange(n, device=input_ids.device)[:, None].expand_as(scored)

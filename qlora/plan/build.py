@@ -15,12 +15,25 @@ import os
 from typing import Optional
 
 import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
+from memprofile.measure import call_model, default_loss
+from memprofile.tracker import host_memory, mark_phase
+from qlora.arch.blocks import repeated_module_lists, transformer_blocks
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.errors import QLoRAError
-from qlora.levers.offload import Offloader
+from qlora.levers.checkpointing import enable_checkpointing
+from qlora.levers.modes import build_for_mode
+from qlora.levers.offload import Offloader, offload_saved_tensors
+from qlora.levers.tiled_mlp import TiledMLP, tile_mlps
+from qlora.objectives.losses import causal_lm_loss
+from qlora.objectives.preference import preference_step
 from qlora.optim import make_optimizer
 from qlora.plan.settings import TASKS, RunSettings
+from qlora.quant.convert import quantize_model
+from qlora.quant.load import load_4bit as load
 
 # bitsandbytes computes its 8-bit code book (quantize_blockwise, 8-bit optimizers) with
 # data-dependent ops: a tiny constant, computed for real during a trace
@@ -35,7 +48,7 @@ def _adamw8bit_cpu(*args, **kwargs):
     """bitsandbytes' CPU 8-bit optimizer update is torch code (fp32 copies of both moments, the
     gradient and the parameter, per tensor): traced as such on CPU, where the fused CUDA kernel
     (no scratch) is the fake kernel's picture."""
-    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu
+    from bitsandbytes.backends.cpu.ops import _optimizer_update_8bit_blockwise_cpu  # lazy: 8-bit optimizers on CPU only
     return _optimizer_update_8bit_blockwise_cpu(*args, **kwargs)
 
 
@@ -46,8 +59,6 @@ def replacements(settings: RunSettings) -> tuple:
 
 def load_config(config):
     """A transformers PretrainedConfig from a config object, dict, config.json path or model folder."""
-    from transformers import AutoConfig, PretrainedConfig
-
     if isinstance(config, PretrainedConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
@@ -96,15 +107,12 @@ def with_layers(config, n: int):
 
 
 def model_class(task: str):
-    import transformers
     return getattr(transformers, TASKS[task])
 
 
 def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
     """The model as `qlora train` builds it. `path`: load real weights from this folder; else
     from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
-    from qlora.levers.modes import build_for_mode
-
     cls, dtype = model_class(settings.task), settings.dtype
 
     def load_float():
@@ -112,7 +120,7 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
             return from_pretrained_quietly(cls, path, dtype=dtype)
         if init:
             return cls.from_config(config, dtype=dtype)
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights  # lazy: transformers >= 5 only
         with no_init_weights():
             model = cls.from_config(config, dtype=dtype)
         model.tie_weights()  # no_init_weights skips the tying that init_weights does
@@ -120,9 +128,7 @@ def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bo
 
     def load_4bit():
         if path is not None:
-            from qlora.quant.load import load_4bit as load
             return load(path, cls, compute_dtype=dtype)
-        from qlora.quant.convert import quantize_model
         return quantize_model(load_float(), compute_dtype=dtype)
 
     model = build_for_mode(settings.configuration, load_float=load_float, load_4bit=load_4bit, lora=settings.lora())
@@ -134,13 +140,9 @@ def apply_levers(model, settings: RunSettings, trace: bool = False):
     `checkpoint_blocks` blocks, tile the MLPs (offload acts at the step: `loss_fn`). `trace` (a fake
     model of the planner): each checkpointed block's recompute in backward is named as its own phase,
     "backward (recompute)", whose peak extrapolates on its own line (memprofile.tracker.mark_phase)."""
-    from qlora.arch.blocks import transformer_blocks
-    from qlora.levers.checkpointing import enable_checkpointing
     if settings.checkpointing and settings.checkpoint_blocks is not None:
         enable_checkpointing(model, blocks=settings.checkpoint_blocks)
         if trace:
-            from memprofile.tracker import mark_phase
-
             def recompute(module, args):
                 if torch._C._current_graph_task_id() != -1:      # called inside backward: a recompute
                     mark_phase("backward (recompute)")
@@ -149,7 +151,6 @@ def apply_levers(model, settings: RunSettings, trace: bool = False):
                     for child in block.children():
                         child.register_forward_pre_hook(recompute)
     if settings.mlp_tile:
-        from qlora.levers.tiled_mlp import TiledMLP, tile_mlps
         tile_mlps(model, tile=settings.mlp_tile, min_tokens=settings.mlp_tile_min_tokens)
         if trace:   # the fake model computes 2 tiles per call: the tiles' tensors do not overlap (same peak)
             for m in model.modules():
@@ -164,9 +165,6 @@ def first_blocks(model, total: int, n: int):
     with n blocks, without building (and quantizing) it again. The modules from the root down to
     the block list are shallow copies; nothing of `model` changes. Models loop over their block
     list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
-    from torch import nn
-
-    from qlora.arch.blocks import repeated_module_lists, transformer_blocks
     blocks = {id(b) for b in transformer_blocks(model)}     # transformers' block class, where it has one
     stacks = [name for name, m in repeated_module_lists(model)
               if len(m) == total and (not blocks or {id(c) for c in m} == blocks)]
@@ -234,9 +232,6 @@ def loss_fn(settings: RunSettings, offloader=None):
     own = settings.task not in ("causal-lm", "dpo") or (settings.task == "causal-lm" and settings.loss == "model")
     if own and not settings.offload_activations:
         return None
-    from memprofile.measure import call_model, default_loss
-    from qlora.objectives.losses import causal_lm_loss
-    from qlora.objectives.preference import preference_step
     size = settings.loss_chunk_size
 
     def chunked(model, batch):
@@ -248,7 +243,6 @@ def loss_fn(settings: RunSettings, offloader=None):
     chunked.takes_model = True
     if not settings.offload_activations:
         return chunked
-    from qlora.levers.offload import offload_saved_tensors
 
     def offloaded(model, batch):
         with offload_saved_tensors(model, offloader=offloader or TracedOffloader):
@@ -263,7 +257,6 @@ class TracedOffloader(Offloader):
     (prefetched one block ahead, as on CUDA). On real tensors outside a trace both are plain copies."""
 
     def _to_host(self, t):
-        from memprofile.tracker import host_memory
         with host_memory():
             return t.detach().clone(memory_format=torch.contiguous_format), None
 

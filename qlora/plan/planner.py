@@ -31,6 +31,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+import numpy as np
+
+from memprofile.extrapolate import extrapolate, extrapolate_increments
+from memprofile.fake import TraceError, fake_tensors, new_fake_mode
+from memprofile.trace import trace_built
 from qlora.errors import QLoRAError
 from qlora.plan.build import (
     REAL_FUNCTIONS,
@@ -68,7 +73,6 @@ class Planner:
         on the shape). The 2p-block model is the 3p-block one's first blocks (`first_blocks`: built
         and quantized once) with the 3p one's optimizer (the blocks left out get no gradient, so
         their state is neither counted nor stepped)."""
-        from memprofile.fake import fake_tensors, new_fake_mode
         key = (n, seq if self.settings.task == "image-cls" else None)
         if key in self._models:
             return self._models[key]
@@ -92,7 +96,6 @@ class Planner:
         return self._models[key]
 
     def _traced(self, fn, what: str):
-        from memprofile.fake import TraceError
         try:
             return fn()
         except QLoRAError:
@@ -105,8 +108,6 @@ class Planner:
                              f"{type(e).__name__}: {msg}") from None
 
     def _step(self, n: int, batch: int, seq: int):
-        from memprofile.fake import fake_tensors
-        from memprofile.trace import trace_built
         mode, model, opt = self._fake_model(n, seq)
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
             return self._traced(lambda: trace_built(
@@ -116,7 +117,6 @@ class Planner:
 
     def estimate(self, batch: int, seq: int):
         """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
-        from memprofile.extrapolate import extrapolate
         if (batch, seq) not in self._cache:
             p, L = self.period, self.layers
             if self._parts is not None:   # the first k of L blocks checkpointed
@@ -143,7 +143,6 @@ class Planner:
         base (p + p) + (k - p)/p x one more checkpointed unit + (L - k - p)/p x one more plain unit. The
         recompute inside backward is its own phase (apply_levers), so the peak is the larger of the
         backward through the plain blocks (linear in both counts) and the recomputes."""
-        from memprofile.extrapolate import extrapolate_increments
         base, more_ckpt, more_plain = (part.estimate(batch, seq) for part in self._parts)
         k, p, L = self.settings.checkpoint_blocks, self.period, self.layers
         return extrapolate_increments(base, [(more_ckpt, (k - p) / p), (more_plain, (L - k - p) / p)])
@@ -269,7 +268,6 @@ def normalized_blocks(settings: RunSettings, layers: int) -> RunSettings:
 
 def _parabola_crossing(points, level: float) -> Optional[float]:
     """x where the parabola (or line) through the (x, y) points reaches `level`, if it does."""
-    import numpy as np
     xs, ys = zip(*points)
     coef = np.polyfit(xs, ys, min(2, len(xs) - 1))
     roots = [r.real for r in np.roots(np.concatenate([coef[:-1], [coef[-1] - level]])) if abs(r.imag) < 1e-9]

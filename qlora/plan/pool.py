@@ -3,7 +3,12 @@ imports every worker needs done once in the parent (bitsandbytes without its tor
 """
 from __future__ import annotations
 
+import gc
+import importlib
+import multiprocessing
 import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -14,7 +19,6 @@ from qlora.plan.settings import RunSettings
 def workers_for(jobs: int) -> int:
     """Processes for the plan's configurations: one per core (forked: the imports are shared), 1
     where fork is not available."""
-    import multiprocessing
     if jobs < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -24,7 +28,6 @@ def workers_for(jobs: int) -> int:
 def import_before_fork(config, settings: RunSettings) -> None:
     """What every worker would import on its first trace (~3 s: the modeling code, bitsandbytes,
     the tracer), imported once in the parent so that the forked workers share it."""
-    import importlib
     import_bitsandbytes()
     for name in ("memprofile.trace", "qlora.levers.modes", "qlora.quant", "qlora.objectives.losses",
                  "qlora.levers.checkpointing",
@@ -42,7 +45,6 @@ def import_bitsandbytes() -> None:
     and Inductor (1.6 s of a plan's ~7 s of imports, `python -X importtime`) though a trace never
     calls them (fake tensors run bitsandbytes' fake kernels). A wrapper compiles as torch.compile's
     own does, on the first call, so a later real run is unchanged."""
-    import sys
     if "bitsandbytes" in sys.modules:
         return
     compile_now = torch.compile
@@ -59,7 +61,7 @@ def import_bitsandbytes() -> None:
         return call
     torch.compile = compile_on_first_call
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 - lazy: imported here, under the swapped torch.compile
     finally:
         torch.compile = compile_now
 
@@ -69,9 +71,6 @@ def run_jobs(jobs: list, workers: int, config, settings: RunSettings) -> list:
     warm for the next one), over `workers` forked processes (1: here)."""
     if workers <= 1:
         return [r for group in jobs for r in _call(group)]
-    import gc
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     import_before_fork(config, settings)
     gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of the heap
     try:

@@ -16,12 +16,19 @@ from __future__ import annotations
 import gc
 import itertools
 import sys
+from dataclasses import replace
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig
 
+from memprofile.measure import free_memory, measure_step_or_oom
+from memprofile.report import environment, make_row, write_report
+from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.levers.modes import CONFIGURATIONS, check_mode
 from qlora.plan.build import build, loss_fn, make_batch, measured_optimizer
+from qlora.plan.planner import Planner
 from qlora.plan.settings import TASKS, RunSettings
 from qlora.util.dtypes import dtype_name, parse_dtype
 
@@ -42,15 +49,6 @@ def sweep(model: str, *, task: str = "causal-lm", configurations=CONFIGURATIONS,
     the loss, optimizer, LoRA dropout/targets and compute dtype; `overrides` replace its fields
     (e.g. lora_dropout=0.0, compute_dtype="float32"). `lora_dropout` > 0 costs activation memory:
     each adapted layer saves its own dropped copy of its input (+ mask) for backward."""
-    from dataclasses import replace
-
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig
-
-    from memprofile.measure import free_memory, measure_step_or_oom
-    from memprofile.report import make_row
-    from qlora.bundled import resolve_model
-    from qlora.plan.planner import Planner
     check_task(task)
     for c in configurations:
         check_mode(c)
@@ -86,7 +84,6 @@ def sweep(model: str, *, task: str = "causal-lm", configurations=CONFIGURATIONS,
         free_memory()
         gc.collect()
     if out is not None:
-        from memprofile.report import environment, write_report
         write_report(rows, out, env={**environment(), "model": str(path), "task": task,
                                      "dtype": dtype_name(base.dtype), "assumed": base.describe()})
     return rows

@@ -6,6 +6,7 @@ the FSDP per-rank formula; the long-context levers. Configurations are traced si
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Optional
 
@@ -105,7 +106,6 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     single-threaded Python): the lever searches, which take longest, first, then each mode with and
     without checkpointing in the same worker (they trace the same ops on the same shapes: the second
     replays most of them from memprofile.fakeops.FakeOps)."""
-    import time
     t0 = time.perf_counter()
     config = load_config(config)
     mode = settings.mode

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from memprofile.composition import describe
+from memprofile.units import human
 from qlora.plan.settings import RunSettings
 
 LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
@@ -12,7 +13,6 @@ MLP tiles are tile_mlps' defaults: 1,024 tokens, above 4,096)."""
 
 def format_levers(rows: list[dict], budget: int) -> str:
     """The lever rows as a markdown table: longest context at batch 1 and its breakdown."""
-    from memprofile.units import human
     lines = [f"longest context at batch 1 within {human(budget)}, per long-context lever (checkpointing on; "
              "qlora train's defaults use none of these levers):", "",
              "| levers | longest seq | peak | weights | grads + optimizer | activations (on device) | host (offloaded) "
@@ -32,7 +32,6 @@ def format_levers(rows: list[dict], budget: int) -> str:
 
 def format_plan(result: dict) -> str:
     """The plan as the CLI prints it: assumptions, one table row per configuration, the advice."""
-    from memprofile.units import human
     s: RunSettings = result["assumed"]
     lines = [f"{result['model_type']}: budget {human(result['budget'])} per device, seq {result['seq']}, "
              f"{s.device}; predicted by tracing the model on fake tensors "

@@ -42,7 +42,7 @@ _state: dict = {}     # "lib": the torch.library.Library holding our kernel (kep
 
 def import_bnb():
     """`bitsandbytes`, imported, with qlora's fixes applied (once per process; cheap afterwards)."""
-    import bitsandbytes
+    import bitsandbytes  # lazy: the door: bitsandbytes (~1.8 s) is imported when first needed
     if "lib" not in _state:
         _fix_cpu_dequantize_4bit()
     return bitsandbytes

@@ -71,7 +71,7 @@ def quant_state_from_bytes(absmax: torch.Tensor, code: torch.Tensor, shape, *, b
                            blocksize2: int = 256):
     """A bitsandbytes QuantState from plain tensors (how qlora.fsdp ships a 4-bit weight: `absmax` as uint8
     bytes, the fp32 absmax viewed as bytes when not nested; the nested constants replicated)."""
-    import bitsandbytes.functional as F
+    import bitsandbytes.functional as F  # lazy: import_bnb() ran (the 4-bit layers passed here were made through it)
     state2 = F.QuantState(absmax=absmax2, code=code2, blocksize=blocksize2, dtype=torch.float32) if nested else None
     return F.QuantState(absmax=absmax if nested else absmax.view(torch.float32), shape=torch.Size(shape), code=code,
                         blocksize=blocksize, quant_type=quant_type, dtype=dtype, offset=offset if nested else None,

@@ -46,6 +46,7 @@ from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, l
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.experts import quantize_experts
+from qlora.quant.inspect import quant_settings
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -200,7 +201,6 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
     to_quantize, kept = conversion_plan(model, skip)
     experts = experts_plan(model, skip)
     if not to_quantize and not experts:
-        from qlora.quant.inspect import quant_settings
         existing = quant_settings(model)
         if existing is not None:
             asked = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,

@@ -31,6 +31,7 @@ import types
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.quantized import is_4bit_param
@@ -165,7 +166,6 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, sizes: list[int], transposed: boo
 def uniform_fake(x: torch.Tensor, sizes: list[int]) -> bool:
     """Fake tensors (a memory trace) with as many rows for every expert of the chunk: the per-expert loop can be
     traced as one batched op (the same tensors' bytes, a hundred times fewer traced ops on a 128-expert model)."""
-    from torch._subclasses.fake_tensor import is_fake
     return len(set(sizes)) == 1 and is_fake(x)
 
 
@@ -185,7 +185,6 @@ def _project(module, name: str, x, idx, sizes, expert_of_row):
 
 def _routed_counts(ids: torch.Tensor, num_experts: int) -> list[int]:
     """Token-slots per expert. On fake tensors (the planner's trace) the routing is unknown: balanced."""
-    from torch._subclasses.fake_tensor import is_fake
     if is_fake(ids):
         n = ids.numel()
         return [n // num_experts + (e < n % num_experts) for e in range(num_experts)]

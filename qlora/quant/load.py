@@ -14,12 +14,17 @@ import os
 import re
 
 import torch
+import transformers
+import transformers.integrations as integrations
 from torch import nn
+from transformers import AutoConfig, BitsAndBytesConfig
 
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.heads import OUTPUT_HEAD_NAMES
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_conv1d
+from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model
@@ -55,7 +60,6 @@ def _check_folder(folder: str) -> None:
 def _skeleton(path: str, model_class, kwargs: dict) -> nn.Module | None:
     """The model built on the meta device (no memory, no weights read), or None if that fails."""
     try:
-        from transformers import AutoConfig
         keys = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
         config = AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in keys if k in kwargs})
         factory = getattr(model_class, "from_config", None) or model_class._from_config
@@ -76,7 +80,7 @@ class _QuantizeExpertsWhileLoading:
         self.settings, self.skip = settings, skip
 
     def __enter__(self):
-        from transformers import core_model_loading
+        from transformers import core_model_loading  # lazy: transformers >= 5 only
         self.module, self.original = core_model_loading, core_model_loading.set_param_for_module
         original, settings, skip = self.original, self.settings, self.skip
 
@@ -108,7 +112,6 @@ class _BlocksizeForTransformers:
         self.blocksize = blocksize
 
     def __enter__(self):
-        import transformers.integrations as integrations
         self.integrations, self.original = integrations, integrations.replace_with_bnb_linear
         blocksize = self.blocksize
 
@@ -182,12 +185,10 @@ def _from_pretrained_kwargs(given: dict, compute_dtype: torch.dtype) -> dict:
 
 def _resolve(name_or_path, model_class, kwargs: dict):
     """(local path or Hub id, transformers class); a local folder is checked and never asks the Hub."""
-    from qlora.bundled import resolve_model
     path = resolve_model(name_or_path)
     if os.path.isdir(path):
         _check_folder(path)
         kwargs.setdefault("local_files_only", True)
-    import transformers
     if model_class is None:
         model_class = transformers.AutoModelForCausalLM
     if not callable(getattr(model_class, "from_pretrained", None)):
@@ -217,9 +218,6 @@ def _skips_for_transformers(path: str, model_class, kwargs: dict, skip: list[str
 def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
           blocksize: int, skips: list[str], transformers_converts: bool) -> nn.Module:
     """transformers' from_pretrained with a BitsAndBytesConfig (one line of ours instead of its load report)."""
-    from transformers import BitsAndBytesConfig
-
-    from qlora.arch.loading import from_pretrained_quietly
     import_bnb()   # transformers imports bitsandbytes itself: through our door first (qlora.quant.bnb_fixes)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
@@ -243,7 +241,6 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
 def _check_loaded(model: nn.Module, path: str, skip: list[str], *, quant_type: str, double_quant: bool,
                   compute_dtype: torch.dtype, blocksize: int) -> None:
     """Every 4-bit layer has the asked settings; each is marked (qlora.quant.convert.mark_layer)."""
-    import transformers
     layers = [m for m in model.modules() if is_4bit(m)]
     if not layers:
         raise QLoRAError(f"load_4bit: {type(model).__name__} from {path!r} has no 4-bit layer after "

@@ -5,15 +5,22 @@ checkpointed blocks that fit `train.memory_budget`, and the check of the first s
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
+from qlora.arch.blocks import transformer_blocks
 from qlora.arch.quantized import has_4bit
 from qlora.errors import QLoRAError
+from qlora.levers.checkpointing import enable_checkpointing, is_checkpointing
+from qlora.levers.tiled_mlp import TiledMLP
+from qlora.lora.layers import LoRALayer
+from qlora.plan.build import num_layers
 from qlora.plan.planner import Planner, fewest_checkpointed_blocks
 from qlora.plan.settings import RunSettings
 from qlora.util.dtypes import dtype_name
+from qlora.util.sizes import parse_size
 
 
 def apply_memory_budget(model, train_set, collate, config, log):
@@ -21,12 +28,9 @@ def apply_memory_budget(model, train_set, collate, config, log):
     fewest checkpointed blocks that fit are switched on in `model`. Without a budget: (config, None)."""
     if not config.memory_budget:
         return config, None
-    from qlora.plan.build import num_layers
-    from qlora.util.sizes import parse_size
     config, predicted_peak, blocks = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget))
     ckpt = ""
     if blocks is not None:   # fewer blocks recomputed: faster steps in the same budget
-        from qlora.levers.checkpointing import enable_checkpointing
         enable_checkpointing(model, blocks=blocks)
         ckpt = f" checkpointing the first {blocks} of {num_layers(model.config)} blocks"
     log(f"memory_budget {config.memory_budget}: batch_size={config.batch_size} "
@@ -39,8 +43,6 @@ def settings_of(model, train_config) -> RunSettings:
     some parameters trainable), LoRA from model.qlora_config, checkpointing as it is on, the
     optimizer and offload (qlora train offloads on CUDA only) from the TrainConfig, MLP tiles as
     qlora.levers.tiled_mlp set them. The loss is assumed chunked (qlora train's causal-LM loss)."""
-    from qlora.levers.checkpointing import is_checkpointing
-    from qlora.lora.layers import LoRALayer
     modules = list(model.modules())
     lora = getattr(model, "qlora_config", None)
     if has_4bit(model):
@@ -51,7 +53,6 @@ def settings_of(model, train_config) -> RunSettings:
         mode = "full" if all(p.requires_grad for p in model.parameters()) else "head"
     task = {"ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
     name = type(model).__name__
-    from qlora.levers.tiled_mlp import TiledMLP
     tiled = next((m.__dict__["forward"] for m in modules if isinstance(m.__dict__.get("forward"), TiledMLP)), None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fields = dict(mode=mode, checkpointing=is_checkpointing(model), optimizer=train_config.optimizer,
@@ -59,7 +60,6 @@ def settings_of(model, train_config) -> RunSettings:
                   mlp_tile=tiled.tile if tiled else 0, mlp_tile_min_tokens=tiled.min_tokens if tiled else 4096,
                   task=next((t for suffix, t in task.items() if name.endswith(suffix)), "causal-lm"),
                   compute_dtype=dtype_name(next(p.dtype for p in model.parameters() if p.is_floating_point())))
-    from qlora.arch.blocks import transformer_blocks
     chosen = [getattr(b, "gradient_checkpointing", False) for b in transformer_blocks(model)]
     if fields["checkpointing"] and chosen and not all(chosen):   # a subset (counted as the first k)
         fields["checkpoint_blocks"] = sum(chosen)
@@ -78,11 +78,9 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int):
     micro-batch is chosen with every block checkpointed, then `checkpoint_blocks` is the fewest
     (the first k) that still fit at it (each block left out skips its recompute): None when all are
     needed (or checkpointing is off); the peak is the one with k blocks."""
-    from dataclasses import replace as dc_replace
     sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
     settings = settings_of(model, train_config)
     if "completion_mask" in sample:        # TRL's preference layout: batch_size pairs, 2 rows each
-        from dataclasses import replace
         settings = replace(settings, task="dpo")
     x = sample.get("input_ids", sample.get("pixel_values"))
     seq = int(x.shape[-1])
@@ -97,7 +95,7 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int):
     micro = math.ceil(effective / accum)
     blocks = fewest_checkpointed_blocks(planner, budget, micro, seq) if settings.checkpointing else None
     peak = planner.with_checkpoint_blocks(blocks).estimate(micro, seq).peak
-    return dc_replace(train_config, batch_size=micro, grad_accum=accum), peak, blocks
+    return replace(train_config, batch_size=micro, grad_accum=accum), peak, blocks
 
 
 def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora.errors import QLoRAError
+from qlora.fsdp.shard import full, gathered, shard_full_, shard_optimizer_state
+from qlora.lora.files import save_adapter
 from qlora.util.staging import clean_stale, publish, staging_folder
 
 
@@ -34,7 +36,6 @@ def set_rng_state(tensors: dict, info: dict) -> None:
 
 
 def _optimizer_to_files(optimizer) -> tuple[dict, dict]:
-    from qlora.fsdp.shard import full
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
@@ -63,14 +64,12 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, position: dict, k
 
     A sharded (FSDP) model is gathered first: every rank calls this, only the one with `write`
     writes, and the files are those of an unsharded run (whole tensors)."""
-    from qlora.fsdp.shard import gathered
     with gathered(model):            # a no-op unless the model is sharded
         opt_files = _optimizer_to_files(optimizer)
         return _write_checkpoint(folder, model, opt_files, scheduler, position, keep_last) if write else None
 
 
 def _write_checkpoint(folder: Path, model, opt_files: tuple, scheduler, position: dict, keep_last: int) -> Path:
-    from qlora.lora.files import save_adapter
     root = folder / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position['step']:07d}"
@@ -99,7 +98,6 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Every rank reads the whole files; a sharded (FSDP) parameter or moment keeps its own part."""
-    from qlora.fsdp.shard import shard_full_, shard_optimizer_state
     state = json.loads((path / "state.json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():

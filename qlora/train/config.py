@@ -7,6 +7,7 @@ from typing import Optional
 from qlora.errors import QLoRAError
 from qlora.optim import OPTIMIZERS
 from qlora.util.checks import check_bools, check_ints, check_numbers
+from qlora.util.sizes import parse_size
 
 
 class TrainingDiverged(QLoRAError):
@@ -77,7 +78,6 @@ class TrainConfig:
         check_numbers(self, ("weight_decay",), at_least=0)
         check_ints(self, ("seed",), minimum=None)
         if self.memory_budget is not None:
-            from qlora.util.sizes import parse_size
             parse_size(self.memory_budget)          # a bad size fails here, not after the model is built
         check_bools(self, ("bf16", "resume", "overwrite", "progress", "offload_activations", "fsdp"))
         if self.fsdp and self.optimizer != "adamw":

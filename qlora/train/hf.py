@@ -39,16 +39,18 @@ is the policy's own base: under shared_reference it is refused.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import types
 
 from qlora.errors import QLoRAError
+from qlora.lora.files import save_adapter
+from qlora.lora.inject import disable_adapters
 
 
 def _save_adapter_pretrained(self, save_directory, state_dict=None, is_main_process: bool = True, **kwargs):
     """Trainer.save_model -> save_pretrained: our adapter files (the state_dict Trainer passes is the
     whole model's; the adapter is read from the model itself)."""
-    from qlora.lora.files import save_adapter
     if is_main_process:
         save_adapter(self, save_directory)
 
@@ -68,9 +70,6 @@ def reference_model(model):
     """The reference for TRL's preference trainers: `model` with its adapters disabled, sharing every module and
     weight with it (a shallow copy of the model object: no tensor is copied). Every call runs under
     qlora.disable_adapters, whatever forward TRL patches in (its fused LM head calls the backbone directly)."""
-    import copy
-
-    from qlora.lora.inject import disable_adapters
     if getattr(model, "qlora_config", None) is None:
         raise QLoRAError("reference_model needs a model with qlora adapters: call qlora.add_lora(model, ...) first")
     ref = copy.copy(model)          # the same _modules / _parameters dicts: one set of weights
@@ -88,8 +87,8 @@ def shared_reference(model):
     """While it is open, TRL's trainers asking `create_model_from_path` for `model`'s own path (their reference,
     loaded again) get `reference_model(model)`; any other path loads as before. TRL's SyncRefModelCallback
     (sync_ref_model=True) is refused: it would average the policy into its own frozen base."""
-    from trl.trainer import callbacks
-    from trl.trainer.utils import get_config_model_id
+    from trl.trainer import callbacks  # lazy: trl is optional (test extra) and costs ~3 s
+    from trl.trainer.utils import get_config_model_id  # lazy: trl is optional (test extra)
     own = get_config_model_id(model.config)
     patched = {}
     for name, module in list(sys.modules.items()):

@@ -24,6 +24,7 @@ No pickles: every checkpoint file is safetensors or JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -34,9 +35,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from memprofile.tracker import mark_phase
 from qlora.errors import QLoRAError
+from qlora.fsdp.shard import clip_grad_norm_, gathered, local_bytes, shard_model
+from qlora.levers.offload import offload_saved_tensors
+from qlora.lora.files import save_adapter
 from qlora.optim import make_optimizer
 from qlora.train.budget import apply_memory_budget, check_prediction
 from qlora.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -70,7 +76,6 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     `collate(list_of_examples) -> batch`; `loss_fn(model, batch) -> scalar loss`;
     `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad); `on_first_step(result)` once, on
     the main process, when the first optimizer step's peak memory and time are in `result`."""
-    from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
                               gradient_accumulation_steps=config.grad_accum,
                               cpu=not torch.cuda.is_available())
@@ -83,7 +88,6 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
         raise QLoRAError("the model has no trainable parameters: add LoRA (qlora.add_lora) or unfreeze a head")
     sharded = config.fsdp and accelerator.num_processes > 1
     if sharded:   # FSDP2 instead of DDP: shard first, the optimizer then holds (and shards) the DTensors
-        from qlora.fsdp.shard import shard_model
         shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay)
@@ -171,7 +175,6 @@ class _Run:
         self.step_loss_sum, self.step_micro, self.interval, self.reported = 0.0, 0, [], {}
 
     def epochs(self, train_set, collate, position: dict) -> int:
-        from tqdm.auto import tqdm
         config, acc = self.config, self.accelerator
         rank, world = acc.process_index, acc.num_processes
         self.bar = tqdm(total=self.total, initial=position["step"], desc="train",
@@ -223,7 +226,6 @@ class _Run:
             acc.backward(loss)
             if acc.sync_gradients and config.max_grad_norm:
                 if self.sharded:
-                    from qlora.fsdp.shard import clip_grad_norm_
                     clip_grad_norm_(self.params, config.max_grad_norm)
                 else:
                     acc.clip_grad_norm_(self.params, config.max_grad_norm)
@@ -285,7 +287,6 @@ class _Run:
         result.steps = step
         timed = self.step_times[1:] or self.step_times
         result.mean_step_seconds = sum(timed) / len(timed) if timed else None
-        from qlora.fsdp.shard import local_bytes
         result.local_bytes = local_bytes(self.plain, self.optimizer.optimizer)
         if getattr(self.plain, "qlora_config", None) is not None:
             save_final_adapter(self.plain, self.out / "adapter", write=acc.is_main_process)
@@ -309,8 +310,6 @@ class LossInForward(torch.nn.Module):
 def save_final_adapter(model, folder: Path, write: bool = True) -> None:
     """The trained adapter in PEFT format (qlora.save_adapter), whole tensors, written by one process.
     Every rank calls it when the model is sharded (the tensors are gathered first)."""
-    from qlora.fsdp.shard import gathered
-    from qlora.lora.files import save_adapter
     with gathered(model):
         if write:
             save_adapter(model, folder)
@@ -319,9 +318,7 @@ def save_final_adapter(model, folder: Path, write: bool = True) -> None:
 def _offload(config: TrainConfig, device, model):
     """qlora.levers.offload: saved tensors of 1 MiB or more (with checkpointing: the block inputs) to pinned
     host memory, copied on a side stream and prefetched in backward; the model's weights stay."""
-    import contextlib
     if config.offload_activations and torch.device(device).type == "cuda":
-        from qlora.levers.offload import offload_saved_tensors
         return offload_saved_tensors(model)
     return contextlib.nullcontext()
 

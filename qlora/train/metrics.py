@@ -3,11 +3,13 @@ memory (memprofile's allocator account on CPU, torch.cuda.max_memory_allocated o
 that peak, by category."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memprofile.peak import CpuPeakTracker
 from memprofile.tensors import nested_tensors, unique_storage_bytes, weight_bytes
@@ -62,9 +64,6 @@ class FirstStepPeak:
 
 def live_bytes_estimate() -> int:
     """Bytes of all live CPU tensor storages (each once): the baseline under the step's peak."""
-    import gc
-
-    from torch._subclasses.fake_tensor import FakeTensor
     seen, total = set(), 0
     for obj in gc.get_objects():
         # type(), not isinstance(): isinstance reads obj.__class__, which on torch.distributed's deprecated
@@ -107,9 +106,9 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     learning rate on a second axis; then one panel per group of other metrics, a group being the name up to its
     "/" (TRL's rewards/chosen, rewards/margins, ... share a panel): train values as lines, eval values as points;
     eval metrics without a group (accuracy, perplexity) share an "evaluation" panel."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~0.25 s, only plots need it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), which must come first
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]

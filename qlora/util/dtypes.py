@@ -23,7 +23,7 @@ def canonical_dtype(text) -> str | None:
 
 def parse_dtype(dtype):
     """`None`, a float `torch.dtype`, or one of the names above -> a float torch.dtype."""
-    import torch
+    import torch  # lazy: qlora --help imports no torch (qlora.cli.args imports this module)
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     name = canonical_dtype(dtype)
@@ -37,7 +37,7 @@ def resolve_dtype(dtype, device=None):
     are slow on most CPUs); anything else as parse_dtype reads it. `device` ("cuda", "cpu", a torch.device):
     where the run computes; None: CUDA when it is available."""
     if isinstance(dtype, str) and dtype == "auto":
-        import torch
+        import torch  # lazy: qlora --help imports no torch (qlora.cli.args imports this module)
         on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
         return torch.bfloat16 if on_cuda else torch.float32
     return parse_dtype(dtype)

@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from memprofile.units import human
+from qlora.errors import QLoRAError
+
 
 def temp_name(target: Path, kind: str = "tmp", pid: int | None = None) -> Path:
     """`.NAME.tmp-PID` beside `target` (hidden, and the PID says whose it is)."""
@@ -69,7 +72,6 @@ def clean_stale(target: Path, log: Callable[[str], None] | None = None) -> list[
     removed paths."""
     log = log or (lambda line: print(line, file=sys.stderr))
     removed = []
-    from memprofile.units import human
     for path, pid, running in stale_leftovers(target):
         size = human(size_of(path), digits=1)
         if running:
@@ -109,7 +111,6 @@ def staging_folder(target: Path, log: Callable[[str], None] | None = None) -> Pa
     target = Path(target)
     blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        from qlora.errors import QLoRAError
         raise QLoRAError(f"{blocking} is a file, so {target} cannot be created inside it; choose another folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target, log)

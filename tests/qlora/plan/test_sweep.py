@@ -46,7 +46,7 @@ def test_profile_still_writes_measured_rows_when_the_trace_fails(llama_folder, t
 
     def untraceable(*args, **kwargs):
         raise TraceError("aten.nonzero.default depends on tensor values")
-    monkeypatch.setattr("memprofile.trace.trace_built", untraceable)
+    monkeypatch.setattr("qlora.plan.planner.trace_built", untraceable)
     out = tmp_path / "report"
     assert main(["profile", "--model", str(llama_folder), "--configs", "lora", "--batch", "1", "--seq", "8",
                  "--dtype", "float32", "--out", str(out)]) == 0
@@ -105,7 +105,7 @@ def test_plan_of_an_untraceable_model_is_one_line(llama_folder, monkeypatch, cap
 
     def untraceable(*args, **kwargs):
         raise TraceError("aten.nonzero.default depends on tensor values")
-    monkeypatch.setattr("memprofile.trace.trace_built", untraceable)
+    monkeypatch.setattr("qlora.plan.planner.trace_built", untraceable)
     assert main(["plan", "--model", str(llama_folder / "config.json"), "--memory", "64MiB", "--seq", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "llama" in err and "nonzero" in err
