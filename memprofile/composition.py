@@ -141,10 +141,26 @@ class Blocks:
         self.running: list[int] = []               # forward: the blocks whose forward is running
         self.starts: list[int] = []                # forward: sequence numbers where each block's ops begin
         self.owner: list[int] = []                 # ... and the block
+        self.inside = 0                            # forwards of the blocks' children running now
         self.handles = []
         for k, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(self._enter(k)))
             self.handles.append(block.register_forward_hook(self._leave(k)))
+            for child in block.children():         # a checkpointed block's recompute runs its children's forwards
+                self.handles.append(child.register_forward_pre_hook(self._child_enters))
+                self.handles.append(child.register_forward_hook(self._child_leaves))
+
+    def _child_enters(self, module, args):
+        self.inside += 1
+
+    def _child_leaves(self, module, args, output):
+        self.inside -= 1
+
+    @property
+    def recomputing(self) -> bool:
+        """In backward: a block's forward runs again (checkpointing's recompute; the block's own hooks run
+        outside the checkpoint, its children's inside)."""
+        return self.inside > 0
 
     def _enter(self, k: int):
         def hook(module, args):

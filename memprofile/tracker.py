@@ -148,7 +148,7 @@ class StorageTracker(TorchDispatchMode):
         self.live += n
         self.finalizers.append(weakref.finalize(s, self._free, key, n))
         if self.composition is not None:
-            recompute = self.phase.startswith("backward") and self.blocks is not None and self.blocks.running
+            recompute = self.phase.startswith("backward") and self.blocks is not None and self.blocks.recomputing
             self.composition.allocated(key, n, temporary_kind(self.phase + (" (recompute)" if recompute else ""),
                                                               what))
         self._note(self.live, what)

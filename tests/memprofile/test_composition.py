@@ -95,3 +95,36 @@ def test_gradients_and_activations_at_a_backward_peak():
     assert m.peak_phase.startswith("backward of block 0 (blocks.0)")
     assert m.at_peak["gradients"] == 2 * (16 * 16 + 16) * 4     # blocks 1 and 2, not yet block 0
     assert m.at_peak["activations"] == 0 < m.activations and m.at_peak["inputs"] == 4 * 16 * 4
+
+
+class Widen(nn.Module):
+    """[4, 16] -> a [4, BIG / 4] tensor saved for backward (by the square), averaged back to [4, 16]."""
+
+    def forward(self, x):
+        wide = x.repeat(1, BIG // 4 // 16)
+        return (wide * wide).mean(1, keepdim=True) + x
+
+
+class CheckpointedNet(nn.Module):
+    """Three blocks whose insides (Linear, Widen) run under non-reentrant checkpointing: in backward each block's
+    forward runs again, and its BIG saved tensor is a recomputed activation at the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), Widen()) for _ in range(3))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(b, x, use_reentrant=False)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("how", ["measured", "traced"])
+def test_a_checkpointed_blocks_recompute_is_named(how):
+    torch.manual_seed(0)
+    loss = lambda out, b: out                                   # noqa: E731
+    m = (measure_step(CheckpointedNet(), batch(), loss_fn=loss, timed_steps=0) if how == "measured" else
+         trace_step(CheckpointedNet, batch, loss_fn=loss))
+    assert sum(m.at_peak.values()) == m.peak
+    assert m.peak_phase.startswith("backward of block"), m.peak_phase
+    assert m.temporary_parts["recomputed activations"] >= BIG * 4 > m.at_peak["activations"]
