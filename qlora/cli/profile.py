@@ -1,6 +1,8 @@
 """qlora profile: measure and predict the memory of each training configuration of a model."""
 from __future__ import annotations
 
+import dataclasses
+
 from qlora.cli import args
 from qlora.cli.args import ints, run_settings
 
@@ -25,11 +27,14 @@ def run(args) -> int:
 
     from qlora.plan.sweep import sweep  # lazy: qlora --help imports no torch
     settings = run_settings(args, device="cuda" if torch.cuda.is_available() else "cpu")
+    ranks = ints(args.rank, "rank")
+    settings = dataclasses.replace(settings, lora_r=ranks[0])     # what it assumed says the rank it ran
     rows = sweep(args.model, task=args.task, configurations=[c.strip() for c in args.configs.split(",")],
-                 batches=ints(args.batch, "batch"), seqs=ints(args.seq, "seq"), ranks=ints(args.rank, "rank"),
+                 batches=ints(args.batch, "batch"), seqs=ints(args.seq, "seq"), ranks=ranks,
                  settings=settings, out=args.out)
     from memprofile.report import print_table  # lazy: qlora --help imports no torch
-    print(f"assumed: {settings.describe()} (mode and checkpointing per row)")
+    per_row = "mode, checkpointing and rank per row" if len(ranks) > 1 else "mode and checkpointing per row"
+    print(f"assumed: {settings.describe()} ({per_row})")
     print_table(rows)
     print(f"\nwrote {args.out}/report.json, report.md, report.csv, memory.png")
     return 0
