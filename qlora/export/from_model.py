@@ -57,7 +57,8 @@ def _plain_weight(module) -> torch.Tensor:
 
 
 def _plain_matrix(experts, name: str) -> torch.Tensor:
-    """An experts matrix [E, a, b] in fp32: dequantized when 4-bit (what the experts forward computes with)."""
+    """An experts matrix [E, a, b] in fp32: dequantized when 4-bit (what the experts forward computes with); a
+    float32 one is the live parameter itself (detached): read it, never write into it."""
     w = experts.get_parameter(name)
     if is_4bit_param(w):
         return dequantize_experts(w).float()
@@ -147,11 +148,11 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                     tensor = seen if layer.merged else seen + delta
                 elif owner is not None and (id(owner), matrix) in lora_by_matrix:   # an adapted experts matrix
                     layer = lora_by_matrix[(id(owner), matrix)]
-                    tensor = _plain_matrix(owner, matrix)
+                    tensor = _plain_matrix(owner, matrix)   # float experts: the live parameter itself
                     if not layer.merged:
                         delta = layer.delta_weight()
                         update_norm = delta.norm().item()
-                        tensor += delta
+                        tensor = tensor + delta             # a new tensor: never into the live model's weights
                         del delta
                     result.layers.append(LayerUpdate(name, update_norm, None))
                 elif name.endswith(".weight") and owner is not None and is_4bit(owner):

@@ -73,3 +73,26 @@ def test_qlora_export_from_files(tmp_path):
                              text=True, timeout=600)
     assert requant.returncode == 2 and "--requantize does not write 4-bit experts" in requant.stderr
     assert "Traceback" not in requant.stderr and not (tmp_path / "out4").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_exporting_a_float_experts_model_twice_gives_the_same_files_and_leaves_it_unchanged(family, tmp_path):
+    """mode=lora: the experts are float parameters. The export reads them, merges the update into a new tensor and
+    never writes into the live model (it once added ΔW in place: a second export wrote W + 2ΔW and the
+    verification failed)."""
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model = tiny_moe(family).float()
+    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        before = model(IDS).logits
+    first = qlora.export_merged(model, tmp_path / "one", dtype="float32", progress=False)
+    second = qlora.export_merged(model, tmp_path / "two", dtype="float32", progress=False)
+    assert first.verification["passed"] and second.verification["passed"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)     # the live model is untouched
+    one, two = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                for d in (tmp_path / "one", tmp_path / "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    torch.testing.assert_close(stock_logits(tmp_path / "one"), before, rtol=0, atol=2e-5)
