@@ -2,6 +2,7 @@
 
     output_head_paths(model)     # {'lm_head'} / {'classifier', 'classifier.dense', ...} / {'score'}
     task_head_paths(model)       # set() / {'classifier'} / {'score'}: a new task head, trained in full with LoRA
+    decoder(model)               # the model below its head: what computes the hidden states the head reads
 
 The head is every module whose dotted path has a part named `lm_head`, `classifier` or `score`
 (with its insides), plus whatever `get_output_embeddings()` returns. It stays in float when the
@@ -23,6 +24,18 @@ def output_embedding(model):
         return get_out()
     except (NotImplementedError, AttributeError):
         return None
+
+
+def decoder(model):
+    """The body of a causal LM: `get_decoder()`, unless that is the model itself (Llama 4's causal LM names its
+    base model `language_model` but keeps it in `model`): then the one child that is a transformers model."""
+    body = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if body is not None and body is not model:
+        return body
+    children = [m for _, m in model.named_children() if hasattr(m, "config") and callable(getattr(m, "forward", None))]
+    if len(children) == 1:
+        return children[0]
+    raise ValueError(f"{type(model).__name__}: no decoder below the head (get_decoder() is the model itself)")
 
 
 def in_head_by_name(path: str) -> bool:

@@ -5,6 +5,7 @@
     is_4bit_param(p)         # a packed Params4bit: a Linear4bit's weight or a 4-bit experts matrix
     has_4bit(model)          # any 4-bit layer or 4-bit parameter in it: a QLoRA model
     is_linear(module)        # nn.Linear (Linear4bit included) or transformers' Conv1D (GPT-2)
+    runs_as_linear(module)   # it computes F.linear(x, weight, bias): it can become 4-bit and take LoRA
     linear_features(module)  # (in, out) of either
     is_transposed(module)    # its checkpoint weight is [in, out]: a Conv1D, or a Linear4bit made from one
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
 from memprofile.tensors import is_4bit_param  # the parameter-level rule's one home (duck-typed, no bitsandbytes)
@@ -75,6 +77,56 @@ def is_conv1d(module) -> bool:
 def is_linear(module) -> bool:
     """A linear layer qlora can quantize and adapt: nn.Linear (and subclasses: Linear4bit) or Conv1D."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def runs_as_linear(module) -> bool:
+    """Whether a linear layer computes x @ W.T + b from its weight as it is, so a Linear4bit (and a LoRA beside
+    it) computes the same: nn.Linear and Conv1D do; an nn.Linear subclass with a forward of its own (a router
+    returning scores and indices, DeepSeek-V4's grouped projection reading weight.view(groups, ...),
+    Falcon's FalconLinear) does when a probe says so: its forward on a probe input and probe weights of the
+    layer's shape gives F.linear's shape (on the meta device) and, for layers of up to 2^24 weights, F.linear's
+    values. One rule for every such class: those that do not stay in float, without LoRA unless named."""
+    cls = type(module)
+    if is_conv1d(module) or not isinstance(module, nn.Linear) or cls.forward is nn.Linear.forward:
+        return is_linear(module)
+    attrs = tuple(sorted((k, v) for k, v in module.__dict__.items() if isinstance(v, (int, float, bool, str))))
+    return _probe(cls, module.in_features, module.out_features, module.bias is not None, attrs, module)
+
+
+_PROBED: dict = {}
+
+
+def _probe(cls, n_in: int, n_out: int, bias: bool, attrs: tuple, module) -> bool:
+    key = (cls, n_in, n_out, bias, attrs)
+    if key not in _PROBED:
+        _PROBED[key] = _same_as_linear(module, n_in, n_out, bias, "meta") and (
+            n_in * n_out > 2 ** 24 or _same_as_linear(module, n_in, n_out, bias, "cpu"))
+    return _PROBED[key]
+
+
+class _Probe:
+    """The layer's attributes, with probe weights in place of its own (its forward runs on this as `self`)."""
+
+    def __init__(self, module, weight, bias):
+        self.__dict__.update(_module=module, weight=weight, bias=bias)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+def _same_as_linear(module, n_in: int, n_out: int, bias: bool, device: str) -> bool:
+    g = torch.Generator().manual_seed(0)
+    make = (lambda *s: torch.empty(*s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=g))
+    x, w, b = make(3, n_in), make(n_out, n_in), make(n_out) if bias else None
+    try:
+        with torch.no_grad():
+            got = type(module).forward(_Probe(module, w, b), x)
+    except Exception:  # noqa: BLE001 -- any failure of a foreign forward on the probe means "not a plain linear"
+        return False
+    want = torch.nn.functional.linear(x, w, b)
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    return device == "meta" or torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def linear_features(module) -> tuple[int, int]:

@@ -21,7 +21,15 @@ from memprofile.tensors import param_counts
 from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
-from qlora.arch.quantized import four_bit_params, has_4bit, is_4bit, is_4bit_param, is_linear, is_transposed
+from qlora.arch.quantized import (
+    four_bit_params,
+    has_4bit,
+    is_4bit,
+    is_4bit_param,
+    is_linear,
+    is_transposed,
+    runs_as_linear,
+)
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
 from qlora.lora.experts import LoRAExperts, attach, detach
@@ -61,6 +69,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         heads = output_head_paths(model)
         found = {n: m for n, m in candidates.items()
                  if (is_linear(m) and not isinstance(m, LoRALayer) and n not in heads
+                     and (is_4bit(m) or runs_as_linear(m))
                      and not is_router(m, model.get_submodule(n.rpartition(".")[0]) if "." in n else model))
                  or matrix_name(n, m)}
         if not found:
@@ -92,10 +101,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         if isinstance(module, ModulesToSave):
             raise QLoRAError(f"{name!r} is in modules_to_save (trained in full); it can't also get LoRA")
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if is_router(module, parent) and type(module).forward is not nn.Linear.forward:
-            raise QLoRAError(f"{name!r} is a router with a forward of its own ({type(module).__name__}: it returns "
-                             "routing scores, not a Linear output); LoRA cannot wrap it. Leave it out of "
-                             "target_modules (or exclude it with exclude_modules)")
+        if is_linear(module) and not is_4bit(module) and not runs_as_linear(module):
+            what = "a router" if is_router(module, parent) else "a linear layer"
+            raise QLoRAError(f"{name!r} is {what} with a forward of its own ({type(module).__name__}: it does not "
+                             "compute x @ W.T + b from its "
+                             "weight, e.g. routing scores or a grouped projection); LoRA cannot wrap it. Leave it out "
+                             "of target_modules (or exclude it with exclude_modules)")
         if lora_class_for(module) is None:
             raise QLoRAError(
                 f"{name!r} is a {type(module).__name__}; LoRA supports nn.Linear, transformers Conv1D, "

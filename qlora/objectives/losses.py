@@ -22,6 +22,7 @@ import sys
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from qlora.arch.heads import decoder
 from qlora.lora.layers import LoRALayer
 
 IGNORE_INDEX = -100
@@ -111,7 +112,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
         return model(**inputs, labels=labels).loss
     head = model.get_output_embeddings()
     aux = bool(getattr(getattr(model, "config", None), "output_router_logits", False))   # a MoE asked for it
-    out = model.get_decoder()(**inputs, **({"output_router_logits": True} if aux else {}))
+    out = decoder(model)(**inputs, **({"output_router_logits": True} if aux else {}))
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
     loss = chunked_cross_entropy(out.last_hidden_state, head.weight, shifted, chunk_size=chunk_size)
     return with_router_aux_loss(model, loss, out, attention_mask) if aux else loss

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from qlora.arch.heads import decoder
 from qlora.errors import QLoRAError
 from qlora.lora.inject import disable_adapters
 from qlora.objectives.losses import chunk_starts, head_is_chunkable, with_router_aux_loss
@@ -68,7 +69,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         logits = out.logits                                                 # [N, L, V]
         token_logps = pick(logits[:, :-1]).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     else:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         hidden = out.last_hidden_state                                      # [N, L, H]
         states = pick(hidden[:, :-1])                                       # [M, H]: completion positions only
         weight = model.get_output_embeddings().weight

@@ -42,7 +42,7 @@ from torch import nn
 from qlora.arch.experts import is_experts_module, is_router
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_parts
-from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features
+from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features, runs_as_linear
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.experts import quantize_experts
@@ -158,6 +158,7 @@ def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[
             continue
         parent = modules[name.rpartition(".")[0]] if "." in name else model
         if (name in heads or any(h and name.startswith(h + ".") for h in heads) or is_router(module, parent)
+                or not runs_as_linear(module)                  # a forward of its own that needs its float weight
                 or any(p in _ADAPTER_PARTS for p in name.split("."))
                 or isinstance(parent, nn.MultiheadAttention)  # reads out_proj.weight directly
                 or any(matches_parts(name, p) for p in skip)):

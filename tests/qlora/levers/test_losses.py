@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qlora
 from qlora.objectives.losses import causal_lm_loss, chunked_cross_entropy
 
 
@@ -116,3 +117,22 @@ def test_models_that_scale_or_cap_their_logits_get_their_own_values(family, extr
         mask = torch.ones_like(ids)
         want = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).sum(1)
         torch.testing.assert_close(sequence_logps(model, ids, None, mask)[0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_llama4_text_the_decoder_below_its_head_is_found():
+    """Llama4ForCausalLM.get_decoder() is the model itself (its base model is named language_model but lives
+    in `model`): the chunked loss finds the decoder by one rule (qlora.arch.heads.decoder) and equals the model's
+    own loss on the 4-bit model; the router (an nn.Linear returning scores and indices) stays float."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=2, intermediate_size=24, intermediate_size_mlp=32, head_dim=16,
+                               num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                               no_rope_layers=[1, 1], attention_chunk_size=16, tie_word_embeddings=False)
+    model = qlora.quantize_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), compute_dtype=torch.float32)
+    assert not qlora.quant.is_4bit(model.model.layers[0].feed_forward.router)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours = qlora.causal_lm_loss(model, ids, ids, chunk_size=5)
+    torch.testing.assert_close(ours, model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    ours.backward()

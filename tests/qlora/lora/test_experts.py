@@ -22,6 +22,7 @@ from torch import nn
 
 import qlora
 from qlora.arch.experts import expert_weight_names, is_experts_module, is_router
+from qlora.arch.quantized import runs_as_linear
 from qlora.lora.experts import LoRAExperts
 from tests.qlora.quant.test_experts import FAMILIES, MORE_FAMILIES, reference, tiny_moe
 
@@ -40,7 +41,7 @@ def targets(model) -> tuple[list[str], list[str]]:
     """(the Linear layers to adapt, every expert matrix), as full paths."""
     parents = dict(model.named_modules())
     linears = [n for n in linear_names(model) if n.rpartition(".")[2] not in MLP_NAMES
-               and not is_router(parents[n], parents[n.rpartition(".")[0]])]
+               and not is_router(parents[n], parents[n.rpartition(".")[0]]) and runs_as_linear(parents[n])]
     matrices = [f"{n}.{w}" for n, m in model.named_modules() if is_experts_module(m) for w in expert_weight_names(m)]
     return linears, matrices
 

@@ -58,6 +58,11 @@ MORE_FAMILIES = {
     "flex_olmo": dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
     "jamba": dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, attn_layer_period=1,
                   attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0, use_mamba_kernels=False),
+    # a grouped output projection (an nn.Linear subclass whose forward reads weight.view(groups, ...)): it stays
+    # float and out of all-linear (qlora.arch.quantized.runs_as_linear)
+    "deepseek_v4": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                        head_dim=16, q_lora_rank=16, o_groups=2, o_lora_rank=8, index_n_heads=2, index_head_dim=8,
+                        index_topk=4, num_nextn_predict_layers=0, sliding_window=8, mlp_layer_types=["moe", "moe"]),
 }
 
 
