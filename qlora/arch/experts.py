@@ -35,12 +35,14 @@ def is_experts_module(module: nn.Module) -> bool:
 
 def is_router(module: nn.Module, parent: nn.Module | None) -> bool:
     """A linear layer that scores the experts (Mixtral's gate, PhiMoE's and Llama 4's nn.Linear routers with a
-    forward of their own): one output per expert, where it, its parent or a sibling records `num_experts`.
-    Routers stay as they are: not quantized, no LoRA unless named (like the output head)."""
+    forward of their own) or gates them (Qwen2-MoE's `shared_expert_gate`, Linear(H, 1)): one output per expert,
+    or a single one, where it, its parent or a sibling records `num_experts`. Routers and gates stay as they
+    are: not quantized, no LoRA unless named (like the output head)."""
     if not isinstance(module, nn.Linear):
         return False
     counts = {getattr(m, "num_experts", None) for m in (module, parent, *(parent.children() if parent else ()))}
-    return module.out_features in {n for n in counts if isinstance(n, int) and n > 1}
+    experts = {n for n in counts if isinstance(n, int) and n > 1}
+    return bool(experts) and (module.out_features in experts or module.out_features == 1)   # 1: a shared expert's gate
 
 
 def expert_weight_names(module: nn.Module) -> list[str]:

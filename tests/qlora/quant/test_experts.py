@@ -197,3 +197,12 @@ def test_skip_modules_keeps_matching_experts_float():
         if is_experts_module(m):
             four_bit = [m.get_parameter(w).dtype == torch.uint8 for w in expert_weight_names(m)]
             assert four_bit == ([False, False] if ".layers.0." in name + "." else [True, True]), name
+
+
+def test_a_shared_experts_single_output_gate_is_left_alone_like_a_router():
+    """Qwen2-MoE's shared_expert_gate (Linear(H, 1)) scales the shared expert: not quantized, not in all-linear."""
+    model = qlora.quantize_model(tiny_moe("qwen2_moe"), compute_dtype=torch.float32)
+    gates = {n: m for n, m in model.named_modules() if n.endswith("shared_expert_gate")}
+    assert gates and not any(qlora.quant.is_4bit(m) for m in gates.values())
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear"))
+    assert not any(n.endswith("shared_expert_gate") for n in qlora.lora.lora_layers(model))
