@@ -2,6 +2,7 @@
 
     is_experts_module(module)        # decorated by transformers' `use_experts_implementation`
     expert_weights(module)           # {"gate_up_proj": (in, out), "down_proj": (in, out)}: its 3-D matrices
+    per_expert_names(model)          # {"gate_proj", "up_proj", "down_proj"}: what its checkpoints call each expert's
 
 transformers 5 keeps each layer's experts as fused 3-D parameters behind its experts interface
 (`transformers.integrations.moe.use_experts_implementation`, ~67 architectures: Mixtral, Qwen2/3-MoE,
@@ -19,6 +20,8 @@ Families whose experts are `nn.Linear` modules (Switch, NLLB-MoE, older checkpoi
 qlora and need nothing from here.
 """
 from __future__ import annotations
+
+import re
 
 from torch import nn
 
@@ -72,3 +75,21 @@ def expert_weights(module: nn.Module) -> dict[str, tuple[int, int]]:
 
 def _shape(module: nn.Module, name: str):
     return tuple(unpacked_shape(module.get_parameter(name)))    # a 4-bit matrix's shape is in its quant state
+
+
+def per_expert_names(model: nn.Module) -> set[str]:
+    """The names this model type's checkpoints give each expert's matrices (`experts.*.gate_proj.weight` ->
+    "gate_proj"), read from transformers' checkpoint conversion mapping, which fuses them at load; empty when it
+    fuses none. PEFT's loader maps any LoRA target of these names onto the fused experts (its v4 -> v5
+    conversion), so in such a family a Linear outside the experts with one of these names cannot hold an adapter
+    PEFT loads (qlora.lora.inject leaves them out of all-linear)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping  # lazy: transformers >= 5 only
+    except ImportError:
+        return set()
+    names = set()
+    for converter in (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []:
+        for pattern in getattr(converter, "source_patterns", None) or []:
+            names.update(re.findall(r"experts\.\*\.(\w+)\.weight", pattern))
+    return names

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from memprofile.tensors import param_counts
-from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name
+from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name, per_expert_names
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_target as _matches
 from qlora.arch.quantized import (
@@ -74,6 +74,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                  or matrix_name(n, m)}
         if not found:
             raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
+        found = _without_peft_fused_names(model, found)
     else:
         found = {n: m for n, m in candidates.items() if _matches(n, spec)}
         asked = [spec] if isinstance(spec, str) else spec
@@ -115,6 +116,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     if not found:
         raise QLoRAError(f"target_modules={spec!r} matched only modules excluded by exclude_modules")
     return found
+
+
+def _without_peft_fused_names(model: nn.Module, found: dict) -> dict:
+    """all-linear minus the Linears PEFT's loader cannot adapt in this family: in a family whose checkpoints
+    store each expert's matrices as separate tensors that transformers fuses (qlora.arch.experts.per_expert_names),
+    PEFT maps every LoRA target named like them (gate_proj, up_proj, down_proj) onto the fused experts, so an
+    adapter on a dense or shared-expert MLP Linear of that name would not load in PEFT, transformers or vLLM.
+    They are left out, said in one line (name them to adapt them anyway)."""
+    names = per_expert_names(model) if any(is_experts_module(m) for m in model.modules()) else set()
+    left_out = sorted(n for n, m in found.items() if not matrix_name(n, m) and n.rpartition(".")[2] in names)
+    if not left_out:
+        return found
+    print(f"all-linear: {len(left_out)} Linear layer(s) named {'/'.join(sorted(names))} outside the experts left out "
+          f"({left_out[0]}{', ...' if len(left_out) > 1 else ''}): PEFT loads an adapter on such names only onto "
+          "this family's fused experts; name them in target_modules to adapt them anyway (PEFT will not load that)")
+    return {n: m for n, m in found.items() if n not in left_out}
 
 
 def find_modules(model: nn.Module, names: list[str], what: str = "module") -> dict[str, nn.Module]:

@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 import qlora
+import qlora.arch.experts
 from qlora.arch.experts import expert_weight_names, is_experts_module, is_router
 from qlora.arch.quantized import runs_as_linear
 from qlora.lora.experts import LoRAExperts
 from tests.qlora.quant.test_experts import FAMILIES, MORE_FAMILIES, reference, tiny_moe
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),   # PEFT reads the deprecated is_gradient_checkpointing
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
@@ -160,3 +162,24 @@ def test_a_router_with_its_own_forward_is_refused_in_one_line():
     assert not any("router" in n for n in qlora.lora.lora_layers(model))
     with pytest.raises(qlora.QLoRAError, match="router with a forward of its own"):
         qlora.add_lora(tiny_moe("phimoe"), qlora.LoraConfig(r=2, target_modules=["router"]))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(MORE_FAMILIES))
+def test_an_all_linear_adapter_loads_in_peft_with_our_logits(family, tmp_path, capsys):
+    """target_modules="all-linear" as a user writes it. In the families whose checkpoints store each expert's
+    gate/up/down separately (DeepSeek, GLM-4-MoE, ERNIE, HunYuan, dots1, Qwen2-MoE, ...), PEFT maps any target of
+    those names onto the fused experts, so the dense / shared-expert MLP Linears of those names are left out (one
+    line) and PEFT loads the adapter with our logits; before, it crashed on 11 families (size mismatch)."""
+    from peft import PeftModel
+    model = tiny_moe(family)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    said = capsys.readouterr().out
+    clash = qlora.arch.experts.per_expert_names(model)       # e.g. gate_proj / up_proj / down_proj (DeepSeek-V4: w1-w3)
+    dense = [n for n, m in tiny_moe(family).named_modules() if isinstance(m, nn.Linear)
+             and n.rpartition(".")[2] in clash and ".experts." not in n]
+    assert ("all-linear:" in said) == bool(dense), said
+    assert not any(n in qlora.lora.lora_layers(model) for n in dense)
+    qlora.save_adapter(model, tmp_path / "ours")
+    peft = PeftModel.from_pretrained(tiny_moe(family), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(IDS).logits, peft(IDS).logits, rtol=0, atol=2e-5)

@@ -58,6 +58,19 @@ MORE_FAMILIES = {
     "flex_olmo": dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
     "jamba": dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2, attn_layer_period=1,
                   attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0, use_mamba_kernels=False),
+    # issue 29's families that PEFT could not load (dense / shared MLP Linears named like the experts' tensors)
+    "glm4_moe_lite": dict(intermediate_size=32, moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1,
+                          num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16,
+                          q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "qwen3_next": dict(intermediate_size=32, moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=4,
+                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], head_dim=16,
+                       layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
+                       linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "afmoe": dict(intermediate_size=32, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                  num_shared_experts=1, num_dense_layers=1, head_dim=16, n_group=1, topk_group=1,
+                  layer_types=["full_attention", "full_attention"]),
+    "exaone_moe": dict(intermediate_size=32, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                       num_shared_experts=1, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
     # a grouped output projection (an nn.Linear subclass whose forward reads weight.view(groups, ...)): it stays
     # float and out of all-linear (qlora.arch.quantized.runs_as_linear)
     "deepseek_v4": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
