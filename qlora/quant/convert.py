@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memprofile.units import human
 from qlora.arch.experts import is_experts_module, is_router
 from qlora.arch.heads import output_head_paths
 from qlora.arch.names import matches_parts
@@ -227,4 +228,31 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
     for name in experts:     # one experts module at a time: its float matrices are released as it goes
         quantize_experts(model.get_submodule(name), quant_type=quant_type, double_quant=double_quant,
                          compute_dtype=compute_dtype, blocksize=blocksize)
+    say_float_matrices(model)
     return model
+
+
+def float_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """3-D float parameters [n > 1, a, b] outside transformers' experts interface and outside convolutions (a
+    position embedding [1, n, d] is not one): the experts of families whose layout the interface does not
+    describe (Llama 4 text, DBRX, JetMoE), which stay 16-bit."""
+    out = {}
+    for name, module in model.named_modules():
+        if is_experts_module(module) or isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim == 3 and p.shape[0] > 1 and p.is_floating_point() and not is_4bit_param(p):
+                out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+def say_float_matrices(model: nn.Module) -> None:
+    """One line when some experts stay in float (float_matrices): which, and their bytes."""
+    left = float_matrices(model)
+    if left:
+        first, p = next(iter(left.items()))
+        size = sum(t.numel() * t.element_size() for t in left.values())
+        more = ", ..." if len(left) > 1 else ""
+        print(f"note: {len(left)} expert matrices stay {str(p.dtype).removeprefix('torch.')} ({human(size)}): their "
+              f"layout is outside transformers' experts interface ({first} {list(p.shape)}{more}); "
+              "the model's Linear layers are 4-bit")

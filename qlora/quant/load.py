@@ -27,7 +27,7 @@ from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
-from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model
+from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model, say_float_matrices
 from qlora.quant.experts import quantize_experts
 from qlora.quant.settings import (
     check_blocksize,
@@ -162,7 +162,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     # any left, e.g. a loader path that sets them otherwise, are quantized here)
     if conversion_plan(model, skip)[0] or experts_plan(model, skip):
         quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                       blocksize=blocksize, skip_modules=skip or None)
+                       blocksize=blocksize, skip_modules=skip or None)     # says which experts stay float
+    else:
+        say_float_matrices(model)
     _check_loaded(model, path, skip, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
                   blocksize=blocksize)
     return model

@@ -219,3 +219,20 @@ def test_a_shared_experts_single_output_gate_is_left_alone_like_a_router():
     assert gates and not any(qlora.quant.is_4bit(m) for m in gates.values())
     qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear"))
     assert not any(n.endswith("shared_expert_gate") for n in qlora.lora.lora_layers(model))
+
+
+def test_experts_outside_the_interface_are_named_in_one_line(capsys):
+    """Llama 4 text keeps its experts in a module transformers' experts interface does not describe: they stay
+    float and quantize_model says which, with their bytes; a family inside the interface says nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("llama4_text", **{**COMMON, "intermediate_size": 24, "intermediate_size_mlp": 32,
+                                                 "num_local_experts": 4, "num_experts_per_tok": 1, "head_dim": 16,
+                                                 "interleave_moe_layer_step": 1, "no_rope_layers": [1, 1],
+                                                 "attention_chunk_size": 16})
+    qlora.quantize_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), compute_dtype=torch.float32)
+    said = capsys.readouterr().out
+    size = 2 * 4 * (32 * 48 + 24 * 32) * 4                       # 2 layers x (gate_up [4, 32, 48] + down [4, 24, 32]) fp32
+    assert said.startswith("note: 4 expert matrices stay float32 (") and f"{size / 1024:.2f} KiB" in said
+    assert "model.layers.0.feed_forward.experts.gate_up_proj [4, 32, 48]" in said
+    qlora.quantize_model(tiny_moe("qwen3_moe"), compute_dtype=torch.float32)
+    assert capsys.readouterr().out == ""
