@@ -159,7 +159,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                     continue
                 key = ckpt_key[name]
                 if experts and key in experts.matrix_of:     # a piece of a 4-bit or adapted experts matrix
-                    writer.write(name, experts.piece(key, tensors, config.scaling, result).to(out_specs[name][1]))
+                    writer.write(name, experts.piece(key, tensors, config, result).to(out_specs[name][1]))
                     continue
                 path = name.removesuffix(".weight")
                 adapted = name.endswith(".weight") and path in updates
@@ -173,7 +173,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                         continue
                 w = read_tensor(specs[key][0], key)
                 if adapted:
-                    w = _merge_one(path, w, updates[path], config.scaling, settings, merge_onto, result)
+                    w = _merge_one(path, w, updates[path], config.scaling_for(path), settings, merge_onto, result)
                 elif roundtrip:
                     w = training_weight(path, w, settings)   # dequant(quant(W)), in W's layout
                 if rq is not None and rq.wants(name):
@@ -262,7 +262,7 @@ class _ExpertsExport:
         w = self.ckpt.read(matrix)
         return roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()
 
-    def piece(self, key: str, tensors: dict, scaling: float, result) -> torch.Tensor:
+    def piece(self, key: str, tensors: dict, config, result) -> torch.Tensor:
         if key not in self._pieces:
             matrix = self.matrix_of[key]
             w = self.ckpt.read(matrix)
@@ -272,7 +272,7 @@ class _ExpertsExport:
             if matrix in self.targets:
                 a, b = expert_updates(tensors, [t for t in self.targets if t.rpartition(".")[0] ==
                                                 matrix.rpartition(".")[0]], self.ckpt.model)[matrix]
-                norm = add_expert_delta_(merged, a, b, scaling, self.ckpt.is_transposed(matrix))
+                norm = add_expert_delta_(merged, a, b, config.scaling_for(matrix), self.ckpt.is_transposed(matrix))
                 result.layers.append(LayerUpdate(matrix, norm, qerr))
                 if not _all_finite(merged):
                     raise QLoRAError(f"merging {matrix} gives non-finite weights; the adapter holds inf/NaN. "

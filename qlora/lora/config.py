@@ -8,13 +8,14 @@ Field names follow PEFT's `LoraConfig`, so `adapter_config.json` maps one to one
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
 from qlora.errors import QLoRAError
-from qlora.util.checks import check_numbers, must_be_int
+from qlora.util.checks import check_numbers, must_be_int, must_be_number
 from qlora.util.dtypes import parse_dtype
 
 Targets = Union[str, list, tuple, None]
@@ -35,6 +36,9 @@ class LoraConfig:
     """Module-path suffixes (list), a regex (str, full match on the path), or "all-linear"."""
     exclude_modules: Targets = None
     """Same forms as `target_modules`; matches are never adapted."""
+    target_parameters: Optional[list] = None
+    """PEFT's field: experts matrices by path suffix (`gate_up_proj`, `mlp.experts.down_proj`); each matches only
+    a fused 3-D experts matrix, never a module of the same name (a dense MLP's down_proj)."""
     modules_to_save: Optional[list] = None
     """Modules trained in full (e.g. a new classifier head); the original is kept beside the copy."""
     init_lora_weights: Union[bool, str] = True
@@ -44,6 +48,11 @@ class LoraConfig:
     """Adapter dtype; None = the base layer's float dtype (bf16 for a 4-bit base)."""
     task_type: Optional[str] = None
     """PEFT task type (CAUSAL_LM, SEQ_CLS, ...), written to adapter_config.json when known."""
+    rank_pattern: dict = field(default_factory=dict)
+    """Per-module ranks, PEFT's rule: {pattern: r}; a module path matching `(.*\\.)?pattern$` gets that r (PEFT's
+    own 2r convention for fused experts: {".*\\.gate_up_proj": 2r} with alpha_pattern 2·alpha)."""
+    alpha_pattern: dict = field(default_factory=dict)
+    """Per-module alphas, the same rule: {pattern: lora_alpha}."""
     qlora: dict = field(default_factory=dict)
     """Set by qlora: quantization settings of the base the adapter was trained on (for export)."""
 
@@ -54,10 +63,13 @@ class LoraConfig:
         check_numbers(self, ("lora_dropout",), at_least=0, below=1)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise QLoRAError(f"init_lora_weights={self.init_lora_weights!r}: use True, False or 'gaussian'")
-        if self.target_modules is None or self.target_modules == [] or self.target_modules == "":
+        empty = lambda v: v is None or v == [] or v == ""  # noqa: E731
+        if empty(self.target_modules) and empty(self.target_parameters):
             raise QLoRAError("target_modules is empty: give module-name suffixes (e.g. ['q_proj', 'v_proj']), "
                              "a regex, or 'all-linear'")
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        if empty(self.target_modules):
+            self.target_modules = []
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):
             value = getattr(self, name)
             if isinstance(value, tuple) or isinstance(value, set):
                 setattr(self, name, list(value))
@@ -66,7 +78,34 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         self.dtype = parse_dtype(self.dtype)
+        for name, rule in (("rank_pattern", lambda v: must_be_int(v)), ("alpha_pattern", lambda v: must_be_number(v, above=0))):
+            patterns = getattr(self, name) or {}
+            if not isinstance(patterns, dict):
+                raise QLoRAError(f"{name}={patterns!r}: give a mapping {{module-path pattern: value}}")
+            for key, value in patterns.items():
+                if (need := rule(value)) is not None:
+                    raise QLoRAError(f"{name}[{key!r}]={value!r}: must be {need}")
+            setattr(self, name, dict(patterns))
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def r_for(self, path: str) -> int:
+        """The rank of the adapter on module (or experts matrix) `path`: rank_pattern's, else r."""
+        return _pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        return _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
+    def scaling_for(self, path: str) -> float:
+        r = self.r_for(path)
+        return self.alpha_for(path) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    r"""PEFT's rule (peft.utils.other.get_pattern_key): the first pattern with `(.*\.)?pattern$` matching path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

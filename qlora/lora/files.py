@@ -87,6 +87,8 @@ def _peft_fields(model: nn.Module, config: LoraConfig) -> dict:
         "task_type": config.task_type,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "target_modules": config.target_modules,
@@ -173,21 +175,14 @@ def read_adapter_config(folder) -> LoraConfig:
     for key, bad in _UNSUPPORTED.items():
         if raw.get(key) == bad:
             raise QLoRAError(f"{path}: {key}={bad} is not supported by qlora (plain LoRA only)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if raw.get(key):
-            raise QLoRAError(f"{path}: per-module {key} is not supported by qlora (one r and alpha for all)")
     if raw.get("bias", "none") != "none":
         raise QLoRAError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
     init = raw.get("init_lora_weights", True)
     facts = _read_qlora_facts(folder, raw)
     targets = raw.get("target_modules")
-    if raw.get("target_parameters"):     # experts matrices: targets like modules to us
-        if isinstance(targets, str):
-            raise QLoRAError(f"{path}: target_modules as a regex together with target_parameters is not supported; "
-                             "list the module names")
-        targets = list(targets or []) + list(raw["target_parameters"])
-    return LoraConfig(
+    return LoraConfig(target_parameters=list(raw.get("target_parameters") or []) or None,
         r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8),
+        rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
         lora_dropout=facts.get("lora_dropout", raw.get("lora_dropout", 0.0)),
         use_rslora=raw.get("use_rslora", False), target_modules=targets,
         exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
@@ -228,9 +223,10 @@ def read_adapter_tensors(folder) -> dict[str, torch.Tensor]:
         raise QLoRAError(f"{path} is corrupt or not a safetensors file ({e})") from None
 
 
-def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
+def _expected_shapes(targets: dict, to_save: dict, config: LoraConfig) -> dict[str, tuple]:
     shapes = {}
     for path, key in _expert_keys(targets).items():
+        r = config.r_for(path)
         experts, name = targets[path], path.rpartition(".")[2]
         E = experts.num_experts
         n_in, n_out = expert_features(experts, name, _matrix_shape(experts, name))
@@ -238,6 +234,7 @@ def _expected_shapes(targets: dict, to_save: dict, r: int) -> dict[str, tuple]:
     for path, module in targets.items():
         if path in _expert_keys(targets):
             continue
+        r = config.r_for(path)
         cls = lora_class_for(module)
         if cls is LoRAEmbedding:
             shapes[f"{path}.lora_embedding_A"] = (r, module.num_embeddings)
@@ -291,7 +288,7 @@ def load_adapter(model: nn.Module, folder, dtype=None) -> nn.Module:
     config.dtype = parse_dtype(dtype)
     targets = find_targets(model, config)
     to_save = find_modules_to_save(model, config)
-    expected = _expected_shapes(targets, to_save, config.r)
+    expected = _expected_shapes(targets, to_save, config)
     got = {_normalise_key(k): v for k, v in tensors.items()}
     for key, value in got.items():
         if key not in expected:

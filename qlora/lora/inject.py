@@ -76,7 +76,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
             raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
         found = _without_peft_fused_names(model, found)
     else:
-        found = {n: m for n, m in candidates.items() if _matches(n, spec)}
+        found = {n: m for n, m in candidates.items() if spec and _matches(n, spec)}
         asked = [spec] if isinstance(spec, str) else spec
         for one in asked:
             if not any(_matches(n, one if isinstance(spec, str) else [one]) for n in candidates):
@@ -84,6 +84,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                     f"target module {one!r} matches no module of {type(model).__name__}. "
                     f"Closest names in this model: {_closest(one, names)}. "
                     "Give module-path suffixes (e.g. 'q_proj', 'attention.self.query'), a regex, or 'all-linear'.")
+    for one in config.target_parameters or []:     # PEFT's target_parameters: experts matrices only
+        hits = {n: m for n, m in candidates.items() if matrix_name(n, m) and _matches(n, [one])}
+        if not hits:
+            raise QLoRAError(f"target_parameters entry {one!r} matches no experts matrix of {type(model).__name__}")
+        found.update(hits)
     # an experts module named as a whole: each of its matrices
     found = {**{n: m for n, m in found.items() if not is_experts_module(m) or matrix_name(n, m)},
              **{f"{n}.{w}": m for n, m in found.items() if is_experts_module(m) and not matrix_name(n, m)
@@ -173,8 +178,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if overlap:
         raise QLoRAError(f"{sorted(overlap)[0]!r} is both a LoRA target and inside modules_to_save; pick one")
     previous = getattr(model, "qlora_config", None)
-    if previous is not None and (previous.r, previous.lora_alpha, previous.use_rslora) != (
-            config.r, config.lora_alpha, config.use_rslora):
+    if previous is not None and (previous.r, previous.lora_alpha, previous.use_rslora, previous.rank_pattern,
+                                 previous.alpha_pattern) != (config.r, config.lora_alpha, config.use_rslora,
+                                                             config.rank_pattern, config.alpha_pattern):
         raise QLoRAError("this model already has adapters with a different r/lora_alpha/use_rslora; "
                          "one adapter file holds one setting: remove the old ones first (qlora.unload_lora)")
 
@@ -184,12 +190,13 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for path, module in targets.items():
         if matrix_name(path, module):      # an experts matrix: LoRA on each expert's routed tokens
             name = path.rpartition(".")[2]
-            attach(module, name, LoRAExperts(module, name, config.r, config.lora_alpha, lora_dropout=config.lora_dropout,
+            attach(module, name, LoRAExperts(module, name, config.r_for(path), config.alpha_for(path),
+                                             lora_dropout=config.lora_dropout,
                                              use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                                              dtype=config.dtype))
             continue
         cls = lora_class_for(module)
-        layer = cls(module, config.r, config.lora_alpha, lora_dropout=config.lora_dropout,
+        layer = cls(module, config.r_for(path), config.alpha_for(path), lora_dropout=config.lora_dropout,
                     use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                     dtype=config.dtype)
         _set_submodule(model, path, layer)

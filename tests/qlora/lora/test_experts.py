@@ -183,3 +183,29 @@ def test_an_all_linear_adapter_loads_in_peft_with_our_logits(family, tmp_path, c
     peft = PeftModel.from_pretrained(tiny_moe(family), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(IDS).logits, peft(IDS).logits, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "dots1"])
+def test_peft_s_own_2r_experts_convention_loads_both_ways(family, tmp_path):
+    """A PEFT user names gate_proj/up_proj/down_proj: PEFT turns that into target_parameters with the fused
+    gate_up_proj at rank 2r and alpha 2a (rank_pattern / alpha_pattern). qlora reads it (per-module rank, PEFT's
+    pattern rule) onto its 4-bit experts with PEFT's logits, and what qlora writes back loads in PEFT the same."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    float_model = reference(tiny_moe(family))
+    torch.manual_seed(5)
+    peft = get_peft_model(copy.deepcopy(float_model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"], init_lora_weights=False)).eval()
+    assert peft.peft_config["default"].rank_pattern == {r".*\.gate_up_proj": 8}
+    peft.save_pretrained(tmp_path / "peft")
+    model = tiny_moe(family)
+    qlora.quantize_model(model, compute_dtype=torch.float32, skip_modules=linear_names(model))
+    qlora.load_adapter(model, tmp_path / "peft")
+    ranks = {n: layer.r for n, layer in qlora.lora.lora_layers(model).items()}
+    assert {r for n, r in ranks.items() if "gate_up_proj" in n} == {8} and {r for n, r in ranks.items() if "q_proj" in n} == {4}
+    with torch.no_grad():
+        want = peft(IDS).logits
+        torch.testing.assert_close(model(IDS).logits, want, rtol=0, atol=2e-5)
+    qlora.save_adapter(model, tmp_path / "ours")
+    again = PeftModel.from_pretrained(copy.deepcopy(float_model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, want, rtol=0, atol=2e-5)

@@ -353,7 +353,8 @@ def test_pickled_bin_refused_without_unpickling(tiny_llama, saved_llama, monkeyp
     (lambda c: json.dumps({**c, "peft_type": "IA3"}), "IA3"),
     (lambda c: json.dumps({**c, "use_dora": True}), "use_dora"),
     (lambda c: json.dumps({**c, "bias": "all"}), "bias"),
-    (lambda c: json.dumps({**c, "rank_pattern": {"q_proj": 8}}), "rank_pattern"),
+    (lambda c: json.dumps({**c, "rank_pattern": {"q_proj": 0}}), r"rank_pattern\['q_proj'\]=0: must be an integer"),
+    (lambda c: json.dumps({**c, "rank_pattern": {"q_proj": 8}}), "q_proj"),       # the file holds rank 4 there
     (lambda c: json.dumps({**c, "r": 0}), "r=0"),
     (lambda c: json.dumps({**c, "target_modules": ["q_prj"]}), "q_proj"),
 ])
@@ -444,3 +445,20 @@ def test_adapter_config_holds_peft_fields_only_and_old_adapters_still_load(tiny_
     said_new = _load_messages(lambda: peft.PeftModel.from_pretrained(tiny_llama(), str(new)))
     assert any("upgrade" in m.lower() for m in said_old), said_old
     assert not any("upgrade" in m.lower() for m in said_new), said_new
+
+
+def test_per_module_ranks_and_alphas_load_in_peft(tiny_llama, tmp_path):
+    """rank_pattern / alpha_pattern (PEFT's fields and matching rule): q_proj at r=8, alpha 4, the rest r=2."""
+    from peft import PeftModel
+    torch.manual_seed(0)
+    model = add_lora(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                              rank_pattern={"q_proj": 8}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 16},
+                                              init_lora_weights=False))
+    layers = qlora.lora.lora_layers(model)
+    assert {n: (m.r, m.lora_alpha) for n, m in layers.items() if "layers.1" in n} == {
+        "model.layers.1.self_attn.q_proj": (8, 16), "model.layers.1.self_attn.v_proj": (2, 4)}
+    save_adapter(model, tmp_path / "a")
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, peft(ids).logits, rtol=0, atol=1e-5)
