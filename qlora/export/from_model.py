@@ -34,6 +34,7 @@ from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.experts import dequantize_experts
 from qlora.quant.inspect import quant_settings
 from qlora.util.dtypes import dtype_name, parse_dtype
+from qlora.util.sizes import human
 
 
 def _clean_name(key: str) -> str | None:
@@ -195,6 +196,20 @@ def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:
             sources[matrix] = lambda e=layer.base_layer, n=layer.weight_name: _plain_matrix(e, n)
         else:
             sources[path] = lambda m=layer.base_layer: _plain_weight(m)
+    fits, size, free = ev.fits_in_memory(folder)
+    if not fits and rq is None:        # the whole merged model would not fit beside the live one: layer by layer
+        by_matrix = {path.replace(".expert_deltas.", "."): layer for path, layer in layers.items()
+                     if isinstance(layer, LoRAExperts)}
+        out_dtype = parse_dtype(result.dtype)
+
+        def expected(name):            # {checkpoint key: the merged tensor}, one layer in memory
+            layer, tensor_name = (layers[name], name + ".weight") if name in layers else (by_matrix[name], name)
+            tensor = sources[name]()
+            tensor = tensor if layer.merged else tensor + layer.delta_weight()
+            return {k: v.to(out_dtype) for k, v in _checkpoint_layout(model, tensor_name, tensor).items()}
+        result.verification = ev.verify_layers(folder, result, expected, reason=(
+            f"the merged model ({human(size)}) does not fit in the memory available ({human(free)})"))
+        return
     check = ev.verify_requantized if rq else ev.verify_export
     with tempfile.TemporaryDirectory() as adapter_dir:
         save_adapter(model, adapter_dir)

@@ -107,7 +107,11 @@ def summary(result: ExportResult) -> str:
     if result.requantizer is not None:
         lines += result.requantizer.summary()
     v = result.verification
-    if v:
+    if v and v.get("mode") == "per-layer":
+        lines.append(f"  verified layer by layer ({v['layers_checked']} layers): worst relative error "
+                     f"{v['worst_relative_error']:.3g} ({v['worst_tensor']})  -> {'PASS' if v['passed'] else 'FAIL'} "
+                     f"(limit {v['thresholds']['relative_error']:g}); skipped {v['skipped']}")
+    elif v:
         r = v["vs_reference"]
         if v["passed"] is None:      # requantized output: no limit
             verdict = f"-> for information: {v['note']}"

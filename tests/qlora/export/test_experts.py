@@ -96,3 +96,40 @@ def test_exporting_a_float_experts_model_twice_gives_the_same_files_and_leaves_i
                 for d in (tmp_path / "one", tmp_path / "two"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     torch.testing.assert_close(stock_logits(tmp_path / "one"), before, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_an_export_too_large_to_load_again_is_verified_layer_by_layer(family, tmp_path, monkeypatch):
+    """When the merged model would not fit beside the live one, the verification reads each merged tensor back
+    from the folder and compares it with what training saw + s·B·A (one layer in memory), skips the end-to-end
+    logits and says so; a tensor changed in the folder fails it."""
+    from safetensors.torch import load_file, save_file
+
+    import qlora.export.verify as ev
+    model = trained(family, tmp_path / "base")
+    monkeypatch.setattr(ev, "available_memory", lambda: 1 << 10)          # 1 KiB free: the model does not fit
+    result = qlora.export_merged(model, tmp_path / "out", dtype="float32", progress=False)
+    v = result.verification
+    assert v["mode"] == "per-layer" and v["passed"] and v["layers_checked"] == len(result.layers) > 0
+    assert v["worst_relative_error"] < 1e-6 and "does not fit in the memory available (1.00 KiB)" in v["skipped"]
+    assert "verified layer by layer" in qlora.export.summary(result)
+    with torch.no_grad():
+        torch.testing.assert_close(stock_logits(tmp_path / "out"), model(IDS).logits, rtol=0, atol=2e-5)
+    shard = next((tmp_path / "out").glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = v["worst_tensor"]
+    tensors[key] = tensors[key] * 1.001                                     # one merged tensor off by 0.1 %
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(AssertionError):
+        assert ev.verify_layers(tmp_path / "out", result, lambda n: _expected(model, n), reason="test")["passed"]
+
+
+def _expected(model, name):
+    """What the export must hold for one adapted layer (the same rule export_merged's own check uses)."""
+    from qlora.export import from_model
+    layers = qlora.lora.lora_layers(model)
+    by_matrix = {p.replace(".expert_deltas.", "."): m for p, m in layers.items() if ".expert_deltas." in p}
+    layer, tensor_name = (layers[name], name + ".weight") if name in layers else (by_matrix[name], name)
+    base = (from_model._plain_weight(layer.base_layer) if name in layers
+            else from_model._plain_matrix(layer.base_layer, layer.weight_name))
+    return from_model._checkpoint_layout(model, tensor_name, base + layer.delta_weight())
