@@ -26,6 +26,7 @@ import sys
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memprofile.tensors import is_4bit_param  # the parameter-level rule's one home (duck-typed, no bitsandbytes)
 
@@ -99,8 +100,9 @@ _PROBED: dict = {}
 def _probe(cls, n_in: int, n_out: int, bias: bool, attrs: tuple, module) -> bool:
     key = (cls, n_in, n_out, bias, attrs)
     if key not in _PROBED:
-        _PROBED[key] = _same_as_linear(module, n_in, n_out, bias, "meta") and (
-            n_in * n_out > 2 ** 24 or _same_as_linear(module, n_in, n_out, bias, "cpu"))
+        with unset_fake_temporarily():     # the planner builds its models on fake tensors: probe with real ones
+            _PROBED[key] = _same_as_linear(module, n_in, n_out, bias, "meta") and (
+                n_in * n_out > 2 ** 24 or _same_as_linear(module, n_in, n_out, bias, "cpu"))
     return _PROBED[key]
 
 

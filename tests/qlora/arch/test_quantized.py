@@ -61,3 +61,12 @@ def test_a_layer_with_a_forward_of_its_own_stays_float_and_out_of_all_linear():
     assert {n for n, _ in qlora.lora.lora_layers(model).items()} == {"plain", "same"}
     with pytest.raises(QLoRAError, match="'doubled' is a linear layer with a forward of its own .*LoRA cannot wrap it"):
         qlora.add_lora(Net(), qlora.LoraConfig(r=2, target_modules=["doubled"]))
+
+
+def test_the_probe_gives_the_same_answer_under_fake_tensors():
+    """The planner builds its models on fake tensors; the probe runs on real ones (a fake allclose would fail
+    and call FalconLinear 'not linear': the plan would keep Falcon's body in 16 bits)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    with FakeTensorMode():
+        assert runs_as_linear(FalconLinear(24, 40)) and not runs_as_linear(Doubled(24, 40))
