@@ -10,8 +10,10 @@ layer is checked against the asked settings and marked like a layer quantize_mod
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 import torch
 import transformers
@@ -228,6 +230,8 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
     try:
         if not transformers_converts:   # e.g. Falcon (all FalconLinear): a plain load, quantized by the caller
             return from_pretrained_quietly(model_class, path, **kwargs)
+        if _is_bnb_4bit_checkpoint(path):  # already 4-bit (a "-bnb-4bit" download): its codes as they are,
+            return from_pretrained_quietly(model_class, path, **kwargs)   # its settings checked by _check_loaded
         if blocksize != _TRANSFORMERS_BLOCKSIZE:
             with _BlocksizeForTransformers(blocksize):
                 return from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **kwargs)
@@ -240,6 +244,16 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
         raise
 
 
+def _is_bnb_4bit_checkpoint(path: str) -> bool:
+    """Whether the folder's config.json says its weights are bitsandbytes 4-bit already."""
+    config = Path(path) / "config.json"
+    try:
+        q = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
 def _check_loaded(model: nn.Module, path: str, skip: list[str], *, quant_type: str, double_quant: bool,
                   compute_dtype: torch.dtype, blocksize: int) -> None:
     """Every 4-bit layer has the asked settings; each is marked (qlora.quant.convert.mark_layer)."""
@@ -250,6 +264,11 @@ def _check_loaded(model: nn.Module, path: str, skip: list[str], *, quant_type: s
     for layer in layers:
         qs = layer.weight.quant_state
         if qs.blocksize != blocksize or qs.quant_type != quant_type or qs.nested != double_quant:
+            if _is_bnb_4bit_checkpoint(path):
+                raise QLoRAError(f"{path!r} is already 4-bit with quant_type={qs.quant_type}, blocksize={qs.blocksize}, "
+                                 f"double_quant={qs.nested}; load it with those settings (qlora.load_4bit(path, "
+                                 f"quant_type={qs.quant_type!r}, blocksize={qs.blocksize}, double_quant={qs.nested})), "
+                                 "or start from a float checkpoint")
             raise QLoRAError(f"transformers {transformers.__version__} quantized with blocksize="
                              f"{qs.blocksize}, quant_type={qs.quant_type}, double_quant={qs.nested} "
                              f"instead of the asked {blocksize}/{quant_type}/{double_quant}; load the "

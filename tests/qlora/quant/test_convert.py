@@ -426,3 +426,25 @@ def test_load_4bit_quantizes_linear_subclasses_transformers_skips(tmp_path):
     want = {n: m.weight.data for n, m in ref.named_modules() if is_linear4bit(m)}
     assert sorted(got) == sorted(want) and len(got) == 8       # qkv, dense, h_to_4h, 4h_to_h x 2 blocks
     assert all(torch.equal(got[n], want[n]) for n in got)
+
+
+def test_load_4bit_reads_a_bitsandbytes_4bit_checkpoint_as_it_is(tmp_path, tiny_llama):
+    """A "-bnb-4bit" download (transformers' save of a 4-bit model): load_4bit keeps its codes (= quantize_model of
+    the float source), warns nothing, and names the settings to use when asked for others."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    fp = tiny_llama(hidden_size=64, intermediate_size=128)
+    fp.save_pretrained(tmp_path / "float")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config,
+                                         dtype=torch.float32).save_pretrained(tmp_path / "bnb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = load_4bit(str(tmp_path / "bnb"), compute_dtype=torch.float32)
+    ref = quantize_model(copy.deepcopy(fp), compute_dtype=torch.float32)
+    for name, layer in linear4bit_layers(q).items():
+        assert torch.equal(dequantize_weight(layer), dequantize_weight(ref.get_submodule(name))), name
+    with pytest.raises(QLoRAError, match="is already 4-bit with quant_type=nf4, blocksize=64, double_quant=True"):
+        load_4bit(str(tmp_path / "bnb"), compute_dtype=torch.float32, quant_type="fp4")
