@@ -291,7 +291,7 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
 
     # What is live at the peak's moment, by category: the fake-tensor tracker does it itself; a real step gets a
     # StorageTracker in real mode beside the device's peak counter (memprofile.composition).
-    accountant = tracker if tracker is not None else StorageTracker(real=True)
+    accountant = tracker if tracker is not None else StorageTracker(real=True, device=device)
     accountant.account(model, params, {**weights, "gradients": before_grads, "optimizer": before_opt, "inputs": inputs})
 
     exclude = model_storage_keys(model) | {storage_key(t) for t in nested_tensors(batch)}

@@ -101,11 +101,13 @@ class StorageTracker(TorchDispatchMode):
 
     method = "fake-tensor trace (memprofile.trace)"
 
-    def __init__(self, real: bool = False):
+    def __init__(self, real: bool = False, device=None):
         """`real`: the step runs on real tensors (the op runs as it is; the tracker only accounts what is live
-        at the peak, beside the device's own peak counter), not on fake ones."""
+        at the peak, beside the device's own peak counter), not on fake ones. `device`: count only storages on
+        this device type (a CUDA step's pinned host buffers are not GPU memory)."""
         super().__init__()
         self.real = real
+        self.device_type = torch.device(device).type if device is not None else None
         self.composition = None   # a memprofile.composition.Composition: bytes by category at the peak
         self.blocks = None        # a memprofile.composition.Blocks: which block a moment belongs to
         self.live = self.peak = 0
@@ -128,9 +130,13 @@ class StorageTracker(TorchDispatchMode):
             if scratch:
                 self._note(self.live, func.__name__, extra=scratch(args))
             out = rule(func, args, kwargs or {}) if rule else self.ops(func, args, kwargs or {})
-        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs)) if t.layout == torch.strided}
         for t in _tensors(out):
+            if t.layout != torch.strided:
+                continue      # sparse / nested tensors have no single storage to count
             s = t.untyped_storage()
+            if self.device_type is not None and s.device.type != self.device_type:
+                continue
             key = s._cdata
             if key in inputs or key in self.keys:
                 continue  # a view / in-place result, or a storage already counted
@@ -199,7 +205,7 @@ class StorageTracker(TorchDispatchMode):
 
     def retag(self, t: torch.Tensor, category: str) -> None:
         """The storage of `t`, made in this step, is now `category` (activations, gradients)."""
-        if self.composition is not None:
+        if self.composition is not None and t is not None and t.layout == torch.strided:
             self.composition.retag(t.untyped_storage()._cdata, category)
 
     def _free(self, key: int, n: int) -> None:

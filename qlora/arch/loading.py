@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -100,11 +101,24 @@ def users_files(what: str, path):
     except QLoRAError:
         raise
     except (OSError, ValueError, KeyError) as e:
+        if _raised_by_qlora(e):      # our own code runs inside from_pretrained (loading hooks): a bug is a bug
+            raise
         said = " ".join(str(e).split()) or type(e).__name__          # transformers' words, on one line
         said = said if len(said) <= 160 else said[:157] + "..."
         raise QLoRAError(f"cannot load the {what} of {path} ({said}); give a folder with config.json, the "
                          "weights and the tokenizer files (tokenizer.json or its vocabulary), a bundled name or a Hub "
-                         "id") from None
+                         "id") from e
+
+
+def _raised_by_qlora(e: BaseException) -> bool:
+    """Whether the innermost frame of `e`'s traceback is in the qlora package."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_QLORA_DIR)
+
+
+_QLORA_DIR = Path(__file__).resolve().parents[1]
 
 
 def load_tokenizer(path) -> tuple:

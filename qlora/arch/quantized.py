@@ -22,6 +22,7 @@ merges and exports transpose s·B·A back to [in, out].
 """
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -90,45 +91,48 @@ def runs_as_linear(module) -> bool:
     cls = type(module)
     if is_conv1d(module) or not isinstance(module, nn.Linear) or cls.forward is nn.Linear.forward:
         return is_linear(module)
-    attrs = tuple(sorted((k, v) for k, v in module.__dict__.items() if isinstance(v, (int, float, bool, str))))
-    return _probe(cls, module.in_features, module.out_features, module.bias is not None, attrs, module)
+    plain = {k: v for k, v in module.__dict__.items() if not k.startswith("_")}
+    cacheable = all(isinstance(v, (int, float, bool, str, type(None))) for v in plain.values()) and not module._buffers
+    if not cacheable:            # its forward may read tensors or objects of its own: probe this instance
+        return _probe_now(module)
+    key = (cls, module.in_features, module.out_features, module.bias is not None, tuple(sorted(plain.items())))
+    if key not in _PROBED:
+        _PROBED[key] = _probe_now(module)
+    return _PROBED[key]
 
 
 _PROBED: dict = {}
 
 
-def _probe(cls, n_in: int, n_out: int, bias: bool, attrs: tuple, module) -> bool:
-    key = (cls, n_in, n_out, bias, attrs)
-    if key not in _PROBED:
-        with unset_fake_temporarily():     # the planner builds its models on fake tensors: probe with real ones
-            _PROBED[key] = _same_as_linear(module, n_in, n_out, bias, "meta") and (
-                n_in * n_out > 2 ** 24 or _same_as_linear(module, n_in, n_out, bias, "cpu"))
-    return _PROBED[key]
-
-
-class _Probe:
-    """The layer's attributes, with probe weights in place of its own (its forward runs on this as `self`)."""
-
-    def __init__(self, module, weight, bias):
-        self.__dict__.update(_module=module, weight=weight, bias=bias)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_module"], name)
+def _probe_now(module) -> bool:
+    n_in, n_out, bias = module.in_features, module.out_features, module.bias is not None
+    with unset_fake_temporarily():     # the planner builds its models on fake tensors: probe with real ones
+        return _same_as_linear(module, n_in, n_out, bias, "meta") and (
+            n_in * n_out > 2 ** 24 or _same_as_linear(module, n_in, n_out, bias, "cpu"))
 
 
 def _same_as_linear(module, n_in: int, n_out: int, bias: bool, device: str) -> bool:
+    """The layer's own forward, on a shallow copy holding probe weights (the original is untouched), against
+    F.linear, for a [3, in] and a [2, 3, in] input: equal wherever it runs, and it runs on at least one."""
     g = torch.Generator().manual_seed(0)
     make = (lambda *s: torch.empty(*s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=g))
-    x, w, b = make(3, n_in), make(n_out, n_in), make(n_out) if bias else None
-    try:
-        with torch.no_grad():
-            got = type(module).forward(_Probe(module, w, b), x)
-    except Exception:  # noqa: BLE001 -- any failure of a foreign forward on the probe means "not a plain linear"
-        return False
-    want = torch.nn.functional.linear(x, w, b)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return False
-    return device == "meta" or torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    w, b = make(n_out, n_in), make(n_out) if bias else None
+    probe = copy.copy(module)
+    probe._parameters = {**module._parameters, "weight": w, "bias": b}
+    ran = 0
+    for x in (make(3, n_in), make(2, 3, n_in)):
+        try:
+            with torch.no_grad():
+                got = type(module).forward(probe, x)
+        except Exception:  # noqa: BLE001 -- a foreign forward that refuses this input shape: try the other
+            continue
+        want = torch.nn.functional.linear(x, w, b)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return False
+        if device != "meta" and not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            return False
+        ran += 1
+    return ran > 0
 
 
 def linear_features(module) -> tuple[int, int]:

@@ -202,6 +202,9 @@ def read_splits(data: str, eval_data: Optional[str] = None, *, split: str = "tra
         eval_rows = read_rows(data, eval_data) if hub and not local else read_rows(eval_data)
     elif eval_fraction > 0:
         rows, eval_rows = split_validation(rows, eval_fraction, seed)
+        if not rows:
+            raise QLoRAError(f"data {data} has {len(eval_rows)} row(s): holding out eval_fraction={eval_fraction} "
+                             "leaves none to train on; add rows, or set eval_fraction=0 (or give eval_data)")
     else:
         eval_rows = []
     return subset(rows, train_size, seed), subset(eval_rows, eval_size, seed)

@@ -207,7 +207,10 @@ def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:
             tensor = sources[name]()
             tensor = tensor if layer.merged else tensor + layer.delta_weight()
             return {k: v.to(out_dtype) for k, v in _checkpoint_layout(model, tensor_name, tensor).items()}
-        result.verification = ev.verify_layers(folder, result, expected, reason=(
+        written = {layer.name for layer in result.layers}
+        adapted = [p for p, layer in layers.items() if not isinstance(layer, LoRAExperts)] + list(by_matrix)
+        missing = sorted(n for n in adapted if n not in written)
+        result.verification = ev.verify_layers(folder, result, expected, missing=missing, reason=(
             f"the merged model ({human(size)}) does not fit in the memory available ({human(free)})"))
         return
     check = ev.verify_requantized if rq else ev.verify_export

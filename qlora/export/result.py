@@ -110,7 +110,8 @@ def summary(result: ExportResult) -> str:
     if v and v.get("mode") == "per-layer":
         lines.append(f"  verified layer by layer ({v['layers_checked']} layers): worst relative error "
                      f"{v['worst_relative_error']:.3g} ({v['worst_tensor']})  -> {'PASS' if v['passed'] else 'FAIL'} "
-                     f"(limit {v['thresholds']['relative_error']:g}); skipped {v['skipped']}")
+                     f"(limit {v['thresholds']['relative_error']:g}); skipped {v['skipped']}"
+                     + (f"; adapters not merged into the export: {', '.join(v['not_merged'])}" if v.get("not_merged") else ""))
     elif v:
         r = v["vs_reference"]
         if v["passed"] is None:      # requantized output: no limit

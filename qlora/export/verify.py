@@ -189,7 +189,7 @@ def fits_in_memory(folder: Path) -> tuple[bool, int, int | None]:
     return free is None or size * 3 // 2 < free, size, free
 
 
-def verify_layers(folder: Path, result, expected, *, reason: str) -> dict:
+def verify_layers(folder: Path, result, expected, *, reason: str, missing=()) -> dict:
     """The export checked layer by layer: for each adapted layer, `expected(name)` gives {checkpoint key: the
     merged tensor it must hold} (computed from the live model, one layer at a time), compared with what the
     folder holds under that key. The worst relative error must be within the export dtype's rounding."""
@@ -202,12 +202,13 @@ def verify_layers(folder: Path, result, expected, *, reason: str) -> dict:
         for key, want in expected(layer.name).items():
             with safe_open(str(files[key]), "pt") as s:
                 got = s.get_tensor(key).float()
-            want = want.float()
+            want = want.detach().float()
             rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
             if rel >= worst:
                 worst, worst_name = rel, key
             del got, want
     limit = LAYER_THRESHOLDS[result.dtype]
     return {"mode": "per-layer", "layers_checked": len(result.layers), "worst_relative_error": worst,
-            "worst_tensor": worst_name, "thresholds": {"relative_error": limit}, "passed": worst <= limit,
+            "worst_tensor": worst_name, "thresholds": {"relative_error": limit},
+            "passed": worst <= limit and not missing, "not_merged": list(missing),
             "skipped": f"end-to-end logits: {reason}"}

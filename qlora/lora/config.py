@@ -85,6 +85,11 @@ class LoraConfig:
             for key, value in patterns.items():
                 if (need := rule(value)) is not None:
                     raise QLoRAError(f"{name}[{key!r}]={value!r}: must be {need}")
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as e:
+                    raise QLoRAError(f"{name} key {key!r} is not a regular expression ({e}); give a module-path "
+                                     "pattern such as 'q_proj' or '.*\\.gate_up_proj'") from None
             setattr(self, name, dict(patterns))
 
     @property

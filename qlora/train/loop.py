@@ -179,7 +179,7 @@ class _Run:
         rank, world = acc.process_index, acc.num_processes
         self.bar = tqdm(total=self.total, initial=position["step"], desc="train",
                         disable=not (config.progress and acc.is_main_process))
-        step = position["step"]
+        step, tracker = position["step"], None
         self.model.train()
         for epoch in range(position["epoch"], config.epochs):
             batches = epoch_batches(len(train_set), config.batch_size, config.seed, epoch, rank, world)
@@ -188,14 +188,21 @@ class _Run:
                 if step >= self.total:
                     break
                 batch = _to(collate([train_set[i] for i in batches[b]]), acc.device)
-                first = step == 0 and self.result.first_step_peak_bytes is None
-                tracker = FirstStepPeak(acc.device, None if self.sharded else self.plain, batch) if first else None
-                self.micro_step(batch, step, epoch)
+                if tracker is None and step == 0 and self.result.first_step_peak_bytes is None:
+                    # the first optimizer step, over all of its micro-batches (grad_accum)
+                    tracker = FirstStepPeak(acc.device, None if self.sharded else self.plain, batch)
+                try:
+                    self.micro_step(batch, step, epoch)
+                except BaseException:
+                    if tracker is not None:        # no account of a step that did not finish: hooks off
+                        tracker.abort()
+                    raise
                 self.seen_samples += len(batches[b]) * world
                 if not acc.sync_gradients:
                     continue
                 step += 1
                 self.after_step(step, epoch, tracker, {"step": step, "epoch": epoch, "batch": b + 1})
+                tracker = None
             else:
                 if self.eval_fn and not (config.eval_every and step % config.eval_every == 0):
                     self.evaluate(step)

@@ -37,11 +37,25 @@ class FirstStepPeak:
             seen: set = set()
             weights = weight_bytes(model, seen)
             inputs = unique_storage_bytes(nested_tensors(batch), seen)
-            self.account = StorageTracker(real=True)
+            self.account = StorageTracker(real=True, device=self.device)
             self.account.account(model, [p for p in model.parameters() if p.requires_grad], {**weights, "inputs": inputs})
             self.saved = self.account.saved_tensors()
             self.saved.__enter__()
             self.account.start()
+
+    def abort(self) -> None:
+        """Stop without a result (the step raised): every hook and mode this started is removed. Idempotent."""
+        if self.device.type != "cuda" and self.tracker is not None:
+            self.tracker.stop()
+            self.tracker = None
+        self._release()
+
+    def _release(self) -> None:
+        if self.account is not None and not getattr(self, "released", False):
+            self.released = True
+            self.account.stop()
+            self.saved.__exit__(None, None, None)
+            self.account.release()
 
     def stop(self) -> tuple[int, str]:
         if self.device.type == "cuda":
@@ -50,9 +64,7 @@ class FirstStepPeak:
             self.tracker.stop()
             peak = self.baseline + self.tracker.max_increase()
         if self.account is not None:
-            self.account.stop()
-            self.saved.__exit__(None, None, None)
-            self.account.release()
+            self._release()
             at_peak, parts, self.peak_phase = self.account.composition.at_peak()
             unseen = peak - sum(at_peak.values())   # other tensors live before the step, kernel scratch, rounding
             if unseen:

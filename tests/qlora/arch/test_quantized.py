@@ -70,3 +70,36 @@ def test_the_probe_gives_the_same_answer_under_fake_tensors():
     from transformers.models.falcon.modeling_falcon import FalconLinear
     with FakeTensorMode():
         assert runs_as_linear(FalconLinear(24, 40)) and not runs_as_linear(Doubled(24, 40))
+
+
+class CallsSuper(nn.Linear):
+    """A cast around nn.Linear's own forward (super() must work on the probe)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class Unpacks(nn.Linear):
+    """Reads [batch, seq, dim] inputs only."""
+
+    def forward(self, x):
+        b, s, d = x.shape
+        return super().forward(x.reshape(b * s, d)).reshape(b, s, -1)
+
+
+class Scaled(nn.Linear):
+    def __init__(self, n_in, n_out, scale):
+        super().__init__(n_in, n_out)
+        self.register_buffer("scale", torch.tensor(scale))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_the_probe_on_super_calls_3d_inputs_and_buffers():
+    assert runs_as_linear(CallsSuper(8, 4)) and runs_as_linear(Unpacks(8, 4))        # Unpacks runs on 3-D only
+    assert runs_as_linear(Scaled(8, 4, 1.0)) and not runs_as_linear(Scaled(8, 4, 2.0))   # each instance probed
+    layer = CallsSuper(8, 4)
+    before = layer.weight.detach().clone()
+    runs_as_linear(layer)
+    assert torch.equal(layer.weight, before) and isinstance(layer.weight, nn.Parameter)   # the layer is untouched

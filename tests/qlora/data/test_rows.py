@@ -48,3 +48,10 @@ def test_read_splits_holds_out_a_fraction_or_reads_the_eval_file(tmp_path):
     train, held = read_splits(str(data), str(dev), train_size=8, eval_size=3, seed=0)
     assert len(train) == 8 and [r.data["text"][0] for r in held] == ["d"] * 3
     assert read_splits(str(data))[1] == []
+
+
+def test_a_file_too_small_to_hold_out_from_is_one_line(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": "only"}) + "\n")
+    with pytest.raises(QLoRAError, match="has 1 row.*leaves none to train on; add rows, or set eval_fraction=0"):
+        read_splits(str(data), eval_fraction=0.05)

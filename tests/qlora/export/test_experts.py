@@ -133,3 +133,18 @@ def _expected(model, name):
     base = (from_model._plain_weight(layer.base_layer) if name in layers
             else from_model._plain_matrix(layer.base_layer, layer.weight_name))
     return from_model._checkpoint_layout(model, tensor_name, base + layer.delta_weight())
+
+
+def test_the_layer_by_layer_check_fails_an_adapter_the_export_did_not_merge(tmp_path, monkeypatch):
+    """An adapter on a tied head is not written (the tied weight is written once, as the embedding): the check
+    by layers names it and fails, as the full check does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qlora.export.verify as ev
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    monkeypatch.setattr(ev, "available_memory", lambda: 1)
+    v = qlora.export_merged(model, tmp_path / "out", dtype="float32", progress=False).verification
+    assert v["mode"] == "per-layer" and not v["passed"] and v["not_merged"] == ["lm_head"]

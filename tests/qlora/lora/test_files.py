@@ -462,3 +462,8 @@ def test_per_module_ranks_and_alphas_load_in_peft(tiny_llama, tmp_path):
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, peft(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_pattern_that_is_not_a_regex_is_one_line():
+    with pytest.raises(QLoRAError, match=r"rank_pattern key 'q_proj\[' is not a regular expression"):
+        LoraConfig(r=2, target_modules=["q_proj"], rank_pattern={"q_proj[": 8})

@@ -363,3 +363,23 @@ def test_the_first_steps_peak_is_logged_with_what_is_live_at_it(tiny_llama, tmp_
     assert at["weights_trainable"] > 0 and at["weights_frozen"] > 0 and at["inputs"] > 0
     assert row["first_step_peak_phase"].split(":")[0].split(" ")[0] in ("forward", "backward", "optimizer")
     assert sum(row["first_step_temporary_parts"].values()) == at["temporary"]
+
+
+@pytest.mark.parametrize("grad_accum, nan", [(2, False), (1, True)])
+def test_the_first_steps_account_leaves_no_hook_behind(tiny_llama, tmp_path, grad_accum, nan):
+    """The first step's memory account (a dispatch mode, saved-tensor and module hooks) spans every micro-batch
+    of that step and is removed after it, also when the step raises."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    model = _lora_llama(tiny_llama)
+
+    def loss(m, batch):
+        value = _lm_loss(m, batch)
+        return value * float("nan") if nan else value
+    try:
+        result = train(model, _data(), _collate, loss, _config(tmp_path / "run", grad_accum=grad_accum, save_every=None))
+        assert sum(result.first_step_at_peak.values()) == result.first_step_peak_bytes
+    except TrainingDiverged:
+        assert nan
+    assert _get_current_dispatch_mode_stack() == []
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
