@@ -165,16 +165,18 @@ class Blocks:
     def _enter(self, k: int):
         def hook(module, args):
             self.running.append(k)
-            self.starts.append(torch._C._autograd._get_sequence_nr())   # the next autograd node's number
-            self.owner.append(k)
+            if torch._C._current_graph_task_id() == -1:   # forward: record where this block's nodes begin (a
+                self.starts.append(torch._C._autograd._get_sequence_nr())   # recompute inside backward runs on the
+                self.owner.append(k)                      # engine's thread, whose numbers are its own: not recorded)
         return hook
 
     def _leave(self, k: int):
         def hook(module, args, output):
             if self.running and self.running[-1] == k:
                 self.running.pop()
-            self.starts.append(torch._C._autograd._get_sequence_nr())
-            self.owner.append(self.running[-1] if self.running else -1)   # the ops from here on
+            if torch._C._current_graph_task_id() == -1:
+                self.starts.append(torch._C._autograd._get_sequence_nr())
+                self.owner.append(self.running[-1] if self.running else -1)   # the ops from here on
         return hook
 
     def where(self, phase: str) -> str:
