@@ -116,12 +116,19 @@ class Composition:
             parts[extra_kind] = parts.get(extra_kind, 0) + extra
         self.phases[phase] = (total, sums, parts, where())
 
-    def at_peak(self) -> tuple[dict, dict, str]:
-        """(bytes by category, temporary bytes by kind, where) at the largest total of the step."""
+    def at_peak(self, peak: int | None = None, unseen: str = "") -> tuple[dict, dict, str]:
+        """(bytes by category, temporary bytes by kind, largest first, where) at the largest total of the step.
+        Given the device's own `peak`, what it had live beyond the ops' outputs is a temporary of kind `unseen`
+        (kernel scratch, allocator rounding, tensors made before the step), so the categories add up to it."""
         if not self.phases:
-            return dict(self.sums), {}, ""
-        _, sums, parts, where = max(self.phases.values(), key=lambda v: v[0])
-        return sums, parts, where
+            sums, parts, where = dict(self.sums), {}, ""
+        else:
+            _, sums, parts, where = max(self.phases.values(), key=lambda v: v[0])
+            sums, parts = dict(sums), dict(parts)
+        if peak is not None and peak != sum(sums.values()):
+            parts[unseen] = peak - sum(sums.values())
+            sums["temporary"] += parts[unseen]
+        return sums, dict(sorted(parts.items(), key=lambda kv: -kv[1])), where
 
     def by_phase(self) -> dict[str, dict]:
         """phase -> {"bytes": by category, "temporary_parts": by kind, "where": ...} at that phase's largest

@@ -349,11 +349,9 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
         peak, method = before + tracker.max_increase(), tracker.method
     if opt is not None:
         opt.zero_grad(set_to_none=True)
-    at_peak, parts, where = accountant.composition.at_peak()
-    unseen = peak - sum(at_peak.values())      # live to the allocator, made by no op's output: kernel scratch
-    if unseen and own_accountant:
-        at_peak["temporary"] += unseen
-        parts["kernel scratch and allocator rounding"] = unseen
+    # a real step: what the allocator had live that no op's output accounts for is named (the trace is its own peak)
+    at_peak, parts, where = accountant.composition.at_peak(peak if own_accountant else None,
+                                                           "kernel scratch and allocator rounding")
 
     return StepMemory(
         **weights,
@@ -367,7 +365,7 @@ def measured_step(model, batch, loss_fn, opt, params, device, tracker=None) -> S
         phase_peaks={k: before + v for k, v in getattr(tracker, "phase_peaks", {}).items()},
         at_peak=at_peak,
         peak_phase=where,
-        temporary_parts=dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        temporary_parts=parts,
         phase_at_peak={} if own_accountant else accountant.composition.by_phase(),
         step_seconds=seconds,
         step_seconds_method="the measured step itself (profiled, hooks on)",

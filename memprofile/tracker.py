@@ -1,4 +1,5 @@
-"""The allocation tracker of a fake-tensor trace: live bytes of every storage the step allocates, and their peak.
+"""The allocation tracker: live bytes of every storage a step allocates, their peak, and by category (a
+fake-tensor trace's own peak counter; in real mode, beside the device's counter, the composition at its peak).
 
 * `StorageTracker` (a TorchDispatchMode) sees every op's outputs. An output whose storage is
   neither one of the op's inputs' storages (a view, an in-place or out= result) nor already known

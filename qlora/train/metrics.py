@@ -65,12 +65,8 @@ class FirstStepPeak:
             peak = self.baseline + self.tracker.max_increase()
         if self.account is not None:
             self._release()
-            at_peak, parts, self.peak_phase = self.account.composition.at_peak()
-            unseen = peak - sum(at_peak.values())   # other tensors live before the step, kernel scratch, rounding
-            if unseen:
-                at_peak["temporary"] += unseen
-                parts["other tensors live before the step, kernel scratch"] = unseen
-            self.at_peak, self.temporary_parts = at_peak, dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+            self.at_peak, self.temporary_parts, self.peak_phase = self.account.composition.at_peak(
+                peak, "other tensors live before the step, kernel scratch")
         return peak, self.method
 
 
