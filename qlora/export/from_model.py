@@ -186,32 +186,40 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
     return result
 
 
-def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:
-    """The export against the unmerged model: what each adapted (and, for --requantize, each 4-bit) weight
-    held in training put back, the adapter as a separate path (qlora.export.verify)."""
-    sources = {**{p: (lambda m=m: _plain_weight(m)) for p, m in four_bit.items()}}
+def adapted_weights(layers: dict) -> dict:
+    """{the adapted tensor's owner path (a module, or an experts matrix): (its LoRA layer, the model tensor name,
+    a function giving the fp32 weight training saw)} for `layers` (qlora.lora.lora_layers)."""
+    out = {}
     for path, layer in layers.items():
         if isinstance(layer, LoRAExperts):
             matrix = path.replace(".expert_deltas.", ".")
-            sources[matrix] = lambda e=layer.base_layer, n=layer.weight_name: _plain_matrix(e, n)
+            out[matrix] = (layer, matrix, lambda e=layer.base_layer, n=layer.weight_name: _plain_matrix(e, n))
         else:
-            sources[path] = lambda m=layer.base_layer: _plain_weight(m)
+            out[path] = (layer, path + ".weight", lambda m=layer.base_layer: _plain_weight(m))
+    return out
+
+
+def merged_tensors(model, name: str, dtype) -> dict[str, torch.Tensor]:
+    """{checkpoint key: tensor} the export of `model` must hold for the adapted weight `name` (a key of
+    adapted_weights): the weight training saw + s·B·A, in the checkpoint's layout, in `dtype`."""
+    layer, tensor_name, seen = adapted_weights(lora_layers(model))[name]
+    tensor = seen() if layer.merged else seen() + layer.delta_weight()
+    return {k: v.to(dtype) for k, v in _checkpoint_layout(model, tensor_name, tensor).items()}
+
+
+def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:
+    """The export against the unmerged model: what each adapted (and, for --requantize, each 4-bit) weight
+    held in training put back, the adapter as a separate path (qlora.export.verify)."""
+    adapted = adapted_weights(layers)
+    sources = {**{p: (lambda m=m: _plain_weight(m)) for p, m in four_bit.items()},
+               **{name: seen for name, (_, _, seen) in adapted.items()}}
     fits, size, free = ev.fits_in_memory(folder)
     if not fits and rq is None:        # the whole merged model would not fit beside the live one: layer by layer
-        by_matrix = {path.replace(".expert_deltas.", "."): layer for path, layer in layers.items()
-                     if isinstance(layer, LoRAExperts)}
-        out_dtype = parse_dtype(result.dtype)
-
-        def expected(name):            # {checkpoint key: the merged tensor}, one layer in memory
-            layer, tensor_name = (layers[name], name + ".weight") if name in layers else (by_matrix[name], name)
-            tensor = sources[name]()
-            tensor = tensor if layer.merged else tensor + layer.delta_weight()
-            return {k: v.to(out_dtype) for k, v in _checkpoint_layout(model, tensor_name, tensor).items()}
-        written = {layer.name for layer in result.layers}
-        adapted = [p for p, layer in layers.items() if not isinstance(layer, LoRAExperts)] + list(by_matrix)
-        missing = sorted(n for n in adapted if n not in written)
-        result.verification = ev.verify_layers(folder, result, expected, missing=missing, reason=(
-            f"the merged model ({human(size)}) does not fit in the memory available ({human(free)})"))
+        dtype = parse_dtype(result.dtype)
+        missing = sorted(set(adapted) - {layer.name for layer in result.layers})
+        result.verification = ev.verify_layers(
+            folder, result, lambda name: merged_tensors(model, name, dtype), missing=missing,
+            reason=f"the merged model ({human(size)}) does not fit in the memory available ({human(free)})")
         return
     check = ev.verify_requantized if rq else ev.verify_export
     with tempfile.TemporaryDirectory() as adapter_dir:

@@ -125,14 +125,9 @@ def test_an_export_too_large_to_load_again_is_verified_layer_by_layer(family, tm
 
 
 def _expected(model, name):
-    """What the export must hold for one adapted layer (the same rule export_merged's own check uses)."""
-    from qlora.export import from_model
-    layers = qlora.lora.lora_layers(model)
-    by_matrix = {p.replace(".expert_deltas.", "."): m for p, m in layers.items() if ".expert_deltas." in p}
-    layer, tensor_name = (layers[name], name + ".weight") if name in layers else (by_matrix[name], name)
-    base = (from_model._plain_weight(layer.base_layer) if name in layers
-            else from_model._plain_matrix(layer.base_layer, layer.weight_name))
-    return from_model._checkpoint_layout(model, tensor_name, base + layer.delta_weight())
+    """What the export must hold for one adapted layer (export_merged's own rule)."""
+    from qlora.export.from_model import merged_tensors
+    return merged_tensors(model, name, torch.float32)
 
 
 def test_the_layer_by_layer_check_fails_an_adapter_the_export_did_not_merge(tmp_path, monkeypatch):
