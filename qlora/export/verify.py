@@ -54,16 +54,18 @@ def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
     if getattr(config, "model_type", "") == "vit" or hasattr(config, "image_size") and hasattr(config, "num_channels"):
         return {"pixel_values": torch.randn(n, config.num_channels, config.image_size, config.image_size,
                                             generator=gen)}
+    # an image-text model's config nests its language model's (Gemma 3, Qwen-VL): text ids only, no image
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
     try:
         tok = AutoTokenizer.from_pretrained(folder)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         enc = tok(SENTENCES[:n], return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
-        if not enc["attention_mask"].any(-1).all() or enc["input_ids"].max() >= config.vocab_size:
+        if not enc["attention_mask"].any(-1).all() or enc["input_ids"].max() >= vocab:
             raise ValueError("no usable tokenizer")   # transformers 5 builds an empty one for a bare GPT-2 folder
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     except Exception:  # noqa: BLE001 -- no tokenizer in the folder: seeded random ids
-        ids = torch.randint(0, config.vocab_size, (n, seq), generator=gen)
+        ids = torch.randint(0, vocab, (n, seq), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 

@@ -667,3 +667,20 @@ def test_stream_tensor_pieces_rebuild_the_tensor(tmp_path, piece_bytes):
                if k in json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]) else -1)
     with pytest.raises(QLoRAError, match="truncated"):
         list(_stream_tensor(tmp_path / "cut.safetensors", last, torch.float32, piece_bytes=piece_bytes))
+
+
+def test_an_image_text_models_export_is_verified(tmp_path):
+    """Gemma 3 (image-text: its config nests the language model's, so it has no vocab_size of its own): the
+    merged export's check feeds text ids from the text config and passes (it raised AttributeError)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gemma3", text_config=dict(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=7), mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    qlora.add_lora(model, qlora.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    result = qlora.export_merged(model.eval(), tmp_path / "out", dtype="float32", progress=False)
+    assert result.verification["passed"] and result.verification["vs_reference"]["relative_error"] < 1e-4
