@@ -20,7 +20,8 @@ from qlora.arch.experts import expert_features, expert_weight_names
 from qlora.arch.quantized import is_4bit_param
 from qlora.errors import QLoRAError
 from qlora.lora.layers import LoRALayer, dropout_layer, init_pair
-from qlora.quant.experts import uniform_fake, use_qlora_forward
+from qlora.quant.experts import use_qlora_forward
+from qlora.quant.grouped import grouped_mm
 
 
 class LoRAExperts(LoRALayer):
@@ -51,16 +52,14 @@ class LoRAExperts(LoRALayer):
         """The experts module whose matrix this adapts."""
         return self.__dict__["_experts"]
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, sizes: list[int]):
-        """x [rows, in] sorted by expert (sizes[j] rows for expert idx[j]) -> s·(x A_eᵀ) B_eᵀ [rows, out]."""
+    def forward(self, x: torch.Tensor, lo: int, hi: int, offs: torch.Tensor):
+        """x [rows, in] sorted by expert, experts lo..hi-1 (rows split by offs) -> s·(x A_eᵀ) B_eᵀ [rows, out]:
+        two grouped matmuls through rank r (qlora.quant.grouped), never an [E, out, in] weight."""
         if self.merged or self.disabled:
             return None
-        A, B = self.lora_A[idx], self.lora_B[idx]                   # [k, r, in], [k, out, r]
-        x = self.lora_dropout(x).to(A.dtype)
-        if uniform_fake(x, sizes):        # a memory trace: one batched op for the loop below, the same bytes
-            h = torch.bmm(x.view(len(sizes), sizes[0], -1), A.transpose(1, 2))          # [k, n, r]
-            return torch.bmm(h, B.transpose(1, 2)).reshape(x.shape[0], -1).clone() * self.scaling
-        return torch.cat([(xj @ A[j].T) @ B[j].T for j, xj in enumerate(x.split(sizes))]) * self.scaling
+        A, B = self.lora_A[lo:hi], self.lora_B[lo:hi]                   # [k, r, in], [k, out, r] (views)
+        h = grouped_mm(self.lora_dropout(x), A.transpose(1, 2), offs)    # [rows, r]
+        return grouped_mm(h, B.transpose(1, 2), offs) * self.scaling      # [rows, out]
 
     def delta_weight(self) -> torch.Tensor:
         """s·B_e·A_e for every expert, fp32, laid out as the matrix is stored ([E, out, in] or transposed)."""

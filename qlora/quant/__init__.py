@@ -3,7 +3,8 @@
     settings.py  the settings and their checks          convert.py  quantize_model (any nn.Module, in place)
     load.py      load_4bit (a Hugging Face folder)      inspect.py  quant_settings, bytes, dequantized weights
     chunked.py   4-bit (de)quantization of a large tensor in pieces (export)
-experts.py   4-bit mixture-of-experts matrices (fused 3-D weights), run from 4 bits
+    experts.py   4-bit mixture-of-experts matrices (fused 3-D weights), run from 4 bits
+    grouped.py   grouped_mm: rows sorted by group times one matrix per group (experts and their LoRA)
     bnb_fixes.py import_bnb: bitsandbytes imported through one door, with qlora's fixes (misaligned CPU dequantize)
 """
 from qlora.arch.quantized import is_4bit
