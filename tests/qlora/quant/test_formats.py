@@ -259,3 +259,43 @@ def test_another_quantization_is_one_line(q, said, tmp_path):
     _set_quantization_config(tmp_path, q)
     with pytest.raises(QLoRAError, match=f"is quantized with {said}; load_4bit reads float, FP8"):
         qlora.load_4bit(str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_export_from_a_dequantized_base_is_float_and_loads_in_stock_transformers(fmt, tmp_path, capsys):
+    """export_merged from a model loaded from FP8 / MXFP4: float (said in one line), no quantization_config, the
+    adapter merged onto the dequantized 4-bit weights it was trained on; stock transformers' logits = the live
+    model's. The export from files refuses such a base in one line naming the fix."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.cli import main
+    base = write_fp8(tiny_qwen3(), tmp_path / "base") if fmt == "fp8" else write_mxfp4(tiny_gpt_oss(), tmp_path / "base")
+    model = qlora.load_4bit(str(base), compute_dtype=torch.float32)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    capsys.readouterr()
+    result = qlora.export_merged(model, tmp_path / "out", dtype="float32", progress=False)
+    assert result.verification["passed"]
+    assert f"note: the base was an {fmt.upper()} checkpoint; the export is float32: " in capsys.readouterr().out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    q_proj = model.model.layers[0].self_attn.q_proj            # exported = dequantize(NF4 codes) + s·B·A
+    merged = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    import bitsandbytes.functional as F
+    seen = F.dequantize_4bit(q_proj.base_layer.weight.data, q_proj.base_layer.weight.quant_state).float()
+    torch.testing.assert_close(merged, seen + q_proj.delta_weight(), rtol=0, atol=1e-6)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=2e-5)
+    qlora.export_merged(model, tmp_path / "bf16", progress=False, verify=False)
+    assert "the export is bfloat16: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    qlora.save_adapter(model, tmp_path / "adapter")
+    code = main(["export", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")])
+    said = capsys.readouterr()
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert (f"the base is an {fmt.upper()} checkpoint, and the export from files reads float checkpoints only; export "
+            "from the live model instead (bf16)") in said.err + said.out
+    assert "Traceback" not in said.err
