@@ -169,6 +169,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     score, get_output_embeddings()), embeddings and norms stay in ``compute_dtype`` (the loading
     dtype; transformers quantizes from it, so it is recorded as ``quantized_from_dtype``).
     ``skip_modules`` keeps more modules unquantized (same matching as ``quantize_model``).
+    A folder holding an FP8 or MXFP4 checkpoint is dequantized by transformers tensor by tensor into
+    ``compute_dtype`` and made 4-bit as it is read (qlora.quant.formats); a bitsandbytes 4-bit one loads
+    as it is; other quantizations are refused.
     Other keyword arguments (``device_map``, ``trust_remote_code``, ``revision``, ...) go to
     ``from_pretrained``; without ``device_map`` transformers picks the first CUDA GPU, else CPU.
     """
@@ -284,9 +287,10 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
         return from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **kwargs)
     except ValueError as e:
         if "GgufConfig" in str(e) or "quantized with" in str(e):
-            raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit needs a float checkpoint. "
-                             f"Remove quantization_config from its config.json after converting the "
-                             f"weights to float (see qlora.bundled.smollm2_path)") from e
+            raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit reads float checkpoints, and FP8 / "
+                             f"MXFP4 / bitsandbytes 4-bit ones from a local folder (download it first). Otherwise "
+                             f"remove quantization_config from its config.json after converting the weights to "
+                             f"float (see qlora.bundled.smollm2_path)") from e
         raise
 
 
