@@ -47,6 +47,7 @@ from qlora.export.result import (
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.lora.experts import peft_stems
 from qlora.lora.files import read_adapter_config, read_adapter_tensors
+from qlora.quant.formats import DEQUANTIZED
 from qlora.util.dtypes import dtype_name, parse_dtype
 
 
@@ -122,6 +123,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     if out.exists() and not force:     # before any reading: refused in one line, nothing else said
         staging_folder_for(out, force)
     folder, hf_config, files = base_weight_files(base)
+    _refuse_dequantized_base(folder, hf_config)
     config = read_adapter_config(adapter)
     tensors = read_adapter_tensors(adapter)
     settings = config.qlora or {}
@@ -201,6 +203,17 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _refuse_dequantized_base(folder: Path, hf_config: dict) -> None:
+    """An FP8 / MXFP4 base (qlora.quant.formats): its tensors are read here by name, as stored, so the merge from
+    files would not see the weights the adapter was trained on; the live model has them."""
+    stored = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if stored in DEQUANTIZED:
+        raise QLoRAError(f"qlora export --base {folder}: the base is an {stored.upper()} checkpoint, and the export "
+                         "from files reads float checkpoints only; export from the live model instead (bf16): "
+                         "model = qlora.load_4bit(BASE); qlora.load_adapter(model, ADAPTER); "
+                         "qlora.export_merged(model, OUT) -- what train's export=true does")
 
 
 def _check_shapes(updates: dict, by_name: dict) -> None:

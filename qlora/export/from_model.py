@@ -32,6 +32,7 @@ from qlora.lora.files import save_adapter
 from qlora.lora.inject import lora_layers
 from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.experts import dequantize_experts
+from qlora.quant.formats import DEQUANTIZED
 from qlora.quant.inspect import quant_settings
 from qlora.util.dtypes import dtype_name, parse_dtype
 from qlora.util.sizes import human
@@ -109,6 +110,7 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
         raise QLoRAError("export_merged needs the whole model in memory, and this one is sharded (FSDP): export "
                          "the adapter train() wrote instead, from one process: qlora export --base BASE_FOLDER "
                          "--adapter OUT_DIR/adapter --out MERGED")
+    _say_stored_format(model, dtype, requantize)
     layers = lora_layers(model)
     modules = dict(model.named_modules())
     check_requantize_layout(requantize, {n for n, m in modules.items() if is_4bit(m) and is_transposed(m)})
@@ -184,6 +186,15 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def _say_stored_format(model, dtype, requantize) -> None:
+    """One line when the base was loaded from an FP8 / MXFP4 checkpoint: the export is not in that format."""
+    stored = getattr(model, "qlora_checkpoint_format", None)
+    if stored in DEQUANTIZED:
+        written = f"{dtype_name(dtype)} (4-bit layers re-quantized to {requantize})" if requantize else dtype_name(dtype)
+        print(f"note: the base was an {stored.upper()} checkpoint; the export is {written}: the dequantized 4-bit "
+              "weights the adapter was trained on, merged")
 
 
 def adapted_weights(layers: dict) -> dict:

@@ -5,6 +5,7 @@
     chunked.py   4-bit (de)quantization of a large tensor in pieces (export)
     experts.py   4-bit mixture-of-experts matrices (fused 3-D weights), run from 4 bits
     grouped.py   grouped_mm: rows sorted by group times one matrix per group (experts and their LoRA)
+    formats.py   the stored format of a checkpoint (float, bnb 4-bit, FP8, MXFP4) and how load_4bit reads it
     bnb_fixes.py import_bnb: bitsandbytes imported through one door, with qlora's fixes (misaligned CPU dequantize)
 """
 from qlora.arch.quantized import is_4bit

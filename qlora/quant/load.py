@@ -7,6 +7,10 @@ transformers' bitsandbytes loader streams the checkpoint and quantizes each tens
 (the float model never sits in memory); the modules to keep in compute_dtype come from our own
 rule (qlora.quant.convert.conversion_plan on the model built on the meta device), and every loaded
 layer is checked against the asked settings and marked like a layer quantize_model makes.
+
+FP8 and MXFP4 checkpoints (qlora.quant.formats) are read through transformers' own dequantization into
+compute_dtype, and our hook on its set_param_for_module makes each Linear and experts module 4-bit as soon
+as its weights are set: the same codes as dequantize-then-quantize_4bit, one module in float at a time.
 """
 from __future__ import annotations
 
@@ -29,8 +33,16 @@ from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.quant.bnb_fixes import import_bnb
-from qlora.quant.convert import conversion_plan, experts_plan, mark_layer, quantize_model, say_float_matrices
+from qlora.quant.convert import (
+    conversion_plan,
+    experts_plan,
+    make_linear4bit,
+    mark_layer,
+    quantize_model,
+    say_float_matrices,
+)
 from qlora.quant.experts import quantize_experts
+from qlora.quant.formats import DEQUANTIZED, check_fp8_blocks, dequantizing_config, sequential_loading, stored_format
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -71,33 +83,47 @@ def _skeleton(path: str, model_class, kwargs: dict) -> nn.Module | None:
         return None
 
 
-class _QuantizeExpertsWhileLoading:
+class _QuantizeWhileLoading:
     """Each experts module (qlora.arch.experts) quantized to 4-bit as soon as transformers has set its last 3-D
-    matrix, while the checkpoint is still being read: the process holds one layer's float experts at a time,
-    never the whole model's. transformers' loader sets every parameter through
-    `core_model_loading.set_param_for_module`, swapped here for the duration of one load (like
-    _BlocksizeForTransformers: not for two concurrent loads in threads of one process)."""
+    matrix, and each Linear named in `linears` (a checkpoint transformers dequantizes: FP8, MXFP4) replaced by
+    its 4-bit layer as soon as its weight (and bias) are set, while the checkpoint is still being read: the
+    process holds one module's float weights at a time, never the whole model's. transformers' loader sets
+    every parameter through `core_model_loading.set_param_for_module`, swapped here for the duration of one
+    load (like _BlocksizeForTransformers: not for two concurrent loads in threads of one process)."""
 
-    def __init__(self, settings: dict, skip: list[str]):
-        self.settings, self.skip = settings, skip
+    def __init__(self, settings: dict, skip: list[str], linears=frozenset()):
+        self.settings, self.skip, self.linears = settings, skip, frozenset(linears)
 
     def __enter__(self):
         from transformers import core_model_loading  # lazy: transformers >= 5 only
         self.module, self.original = core_model_loading, core_model_loading.set_param_for_module
-        original, settings, skip = self.original, self.settings, self.skip
+        original = self.original
 
         def set_param_for_module(model, target_name, *args, **kwargs):
             original(model, target_name, *args, **kwargs)
             path = target_name.rpartition(".")[0]
-            experts = model.get_submodule(path) if path else model
-            if not is_experts_module(experts) or any(matches_parts(path, s) for s in skip):
-                return
-            matrices = [experts._parameters.get(n) for n in expert_weight_names(experts)]
-            if all(w is not None and w.device.type != "meta" and w.is_floating_point() for w in matrices):
-                quantize_experts(experts, **settings)
+            module = model.get_submodule(path) if path else model
+            if path in self.linears:
+                self._linear(model, path, module)
+            elif is_experts_module(module) and not any(matches_parts(path, s) for s in self.skip):
+                matrices = [module._parameters.get(n) for n in expert_weight_names(module)]
+                if all(w is not None and w.device.type != "meta" and w.is_floating_point() for w in matrices):
+                    quantize_experts(module, **self.settings)
 
         core_model_loading.set_param_for_module = set_param_for_module
         return self
+
+    def _linear(self, model: nn.Module, path: str, linear: nn.Module) -> None:
+        """Swap in the 4-bit layer once all of the Linear's parameters hold values: its float [out, in] weight
+        is released with the old module (a bias still missing from the checkpoint: quantized after loading)."""
+        if is_4bit(linear) or any(p.device.type == "meta" for p in linear.parameters(recurse=False)):
+            return
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = make_linear4bit(linear, **self.settings)
+        for param in layer.parameters():
+            param._is_hf_initialized = True       # loaded: transformers' init of missing weights leaves it alone
+        setattr(parent, child, layer)
 
     def __exit__(self, *exc):
         self.module.set_param_for_module = self.original
@@ -143,6 +169,9 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     score, get_output_embeddings()), embeddings and norms stay in ``compute_dtype`` (the loading
     dtype; transformers quantizes from it, so it is recorded as ``quantized_from_dtype``).
     ``skip_modules`` keeps more modules unquantized (same matching as ``quantize_model``).
+    A folder holding an FP8 or MXFP4 checkpoint is dequantized by transformers tensor by tensor into
+    ``compute_dtype`` and made 4-bit as it is read (qlora.quant.formats); a bitsandbytes 4-bit one loads
+    as it is; other quantizations are refused.
     Other keyword arguments (``device_map``, ``trust_remote_code``, ``revision``, ...) go to
     ``from_pretrained``; without ``device_map`` transformers picks the first CUDA GPU, else CPU.
     """
@@ -153,10 +182,15 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     skip = check_skip_modules(skip_modules)
     kwargs = _from_pretrained_kwargs(from_pretrained_kwargs, compute_dtype)
     path, model_class = _resolve(name_or_path, model_class, kwargs)
-    skips, transformers_converts = _skips_for_transformers(path, model_class, kwargs, skip)
+    fmt = stored_format(path) if os.path.isdir(path) else "float"     # a Hub id: transformers says
+    skips, transformers_converts, to_quantize = _skips_for_transformers(path, model_class, kwargs, skip)
     settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
-    with _QuantizeExpertsWhileLoading(settings, skip):
-        model = _load(path, model_class, kwargs, skips=skips, transformers_converts=transformers_converts, **settings)
+    if fmt in DEQUANTIZED:
+        model = _load_dequantized(path, model_class, kwargs, fmt, settings, skip, to_quantize)
+    else:
+        with _QuantizeWhileLoading(settings, skip):
+            model = _load(path, model_class, kwargs, skips=skips, transformers_converts=transformers_converts,
+                          **settings)
     # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
     # arrive in compute_dtype and are quantized here from the same values (their float weights are in
     # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
@@ -201,12 +235,14 @@ def _resolve(name_or_path, model_class, kwargs: dict):
     return path, model_class
 
 
-def _skips_for_transformers(path: str, model_class, kwargs: dict, skip: list[str]) -> tuple[list[str], bool]:
+def _skips_for_transformers(path: str, model_class, kwargs: dict,
+                            skip: list[str]) -> tuple[list[str], bool, list[str]]:
     """(llm_int8_skip_modules for BitsAndBytesConfig, whether transformers' loader has any layer of ours
-    to quantize), from the model built on the meta device (name patterns when that fails)."""
+    to quantize, the Linear layers to quantize), from the model built on the meta device (name patterns
+    when that fails; then the layers to quantize are found after loading)."""
     skeleton = _skeleton(path, model_class, kwargs)
     if skeleton is None:
-        return list(OUTPUT_HEAD_NAMES) + skip, True
+        return list(OUTPUT_HEAD_NAMES) + skip, True, []
     to_quantize, kept = conversion_plan(skeleton, skip)
     if not to_quantize:
         raise QLoRAError(f"load_4bit found nothing to quantize in {type(skeleton).__name__} from "
@@ -216,7 +252,20 @@ def _skips_for_transformers(path: str, model_class, kwargs: dict, skip: list[str
     # list also switches off transformers' own default skips, which would differ from ours.
     modules = dict(skeleton.named_modules())
     converts = any(type(modules[n]) is nn.Linear or is_conv1d(modules[n]) for n in to_quantize)
-    return [re.escape(n) for n in kept], converts
+    return [re.escape(n) for n in kept], converts, to_quantize
+
+
+def _load_dequantized(path: str, model_class, kwargs: dict, fmt: str, settings: dict, skip: list[str],
+                      to_quantize: list[str]) -> nn.Module:
+    """An FP8 / MXFP4 checkpoint (qlora.quant.formats): transformers dequantizes each weight into compute_dtype
+    as it reads it, one tensor at a time, and the hook makes each Linear / experts module 4-bit as it is set."""
+    if fmt == "fp8":
+        check_fp8_blocks(path)
+    import_bnb()
+    with _QuantizeWhileLoading(settings, skip, linears=to_quantize), sequential_loading():
+        model = from_pretrained_quietly(model_class, path, quantization_config=dequantizing_config(fmt), **kwargs)
+    model.qlora_checkpoint_format = fmt     # export_merged says the export is in float, not fmt
+    return model
 
 
 def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -238,9 +287,10 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
         return from_pretrained_quietly(model_class, path, quantization_config=bnb_config, **kwargs)
     except ValueError as e:
         if "GgufConfig" in str(e) or "quantized with" in str(e):
-            raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit needs a float checkpoint. "
-                             f"Remove quantization_config from its config.json after converting the "
-                             f"weights to float (see qlora.bundled.smollm2_path)") from e
+            raise QLoRAError(f"{path!r} is already quantized ({e}); load_4bit reads float checkpoints, and FP8 / "
+                             f"MXFP4 / bitsandbytes 4-bit ones from a local folder (download it first). Otherwise "
+                             f"remove quantization_config from its config.json after converting the weights to "
+                             f"float (see qlora.bundled.smollm2_path)") from e
         raise
 
 
