@@ -201,21 +201,18 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             if (folder / extra).is_file():
                 shutil.copy2(folder / extra, tmp / extra)
         _warn_small_updates(result)
-        if verify:
+        if verify:      # an adapted path names a module (its weight) or an experts matrix (itself)
+            def base_tensor(path: str) -> tuple[str, torch.Tensor]:
+                name = path + ".weight" if path + ".weight" in layout.group_of else path
+                return name, layout.tensor(name)
             result.verification = _verify(tmp, folder, adapter, settings, result, verify_live,
-                                          lambda path: seen(path, layout.tensor(_tensor_name(layout, path))),
-                                          lambda path: merged(_tensor_name(layout, path), layout.tensor(
-                                              _tensor_name(layout, path)))[0])
+                                          lambda path: seen(path, base_tensor(path)[1]),
+                                          lambda path: merged(*base_tensor(path))[0])
         finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
-
-
-def _tensor_name(layout: ModelLayout, path: str) -> str:
-    """The model tensor an adapted `path` names: its module's weight, or an experts matrix (named by itself)."""
-    return path + ".weight" if path + ".weight" in layout.group_of else path
 
 
 def _verify(tmp: Path, folder: Path, adapter, settings: dict, result: ExportResult, verify_live: bool,
