@@ -1,6 +1,6 @@
 """Export from files where the checkpoint's layout is not the model's: read through transformers' conversion mapping.
 
-    .venv/bin/python -m pytest -q tests/qlora/export/test_layouts.py      (~40 s)
+    .venv/bin/python -m pytest -q tests/qlora/export/test_layouts.py      (~10 s)
 
 Sarvam-MoE / Param2-MoE store a fused `attention.query_key_value` that transformers splits into q/k/v_proj (and
 rename `attention.dense`, `word_embeddings`, per-expert tensors); MiniCPM5-MoE's `q_proj` is the model's
