@@ -7,6 +7,7 @@
     verify.py      the export against the unmerged model, and the live 4-bit one
     requantize.py  the merged layers re-quantized to 4-bit (--requantize)
     checkpoint.py  reading the base checkpoint one tensor at a time;  writer.py  the sharded safetensors writer
+    layout.py      ModelLayout: a checkpoint read through transformers' conversion mapping (and reverted), by group
 """
 from qlora.export.from_files import export_adapter
 from qlora.export.from_model import export_merged

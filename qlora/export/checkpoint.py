@@ -2,13 +2,10 @@
 
     folder, config, files = base_weight_files("smollm2")     # safetensors only (never unpickled)
     specs = tensor_specs(files)                              # key -> (file, shape, dtype), headers only
-    key = find_key(specs, "bert.encoder.layer.0.attention.self.query.weight")   # "encoder.layer.0..." too
-    w = training_weight(path, read_tensor(*specs[key][:1], key), settings)      # what the adapter saw
+    w = training_weight(path, read_tensor(specs[key][0], key), settings)       # what the adapter saw
 
-A checkpoint key and a trained model's parameter name may differ by whole leading module names
-(a base saved as `BertModel` has `encoder.layer.0...`, the classifier trained on it says
-`bert.encoder.layer.0...`): `same_but_prefix` is that rule, used by the export (export.py) and its
-verification (export_verify.py) alike. Memory: nothing here holds more than one tensor.
+Checkpoint keys are turned into the model's tensor names by qlora.export.layout (transformers' own
+conversion mapping). Memory: nothing here holds more than one tensor.
 """
 from __future__ import annotations
 
@@ -26,23 +23,6 @@ from qlora.quant.chunked import CHUNK_ELEMENTS, dequantize_4bit_chunked, quantiz
 from qlora.util.dtypes import parse_dtype
 
 _ST_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
-def same_but_prefix(name: str, key: str) -> bool:
-    """`name` and `key` are equal or differ by whole leading module names ("bert." added or dropped).
-    A bare endswith() would also take "audio_model.layers.0..." for "model.layers.0..."."""
-    return name == key or name.endswith("." + key) or key.endswith("." + name)
-
-
-def find_key(specs: dict, name: str) -> str:
-    """The checkpoint key holding parameter `name` (exact, else same_but_prefix); QLoRAError if none."""
-    if name in specs:
-        return name
-    for key in specs:
-        if same_but_prefix(name, key):
-            return key
-    raise QLoRAError(f"the base checkpoint has no tensor for {name!r} (nor one differing only by leading module "
-                     "names): the adapter was trained on another model")
 
 
 def base_weight_files(base) -> tuple[Path, dict, list[Path]]:
@@ -85,23 +65,6 @@ def tensor_specs(files: list[Path]) -> dict[str, tuple[Path, tuple, torch.dtype]
                                      f"export; known: {', '.join(_ST_TORCH)}")
                 specs[key] = (path, tuple(sl.get_shape()), dtype)
     return specs
-
-
-def key_prefix_fix(ckpt_keys: list[str], adapter_paths: list[str]) -> tuple[str, str]:
-    """(strip, add): checkpoint key -> trained model's name is `add + key.removeprefix(strip)`.
-
-    A base saved as `BertModel` has keys `encoder.layer.0...`; trained as
-    `BertForSequenceClassification`, the adapter says `bert.encoder.layer.0...`."""
-    keys = set(ckpt_keys)
-    for path in adapter_paths:
-        want = path + ".weight"
-        if want in keys:
-            return "", ""
-        for key in keys:
-            if same_but_prefix(want, key):
-                return ("", want[: len(want) - len(key)]) if len(want) > len(key) else (key[: len(key) - len(want)], "")
-    raise QLoRAError(f"adapter module {adapter_paths[0]!r} has no weight in the base checkpoint: "
-                     "the adapter was trained on another model")
 
 
 def read_tensor(path: Path, key: str) -> torch.Tensor:

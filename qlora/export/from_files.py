@@ -8,9 +8,13 @@
 The adapter was trained against dequant(quant(W)), not W: by default each adapted weight is
 re-quantized with the exact settings recorded in the adapter's config (quant type, blocksize,
 double quantization, and the dtype it was quantized from), dequantized, and s·B·A is added in
-fp32. Memory stays flat: the base is read one tensor at a time (safetensors' lazy `safe_open`)
-and the output streamed one tensor at a time (`shard_writer`), so peak memory is a few layers
-in fp32, whatever the model size. Everything is written into a temporary folder beside `out`
+fp32. The base is read as `from_pretrained` reads it, through transformers' conversion mapping for its
+model class (qlora.export.layout: renamed keys, a fused `query_key_value` split into q/k/v, per-expert
+tensors stacked), so adapter names meet the model's tensors; each group goes out as `save_pretrained` writes
+it (the conversion reverted). Memory stays flat: the base is read one converted group at a time (a tensor,
+one layer's q/k/v or experts) and the output streamed one tensor at a time (writer.py), so peak memory is a
+few layers in fp32, whatever the model size. The check afterwards loads the merged model when it fits in
+memory, else goes layer by layer (qlora.export.verify). Everything is written into a temporary folder beside `out`
 and renamed at the end; a killed export leaves no `out`.
 """
 from __future__ import annotations
@@ -24,16 +28,9 @@ from tqdm.auto import tqdm
 
 from qlora.errors import QLoRAError
 from qlora.export import verify as ev
-from qlora.export.checkpoint import (  # noqa: F401
-    base_weight_files,
-    key_prefix_fix,
-    read_tensor,
-    roundtrip_4bit,
-    stream_tensor,
-    tensor_specs,
-    training_weight,
-)
-from qlora.export.experts import CheckpointExperts, add_expert_delta_, expert_updates
+from qlora.export.checkpoint import base_weight_files, roundtrip_4bit, stream_tensor, tensor_specs, training_weight
+from qlora.export.experts import add_expert_delta_, expert_updates
+from qlora.export.layout import ModelLayout, model_class_for
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.result import (
     COPIED_FILES,
@@ -49,6 +46,7 @@ from qlora.lora.experts import peft_stems
 from qlora.lora.files import read_adapter_config, read_adapter_tensors
 from qlora.quant.formats import DEQUANTIZED
 from qlora.util.dtypes import dtype_name, parse_dtype
+from qlora.util.sizes import human
 
 
 def adapter_updates(tensors: dict, paths: set[str],
@@ -127,77 +125,91 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     config = read_adapter_config(adapter)
     tensors = read_adapter_tensors(adapter)
     settings = config.qlora or {}
-    specs = tensor_specs(files)
-    experts = _experts_of(folder, hf_config, specs, adapter, settings, merge_onto, requantize)
-    expert_stems = experts.stems if experts else set()
-    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k} - expert_stems
+    layout = ModelLayout(folder, tensor_specs(files), _config_overrides(settings, hf_config))
+    experts = _experts_of(layout, adapter, settings, merge_onto, requantize)
+    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k} - (experts.stems if experts else set())
     saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
     transposed = transposed_paths(adapter, settings, lora_paths)
     check_requantize_layout(requantize, transposed)
     updates = adapter_updates(tensors, lora_paths, transposed)
-    strip, add = key_prefix_fix(list(specs), sorted(lora_paths))
-    name_of = {key: add + key.removeprefix(strip) for key in specs}
-
-    # Check that everything fits before writing anything.
-    _check_shapes(updates, {name_of[k]: (k, *specs[k][1:]) for k in specs})
+    _check_shapes(updates, layout.shapes)      # everything fits before anything is written
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
     quantized = set(settings.get("quantized_modules", []))
     rq = result.requantizer = Requantizer.create(requantize, settings, dtype, quantized) if requantize else None
+    if rq is not None:
+        _check_requantize_names(layout, rq)
+
+    def seen(path: str, w: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight the adapter at `path` (a module, or an experts matrix) saw in training."""
+        if merge_onto == "original":
+            return w.float()
+        return roundtrip_4bit(w, settings) if experts and path in experts.quantized else training_weight(path, w, settings)
+
+    def merged(name: str, w: torch.Tensor) -> tuple[torch.Tensor, LayerUpdate | None]:
+        """What the export holds for model tensor `name` (read as `w`), and the update added to it, if any."""
+        path = name.removesuffix(".weight")
+        if experts and name in experts.matrices:
+            return experts.merge(name, w, seen(name, w), tensors, config)
+        if name.endswith(".weight") and path in updates:
+            return _merge_one(path, w, updates[path], config.scaling_for(path), settings, merge_onto)
+        if name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
+            return seen(path, w), None           # a frozen 4-bit layer: written as the weights training used
+        return w, None
+
+    def touched(name: str) -> bool:
+        path = name.removesuffix(".weight")
+        return (name in saved or bool(experts and name in experts.matrices) or (rq is not None and rq.wants(name))
+                or name.endswith(".weight") and (path in updates or path in quantized and merge_onto == "dequantized"))
 
     out_specs = {}
-    for key, (path, shape, in_dtype) in specs.items():
-        out_specs[name_of[key]] = (shape, dtype if in_dtype.is_floating_point else in_dtype)
-    for name, value in saved.items():   # modules_to_save: new heads may not exist in the base at all
+    for group in layout.groups:
+        for key, (shape, in_dtype) in group.out.items():
+            if group.converter is None and group.name in saved:
+                shape, in_dtype = tuple(saved[group.name].shape), saved[group.name].dtype
+            out_specs[key] = (shape, dtype if in_dtype.is_floating_point else in_dtype)
+    new_heads = {n: v for n, v in saved.items() if n not in layout.group_of}   # modules_to_save not in the base
+    for name, value in new_heads.items():
         out_specs[name] = (tuple(value.shape), dtype if value.dtype.is_floating_point else value.dtype)
     plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
 
     tmp = staging_folder_for(out, force)
     try:
-        ckpt_key = {v: k for k, v in name_of.items()}
         with ShardedWriter(tmp, plan) as writer:
-            for name in tqdm(out_specs, desc="export", unit="tensor", disable=not progress):
-                if name in saved:
-                    writer.write(name, saved[name].to(out_specs[name][1]))
-                    continue
-                key = ckpt_key[name]
-                if experts and key in experts.matrix_of:     # a piece of a 4-bit or adapted experts matrix
-                    writer.write(name, experts.piece(key, tensors, config, result).to(out_specs[name][1]))
-                    continue
-                path = name.removesuffix(".weight")
-                adapted = name.endswith(".weight") and path in updates
-                # a frozen 4-bit layer: written as the weights training used
-                roundtrip = (name.endswith(".weight") and not adapted and path in quantized
-                             and merge_onto == "dequantized")
-                if not (adapted or roundtrip or (rq is not None and rq.wants(name))):
-                    pieces = stream_tensor(specs[key][0], key, out_specs[name][1])
+            for group in tqdm(layout.groups, desc="export", unit="group", disable=not progress):
+                if group.converter is None and not touched(group.name):
+                    (key, _), out_key = group.sources[0], next(iter(group.out))
+                    pieces = stream_tensor(layout.specs[key][0], key, out_specs[out_key][1])
                     if pieces is not None:      # copied through in pieces: never whole in memory
-                        writer.write_stream(name, pieces)
+                        writer.write_stream(out_key, pieces)
                         continue
-                w = read_tensor(specs[key][0], key)
-                if adapted:
-                    w = _merge_one(path, w, updates[path], config.scaling_for(path), settings, merge_onto, result)
-                elif roundtrip:
-                    w = training_weight(path, w, settings)   # dequant(quant(W)), in W's layout
-                if rq is not None and rq.wants(name):
-                    rq.write(writer, path, w.float(), result.layers[-1].update_norm if path in updates else 0.0)
-                else:
-                    writer.write(name, w.to(out_specs[name][1]) if w.is_floating_point() else w)
+                made = {}
+                for name, w in layout.read(group).items():
+                    made[name], update = (saved[name], None) if name in saved else merged(name, w)
+                    if update is not None:
+                        result.layers.append(update)
+                if rq is not None and rq.wants(group.name):
+                    path = group.name.removesuffix(".weight")
+                    rq.write(writer, path, made[group.name].float(), result.layers[-1].update_norm
+                             if path in updates else 0.0)
+                    continue
+                for key, t in layout.revert(group, made).items():   # the checkpoint's layout, as save_pretrained
+                    writer.write(key, t.to(out_specs[key][1]) if t.is_floating_point() else t)
+                del made
+            for name, value in new_heads.items():
+                writer.write(name, value.to(out_specs[name][1]))
         write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config),
                      rq.quantization_config(out_specs) if rq else None)
         for extra in COPIED_FILES:
             if (folder / extra).is_file():
                 shutil.copy2(folder / extra, tmp / extra)
         _warn_small_updates(result)
-        if verify:
-            live = None
-            if verify_live and (settings.get("quantized_modules") or settings.get("quantized_experts")):
-                live = ev.load_live_qlora(folder, adapter, ev.model_class_for(json.loads(
-                    (tmp / "config.json").read_text())), settings)
-            check = ev.verify_requantized if rq else ev.verify_export
-            seen = ev.seen_weight_from_files(folder, settings, merge_onto)
-            if experts:                    # an experts matrix: what its 4-bit layer held
-                seen = (lambda files_seen: lambda p: experts.seen(p) if p in experts.matrices else files_seen(p))(seen)
-            result.verification = check(tmp, adapter, result, seen, live_model=live, input_folder=folder)
+        if verify:      # an adapted path names a module (its weight) or an experts matrix (itself)
+            def base_tensor(path: str) -> tuple[str, torch.Tensor]:
+                name = path + ".weight" if path + ".weight" in layout.group_of else path
+                return name, layout.tensor(name)
+            result.verification = _verify(tmp, folder, adapter, settings, result, verify_live,
+                                          lambda path: seen(path, base_tensor(path)[1]),
+                                          lambda path: merged(*base_tensor(path))[0])
         finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,13 +228,41 @@ def _refuse_dequantized_base(folder: Path, hf_config: dict) -> None:
                          "qlora.export_merged(model, OUT) -- what train's export=true does")
 
 
-def _check_shapes(updates: dict, by_name: dict) -> None:
+def _verify(tmp: Path, folder: Path, adapter, settings: dict, result: ExportResult, verify_live: bool,
+            seen, merged) -> dict:
+    """The export against the unmerged model on sample inputs (qlora.export.verify) when the merged model fits
+    in memory; otherwise layer by layer: each merged tensor read back from `tmp` through transformers'
+    conversion against what training saw + s·B·A, recomputed from the base and the adapter, one at a time."""
+    fits, size, free = ev.fits_in_memory(tmp)
+    if not fits and result.requantizer is None:
+        dtype = parse_dtype(result.dtype)
+        return ev.verify_layers(tmp, result, lambda path: merged(path).to(dtype),
+                                reason=f"the merged model ({human(size)}) does not fit in the memory available "
+                                       f"({human(free)})")
+    live = None
+    if verify_live and (settings.get("quantized_modules") or settings.get("quantized_experts")):
+        live = ev.load_live_qlora(folder, adapter, model_class_for(json.loads((tmp / "config.json").read_text())),
+                                  settings)
+    check = ev.verify_requantized if result.requantizer else ev.verify_export
+    return check(tmp, adapter, result, seen, live_model=live, input_folder=folder)
+
+
+def _check_requantize_names(layout: ModelLayout, rq: Requantizer) -> None:
+    """--requantize writes a 4-bit layer under its model name: only where the checkpoint stores it so."""
+    moved = [n for g in layout.groups for n in g.shapes if rq.wants(n) and list(g.out) != [n]]
+    if moved:
+        raise QLoRAError(f"--requantize writes 4-bit layers in the model's own layout, and this checkpoint stores "
+                         f"{moved[0]!r} otherwise (transformers converts it when loading); export without "
+                         "--requantize")
+
+
+def _check_shapes(updates: dict, shapes: dict) -> None:
     """Every adapted module has a weight in the base, of the shape its A and B imply (else nothing is written)."""
     for path, (a, b, kind) in updates.items():
-        if path + ".weight" not in by_name:
+        if path + ".weight" not in shapes:
             raise QLoRAError(f"adapter module {path!r} has no weight {path}.weight in the base; "
                              "the adapter was trained on another model. Nothing was written.")
-        shape = by_name[path + ".weight"][1]
+        shape = shapes[path + ".weight"]
         expect = {"linear": (b.shape[0], a.shape[1]), "linear_t": (a.shape[1], b.shape[0]),
                   "embedding": (a.shape[1], b.shape[0]),
                   "conv": (b.shape[0], *a.shape[1:])}[kind]
@@ -231,7 +271,7 @@ def _check_shapes(updates: dict, by_name: dict) -> None:
                              "the adapter was trained on another model size. Nothing was written.")
 
 
-def _experts_of(folder: Path, hf_config: dict, specs: dict, adapter, settings: dict, merge_onto: str, requantize):
+def _experts_of(layout: ModelLayout, adapter, settings: dict, merge_onto: str, requantize):
     """The experts matrices this export merges or rebuilds (an adapter with target_parameters, or a base whose
     experts were 4-bit in training), or None for a model without."""
     raw = json.loads((Path(adapter) / "adapter_config.json").read_text())
@@ -243,60 +283,45 @@ def _experts_of(folder: Path, hf_config: dict, specs: dict, adapter, settings: d
     if requantize:
         raise QLoRAError("--requantize does not write 4-bit experts matrices yet; export in bfloat16/float16 "
                          "(without --requantize)")
-    return _ExpertsExport(folder, hf_config, specs, raw.get("target_parameters") or [], settings)
+    return _Experts(layout, raw.get("target_parameters") or [], settings)
 
 
-class _ExpertsExport:
-    """Per experts matrix, streamed: its checkpoint tensors read and fused (qlora.export.experts), round-tripped
-    through 4-bit when training had it so, s·B_e·A_e added per expert in fp32, split back into the checkpoint's
-    pieces, which are handed out one by one as the writer asks for them (one matrix in memory at a time,
-    plus the pieces of a second one whose keys interleave with it)."""
+class _Experts:
+    """The experts matrices of an export from files: which are adapted (PEFT's `target_parameters`) or were 4-bit
+    in training, and the merge of one (the matrix comes converted by ModelLayout: one layer's experts at a time)."""
 
-    def __init__(self, folder, hf_config, specs, target_parameters, settings):
-        self.ckpt = CheckpointExperts(folder, hf_config, specs)
-        self.settings, self.targets = settings, list(target_parameters)
-        self.quantized = set(settings.get("quantized_experts", []))
+    def __init__(self, layout: ModelLayout, target_parameters, settings):
+        self.targets, self.quantized = list(target_parameters), set(settings.get("quantized_experts", []))
         self.matrices = set(self.targets) | self.quantized
-        missing = sorted(m for m in self.matrices if m not in self.ckpt.sources)
+        missing = sorted(m for m in self.matrices if m not in layout.group_of)
         if missing:
             raise QLoRAError(f"the adapter's experts matrix {missing[0]!r} is not in the base checkpoint; the adapter "
                              "was trained on another model. Nothing was written.")
-        self.matrix_of = {k: m for m in self.matrices for k in self.ckpt.keys(m)}
+        self.model = layout.model
+        modules = dict(self.model.named_modules())
         by_module: dict[str, list[str]] = {}
         for path in self.targets:
             module, _, name = path.rpartition(".")
             by_module.setdefault(module, []).append(name)
         self.stems = {stem for m, names in by_module.items()
-                      for stem in peft_stems(m, self.ckpt.matrices[f"{m}.{names[0]}"], names).values()}
-        self._pieces: dict[str, torch.Tensor] = {}
+                      for stem in peft_stems(m, modules[m], names).values()}
 
-    def seen(self, matrix: str) -> torch.Tensor:
-        """The fp32 matrix the adapter saw in training: dequant(quant(W)) for 4-bit experts, else W."""
-        w = self.ckpt.read(matrix)
-        return roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()
-
-    def piece(self, key: str, tensors: dict, config, result) -> torch.Tensor:
-        if key not in self._pieces:
-            matrix = self.matrix_of[key]
-            w = self.ckpt.read(matrix)
-            merged = roundtrip_4bit(w, self.settings) if matrix in self.quantized else w.float()
-            qerr = _diff_norm(w, merged) if matrix in self.quantized else 0.0
-            del w
-            if matrix in self.targets:
-                a, b = expert_updates(tensors, [t for t in self.targets if t.rpartition(".")[0] ==
-                                                matrix.rpartition(".")[0]], self.ckpt.model)[matrix]
-                norm = add_expert_delta_(merged, a, b, config.scaling_for(matrix), self.ckpt.is_transposed(matrix))
-                result.layers.append(LayerUpdate(matrix, norm, qerr))
-                if not _all_finite(merged):
-                    raise QLoRAError(f"merging {matrix} gives non-finite weights; the adapter holds inf/NaN. "
-                                     "Nothing was written.")
-            self._pieces.update(self.ckpt.pieces(matrix, merged))
-            del merged
-        return self._pieces.pop(key)
+    def merge(self, matrix: str, w: torch.Tensor, seen: torch.Tensor, tensors: dict, config):
+        """(seen + s·B_e·A_e per expert in fp32, its LayerUpdate) for an adapted matrix; (seen, None) otherwise."""
+        qerr = _diff_norm(w, seen) if matrix in self.quantized else 0.0
+        if matrix not in self.targets:
+            return seen, None
+        module = matrix.rpartition(".")[0]
+        a, b = expert_updates(tensors, [t for t in self.targets if t.rpartition(".")[0] == module], self.model)[matrix]
+        norm = add_expert_delta_(seen, a, b, config.scaling_for(matrix), bool(self.model.get_submodule(module)
+                                                                               .is_transposed))
+        if not _all_finite(seen):
+            raise QLoRAError(f"merging {matrix} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
+        return seen, LayerUpdate(matrix, norm, qerr)
 
 
-def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.Tensor:
-    """The merged fp32 weight of one adapted layer, recording the norms for the report."""
+def _merge_one(path, w, update, scaling, settings, merge_onto) -> tuple[torch.Tensor, LayerUpdate]:
+    """(the merged fp32 weight of one adapted layer, its norms for the report)."""
     # Memory: one fp32 copy of the layer (the round trip is chunked, the update added in place),
     # plus the layer as read and as written in the output dtype.
     seen = training_weight(path, w, settings)                       # fp32, W's layout ([out, in]; Conv1D [in, out])
@@ -305,10 +330,9 @@ def _merge_one(path, w, update, scaling, settings, merge_onto, result) -> torch.
     del seen
     a, b, kind = update
     update_norm = add_delta_(merged, a, b, kind, scaling)            # in place: no [out, in] temporary
-    result.layers.append(LayerUpdate(path, update_norm, qerr))
     if not _all_finite(merged):
         raise QLoRAError(f"merging {path} gives non-finite weights; the adapter holds inf/NaN. Nothing was written.")
-    return merged
+    return merged, LayerUpdate(path, update_norm, qerr)
 
 
 def _config_overrides(settings: dict, hf_config: dict) -> dict:

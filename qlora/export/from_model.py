@@ -210,12 +210,11 @@ def adapted_weights(layers: dict) -> dict:
     return out
 
 
-def merged_tensors(model, name: str, dtype) -> dict[str, torch.Tensor]:
-    """{checkpoint key: tensor} the export of `model` must hold for the adapted weight `name` (a key of
-    adapted_weights): the weight training saw + s·B·A, in the checkpoint's layout, in `dtype`."""
-    layer, tensor_name, seen = adapted_weights(lora_layers(model))[name]
-    tensor = seen() if layer.merged else seen() + layer.delta_weight()
-    return {k: v.to(dtype) for k, v in _checkpoint_layout(model, tensor_name, tensor).items()}
+def merged_tensors(model, name: str, dtype) -> torch.Tensor:
+    """The model tensor the export of `model` must hold for the adapted weight `name` (a key of
+    adapted_weights): the weight training saw + s·B·A, in the model's layout, in `dtype`."""
+    layer, _, seen = adapted_weights(lora_layers(model))[name]
+    return (seen() if layer.merged else seen() + layer.delta_weight()).to(dtype)
 
 
 def _verify(model, layers, four_bit, rq, result, folder: Path) -> None:

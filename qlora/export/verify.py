@@ -12,8 +12,9 @@
 
 Memory: one model at a time; the reference is made from the exported model in place. When that model
 does not fit in the memory available (`fits_in_memory`), `verify_layers` checks the export layer by layer
-instead: each merged tensor read back from the folder against the weight training saw + s·B·A from the live
-model, one layer at a time (its peak is about one layer for any model size); the end-to-end logits are then
+instead: each merged tensor read back from the folder (through transformers' conversion, as from_pretrained
+reads it) against the weight training saw + s·B·A (from the live model, or the base and adapter files), one
+layer at a time (its peak is about one layer for any model size); the end-to-end logits are then
 skipped, and the report says so.
 """
 from __future__ import annotations
@@ -22,12 +23,11 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer
 
-from qlora.export.checkpoint import base_weight_files, find_key, read_tensor, tensor_specs, training_weight
+from qlora.export.checkpoint import tensor_specs
+from qlora.export.layout import ModelLayout, model_class_for
 from qlora.lora.files import load_adapter, read_adapter_config
 from qlora.quant.load import load_4bit
 from qlora.util.dtypes import parse_dtype
@@ -38,14 +38,6 @@ SENTENCES = ["The capital of France is Paris, and it is known for the Eiffel Tow
              "A surprisingly tender film that never quite finds its footing.",
              "def add(a, b):\n    return a + b",
              "Low-rank adapters train a small update beside a frozen, quantized base model."]
-
-
-def model_class_for(config: dict):
-    for arch in config.get("architectures") or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
 
 
 def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
@@ -147,17 +139,6 @@ def verify_requantized(folder: Path, adapter, result, seen_weight, *, live_model
     return report
 
 
-def seen_weight_from_files(base_folder: Path, settings: dict, merge_onto: str):
-    """seen_weight(path) for an export from files: re-read W and redo what training did to it."""
-    specs = tensor_specs(base_weight_files(base_folder)[2])
-
-    def seen(path: str) -> torch.Tensor:
-        key = find_key(specs, path + ".weight")      # exact, or "bert." added or dropped
-        w = read_tensor(specs[key][0], key)
-        return w.float() if merge_onto == "original" else training_weight(path, w, settings)
-    return seen
-
-
 def load_live_qlora(base_folder: Path, adapter, cls, settings: dict):
     """The trained QLoRA model as it ran: 4-bit base (same settings) + adapter."""
     labels = {k: v for k, v in (settings.get("config_overrides") or {}).items() if k in ("id2label", "label2id")}
@@ -192,23 +173,19 @@ def fits_in_memory(folder: Path) -> tuple[bool, int, int | None]:
 
 
 def verify_layers(folder: Path, result, expected, *, reason: str, missing=()) -> dict:
-    """The export checked layer by layer: for each adapted layer, `expected(name)` gives {checkpoint key: the
-    merged tensor it must hold} (computed from the live model, one layer at a time), compared with what the
-    folder holds under that key. The worst relative error must be within the export dtype's rounding."""
-    files = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as s:
-            files.update(dict.fromkeys(s.keys(), f))
+    """The export checked layer by layer: for each adapted weight (a module, or an experts matrix, by its path),
+    `expected(name)` gives the model tensor it must hold (computed one at a time), compared with that tensor read
+    back from the folder as from_pretrained reads it (qlora.export.layout: transformers' conversion, one group at
+    a time). The worst relative error must be within the export dtype's rounding."""
+    layout = ModelLayout(folder, tensor_specs(sorted(Path(folder).glob("*.safetensors"))))
     worst, worst_name = 0.0, None
     for layer in result.layers:
-        for key, want in expected(layer.name).items():
-            with safe_open(str(files[key]), "pt") as s:
-                got = s.get_tensor(key).float()
-            want = want.detach().float()
-            rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
-            if rel >= worst:
-                worst, worst_name = rel, key
-            del got, want
+        name = layer.name + ".weight" if layer.name + ".weight" in layout.group_of else layer.name
+        got, want = layout.tensor(name).float(), expected(layer.name).detach().float()
+        rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        if rel >= worst:
+            worst, worst_name = rel, name
+        del got, want
     limit = LAYER_THRESHOLDS[result.dtype]
     return {"mode": "per-layer", "layers_checked": len(result.layers), "worst_relative_error": worst,
             "worst_tensor": worst_name, "thresholds": {"relative_error": limit},
