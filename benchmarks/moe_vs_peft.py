@@ -121,7 +121,7 @@ def _dequantize_idx(codes, qs, idx):
     E, a, b = qs.shape
     n, nb = a * b, a * b // qs.blocksize
     picked = codes.view(E, n // 2)[idx].reshape(-1)
-    pos = (idx[:, None] * nb + torch.arange(nb)).reshape(-1)
+    pos = (idx[:, None] * nb + torch.arange(nb, device=idx.device)).reshape(-1)
     s2 = qs.state2
     absmax = s2.code[qs.absmax[pos].long()] * s2.absmax[pos // s2.blocksize] + qs.offset
     out = torch.ops.bitsandbytes.dequantize_4bit.default(picked, absmax.float(), qs.blocksize, qs.quant_type,
@@ -156,7 +156,7 @@ def _loop_forward(self, hidden_states, top_k_index, top_k_weights):
     for i in range(0, len(hit), step):
         chunk = hit[i:i + step]
         sizes = [counts[e] for e in chunk]
-        idx = torch.tensor(chunk)
+        idx = torch.tensor(chunk, device=hidden_states.device)
         part = slice(start, start + sum(sizes))
         h = self._apply_gate(_loop_project(self, up, x[part], idx, sizes))
         outs.append(_loop_project(self, down, h, idx, sizes))

@@ -20,11 +20,10 @@ RunSettings' field defaults.
 Repeated blocks: traced with `2 * period` and `3 * period` blocks and extrapolated (memprofile.extrapolate);
 the smaller model is the larger one's first blocks (`first_blocks`), so each is built and quantized once.
 Mixture of experts: every routing has the same routed rows (tokens x top_k). Full fine-tuning runs
-transformers' grouped_mm (one buffer of them); lora/qlora run qlora.quant.experts' kernel, traced with
-balanced routing (on fake tensors the routing is unknown): it dequantizes at most one chunk of the routed
-experts per matrix, and balanced routing hits the most experts, so it is the upper bound of that
-transient; activations are the same bytes for any routing. A model whose step depends on tensor values
-(an "eager" expert loop, `.item()`) gets a one-line QLoRAError.
+transformers' grouped_mm (one buffer of them); lora/qlora run qlora.quant.experts' grouped matmuls, which
+dequantize a layer's matrix at once (or fixed groups of experts, traced with balanced routing: on fake
+tensors the routing is unknown), the same bytes for any routing; so are the activations. A model whose
+step depends on tensor values (an "eager" expert loop, `.item()`) gets a one-line QLoRAError.
 """
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ def format_plan(result: dict) -> str:
              f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
     if result["moe"]:
         lines.append("mixture of experts: the routed rows (tokens x top_k) are the same for any routing; "
-                     "lora/qlora run the experts with qlora's kernel, which dequantizes at most one chunk of the "
-                     "routed experts at a time (traced with balanced routing, the most experts per chunk: "
-                     "imbalanced routing needs the same or less); full fine-tuning uses transformers' grouped_mm")
+                     "lora/qlora run the experts as qlora's grouped matmuls, dequantizing a layer's matrix at once "
+                     "(groups of experts above 1 GiB), the same bytes for any routing; full fine-tuning uses "
+                     "transformers' grouped_mm")
     lines += ["", "| configuration | peak at batch 1 | largest batch at seq | longest seq at batch 1 | "
                   "weights | grads + optimizer | activations (batch 1) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
