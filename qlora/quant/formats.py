@@ -1,9 +1,9 @@
 """The stored format of a checkpoint folder (its config.json's quantization_config), as load_4bit reads it.
 
     fmt = stored_format(folder)        # 'float' | 'bnb-4bit' | 'fp8' | 'mxfp4'; QLoRAError for anything else
-    check_fp8_blocks(folder)           # every FP8 scale grid divides its weight (safetensors headers only)
+    check_fp8_blocks(folder)           # one FP8 scale per block of every weight (safetensors headers only)
     config = dequantizing_config(fmt)  # transformers' FineGrainedFP8Config / Mxfp4Config(dequantize=True)
-    with sequential_loading(): ...     # transformers reads one tensor at a time (no read-ahead)
+    with sequential_loading(), partial_fp8_blocks(block): ...   # one tensor at a time; partial blocks right
 
 How an FP8 or MXFP4 checkpoint becomes NF4: transformers' own loader dequantizes each weight as it is read
 (its conversion ops: FP8 `weight` [out, in] e4m3 times `weight_scale_inv` [out/bo, in/bi] per block, or one
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 from transformers import FineGrainedFP8Config, Mxfp4Config
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from qlora.errors import QLoRAError
 
@@ -68,8 +69,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def check_fp8_blocks(folder) -> None:
-    """Every `X.weight_scale_inv` has a scale grid that divides `X.weight` (one scale per [out/rows, in/cols]
-    block, or a single per-tensor scale): what transformers' FP8 dequantization needs. Reads headers only."""
+    """Every `X.weight_scale_inv` has one scale per [bo, bi] block of `X.weight` (`weight_block_size`; the last
+    block of a row or column may be partial: DeepSeek-V3's kv_a_proj_with_mqa has 576 rows, 5 row blocks of 128),
+    or a single per-tensor scale. Reads headers only."""
     folder = Path(folder)
     block = quantization_config(folder).get("weight_block_size")
     for file in _safetensors_files(folder):
@@ -80,11 +82,42 @@ def check_fp8_blocks(folder) -> None:
             if not key.endswith(".weight_scale_inv") or weight is None or len(weight) < 2:
                 continue
             grid = scale[-2:] if len(scale) >= 2 else [1, 1]       # a per-tensor scale: [] or [1]
-            if any(g == 0 or w % g for w, g in zip(weight[-2:], grid)):
-                raise QLoRAError(
-                    f"FP8 checkpoint {str(folder)!r}: {key.removesuffix('_scale_inv')} {list(weight)} is not a whole "
-                    f"number of blocks of its scale grid {list(scale)} (weight_block_size {block}); load_4bit needs "
-                    "block sizes that divide every weight (convert this checkpoint to bf16 first)")
+            whole = [-(-w // b) for w, b in zip(weight[-2:], block)] if block else None
+            if grid == [1, 1] or grid == whole or (not block and not any(w % g for w, g in zip(weight[-2:], grid))):
+                continue
+            raise QLoRAError(
+                f"FP8 checkpoint {str(folder)!r}: {key.removesuffix('_scale_inv')} {list(weight)} is not a whole "
+                f"number of blocks of its scale grid {list(scale)} (weight_block_size {block}); load_4bit needs "
+                "one scale per block (convert this checkpoint to bf16 first)")
+
+
+@contextlib.contextmanager
+def partial_fp8_blocks(block):
+    """transformers' FP8 dequantization (`Fp8Dequantize._dequantize_one`) takes the block size from the scale
+    grid (rows // grid rows), so a weight whose last block is partial raises (576 rows, 5 scales) or, worse, is
+    scaled with the wrong blocks (192 rows, 2 scales: blocks of 96, not 128). For the load, such a weight is
+    zero-padded to whole `block`s, dequantized by transformers, and cropped: the format's own definition,
+    W[i, j] = q[i, j] * scale[i // bo, j // bi]. (A class attribute patched for one load, restored after.)"""
+    if not block:
+        yield
+        return
+    bo, bi = block
+    original = Fp8Dequantize._dequantize_one
+
+    def dequantize(self, quantized, scales, output_dtype=None):
+        rows, cols = quantized.shape[-2:]
+        if quantized.element_size() != 1 or not quantized.is_floating_point() or scales.dim() < 2 \
+                or not (rows % bo or cols % bi):
+            return original(self, quantized, scales, output_dtype)
+        padded = quantized.new_zeros(*quantized.shape[:-2], -(-rows // bo) * bo, -(-cols // bi) * bi)
+        padded[..., :rows, :cols] = quantized
+        return original(self, padded, scales, output_dtype)[..., :rows, :cols].contiguous()
+
+    Fp8Dequantize._dequantize_one = dequantize
+    try:
+        yield
+    finally:
+        Fp8Dequantize._dequantize_one = original
 
 
 @contextlib.contextmanager

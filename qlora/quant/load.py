@@ -42,7 +42,15 @@ from qlora.quant.convert import (
     say_float_matrices,
 )
 from qlora.quant.experts import quantize_experts
-from qlora.quant.formats import DEQUANTIZED, check_fp8_blocks, dequantizing_config, sequential_loading, stored_format
+from qlora.quant.formats import (
+    DEQUANTIZED,
+    check_fp8_blocks,
+    dequantizing_config,
+    partial_fp8_blocks,
+    quantization_config,
+    sequential_loading,
+    stored_format,
+)
 from qlora.quant.settings import (
     check_blocksize,
     check_compute_dtype,
@@ -262,7 +270,8 @@ def _load_dequantized(path: str, model_class, kwargs: dict, fmt: str, settings: 
     if fmt == "fp8":
         check_fp8_blocks(path)
     import_bnb()
-    with _QuantizeWhileLoading(settings, skip, linears=to_quantize), sequential_loading():
+    block = quantization_config(path).get("weight_block_size") if fmt == "fp8" else None
+    with _QuantizeWhileLoading(settings, skip, linears=to_quantize), sequential_loading(), partial_fp8_blocks(block):
         model = from_pretrained_quietly(model_class, path, quantization_config=dequantizing_config(fmt), **kwargs)
     model.qlora_checkpoint_format = fmt     # export_merged says the export is in float, not fmt
     return model

@@ -299,3 +299,37 @@ def test_export_from_a_dequantized_base_is_float_and_loads_in_stock_transformers
     assert (f"the base is an {fmt.upper()} checkpoint, and the export from files reads float checkpoints only; export "
             "from the live model instead (bf16)") in said.err + said.out
     assert "Traceback" not in said.err
+
+
+def test_fp8_weights_with_partial_blocks_load_by_the_formats_definition(tmp_path):
+    """DeepSeek-V3's kv_a_proj_with_mqa has 576 rows: 5 row blocks of 128, the last partial. transformers' own
+    dequantization takes the block from the grid (576 / 5 raises; 192 / 2 = 96 scales the wrong rows); the
+    reference here is the format's definition, W[i, j] = q[i, j] * scale[i // 128, j // 128]."""
+    import bitsandbytes.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen3", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=4, head_dim=48, tie_word_embeddings=False)
+    folder = tmp_path / "m"          # q/k/v_proj [192, 128], o_proj [128, 192]: partial row and column blocks
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for k, t in list(tensors.items()):
+        if _is_fp8_target(k, t):
+            rows, cols = t.shape
+            padded = torch.zeros(-(-rows // 128) * 128, -(-cols // 128) * 128)
+            padded[:rows, :cols] = t.float()
+            q, scale = to_fp8(padded, (128, 128))
+            tensors[k], tensors[k + "_scale_inv"] = q[:rows, :cols].contiguous(), scale
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    _set_quantization_config(folder, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "weight_block_size": [128, 128]})
+    loaded = qlora.load_4bit(str(folder), compute_dtype=torch.float32)
+    for proj in ("k_proj", "o_proj"):
+        key = f"model.layers.0.self_attn.{proj}.weight"
+        q, scale = tensors[key], tensors[key + "_scale_inv"]
+        rows, cols = q.shape
+        want = q.float() * scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+        codes, state = F.quantize_4bit(want.reshape(-1), blocksize=64, quant_type="nf4", compress_statistics=True)
+        layer = loaded.get_submodule(key.removesuffix(".weight"))
+        assert torch.equal(layer.weight.data.reshape(-1), codes.reshape(-1)), proj
+        assert torch.equal(layer.weight.quant_state.state2.absmax, state.state2.absmax), proj
