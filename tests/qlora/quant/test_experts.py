@@ -71,6 +71,15 @@ MORE_FAMILIES = {
                   layer_types=["full_attention", "full_attention"]),
     "exaone_moe": dict(intermediate_size=32, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                        num_shared_experts=1, first_k_dense_replace=1, head_dim=16, n_group=1, topk_group=1),
+    # Qwen3.5-MoE's language model (what its image-text checkpoints hold): gated delta-net + full attention
+    "qwen3_5_moe_text": dict(moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=4,
+                             num_experts_per_tok=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                             linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    # MLA attention, two attention+MLP sub-layers per layer, "zero experts" (identity experts past the routed ones)
+    "longcat_flash": dict(num_layers=2, ffn_hidden_size=32, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                          qk_rope_head_dim=8, head_dim=8, v_head_dim=16, moe_topk=2, n_routed_experts=4,
+                          zero_expert_num=2, expert_ffn_hidden_size=24),
     # a grouped output projection (an nn.Linear subclass whose forward reads weight.view(groups, ...)): it stays
     # float and out of all-linear (qlora.arch.quantized.runs_as_linear)
     "deepseek_v4": dict(moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
