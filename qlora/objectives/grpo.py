@@ -1,7 +1,8 @@
 """Group-relative policy optimisation (GRPO and its variants): advantages from rewards, the clipped loss.
 
     adv = group_advantages(rewards, num_generations=G)                 # rewards [B*G] -> advantages [B*G]
-    loss, stats = policy_loss(logps, old_logps, adv.values, mask, loss_type="dapo", tokens=mask.sum())
+    logps = completion_logps(model, input_ids, attention_mask, completion_mask)    # [rows, L-1], chunked head
+    loss, stats = policy_loss(logps, None, adv.values, completion_mask[:, 1:], loss_type="dapo")
 
 Definitions (TRL's GRPOTrainer, whose numbers these equal on its own batches: tests/qlora/objectives):
   advantages   A_i = r_i - mean(r over i's group of G completions), divided by std + 1e-4 unless
@@ -17,12 +18,16 @@ Definitions (TRL's GRPOTrainer, whose numbers these equal on its own batches: te
                dapo     sum l m / tokens, `tokens` = completion tokens of the whole generation batch
                         (so micro-batches add up to the token mean)                    (Yu et al. 2025)
 Shapes: logps, old_logps, ref_logps, mask [rows, T] (completion tokens only), advantages [rows].
+`completion_logps` gives log p of every completion token through the chunked head (never the [rows, L, vocab]
+logits: qlora.objectives.preference.scored_logps), 0 elsewhere, aligned with completion_mask[:, 1:].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from qlora.objectives.preference import scored_logps
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -59,6 +64,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
         adv = adv / (std + 1e-4)
     zero = torch.isclose(std, torch.zeros_like(std)).float().mean().item()
     return Advantages(torch.nan_to_num(adv, nan=0.0), std, zero)
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                     chunk_size: int = 256) -> torch.Tensor:
+    """[rows, L-1] fp32: log p(input_ids[:, t+1] | ...) where completion_mask[:, t+1] is 1, else 0."""
+    values, _, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
+    if values.shape[0] == scored.numel():          # every position scored (as a fake trace scores them)
+        return values.view(scored.shape)
+    return values.new_zeros(scored.shape).masked_scatter(scored, values)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -52,6 +52,17 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     by position t, where completion_mask[t+1] is 1. A head that cannot be chunked (adapted, biased, 4-bit, or
     an FSDP-sharded model: qlora.objectives.losses.head_is_chunkable) is run whole by the model's own forward.
     `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits."""
+    values, rows, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size, router_outputs)
+    n = scored.shape[0]
+    if values.shape[0] != rows.shape[0]:      # a fake trace ran the first and last chunks only (chunk_starts)
+        return values.sum() + values.new_zeros(n), scored.sum(1)
+    return values.new_zeros(n).index_add(0, rows, values), scored.sum(1)
+
+
+def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
+                 chunk_size: int = 256, router_outputs: list | None = None):
+    """(log p of each scored token [M] fp32, its row [M], the scored positions [N, L-1] bool): what
+    sequence_logps sums per row (and GRPO keeps per token)."""
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
     n, length = scored.shape
     rows = torch.arange(n, device=input_ids.device)[:, None].expand_as(scored)
@@ -80,9 +91,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
     if routed:
         router_outputs.append(out)
-    if token_logps.shape[0] != rows.shape[0]:      # a fake trace ran the first and last chunks only (chunk_starts)
-        return token_logps.sum() + token_logps.new_zeros(n), scored.sum(1)
-    return token_logps.new_zeros(n).index_add(0, rows, token_logps), scored.sum(1)
+    return token_logps, rows, scored
 
 
 def preference_step(model, batch: dict, *, loss_type: str = "sigmoid", beta: float = 0.1,
