@@ -1,0 +1,208 @@
+"""Tests of chat rows with images (qlora.data.images through qlora.data.sft): labels, image tokens, batching, cuts,
+bad input.
+
+    .venv/bin/python -m pytest -q tests/qlora/data/test_images.py      (~30 s)
+
+Two families built offline (tests/qlora/data/tiny_vlm.py): LLaVA (a fixed 16 x 16 crop: 4 tokens per picture)
+and Gemma 3 (its processor inserts text and boundary tokens around 4 soft image tokens and returns token_type_ids,
+a per-token tensor; its logits are soft-capped, so its loss is the model's own). References:
+the assistant tokens found by token ids (`<|im_start|>assistant\\n` ... `<|im_end|>`, test_sft's reference); the
+image-token count from the picture sizes; a batch's per-row losses against each row run alone through the
+processor's own call and the model's own forward (no qlora collate).
+"""
+import json
+
+import pytest
+import torch
+
+from qlora.data import images
+from qlora.data.rows import Row, read_rows
+from qlora.data.sft import IGNORE, Encoder, collate, detect_format, encode_rows, pack, parse_row
+from qlora.errors import QLoRAError
+from tests.qlora.data.test_sft import reference_assistant_mask
+from tests.qlora.data.tiny_vlm import model_for, processor_for, tokens_per_image, write_pictures
+
+FAMILIES = ("llava", "gemma3")
+SIZES = {"a.png": (32, 32), "b.png": (16, 48), "c.png": (48, 32)}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def image_chat(*names, question="What is this?", answer="A small feline."):
+    return [{"role": "user", "content": [*({"type": "image", "path": n} for n in names), {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smol_tok_dir):
+    folder = tmp_path_factory.mktemp("pictures")
+    write_pictures(folder, SIZES)
+    procs = {f: processor_for(f, smol_tok_dir) for f in FAMILIES}
+    return {"folder": folder, "processors": procs, "models": {f: model_for(f, procs[f]) for f in FAMILIES}}
+
+
+def encode(setup, family, rows, max_length=512):
+    proc = setup["processors"][family]
+    return encode_rows(rows, detect_format(rows), Encoder(proc.tokenizer, processor=proc), max_length)
+
+
+def row(setup, data, n=1):
+    return Row(f"rows.jsonl:{n}", data, setup["folder"])
+
+
+# ---------------------------------------------------------------- labels and image tokens
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_on_assistant_tokens_only_and_image_tokens_as_expanded(setup, family):
+    proc = setup["processors"][family]
+    chat = image_chat("a.png", "b.png") + [{"role": "user", "content": "And this one?"},
+                                           {"role": "assistant", "content": "A domestic canine."}]
+    (ex,), stats = encode(setup, family, [row(setup, {"messages": chat})])
+    ids = ex["input_ids"]
+    want = reference_assistant_mask(proc.tokenizer, ids)
+    assert [y != IGNORE for y in ex["labels"]] == want and sum(want) > 0
+    assert all(y == t for t, y in zip(ids, ex["labels"]) if y != IGNORE)
+    learned = proc.tokenizer.decode([t for t, y in zip(ids, ex["labels"]) if y != IGNORE])
+    assert learned == "A small feline.<|im_end|>A domestic canine.<|im_end|>"
+    expected = sum(tokens_per_image(family, *SIZES[n]) for n in ("a.png", "b.png"))
+    image_id = proc.tokenizer.image_token_id
+    assert ids.count(image_id) == expected
+    last = max(i for i, t in enumerate(ids) if t == image_id)      # + the processor's end-of-image tokens
+    assert last < ex["media_end"] <= last + (1 if family == "llava" else 4)
+    assert stats.images == 1 and stats.kept == 1
+    if family == "gemma3":        # per-token tensors follow the tokens (1 on image tokens), pictures 32 x 32
+        assert ex["token_inputs"]["token_type_ids"].tolist() == [int(t == proc.tokenizer.image_token_id) for t in ids]
+        assert ex["media"]["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_images_column_trl_layout_and_string_messages(setup):
+    """TRL's layout: bare image parts paired with the `images` column in order; string messages + images get the
+    pictures before the first user text. Both give the ids of explicit per-part paths."""
+    proc = setup["processors"]["llava"]
+    explicit = row(setup, {"messages": image_chat("a.png", "c.png")})
+    bare = row(setup, {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                                 {"type": "text", "text": "What is this?"}]},
+                                    {"role": "assistant", "content": "A small feline."}],
+                       "images": ["a.png", "c.png"]})
+    plain = row(setup, {"messages": [{"role": "user", "content": "What is this?"},
+                                     {"role": "assistant", "content": "A small feline."}], "images": ["a.png", "c.png"]})
+    out, _ = encode(setup, "llava", [explicit, bare, plain])
+    assert out[0]["input_ids"] == out[1]["input_ids"] == out[2]["input_ids"]
+    torch.testing.assert_close(out[0]["media"]["pixel_values"], out[2]["media"]["pixel_values"])
+    assert out[0]["input_ids"].count(proc.tokenizer.image_token_id) == 8
+
+
+# ---------------------------------------------------------------- batching = each row alone
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_different_image_counts_and_sizes_equals_each_row_alone(setup, family):
+    proc, model = setup["processors"][family], setup["models"][family]
+    rows = [row(setup, {"messages": image_chat("a.png")}, 1),
+            row(setup, {"messages": image_chat("b.png", "c.png", question="Which is bigger?", answer="The second.")}, 2),
+            row(setup, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}, 3)]
+    examples, _ = encode(setup, family, rows)
+    batch = collate(examples, pad_id=2)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        got = [torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=IGNORE)
+               for i in range(len(rows))]
+        for i, (r, ex) in enumerate(zip(rows, examples)):       # each alone: the processor's own call
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+                         else [{k: v for k, v in p.items() if k != "path"} for p in m["content"]]}
+                        for m in r.data["messages"]]
+            text = proc.apply_chat_template(messages, tokenize=False)
+            names = [p["path"] for m in r.data["messages"] if isinstance(m["content"], list) for p in m["content"]
+                     if p["type"] == "image"]
+            from PIL import Image
+            pictures = [Image.open(setup["folder"] / n).convert("RGB") for n in names] or None
+            alone = proc(text=text, images=pictures, add_special_tokens=False, return_tensors="pt")
+            assert alone["input_ids"][0].tolist() == ex["input_ids"]
+            labels = torch.tensor([ex["labels"]])
+            want = model(**alone, labels=labels).loss
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    # the chunked loss (the model's base model with the images) equals the model's own loss on the batch
+    from qlora.objectives.losses import causal_lm_loss
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                                  chunk_size=7, **media),
+                                   model(**batch).loss, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- max_length never cuts image tokens
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_cut_that_would_lose_image_tokens_drops_the_row(setup, family):
+    question = "Look closely at this picture and say, in a few words, what it shows: "
+    chat = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "path": "a.png"}]},
+            {"role": "assistant", "content": "A small feline with soft fur and a long tail."}]
+    (full,), _ = encode(setup, family, [row(setup, {"messages": chat})])
+    end, n = full["media_end"], len(full["input_ids"])
+    (cut,), stats = encode(setup, family, [row(setup, {"messages": chat})], max_length=n - 3)
+    assert stats.cut == 1 and stats.dropped == 0 and cut["input_ids"] == full["input_ids"][:n - 3]
+    assert all(len(v) == n - 3 for v in cut["token_inputs"].values())
+    rows = [row(setup, {"messages": chat}), row(setup, {"messages": [{"role": "user", "content": "Hi"},
+                                                                    {"role": "assistant", "content": "Hello."}]})]
+    kept, stats = encode(setup, family, rows, max_length=end - 1)
+    assert stats.dropped == 1 and stats.kept == 1 and "media" not in kept[0]
+    assert "1 dropped" in stats.line("train", end - 1)
+
+
+def test_packing_refuses_rows_with_images(setup):
+    examples, _ = encode(setup, "llava", [row(setup, {"messages": image_chat("a.png")})])
+    with pytest.raises(QLoRAError, match="packing=true cannot pack examples with images.*packing=false"):
+        pack(examples, 512)
+
+
+# ---------------------------------------------------------------- bad input: one line naming the row
+
+def bad(setup, data, processor="llava", where=None):
+    proc = setup["processors"][processor] if processor else None
+    tok = setup["processors"]["llava"].tokenizer
+    r = row(setup, data, 7) if where is None else where
+    with pytest.raises(QLoRAError) as e:
+        Encoder(tok, processor=proc)(r, parse_row(r, detect_format([r]), True))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("rows.jsonl:7: ")
+    return message
+
+
+def test_bad_image_input_is_one_line_naming_the_row(setup, tmp_path):
+    (setup["folder"] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert "image file" in bad(setup, {"messages": image_chat("missing.png")}) and "not found" in bad(
+        setup, {"messages": image_chat("missing.png")})
+    assert "cannot read the image 'broken.png'" in bad(setup, {"messages": image_chat("broken.png")})
+    assert "no image processor" in bad(setup, {"messages": image_chat("a.png")}, processor=None)
+    assert "no image processor" in bad(setup, {"messages": image_chat(), "images": ["a.png"]}, processor=None)
+    assert "2 picture(s) in the images column" in bad(
+        setup, {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                             {"role": "assistant", "content": "A."}], "images": ["a.png", "b.png"]})
+    assert "content[0] must be" in bad(setup, {"messages": [{"role": "user", "content": [{"type": "audio"}]},
+                                                            {"role": "assistant", "content": "A."}]})
+
+
+def test_more_images_than_the_processor_places_is_one_line(setup, smol_tok_dir):
+    """A processor whose template gives images no placeholder refuses the pictures (transformers' own check)."""
+    no_slots = processor_for("llava", smol_tok_dir, template=TEMPLATE_WITHOUT_IMAGES)
+    r = row(setup, {"messages": image_chat("a.png", "b.png")}, 7)
+    with pytest.raises(QLoRAError, match=r"^rows.jsonl:7: the model's processor refused the row's 2 image\(s\)"):
+        Encoder(no_slots.tokenizer, processor=no_slots)(r, parse_row(r, "messages", True))
+
+
+TEMPLATE_WITHOUT_IMAGES = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_relative_paths_start_at_the_data_file(setup, tmp_path):
+    data = tmp_path / "sub" / "rows.jsonl"
+    data.parent.mkdir()
+    write_pictures(data.parent, {"p.png": (16, 16)})
+    data.write_text(json.dumps({"messages": image_chat("p.png")}) + "\n")
+    rows = read_rows(str(data))
+    assert rows[0].folder == data.parent and images.mentions_images(rows[0])
+    out, stats = encode(setup, "llava", rows)
+    assert stats.images == 1 and out[0]["media"]["pixel_values"].shape == (1, 3, 16, 16)
+
