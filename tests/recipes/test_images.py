@@ -70,3 +70,20 @@ def test_bad_image_input_exits_2_and_writes_nothing(tmp_path, smol_tok_dir, data
         assert all(w in err for w in words), (words, err)
         assert not out.exists()
 
+
+def test_dpo_with_image_prompts_end_to_end(tmp_path, smol_tok_dir):
+    model = save_tiny_vlm("llava", tmp_path / "llava", smol_tok_dir)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_pictures(folder, {"a.png": (32, 32), "b.png": (16, 48)})
+    pair = {"prompt": chat("a.png")["messages"][:1], "chosen": "A cat.", "rejected": "A dog."}
+    two = {"prompt": chat("a.png", "b.png")["messages"][:1], "chosen": "Two things.", "rejected": "Nothing."}
+    text = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Go away."}
+    data = write(folder / "pairs.jsonl", [pair, two, text] * 3)
+    out = tmp_path / "dpo"
+    assert main(["train", "dpo", f"model={model}", f"data={data}", f"out_dir={out}", "eval_fraction=0.34",
+                 "mode=lora", *ARGS]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["data_stats"]["train"]["kept"] == 6
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())

@@ -206,3 +206,57 @@ def test_relative_paths_start_at_the_data_file(setup, tmp_path):
     out, stats = encode(setup, "llava", rows)
     assert stats.images == 1 and out[0]["media"]["pixel_values"].shape == (1, 3, 16, 16)
 
+
+# ---------------------------------------------------------------- preference pairs with image prompts
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dpo_pairs_with_image_prompts_score_as_each_sequence_alone(setup, family):
+    from PIL import Image
+
+    from qlora.data.preference import collate as pair_collate
+    from qlora.data.preference import encode_pairs
+    from qlora.objectives.preference import media_inputs, sequence_logps
+    proc, model = setup["processors"][family], setup["models"][family]
+    prompts = [image_chat("a.png")[:1], image_chat("b.png", "c.png", question="Which?")[:1],
+               [{"role": "user", "content": "Hi"}]]
+    answers = [("A cat.", "A dog."), ("The second.", "Neither of them."), ("Hello.", "Go away.")]
+    rows = [row(setup, {"prompt": p, "chosen": [{"role": "assistant", "content": c}], "rejected": r}, i + 1)
+            for i, (p, (c, r)) in enumerate(zip(prompts, answers))]
+    examples, stats = encode_pairs(rows, "preference", proc.tokenizer, max_length=512, processor=proc)
+    assert stats.kept == 3 and examples[1]["prompt_ids"].count(proc.tokenizer.image_token_id) == sum(
+        tokens_per_image(family, *SIZES[n]) for n in ("b.png", "c.png"))
+    batch = pair_collate(examples, pad_id=2, max_length=512)
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                  chunk_size=5, **media_inputs(batch))
+        for i, (p, ex) in enumerate(zip(prompts, examples)):
+            names = [part["path"] for m in p if isinstance(m["content"], list) for part in m["content"]
+                     if part["type"] == "image"]
+            pictures = [Image.open(setup["folder"] / n).convert("RGB") for n in names] or None
+            for j, response in enumerate(answers[i]):
+                messages = [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+                             else [{k: v for k, v in part.items() if k != "path"} for part in m["content"]]}
+                            for m in p + [{"role": "assistant", "content": response}]]
+                alone = proc(text=proc.apply_chat_template(messages, tokenize=False), images=pictures,
+                             add_special_tokens=False, return_tensors="pt")
+                response_ids = ex["chosen_ids" if j == 0 else "rejected_ids"]
+                assert alone["input_ids"][0].tolist() == ex["prompt_ids"] + response_ids
+                k = len(response_ids)
+                logits = model(**alone).logits[0, -k - 1:-1].float()
+                want = logits.log_softmax(-1).gather(-1, alone["input_ids"][0, -k:, None]).sum()
+                torch.testing.assert_close(logps[i + j * len(examples)], want, rtol=1e-5, atol=1e-4)
+
+
+def test_dpo_image_pairs_whose_prompt_start_would_be_cut_are_dropped(setup):
+    from qlora.data.preference import encode_pairs
+    proc = setup["processors"]["llava"]
+    r = row(setup, {"prompt": image_chat("a.png")[:1], "chosen": "A cat.", "rejected": "A dog."})
+    (ex,), _ = encode_pairs([r], "preference", proc.tokenizer, max_length=512, processor=proc)
+    n = len(ex["prompt_ids"])
+    _, stats = encode_pairs([r], "preference", proc.tokenizer, max_length=512, max_prompt_length=n - 1, processor=proc)
+    assert stats.dropped == 1 and stats.kept == 0
+    _, stats = encode_pairs([r], "preference", proc.tokenizer, max_length=n + 1, truncation_mode="keep_end",
+                            processor=proc)
+    assert stats.dropped == 1
+    with pytest.raises(QLoRAError, match="rows.jsonl:1: the row has images, but the model has no image processor"):
+        encode_pairs([r], "preference", proc.tokenizer, max_length=512)
