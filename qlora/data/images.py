@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.image_utils import load_image
 
-from qlora.data.rows import IGNORE, IMAGE_SOURCES, Row
+from qlora.data.rows import IGNORE, IMAGE_SOURCES, Row, field_value
 from qlora.errors import QLoRAError
 
 URL_SCHEMES = ("http://", "https://", "data:")
@@ -50,12 +50,13 @@ def load_processor(path):
 
 
 def mentions_images(row: Row) -> bool:
-    """Whether the row has an image part in any column or a filled `images` column."""
+    """Whether the row has an image part in any column (messages a CSV cell holds as JSON text too) or a filled
+    `images` column."""
     def has(value) -> bool:
         if isinstance(value, dict):
             return value.get("type") == "image" or any(has(v) for v in value.values())
         return isinstance(value, list) and any(has(v) for v in value)
-    return bool(row.data.get("images")) or any(has(v) for v in row.data.values())
+    return bool(row.data.get("images")) or any(has(field_value(row, k, optional=True)) for k in row.data)
 
 
 def check_processor(row: Row, processor, chat: bool) -> None:

@@ -10,10 +10,13 @@ the assistant tokens found by token ids (`<|im_start|>assistant\\n` ... `<|im_en
 image-token count from the picture sizes; a batch's per-row losses against each row run alone through the
 processor's own call and the model's own forward (no qlora collate).
 """
+import base64
+import io
 import json
 
 import pytest
 import torch
+from PIL import Image
 
 from qlora.data import images
 from qlora.data.rows import Row, read_rows
@@ -76,8 +79,9 @@ def test_labels_on_assistant_tokens_only_and_image_tokens_as_expanded(setup, fam
 
 
 def test_images_column_trl_layout_and_string_messages(setup):
-    """TRL's layout: bare image parts paired with the `images` column in order; string messages + images get the
-    pictures before the first user text. Both give the ids of explicit per-part paths."""
+    """TRL's layout: bare image parts paired with the `images` column in order (paths, or what a Hub data set
+    gives: decoded pictures, {"bytes", "path"}); string messages + images get the pictures before the first user
+    text; a data: URL and an `image` path per part. All give the ids and pixels of explicit per-part paths."""
     proc = setup["processors"]["llava"]
     explicit = row(setup, {"messages": image_chat("a.png", "c.png")})
     bare = row(setup, {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
@@ -86,10 +90,28 @@ def test_images_column_trl_layout_and_string_messages(setup):
                        "images": ["a.png", "c.png"]})
     plain = row(setup, {"messages": [{"role": "user", "content": "What is this?"},
                                      {"role": "assistant", "content": "A small feline."}], "images": ["a.png", "c.png"]})
-    out, _ = encode(setup, "llava", [explicit, bare, plain])
-    assert out[0]["input_ids"] == out[1]["input_ids"] == out[2]["input_ids"]
-    torch.testing.assert_close(out[0]["media"]["pixel_values"], out[2]["media"]["pixel_values"])
+    a_png, c_png = ((setup["folder"] / n).read_bytes() for n in ("a.png", "c.png"))
+    decoded = row(setup, {**bare.data, "images": [Image.open(io.BytesIO(a_png)), {"bytes": c_png, "path": None}]})
+    url = row(setup, {"messages": [{"role": "user", "content": [
+        {"type": "image", "url": "data:image/png;base64," + base64.b64encode(a_png).decode()},
+        {"type": "image", "image": str(setup["folder"] / "c.png")}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A small feline."}]})
+    out, _ = encode(setup, "llava", [explicit, bare, plain, decoded, url])
+    for ex in out[1:]:
+        assert ex["input_ids"] == out[0]["input_ids"]
+        torch.testing.assert_close(ex["media"]["pixel_values"], out[0]["media"]["pixel_values"])
     assert out[0]["input_ids"].count(proc.tokenizer.image_token_id) == 8
+
+
+def test_csv_rows_hold_messages_with_images_as_json_text(setup, tmp_path):
+    import csv
+    write_pictures(tmp_path, {"p.png": (16, 16)})
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["messages"], [json.dumps(image_chat("p.png"))]])
+    rows = read_rows(str(tmp_path / "rows.csv"))
+    assert images.mentions_images(rows[0])
+    out, stats = encode(setup, "llava", rows)
+    assert stats.images == 1 and out[0]["media"]["pixel_values"].shape == (1, 3, 16, 16)
 
 
 # ---------------------------------------------------------------- batching = each row alone
@@ -113,7 +135,6 @@ def test_batch_of_different_image_counts_and_sizes_equals_each_row_alone(setup, 
             text = proc.apply_chat_template(messages, tokenize=False)
             names = [p["path"] for m in r.data["messages"] if isinstance(m["content"], list) for p in m["content"]
                      if p["type"] == "image"]
-            from PIL import Image
             pictures = [Image.open(setup["folder"] / n).convert("RGB") for n in names] or None
             alone = proc(text=text, images=pictures, add_special_tokens=False, return_tensors="pt")
             assert alone["input_ids"][0].tolist() == ex["input_ids"]
@@ -211,8 +232,6 @@ def test_relative_paths_start_at_the_data_file(setup, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dpo_pairs_with_image_prompts_score_as_each_sequence_alone(setup, family):
-    from PIL import Image
-
     from qlora.data.preference import collate as pair_collate
     from qlora.data.preference import encode_pairs
     from qlora.objectives.preference import media_inputs, sequence_logps
