@@ -5,7 +5,8 @@ bad input.
 
 Two families built offline (tests/qlora/data/tiny_vlm.py): LLaVA (a fixed 16 x 16 crop: 4 tokens per picture)
 and Gemma 3 (its processor inserts text and boundary tokens around 4 soft image tokens and returns token_type_ids,
-a per-token tensor; its logits are soft-capped, so its loss is the model's own). References:
+a per-token tensor; its logits are soft-capped, so its loss is the model's own); the batching test also runs
+LLaVA-NeXT, whose pictures of different shapes become different numbers of tiles (pixel_values padded on axis 1). References:
 the assistant tokens found by token ids (`<|im_start|>assistant\\n` ... `<|im_end|>`, test_sft's reference); the
 image-token count from the picture sizes; a batch's per-row losses against each row run alone through the
 processor's own call and the model's own forward (no qlora collate).
@@ -40,8 +41,8 @@ def image_chat(*names, question="What is this?", answer="A small feline."):
 def setup(tmp_path_factory, smol_tok_dir):
     folder = tmp_path_factory.mktemp("pictures")
     write_pictures(folder, SIZES)
-    procs = {f: processor_for(f, smol_tok_dir) for f in FAMILIES}
-    return {"folder": folder, "processors": procs, "models": {f: model_for(f, procs[f]) for f in FAMILIES}}
+    procs = {f: processor_for(f, smol_tok_dir) for f in (*FAMILIES, "llava_next")}
+    return {"folder": folder, "processors": procs, "models": {f: model_for(f, p) for f, p in procs.items()}}
 
 
 def encode(setup, family, rows, max_length=512):
@@ -116,13 +117,17 @@ def test_csv_rows_hold_messages_with_images_as_json_text(setup, tmp_path):
 
 # ---------------------------------------------------------------- batching = each row alone
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llava_next"])
 def test_batch_of_different_image_counts_and_sizes_equals_each_row_alone(setup, family):
     proc, model = setup["processors"][family], setup["models"][family]
     rows = [row(setup, {"messages": image_chat("a.png")}, 1),
             row(setup, {"messages": image_chat("b.png", "c.png", question="Which is bigger?", answer="The second.")}, 2),
-            row(setup, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}, 3)]
+            row(setup, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}, 3),
+            row(setup, {"messages": image_chat("b.png", question="And this?")}, 4)]
     examples, _ = encode(setup, family, rows)
+    if family == "llava_next":    # 5 tiles for a 32 x 32 picture, 3 for 16 x 48: the batch pads them
+        assert [tuple(ex["media"]["pixel_values"].shape) for ex in examples if "media" in ex] == [
+            (1, 5, 3, 16, 16), (2, 5, 3, 16, 16), (1, 3, 3, 16, 16)]
     batch = collate(examples, pad_id=2)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
