@@ -150,10 +150,7 @@ def expand(processor, row: Row, text: str, pictures: list, ids: list[int], label
         if tag == "equal":
             new_labels[j1:j2] = labels[i1:i2]
             prompt_end = j1 + (prompt_tokens - i1) if i1 < prompt_tokens <= i2 else prompt_end
-        elif any(y != IGNORE for y in labels[i1:i2]):
-            raise QLoRAError(f"{row.where}: the processor changes tokens the loss is on (in an assistant turn); "
-                             "put images in user turns")
-        else:
+        else:                                       # added or changed by the processor: never learned
             is_media[j1:j2] = [True] * (j2 - j1)
     token_inputs, tensors = {}, {}
     for key, value in out.items():

@@ -79,6 +79,22 @@ def test_labels_on_assistant_tokens_only_and_image_tokens_as_expanded(setup, fam
         assert ex["media"]["pixel_values"].shape == (2, 3, 32, 32)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_on_all_learns_every_token_but_the_image_ones(setup, family):
+    """train_on=all: every token is learned but the first and the image's (its placeholder, its tokens and what
+    the processor added around them); all text after the image is learned."""
+    proc = setup["processors"][family]
+    r = row(setup, {"messages": image_chat("a.png")})
+    (ex,), _ = encode_rows([r], "messages", Encoder(proc.tokenizer, processor=proc, train_on="all"), 512)
+    ids, labels, end = ex["input_ids"], ex["labels"], ex["media_end"]
+    image_ids = {proc.tokenizer.image_token_id, proc.image_token_id}
+    first = min(i for i, t in enumerate(ids) if t in image_ids)
+    ignored = [i for i, y in enumerate(labels) if y == IGNORE]
+    assert ignored[0] == 0 and all(first - 2 <= i < end for i in ignored[1:])
+    assert all(labels[i] == IGNORE for i, t in enumerate(ids) if t in image_ids)
+    assert labels[end:] == ids[end:] and labels[1:first - 2] == ids[1:first - 2]
+
+
 def test_images_column_trl_layout_and_string_messages(setup):
     """TRL's layout: bare image parts paired with the `images` column in order (paths, or what a Hub data set
     gives: decoded pictures, {"bytes", "path"}); string messages + images get the pictures before the first user
