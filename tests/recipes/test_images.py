@@ -71,7 +71,8 @@ def test_bad_image_input_exits_2_and_writes_nothing(tmp_path, smol_tok_dir, data
         assert not out.exists()
 
 
-def test_dpo_with_image_prompts_end_to_end(tmp_path, smol_tok_dir):
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_dpo_with_image_prompts_end_to_end(tmp_path, smol_tok_dir, precompute_ref):
     model = save_tiny_vlm("llava", tmp_path / "llava", smol_tok_dir)
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -82,7 +83,7 @@ def test_dpo_with_image_prompts_end_to_end(tmp_path, smol_tok_dir):
     data = write(folder / "pairs.jsonl", [pair, two, text] * 3)
     out = tmp_path / "dpo"
     assert main(["train", "dpo", f"model={model}", f"data={data}", f"out_dir={out}", "eval_fraction=0.34",
-                 "mode=lora", *ARGS]) == 0
+                 "mode=lora", f"precompute_ref={str(precompute_ref).lower()}", *ARGS]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["data_stats"]["train"]["kept"] == 6
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
