@@ -170,8 +170,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, p
            inputs: Optional[list[dict]] = None) -> list[str]:
     """Greedy continuations of token-id prompts, in one batched generate with the prompts left-padded: each
     new token costs one pass over the weights (on a CPU, dequantizing every 4-bit layer), so all share it.
-    `inputs`: per prompt, the processor's tensors of a prompt with images ({"token_inputs", "media"} as
-    qlora.data.images makes them; {} for a text prompt)."""
+    `inputs`: per prompt, {"input_ids": the prompt, "pictures": its qlora.data.images.Pictures or None}."""
     if not prompts:
         return []
     device = next(model.parameters()).device

@@ -148,7 +148,7 @@ def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate,
         metrics = {k: v / max(pairs, 1) for k, v in sums.items()}
         chosen = eval_set[:cfg.samples]
         texts = greedy(model, tokenizer, [ex["prompt_ids"] for ex in chosen], max_new_tokens=cfg.max_new_tokens,
-                       pad_id=pad_id, inputs=chosen)
+                       pad_id=pad_id, inputs=[{"input_ids": ex["prompt_ids"], "pictures": ex.get("pictures")} for ex in chosen])
         samples = [{"eval": calls[0], "prompt": ex["prompt"], "chosen": ex["reference"], "generated": text}
                    for ex, text in zip(chosen, texts)]
         calls[0] += 1

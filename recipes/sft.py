@@ -131,8 +131,7 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
         chosen = eval_set[:cfg.samples]
         prompts = [ex.get("prompt_ids") or tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] for ex in chosen]
         texts = greedy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=pad_id,
-                       inputs=[{"token_inputs": {k: v[:len(p)] for k, v in ex.get("token_inputs", {}).items()},
-                                "media": ex.get("media", {})} for ex, p in zip(chosen, prompts)])
+                       inputs=[{"input_ids": p, "pictures": ex.get("pictures")} for ex, p in zip(chosen, prompts)])
         samples = [{"eval": calls[0], "prompt": ex["prompt"], "reference": ex["reference"], "generated": text}
                    for ex, text in zip(chosen, texts)]
         calls[0] += 1

@@ -2,8 +2,8 @@
 
     processor = load_processor(path)                     # the model's processor; None without an image processor
     check_processor(row, processor, chat=True)          # a row with images: an image processor, chat messages
-    messages, pictures = row_images(row, messages)       # PIL RGB pictures, one per image part, in order
-    ex = expand(processor, row, text, pictures, ids, labels)   # the processor's ids, the labels moved onto them
+    messages, sources = row_images(row, messages)        # where each image part's picture comes from, in order
+    ex = expand(processor, row, text, sources, ids, labels, prompt_tokens)   # the processor's ids, labels moved
     batch.update(collate_inputs(examples, width))        # the processor's tensors of a batch
 
 An image part (`{"type": "image", ...}` in a message's content list) names its picture with `path`
@@ -18,14 +18,18 @@ placeholder expanded into that image's tokens, plus its tensors. The labels, fou
 text (qlora.data.sft), move onto the processor's ids by aligning the two token sequences (difflib): the
 tokens the processor added or changed, and its image / video / audio tokens, are never learned and are
 the row's media tokens (`media_end`: one past the last of them; a cut before it would lose an image, so
-such a row is dropped). The processor's tensors stay per row: those of shape [1, tokens] and integer
-(mm_token_type_ids, token_type_ids, ...) follow the tokens (cut with them, padded with 0); all others
-(pixel_values, image_grid_thw, image_sizes, pixel_attention_mask, ...) are concatenated over a batch's
-rows on their first axis, their other axes zero-padded to the largest.
+such a row is dropped). An example keeps its pictures as their sources (`Pictures`: the row, the
+rendered text, paths / URLs / the data set's own objects), never their pixels: the processor runs again
+when a batch is collated, so memory does not grow with the data set's pictures. Its tensors then: those
+of shape [1, tokens] and integer (mm_token_type_ids, token_type_ids, ...) follow the tokens (cut to the
+example's tokens, padded with 0); all others (pixel_values, image_grid_thw, image_sizes,
+pixel_attention_mask, ...) are concatenated over the batch's rows on their first axis, their other axes
+zero-padded to the largest.
 """
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from difflib import SequenceMatcher
 from pathlib import Path
 
@@ -74,9 +78,9 @@ def as_parts(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
-def row_images(row: Row, messages: list[dict]) -> tuple[list[dict], list[Image.Image]]:
-    """(messages, pictures): the pictures of the row's image parts, read, in order (new messages, with image
-    parts added to the first user turn when only the `images` column names pictures)."""
+def row_images(row: Row, messages: list[dict]) -> tuple[list[dict], list]:
+    """(messages, sources): where the picture of each of the row's image parts comes from, in order (new
+    messages, with image parts added to the first user turn when only the `images` column names pictures)."""
     column = row.data.get("images")
     column = [] if column is None else list(column) if isinstance(column, (list, tuple)) else [column]
     parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
@@ -92,7 +96,7 @@ def row_images(row: Row, messages: list[dict]) -> tuple[list[dict], list[Image.I
                          f"image of its own, but {len(column)} picture(s) in the images column; give one picture "
                          "per image part")
     given = iter(column)
-    return messages, [read_image(row, source if source is not None else next(given)) for source in own]
+    return messages, [source if source is not None else next(given) for source in own]
 
 
 def read_image(row: Row, source) -> Image.Image:
@@ -132,18 +136,33 @@ def media_token_ids(processor) -> set[int]:
     return {i for i in ids | set(getattr(processor, "image_token_ids", None) or []) if isinstance(i, int)}
 
 
-def expand(processor, row: Row, text: str, pictures: list, ids: list[int], labels: list[int],
+@dataclass(frozen=True)
+class Pictures:
+    """An example's pictures as their sources, with the processor and the text they go with."""
+    processor: object
+    row: Row
+    text: str
+    sources: tuple
+
+    def __call__(self) -> dict:
+        """The processor's output for the text and the pictures (read again)."""
+        pictures = [read_image(self.row, source) for source in self.sources]
+        try:
+            return self.processor(text=self.text, images=pictures, add_special_tokens=False, return_tensors="pt")
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as e:
+            said = " ".join(str(e).split())[:200] or type(e).__name__
+            raise QLoRAError(f"{self.row.where}: the model's processor refused the row's {len(pictures)} image(s): "
+                             f"{said}; give as many images as the model takes, one image part each") from None
+
+
+def expand(processor, row: Row, text: str, sources: list, ids: list[int], labels: list[int],
            prompt_tokens: int) -> dict:
-    """The row through the processor: {"input_ids", "labels", "token_inputs", "media", "media_end", "prompt_ids"}
-    (labels moved from `ids`, the template text's own tokens, onto the processor's; see the module docstring;
-    prompt_ids: the processor's ids of the first `prompt_tokens` of `ids`, the sample's prompt)."""
-    try:
-        out = processor(text=text, images=pictures, add_special_tokens=False, return_tensors="pt")
-    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as e:
-        said = " ".join(str(e).split())[:200] or type(e).__name__
-        raise QLoRAError(f"{row.where}: the model's processor refused the row's {len(pictures)} image(s): {said}; "
-                         "give as many images as the model takes, one image part each") from None
-    new = out["input_ids"][0].tolist()
+    """The row through the processor: {"input_ids", "labels", "pictures", "media_end", "prompt_ids"} (labels
+    moved from `ids`, the template text's own tokens, onto the processor's; see the module docstring;
+    prompt_ids: the processor's ids of the first `prompt_tokens` of `ids`, the sample's prompt). Every picture is
+    read here once: a missing or unreadable one is refused before training, not in a batch."""
+    pictures = Pictures(processor, row, text, tuple(sources))
+    new = pictures()["input_ids"][0].tolist()
     media = media_token_ids(processor)
     new_labels, is_media, prompt_end = [IGNORE] * len(new), [t in media for t in new], 0
     for tag, i1, i2, j1, j2 in SequenceMatcher(None, ids, new, autojunk=False).get_opcodes():
@@ -152,34 +171,39 @@ def expand(processor, row: Row, text: str, pictures: list, ids: list[int], label
             prompt_end = j1 + (prompt_tokens - i1) if i1 < prompt_tokens <= i2 else prompt_end
         else:                                       # added or changed by the processor: never learned
             is_media[j1:j2] = [True] * (j2 - j1)
-    token_inputs, tensors = {}, {}
-    for key, value in out.items():
-        if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
-            continue
-        if value.shape == (1, len(new)) and not value.is_floating_point():
-            token_inputs[key] = value[0]
-        else:
-            tensors[key] = value
     return {"input_ids": new, "labels": [IGNORE if m else y for y, m in zip(new_labels, is_media)],
-            "token_inputs": token_inputs, "media": tensors,
-            "media_end": max((j + 1 for j, m in enumerate(is_media) if m), default=0),
+            "pictures": pictures, "media_end": max((j + 1 for j, m in enumerate(is_media) if m), default=0),
             "prompt_ids": new[:prompt_end or len(new)]}
 
 
+def processor_tensors(pictures: Pictures, tokens: int) -> tuple[dict, dict]:
+    """(per-token tensors cut to the example's first `tokens`, the other tensors) of the processor's output."""
+    out, per_token, others = pictures(), {}, {}
+    for key, value in out.items():
+        if key in ("input_ids", "attention_mask") or not torch.is_tensor(value):
+            continue
+        if value.shape == out["input_ids"].shape and not value.is_floating_point():
+            per_token[key] = value[0, :tokens]
+        else:
+            others[key] = value
+    return per_token, others
+
+
 def collate_inputs(examples: list[dict], width: int, left: bool = False) -> dict:
-    """The processor's tensors of a batch (the module docstring's rule): per-token ones [B, width], 0-padded
-    (0 too for rows without them; on the left with `left`); the others concatenated on their first axis, other
-    axes zero-padded."""
+    """The processor's tensors of a batch of {"input_ids": the row's ids, "pictures": its Pictures or None} (the
+    module docstring's rule): per-token ones [B, width], 0-padded (0 too for rows without pictures; on the left
+    with `left`); the others concatenated on their first axis, other axes zero-padded."""
+    made = [processor_tensors(e["pictures"], len(e["input_ids"])) if e.get("pictures") else ({}, {}) for e in examples]
     out = {}
-    for key in sorted({k for e in examples for k in e.get("token_inputs", {})}):
-        values = [e.get("token_inputs", {}).get(key) for e in examples]
+    for key in sorted({k for per_token, _ in made for k in per_token}):
+        values = [per_token.get(key) for per_token, _ in made]
         t = torch.zeros((len(examples), width), dtype=next(v for v in values if v is not None).dtype)
         for i, v in enumerate(values):
             if v is not None:
                 t[i, slice(width - len(v), None) if left else slice(len(v))] = v
         out[key] = t
-    for key in sorted({k for e in examples for k in e.get("media", {})}):
-        parts = [e["media"][key] for e in examples if key in e.get("media", {})]
+    for key in sorted({k for _, others in made for k in others}):
+        parts = [others[key] for _, others in made if key in others]
         shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
         out[key] = torch.cat([torch.nn.functional.pad(p, [x for d in range(p.ndim - 1, 0, -1)
                                                            for x in (0, shape[d - 1] - p.shape[d])])

@@ -105,7 +105,7 @@ def _common_prefix(a: list, b: list) -> int:
 
 def encode_pair(tokenizer, pair: Pair, processor=None, pictures: tuple = (), row: Row | None = None) -> dict:
     """{"prompt_ids", "chosen_ids", "rejected_ids", "prompt" (text), "reference" (the chosen text)}; with
-    `pictures` (the prompt's, read) also the processor's "token_inputs", "media", "media_end" of the prompt."""
+    `pictures` (the sources of the prompt's) also the prompt's "pictures" and "media_end" (qlora.data.images)."""
     if pair.conversational:
         template = processor if processor is not None else tokenizer
         if getattr(template, "chat_template", None) is None:
@@ -137,8 +137,7 @@ def encode_pair(tokenizer, pair: Pair, processor=None, pictures: tuple = (), row
     media = images.expand(processor, row, prompt_text, list(pictures), prompt_ids, [IGNORE] * len(prompt_ids),
                           len(prompt_ids))
     keep = len(media["input_ids"]) - (len(prompt_ids) - n)
-    return {**ex, "prompt_ids": media["input_ids"][:keep], "media": media["media"], "media_end": media["media_end"],
-            "token_inputs": {k: v[:keep] for k, v in media["token_inputs"].items()}}
+    return {**ex, "prompt_ids": media["input_ids"][:keep], "pictures": media["pictures"], "media_end": media["media_end"]}
 
 
 @dataclass
@@ -216,7 +215,8 @@ def collate(examples: list[dict], pad_id: int, max_length: int, truncation_mode:
     for i, (seq, mask) in enumerate(rows):
         ids[i, :len(seq)], attention[i, :len(seq)], completion[i, :len(seq)] = torch.tensor(seq), 1, torch.tensor(mask)
     batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
-             **images.collate_inputs(examples + examples, width)}
+             **images.collate_inputs([{"input_ids": ex["prompt_ids"], "pictures": ex.get("pictures")}
+                                      for ex in examples + examples], width)}
     if "ref_logps" in examples[0]:
         batch["ref_logps"] = torch.tensor([ex["ref_logps"][0] for ex in examples] +
                                           [ex["ref_logps"][1] for ex in examples], dtype=torch.float32)

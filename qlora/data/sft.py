@@ -102,7 +102,8 @@ def parse_row(row: Row, fmt: str, chat: bool) -> Parsed:
 
 class Encoder:
     """Parsed rows -> {"input_ids", "labels", "prompt", "reference"} (before truncation); rows with images also
-    get the processor's "token_inputs", "media", "media_end" and "prompt_ids" (qlora.data.images.expand)."""
+    get "pictures" (their sources, for the processor's tensors of a batch), "media_end" and "prompt_ids"
+    (qlora.data.images.expand)."""
 
     def __init__(self, tokenizer, *, train_on: str = "completions", processor=None):
         if train_on not in ("completions", "all"):
@@ -122,7 +123,7 @@ class Encoder:
         pictures = []
         if images.mentions_images(row):
             images.check_processor(row, self.processor, chat=bool(parsed.messages))
-            messages, pictures = images.row_images(row, parsed.messages)
+            messages, pictures = images.row_images(row, parsed.messages)       # their sources
             parsed = Parsed(messages=messages, learn_from=parsed.learn_from)
         if parsed.messages:
             if not self.chat:
@@ -210,13 +211,12 @@ def encode_rows(rows: list[Row], fmt: str, encoder: Encoder, max_length: int) ->
                 continue
             stats.cut += 1
             ex["input_ids"], ex["labels"] = ex["input_ids"][:max_length], ex["labels"][:max_length]
-            ex["token_inputs"] = {k: v[:max_length] for k, v in ex.get("token_inputs", {}).items()}
         learned = sum(t != IGNORE for t in ex["labels"])
         if learned == 0:
             stats.dropped += 1
             continue
         stats.kept += 1
-        stats.images += bool(ex.get("media"))
+        stats.images += "pictures" in ex
         stats.tokens += len(ex["input_ids"])
         stats.learned_tokens += learned
         out.append(ex)
@@ -229,7 +229,7 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
     which is how transformers detects packed rows (masking_utils.find_packed_sequence_indices): with
     no attention_mask the causal mask becomes block-diagonal, one block per example. Examples with images
     are refused (their image tensors and position ids stay per example)."""
-    if any(ex.get("media") for ex in examples):
+    if any("pictures" in ex for ex in examples):
         raise QLoRAError("packing=true cannot pack examples with images (their image tensors and positions are per "
                          "example); set packing=false")
     rows, current = [], None

@@ -74,9 +74,12 @@ def test_labels_on_assistant_tokens_only_and_image_tokens_as_expanded(setup, fam
     last = max(i for i, t in enumerate(ids) if t == image_id)      # + the processor's end-of-image tokens
     assert last < ex["media_end"] <= last + (1 if family == "llava" else 4)
     assert stats.images == 1 and stats.kept == 1
+    # an example holds its pictures' sources, not their pixels (the processor runs again per batch)
+    assert ex["pictures"].sources == ("a.png", "b.png") and not any(torch.is_tensor(v) for v in ex.values())
     if family == "gemma3":        # per-token tensors follow the tokens (1 on image tokens), pictures 32 x 32
-        assert ex["token_inputs"]["token_type_ids"].tolist() == [int(t == proc.tokenizer.image_token_id) for t in ids]
-        assert ex["media"]["pixel_values"].shape == (2, 3, 32, 32)
+        batch = collate([ex], pad_id=2)
+        assert batch["token_type_ids"][0].tolist() == [int(t == proc.tokenizer.image_token_id) for t in ids]
+        assert batch["pixel_values"].shape == (2, 3, 32, 32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,7 +119,7 @@ def test_images_column_trl_layout_and_string_messages(setup):
     out, _ = encode(setup, "llava", [explicit, bare, plain, decoded, url])
     for ex in out[1:]:
         assert ex["input_ids"] == out[0]["input_ids"]
-        torch.testing.assert_close(ex["media"]["pixel_values"], out[0]["media"]["pixel_values"])
+        torch.testing.assert_close(collate([ex], 2)["pixel_values"], collate([out[0]], 2)["pixel_values"])
     assert out[0]["input_ids"].count(proc.tokenizer.image_token_id) == 8
 
 
@@ -128,7 +131,7 @@ def test_csv_rows_hold_messages_with_images_as_json_text(setup, tmp_path):
     rows = read_rows(str(tmp_path / "rows.csv"))
     assert images.mentions_images(rows[0])
     out, stats = encode(setup, "llava", rows)
-    assert stats.images == 1 and out[0]["media"]["pixel_values"].shape == (1, 3, 16, 16)
+    assert stats.images == 1 and collate(out, 2)["pixel_values"].shape == (1, 3, 16, 16)
 
 
 # ---------------------------------------------------------------- batching = each row alone
@@ -142,7 +145,7 @@ def test_batch_of_different_image_counts_and_sizes_equals_each_row_alone(setup, 
             row(setup, {"messages": image_chat("b.png", question="And this?")}, 4)]
     examples, _ = encode(setup, family, rows)
     if family == "llava_next":    # 5 tiles for a 32 x 32 picture, 3 for 16 x 48: the batch pads them
-        assert [tuple(ex["media"]["pixel_values"].shape) for ex in examples if "media" in ex] == [
+        assert [tuple(collate([ex], 2)["pixel_values"].shape) for ex in examples if "pictures" in ex] == [
             (1, 5, 3, 16, 16), (2, 5, 3, 16, 16), (1, 3, 3, 16, 16)]
     batch = collate(examples, pad_id=2)
     with torch.no_grad():
@@ -182,11 +185,11 @@ def test_a_cut_that_would_lose_image_tokens_drops_the_row(setup, family):
     end, n = full["media_end"], len(full["input_ids"])
     (cut,), stats = encode(setup, family, [row(setup, {"messages": chat})], max_length=n - 3)
     assert stats.cut == 1 and stats.dropped == 0 and cut["input_ids"] == full["input_ids"][:n - 3]
-    assert all(len(v) == n - 3 for v in cut["token_inputs"].values())
+    assert all(v.shape == (1, n - 3) for k, v in collate([cut], 2).items() if k in ("token_type_ids", "labels"))
     rows = [row(setup, {"messages": chat}), row(setup, {"messages": [{"role": "user", "content": "Hi"},
                                                                     {"role": "assistant", "content": "Hello."}]})]
     kept, stats = encode(setup, family, rows, max_length=end - 1)
-    assert stats.dropped == 1 and stats.kept == 1 and "media" not in kept[0]
+    assert stats.dropped == 1 and stats.kept == 1 and "pictures" not in kept[0]
     assert "1 dropped" in stats.line("train", end - 1)
 
 
@@ -246,7 +249,7 @@ def test_relative_paths_start_at_the_data_file(setup, tmp_path):
     rows = read_rows(str(data))
     assert rows[0].folder == data.parent and images.mentions_images(rows[0])
     out, stats = encode(setup, "llava", rows)
-    assert stats.images == 1 and out[0]["media"]["pixel_values"].shape == (1, 3, 16, 16)
+    assert stats.images == 1 and collate(out, 2)["pixel_values"].shape == (1, 3, 16, 16)
 
 
 # ---------------------------------------------------------------- preference pairs with image prompts
