@@ -303,3 +303,22 @@ def test_dpo_image_pairs_whose_prompt_start_would_be_cut_are_dropped(setup):
     assert stats.dropped == 1
     with pytest.raises(QLoRAError, match="rows.jsonl:1: the row has images, but the model has no image processor"):
         encode_pairs([r], "preference", proc.tokenizer, max_length=512)
+    in_response = row(setup, {"prompt": image_chat()[:1], "chosen": image_chat("a.png")[:1], "rejected": "No."})
+    with pytest.raises(QLoRAError, match="rows.jsonl:1: image parts belong in the prompt, not in chosen / rejected"):
+        encode_pairs([in_response], "preference", proc.tokenizer, max_length=512, processor=proc)
+
+
+def test_dpo_implicit_prompt_conversations_share_their_image_turn(setup):
+    """chosen / rejected as whole conversations (TRL's implicit prompt): the shared user turn with its picture is
+    the prompt, as if given explicitly."""
+    from qlora.data.preference import encode_pairs
+    proc = setup["processors"]["llava"]
+    turn = image_chat("a.png")[:1]
+    explicit = row(setup, {"prompt": turn, "chosen": [{"role": "assistant", "content": "A cat."}],
+                           "rejected": [{"role": "assistant", "content": "A dog."}]})
+    implicit = row(setup, {"chosen": turn + [{"role": "assistant", "content": "A cat."}],
+                           "rejected": turn + [{"role": "assistant", "content": "A dog."}]})
+    (a,), _ = encode_pairs([explicit], "preference", proc.tokenizer, max_length=512, processor=proc)
+    (b,), _ = encode_pairs([implicit], "implicit_prompt", proc.tokenizer, max_length=512, processor=proc)
+    assert a["prompt_ids"] == b["prompt_ids"] and a["chosen_ids"] == b["chosen_ids"]
+    assert a["prompt_ids"].count(proc.tokenizer.image_token_id) == 4
