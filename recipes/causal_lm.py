@@ -21,14 +21,16 @@ from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 import qlora
 from memprofile.composition import describe
 from memprofile.units import human
-from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import from_pretrained_quietly, users_files
 from qlora.arch.loading import load_tokenizer as load_tokenizer_of
 from qlora.bundled import resolve_model
+from qlora.data.images import collate_inputs
 from qlora.data.rows import read_splits as read_data_splits
 from qlora.errors import QLoRAError, RecipeFailed
 from qlora.levers.checkpointing import prepare_for_training
@@ -139,14 +141,22 @@ def load_tokenizer(cfg: LMRecipeConfig):
     return (path, *load_tokenizer_of(path))
 
 
+def model_class(path: str):
+    """The class a causal-LM recipe loads `path` with: AutoModelForImageTextToText for an image-text checkpoint
+    (its config's type is in that mapping: the vision tower comes along), else AutoModelForCausalLM."""
+    with users_files("model", path):
+        config = AutoConfig.from_pretrained(path)
+    return AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
+
+
 def build_model(cfg: LMRecipeConfig, path: str):
     """The model of `mode` with the memory savers of `cfg` on; prints its trainable share and savers."""
     torch.manual_seed(cfg.train.seed)                  # the adapters' initialisation
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
-    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype),
-                           load_4bit=lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype),
-                           lora=lora)
+    cls = model_class(path)
+    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(cls, path, dtype=dtype),
+                           load_4bit=lambda: qlora.load_4bit(path, cls, compute_dtype=dtype), lora=lora)
     model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
     if cfg.mlp_tile:
         tile_mlps(model, tile=cfg.mlp_tile, min_tokens=cfg.mlp_tile_min_tokens)
@@ -156,9 +166,11 @@ def build_model(cfg: LMRecipeConfig, path: str):
     return model
 
 
-def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int) -> list[str]:
+def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
+           inputs: Optional[list[dict]] = None) -> list[str]:
     """Greedy continuations of token-id prompts, in one batched generate with the prompts left-padded: each
-    new token costs one pass over the weights (on a CPU, dequantizing every 4-bit layer), so all share it."""
+    new token costs one pass over the weights (on a CPU, dequantizing every 4-bit layer), so all share it.
+    `inputs`: per prompt, {"input_ids": the prompt, "pictures": its qlora.data.images.Pictures or None}."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -167,7 +179,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, p
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+    media = {k: v.to(device) for k, v in collate_inputs(inputs or [], width, left=True).items()}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **media, do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(new, skip_special_tokens=True) for new in out[:, width:]]
 

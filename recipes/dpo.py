@@ -6,8 +6,9 @@
 
 Data (qlora/data/preference.py): rows with `prompt` / `chosen` / `rejected` as texts or chat messages, or `chosen` /
 `rejected` as whole conversations sharing their beginning (TRL's formats); files, folders, Hub data sets as
-for SFT. The default, `wordnet`, asks "What does the noun 'X' mean?": chosen is X's WordNet definition,
-rejected another word's (recipes/wordnet_chat.py), eval words unseen in training.
+for SFT; an image-text model's prompts may hold images as in SFT (qlora/data/images.py). The default,
+`wordnet`, asks "What does the noun 'X' mean?": chosen is X's WordNet definition, rejected another word's
+(recipes/wordnet_chat.py), eval words unseen in training.
 
 One step (qlora.objectives.preference.preference_step), B pairs = 2B rows (chosen rows, then rejected):
   1. the reference log-probs: the same 4-bit base with the adapters disabled, no gradients (the activations
@@ -31,6 +32,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from qlora.data import images
 from qlora.data import preference as dpo_data
 from qlora.errors import QLoRAError
 from qlora.objectives.preference import LOSS_TYPES, REFERENCE_FREE, precompute_reference, preference_step
@@ -103,8 +105,9 @@ class DPOConfig(LMRecipeConfig):
         return f"chunked log-probs ({self.loss_chunk_size} tokens), {reference}"
 
 
-def load_data(cfg: DPOConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
+def load_data(cfg: DPOConfig, tokenizer, path: str) -> tuple[list[dict], list[dict], dict]:
     rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_pair_files})
+    processor = images.load_processor(path) if any(map(images.mentions_images, rows + eval_rows)) else None
     sets, stats = [], {}
     for name, part in (("train", rows), ("eval", eval_rows)):
         if not part:
@@ -112,7 +115,7 @@ def load_data(cfg: DPOConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
             continue
         examples, s = dpo_data.encode_pairs(part, dpo_data.detect_format(part, cfg.format), tokenizer,
                                             max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                            truncation_mode=cfg.truncation_mode)
+                                            truncation_mode=cfg.truncation_mode, processor=processor)
         print(s.line(name, cfg.max_length))
         sets.append(examples)
         stats[name] = dataclasses.asdict(s)
@@ -145,7 +148,7 @@ def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate,
         metrics = {k: v / max(pairs, 1) for k, v in sums.items()}
         chosen = eval_set[:cfg.samples]
         texts = greedy(model, tokenizer, [ex["prompt_ids"] for ex in chosen], max_new_tokens=cfg.max_new_tokens,
-                       pad_id=pad_id)
+                       pad_id=pad_id, inputs=[{"input_ids": ex["prompt_ids"], "pictures": ex.get("pictures")} for ex in chosen])
         samples = [{"eval": calls[0], "prompt": ex["prompt"], "chosen": ex["reference"], "generated": text}
                    for ex, text in zip(chosen, texts)]
         calls[0] += 1
@@ -163,7 +166,7 @@ def make_eval(cfg: DPOConfig, eval_set: list[dict], tokenizer, loss_fn, collate,
 def main(cfg: DPOConfig) -> dict:
     t0 = time.perf_counter()
     path, tokenizer, pad_id = load_tokenizer(cfg)
-    train_set, eval_set, stats = load_data(cfg, tokenizer)
+    train_set, eval_set, stats = load_data(cfg, tokenizer, path)
     model = build_model(cfg, path)
 
     def collate(examples):

@@ -6,8 +6,10 @@
 
 Data (qlora/data/sft.py): a .jsonl / .json / .csv / .parquet file, a folder of them or a Hub data
 set, in the `messages`, `prompt`+`completion`, Alpaca or `text` format; the loss is on the assistant
-/ completion tokens (train_on=completions). The default data, `wordnet`, is WordNet 3.0 turned into
-chats ("What does the noun 'X' mean?" -> gloss + example; recipes/wordnet_chat.py), split by word.
+/ completion tokens (train_on=completions). Chat rows may hold images (image parts, an `images` column;
+qlora/data/images.py) for an image-text model: its processor renders them, its tensors reach the forward.
+The default data, `wordnet`, is WordNet 3.0 turned into chats ("What does the noun 'X' mean?" -> gloss +
+example; recipes/wordnet_chat.py), split by word.
 
 Memory savers, on by default and each switchable (the first-step memory line names them): the NF4
 base with double quantization (mode=qlora), LoRA in the compute dtype, gradient checkpointing
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 import qlora
+from qlora.data import images
 from qlora.data import sft as sft_data
 from qlora.errors import QLoRAError
 from qlora.train.loop import TrainConfig, train
@@ -78,10 +81,12 @@ class SFTConfig(LMRecipeConfig):
         return f"chunked loss ({self.loss_chunk_size} tokens)" if self.loss == "chunked" else "model loss (full logits)"
 
 
-def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
-    """(train examples, eval examples, stats): read, split, subset, encode, truncate."""
+def load_data(cfg: SFTConfig, tokenizer, path: str) -> tuple[list[dict], list[dict], dict]:
+    """(train examples, eval examples, stats): read, split, subset, encode, truncate. Rows with images bring in
+    the model's processor (none: the first such row is refused)."""
     rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_chat_files})
-    encoder = sft_data.Encoder(tokenizer, train_on=cfg.train_on)
+    processor = images.load_processor(path) if any(map(images.mentions_images, rows + eval_rows)) else None
+    encoder = sft_data.Encoder(tokenizer, train_on=cfg.train_on, processor=processor)
     train_set, train_stats = sft_data.encode_rows(rows, sft_data.detect_format(rows, cfg.format), encoder,
                                                   cfg.max_length)
     print(train_stats.line("train", cfg.max_length))
@@ -97,11 +102,14 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[dict], list[dict], dict]:
 
 
 def make_loss(cfg: SFTConfig):
-    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens."""
+    """loss_fn(model, batch): the mean cross-entropy over the batch's learned tokens (the processor's tensors of
+    rows with images go to the forward)."""
     def loss_fn(model, batch):
         if cfg.loss == "chunked":
+            media = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "position_ids")}
             return qlora.causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                                        position_ids=batch.get("position_ids"), chunk_size=cfg.loss_chunk_size)
+                                        position_ids=batch.get("position_ids"), chunk_size=cfg.loss_chunk_size,
+                                        **media)
         return model(**batch, use_cache=False).loss
     return loss_fn
 
@@ -121,8 +129,9 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
             count += n
         loss = total / max(count, 1)
         chosen = eval_set[:cfg.samples]
-        texts = greedy(model, tokenizer, [tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] for ex in chosen],
-                       max_new_tokens=cfg.max_new_tokens, pad_id=pad_id)
+        prompts = [ex.get("prompt_ids") or tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"] for ex in chosen]
+        texts = greedy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, pad_id=pad_id,
+                       inputs=[{"input_ids": p, "pictures": ex.get("pictures")} for ex, p in zip(chosen, prompts)])
         samples = [{"eval": calls[0], "prompt": ex["prompt"], "reference": ex["reference"], "generated": text}
                    for ex, text in zip(chosen, texts)]
         calls[0] += 1
@@ -138,7 +147,7 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
 def main(cfg: SFTConfig) -> dict:
     t0 = time.perf_counter()
     path, tokenizer, pad_id = load_tokenizer(cfg)
-    train_set, eval_set, stats = load_data(cfg, tokenizer)
+    train_set, eval_set, stats = load_data(cfg, tokenizer, path)
     if cfg.packing:
         train_set = sft_data.pack(train_set, cfg.max_length)
         print(f"packing: {stats['train']['kept']:,} examples -> {len(train_set):,} rows of <= {cfg.max_length} tokens")

@@ -2,7 +2,7 @@
 
     rows = read_rows("pairs.jsonl")                          # qlora.data.rows: files, folders, Hub data sets
     fmt = detect_format(rows)                                # preference | implicit_prompt
-    examples, stats = encode_pairs(rows, fmt, tokenizer, max_length=512, max_prompt_length=None)
+    examples, stats = encode_pairs(rows, fmt, tokenizer, max_length=512, max_prompt_length=None, processor=None)
     batch = collate(examples[:4], pad_id, max_length=512)    # input_ids, attention_mask, completion_mask [8, L]
 
 | format | columns | the prompt |
@@ -19,6 +19,12 @@ Truncation: with `max_prompt_length`, a longer prompt keeps its last max_prompt_
 rule; TRL 1.16 has no such key). Then each of the two sequences longer than `max_length` is cut as TRL 1.16's
 collator cuts it: truncation_mode=keep_start drops the end of the response, keep_end the start of the prompt.
 A pair whose prompt alone fills max_length (keep_start) has nothing left to score and is dropped, as in TRL.
+
+Images (qlora.data.images): with an image-text model's processor, a conversational prompt may hold image parts
+(or the row an `images` column), as in SFT; every conversation is rendered by the processor's template, the
+prompt with its pictures goes through the processor (its image tokens and tensors), the responses are the
+template's text tokens. A pair whose prompt would lose its start (max_prompt_length, keep_end) is dropped
+when it has images; the batch carries the processor's tensors of each pair twice (chosen rows, rejected rows).
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora.data.rows import Counts, Row, chat_messages, field_value, match_format
+from qlora.data import images
+from qlora.data.rows import IGNORE, Counts, Row, chat_messages, field_value, match_format, text_of
 from qlora.errors import QLoRAError
 
 FORMATS = {"preference": ("prompt", "chosen", "rejected"), "implicit_prompt": ("chosen", "rejected")}
@@ -83,7 +90,7 @@ def parse_pair(row: Row, fmt: str) -> Pair:
         raise QLoRAError(f"{row.where}: prompt, chosen and rejected must all be text, or the prompt a list of "
                          "messages (and the responses messages or text)")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
-        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
+        text = value if isinstance(value, str) else "".join(text_of(m["content"]) for m in value)
         if not text.strip():
             raise QLoRAError(f"{row.where}: the {name} response is empty; fill it or drop the row")
     return Pair(prompt, chosen, rejected)
@@ -96,18 +103,24 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def encode_pair(tokenizer, pair: Pair) -> dict:
-    """{"prompt_ids", "chosen_ids", "rejected_ids", "prompt" (text), "reference" (the chosen text)}."""
+def encode_pair(tokenizer, pair: Pair, processor=None, pictures: tuple = (), row: Row | None = None) -> dict:
+    """{"prompt_ids", "chosen_ids", "rejected_ids", "prompt" (text), "reference" (the chosen text)}; with
+    `pictures` (the sources of the prompt's) also the prompt's "pictures" and "media_end" (qlora.data.images)."""
     if pair.conversational:
-        if getattr(tokenizer, "chat_template", None) is None:
+        template = processor if processor is not None else tokenizer
+        if getattr(template, "chat_template", None) is None:
             raise QLoRAError("chat messages need a tokenizer with a chat template; this one has none (give texts)")
 
+        def render(messages, **kw):
+            return template.apply_chat_template(images.as_parts(messages) if processor is not None else messages,
+                                                tokenize=False, **kw)
+
         def ids(messages, **kw):
-            return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+            return list(tokenizer(render(messages, **kw), add_special_tokens=False)["input_ids"])
         prompt_ids = ids(pair.prompt, add_generation_prompt=True)
         with_chosen, with_rejected = ids(pair.prompt + pair.chosen), ids(pair.prompt + pair.rejected)
-        prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
-        reference = "".join(m["content"] for m in pair.chosen)
+        prompt_text = render(pair.prompt, add_generation_prompt=True)
+        reference = "".join(text_of(m["content"]) for m in pair.chosen)
     else:
         eos = tokenizer.eos_token or ""
         chosen, rejected = (r if r.endswith(eos) else r + eos for r in (pair.chosen, pair.rejected))
@@ -116,8 +129,15 @@ def encode_pair(tokenizer, pair: Pair) -> dict:
         with_rejected = list(tokenizer(pair.prompt + rejected)["input_ids"])
         prompt_text, reference = pair.prompt, pair.chosen
     n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": with_chosen[n:], "rejected_ids": with_rejected[n:],
-            "prompt": prompt_text, "reference": reference}
+    ex = {"prompt_ids": prompt_ids[:n], "chosen_ids": with_chosen[n:], "rejected_ids": with_rejected[n:],
+          "prompt": prompt_text, "reference": reference}
+    if not pictures:
+        return ex
+    # the prompt through the processor; its last len(prompt_ids) - n tokens (text the responses render otherwise) go
+    media = images.expand(processor, row, prompt_text, list(pictures), prompt_ids, [IGNORE] * len(prompt_ids),
+                          len(prompt_ids))
+    keep = len(media["input_ids"]) - (len(prompt_ids) - n)
+    return {**ex, "prompt_ids": media["input_ids"][:keep], "pictures": media["pictures"], "media_end": media["media_end"]}
 
 
 @dataclass
@@ -130,22 +150,35 @@ class Stats(Counts):
     """Pairs whose chosen and rejected tokens are the same (no preference to learn): skipped."""
 
     LINE = ("{name}: {rows:,} pairs -> {kept:,} kept; {prompt_cut:,} prompts cut to max_prompt_length, {cut:,} pairs "
-            "cut to max_length={max_length}, {dropped:,} dropped (prompt fills max_length), {identical:,} skipped "
-            "(chosen = rejected)")
+            "cut to max_length={max_length}, {dropped:,} dropped (prompt fills max_length, or its images would be "
+            "cut), {identical:,} skipped (chosen = rejected)")
 
 
 def encode_pairs(rows: list[Row], fmt: str, tokenizer, *, max_length: int, max_prompt_length=None,
-                 truncation_mode: str = "keep_start") -> tuple[list[dict], Stats]:
+                 truncation_mode: str = "keep_start", processor=None) -> tuple[list[dict], Stats]:
     """Every row parsed and tokenized; prompts cut to max_prompt_length; pairs the collator would leave with
-    nothing to score dropped, pairs with identical responses skipped (all of them identical: an error)."""
+    nothing to score dropped, pairs with identical responses skipped (all of them identical: an error).
+    `processor`: an image-text model's, for rows with images (qlora.data.images)."""
     if truncation_mode not in TRUNCATION_MODES:
         raise QLoRAError(f"truncation_mode={truncation_mode!r}; use {' or '.join(TRUNCATION_MODES)}")
     stats, out = Stats(rows=len(rows)), []
     for row in rows:
-        ex = encode_pair(tokenizer, parse_pair(row, fmt))
+        pair, pictures = parse_pair(row, fmt), []
+        if images.mentions_images(row):
+            images.check_processor(row, processor, chat=pair.conversational)
+            if any(isinstance(m["content"], list) for m in pair.chosen + pair.rejected):
+                raise QLoRAError(f"{row.where}: image parts belong in the prompt, not in chosen / rejected")
+            prompt, pictures = images.row_images(row, pair.prompt)
+            pair = Pair(prompt, pair.chosen, pair.rejected)
+        ex = encode_pair(tokenizer, pair, processor, pictures, row)
         ex["where"] = row.where
         if ex["chosen_ids"] == ex["rejected_ids"]:
             stats.identical += 1
+            continue
+        longest = len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+        if pictures and ((max_prompt_length and len(ex["prompt_ids"]) > max_prompt_length)
+                         or (truncation_mode == "keep_end" and longest > max_length)):
+            stats.dropped += 1                       # the prompt's start, and so its images, would be cut
             continue
         if max_prompt_length and len(ex["prompt_ids"]) > max_prompt_length:
             stats.prompt_cut += 1
@@ -172,7 +205,8 @@ def sequences(ex: dict, max_length: int, truncation_mode: str = "keep_start"):
 
 def collate(examples: list[dict], pad_id: int, max_length: int, truncation_mode: str = "keep_start") -> dict:
     """TRL's batch: input_ids, attention_mask, completion_mask [2B, L] right-padded (the chosen rows, then the
-    rejected rows); ref_logps [2B] when the examples carry precomputed reference log-probs."""
+    rejected rows); ref_logps [2B] when the examples carry precomputed reference log-probs; the processor's
+    tensors of pairs with images (qlora.data.images.collate_inputs, each pair's for its two rows)."""
     pairs = [sequences(ex, max_length, truncation_mode) for ex in examples]
     rows = [pair[0] for pair in pairs] + [pair[1] for pair in pairs]
     width = max(len(ids) for ids, _ in rows)
@@ -180,7 +214,9 @@ def collate(examples: list[dict], pad_id: int, max_length: int, truncation_mode:
     attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, (seq, mask) in enumerate(rows):
         ids[i, :len(seq)], attention[i, :len(seq)], completion[i, :len(seq)] = torch.tensor(seq), 1, torch.tensor(mask)
-    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
+             **images.collate_inputs([{"input_ids": ex["prompt_ids"], "pictures": ex.get("pictures")}
+                                      for ex in examples + examples], width)}
     if "ref_logps" in examples[0]:
         batch["ref_logps"] = torch.tensor([ex["ref_logps"][0] for ex in examples] +
                                           [ex["ref_logps"][1] for ex in examples], dtype=torch.float32)

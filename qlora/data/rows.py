@@ -23,6 +23,8 @@ from qlora.errors import QLoRAError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
+IGNORE = -100
+"""The label of a token the loss is not on."""
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Row:
     where: str
     """file:line (JSONL), file row N (others) or hub[split] row N: named in every error."""
     data: dict
+    folder: Optional[Path] = None
+    """The folder of the data file it came from: relative image paths start there (None: a Hub data set)."""
 
 
 @dataclass
@@ -100,7 +104,7 @@ def _file_rows(path: Path) -> list[Row]:
             if not isinstance(value, dict):
                 raise QLoRAError(f"{path}:{n}: each line must be a JSON object with named columns; got "
                                  f"{type(value).__name__}")
-            rows.append(Row(f"{path}:{n}", value))
+            rows.append(Row(f"{path}:{n}", value, path.parent))
         return rows
     if path.suffix == ".json":
         text = path.read_text(encoding="utf-8")
@@ -115,12 +119,12 @@ def _file_rows(path: Path) -> list[Row]:
             value = [{k: v[i] for k, v in value.items()} for i in range(n)]
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise QLoRAError(f"{path}: give a JSON list of objects (one per example) or a dict of columns")
-        return [Row(f"{path} row {i + 1}", v) for i, v in enumerate(value)]
+        return [Row(f"{path} row {i + 1}", v, path.parent) for i, v in enumerate(value)]
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            return [Row(f"{path} row {i + 1}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
+            return [Row(f"{path} row {i + 1}", dict(r), path.parent) for i, r in enumerate(csv.DictReader(f))]
     import pyarrow.parquet as pq  # lazy: pyarrow (with datasets) only for .parquet files
-    return [Row(f"{path} row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    return [Row(f"{path} row {i + 1}", r, path.parent) for i, r in enumerate(pq.read_table(path).to_pylist())]
 
 
 def match_format(rows: list[Row], fmt: str, formats: dict[str, tuple], accepted: str) -> str:
@@ -159,6 +163,9 @@ def field_value(row: Row, name: str, optional: bool = False):
 
 
 def chat_messages(row: Row, value, what: str) -> list[dict]:
+    """The row's messages, checked: roles, text content, no empty assistant turn. A content given as a list of
+    parts ({"type": "text", "text": ...} / {"type": "image", ...}) stays a list when it holds an image (each image
+    part keeps its own source: path, url or image), else becomes its joined text."""
     if not isinstance(value, list) or not value:
         raise QLoRAError(f"{row.where}: {what} must be a non-empty list of {{role, content}}; got {value!r:.80}")
     out = []
@@ -167,12 +174,39 @@ def chat_messages(row: Row, value, what: str) -> list[dict]:
             raise QLoRAError(f"{row.where}: {what}[{j}] must be {{\"role\": ..., \"content\": ...}}; got {m!r:.80}")
         if m["role"] not in ROLES:
             raise QLoRAError(f"{row.where}: {what}[{j}] has role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise QLoRAError(f"{row.where}: {what}[{j}] content must be text; got {type(m['content']).__name__}")
-        if m["role"] == "assistant" and not m["content"].strip():
+        content = m["content"]
+        if isinstance(content, list):
+            content = _parts(row, content, f"{what}[{j}]")
+        elif not isinstance(content, str):
+            raise QLoRAError(f"{row.where}: {what}[{j}] content must be text or a list of parts; got "
+                             f"{type(content).__name__}")
+        if m["role"] == "assistant" and not text_of(content).strip():
             raise QLoRAError(f"{row.where}: {what}[{j}] is an empty assistant turn; fill it or drop the row")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": content})
     return out
+
+
+IMAGE_SOURCES = ("path", "url", "image")
+"""The keys an image part may name its picture with (else the row's `images` column gives it)."""
+
+
+def _parts(row: Row, parts: list, what: str):
+    out = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            out.append({"type": "image", **{key: part[key] for key in IMAGE_SOURCES if part.get(key) is not None}})
+        else:
+            raise QLoRAError(f"{row.where}: {what} content[{k}] must be {{\"type\": \"text\", \"text\": ...}} or "
+                             f"{{\"type\": \"image\", ...}}; got {part!r:.80}")
+    return out if any(p["type"] == "image" for p in out) else "".join(p["text"] for p in out)
+
+
+def text_of(content) -> str:
+    """A message content's text: the text itself, or its text parts joined."""
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def subset(items: list, size: Optional[int], seed: int = 0) -> list:

@@ -99,20 +99,23 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None, *,
-                   chunk_size: int = 256, position_ids=None) -> torch.Tensor:
+                   chunk_size: int = 256, position_ids=None, **media) -> torch.Tensor:
     """The next-token loss of a transformers causal LM, the same value as `model(..., labels=).loss`,
     with the head and loss chunked. Needs a plain (or frozen) `lm_head` without bias.
 
     Packed rows: pass `position_ids` restarting at 0 for each example and no attention_mask;
     transformers then masks attention block-diagonally (no KV cache is made, which would turn that
-    detection off)."""
+    detection off). An image-text model's inputs (pixel_values, image_grid_thw, mm_token_type_ids, ...:
+    `media`) go to its forward; with them the body is the model's base model (the one that takes them),
+    not the text decoder."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
+              "use_cache": False, **media}
     if not head_is_chunkable(model):
         return model(**inputs, labels=labels).loss
     head = model.get_output_embeddings()
     aux = bool(getattr(getattr(model, "config", None), "output_router_logits", False))   # a MoE asked for it
-    out = decoder(model)(**inputs, **({"output_router_logits": True} if aux else {}))
+    body = model.base_model if media else decoder(model)
+    out = body(**inputs, **({"output_router_logits": True} if aux else {}))
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)   # [B, S]: token t predicts t+1
     loss = chunked_cross_entropy(out.last_hidden_state, head.weight, shifted, chunk_size=chunk_size)
     return with_router_aux_loss(model, loss, out, attention_mask) if aux else loss

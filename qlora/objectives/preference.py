@@ -47,12 +47,14 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    completion_mask: torch.Tensor, chunk_size: int = 256,
-                   router_outputs: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   router_outputs: list | None = None, **media) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log p over each row's completion tokens [N] fp32, completion token counts [N]). Token t+1 is scored
     by position t, where completion_mask[t+1] is 1. A head that cannot be chunked (adapted, biased, 4-bit, or
     an FSDP-sharded model: qlora.objectives.losses.head_is_chunkable) is run whole by the model's own forward.
-    `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits."""
-    values, rows, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size, router_outputs)
+    `router_outputs`: a list that gets the forward's output when the config asks for a MoE's router logits.
+    `media`: an image-text model's inputs (pixel_values, ...), to its forward (the body: its base model)."""
+    values, rows, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size,
+                                        router_outputs, **media)
     n = scored.shape[0]
     if values.shape[0] != rows.shape[0]:      # a fake trace ran the first and last chunks only (chunk_starts)
         return values.sum() + values.new_zeros(n), scored.sum(1)
@@ -60,7 +62,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 
 def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
-                 chunk_size: int = 256, router_outputs: list | None = None):
+                 chunk_size: int = 256, router_outputs: list | None = None, **media):
     """(log p of each scored token [M] fp32, its row [M], the scored positions [N, L-1] bool): what
     sequence_logps sums per row (and GRPO keeps per token)."""
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
@@ -74,13 +76,14 @@ def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         pick = lambda t: t[scored]                                         # noqa: E731
     rows, targets = pick(rows), pick(input_ids[:, 1:])                      # [M]: the scored positions
     routed = router_outputs is not None and bool(getattr(getattr(model, "config", None), "output_router_logits", False))
-    extra = {"output_router_logits": True} if routed else {}
+    extra = {"output_router_logits": True, **media} if routed else media
     if not head_is_chunkable(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         logits = out.logits                                                 # [N, L, V]
         token_logps = pick(logits[:, :-1]).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     else:
-        out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        body = model.base_model if media else decoder(model)
+        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         hidden = out.last_hidden_state                                      # [N, L, H]
         states = pick(hidden[:, :-1])                                       # [M, H]: completion positions only
         weight = model.get_output_embeddings().weight
@@ -104,12 +107,12 @@ def preference_step(model, batch: dict, *, loss_type: str = "sigmoid", beta: flo
     reference pass, when one is needed, runs first, without gradients and with the adapters disabled: the same
     4-bit base, never a second model."""
     ids, mask, completion = batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"]
-    ref = batch.get("ref_logps")
+    ref, media = batch.get("ref_logps"), media_inputs(batch)
     if ref is None and loss_type not in REFERENCE_FREE:
         with disable_adapters(model), torch.no_grad():
-            ref, _ = sequence_logps(model, ids, mask, completion, chunk_size)     # activations freed layer by layer
+            ref, _ = sequence_logps(model, ids, mask, completion, chunk_size, **media)   # freed layer by layer
     routed = []
-    logps, counts = sequence_logps(model, ids, mask, completion, chunk_size, router_outputs=routed)
+    logps, counts = sequence_logps(model, ids, mask, completion, chunk_size, router_outputs=routed, **media)
     loss, chosen, rejected = preference_loss(logps, None if loss_type in REFERENCE_FREE else ref, counts,
                                              loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                                              simpo_gamma=simpo_gamma)
@@ -121,6 +124,11 @@ def preference_step(model, batch: dict, *, loss_type: str = "sigmoid", beta: flo
                     "rewards/margins": (chosen - rejected).mean(),
                     "logps/chosen": logps_c.mean(), "logps/rejected": logps_r.mean()}
     return loss
+
+
+def media_inputs(batch: dict) -> dict:
+    """The batch's image-text inputs (the processor's tensors): all but TRL's layout's own keys."""
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "completion_mask", "ref_logps")}
 
 
 def preference_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, counts: torch.Tensor, *,
@@ -165,7 +173,7 @@ def precompute_reference(model, examples: list[dict], collate, batch_size: int, 
             part = examples[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate(part).items()}
             logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                      chunk_size)
+                                      chunk_size, **media_inputs(batch))
             chosen, rejected = logps.tolist()[:len(part)], logps.tolist()[len(part):]
             out += [{**ex, "ref_logps": (c, r)} for ex, c, r in zip(part, chosen, rejected)]
     model.train(was_training)
