@@ -1,0 +1,118 @@
+"""qlora train grpo: the sampler, the log-probs, the reference, the rewards, and a tiny run end to end.
+
+    .venv/bin/python -m pytest -q tests/recipes/test_grpo.py      (~30 s)
+
+References: transformers' own generate without the KV cache, log_softmax of the model's full logits, the model
+before its adapters were added, and hand-computed rewards.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qlora
+from qlora.errors import QLoRAError
+from qlora.objectives.grpo import completion_logps
+from qlora.train.rollout import Sampler
+from qlora_recipes.grpo_rewards import exact_answer, load_rewards, score
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPTS = [[5, 9, 12], [7, 3]]
+
+
+def test_greedy_sampling_with_the_cache_equals_generation_without_it(tiny_llama):
+    model = tiny_llama()
+    roll = Sampler(model, eos_id=11, pad_id=0, max_new_tokens=6, greedy=True)(PROMPTS, n=2)
+    assert roll.input_ids.shape[0] == 4 and roll.completions[0] == roll.completions[1]   # a prompt's rows adjacent
+    for r, prompt in enumerate(p for p in PROMPTS for _ in range(2)):
+        ids = torch.tensor([prompt])
+        want = model.generate(input_ids=ids, do_sample=False, use_cache=False, max_new_tokens=6, pad_token_id=0,
+                              eos_token_id=11)[0, len(prompt):].tolist()
+        if 11 in want:
+            want = want[:want.index(11) + 1]
+        assert roll.completions[r] == want
+        assert roll.completion_mask[r].sum() == len(want) and bool(roll.clipped[r]) == (11 not in want)
+
+
+def test_completion_logps_are_the_models_log_softmax_at_completion_tokens(tiny_llama):
+    model = tiny_llama()
+    roll = Sampler(model, eos_id=11, pad_id=0, max_new_tokens=5, temperature=1.0)(PROMPTS, n=2)
+    got = completion_logps(model, roll.input_ids, roll.attention_mask, roll.completion_mask, chunk_size=3)
+    with torch.no_grad():
+        logits = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask).logits
+    want = logits[:, :-1].log_softmax(-1).gather(-1, roll.input_ids[:, 1:, None]).squeeze(-1)
+    mask = roll.completion_mask[:, 1:].bool()
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    assert (got[~mask] == 0).all()
+
+
+def test_the_reference_is_the_base_without_adapters(tiny_llama):
+    plain = tiny_llama()
+    model = qlora.add_lora(tiny_llama(), qlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    roll = Sampler(plain, eos_id=11, pad_id=0, max_new_tokens=5)(PROMPTS, n=2)
+    args = (roll.input_ids, roll.attention_mask, roll.completion_mask)
+    with torch.no_grad(), qlora.disable_adapters(model):
+        ref = completion_logps(model, *args)
+    with torch.no_grad():
+        torch.testing.assert_close(ref, completion_logps(plain, *args), rtol=1e-6, atol=1e-6)
+        assert (completion_logps(model, *args) - ref).abs().max() > 1e-4     # the adapters do change it
+
+
+def test_rewards_get_the_columns_as_trl_passes_them(tmp_path):
+    seen = {}
+    (tmp_path / "my_rewards.py").write_text(
+        "def brevity(prompts, completions, completion_ids, answer, source, **kw):\n"
+        "    SEEN.update(prompts=prompts, answer=answer, source=source, ids=completion_ids, kw=kw)\n"
+        "    return [None if 'skip' in c else -len(c) for c in completions]\n"
+        "SEEN = {}\n")
+    fns = load_rewards(["exact_answer", f"{tmp_path}/my_rewards.py:brevity"])
+    assert [n for n, _ in fns] == ["exact_answer", "brevity"]
+    table = score(fns, ["q1", "q1", "q2"], ["it is 12", "skip", "forty"], [[1], [2], [3]],
+                  {"answer": ["12", "12", "40"], "source": ["a", "a", "b"]})
+    seen = fns[1][1].__globals__["SEEN"]
+    assert seen["answer"] == ["12", "12", "40"] and seen["source"] == ["a", "a", "b"] and seen["ids"] == [[1], [2], [3]]
+    assert table[0] == [1.0, -8.0] and table[1][0] == 0.0 and table[1][1] != table[1][1] and table[2] == [0.0, -5.0]
+    assert exact_answer(["q"], ["The answer is 1,234."], answer=["1234"]) == [1.0]
+
+
+@pytest.mark.parametrize("spec, said", [("nowhere.py:f", "no file nowhere.py"), ("json:nothing", "has no function"),
+                                        ("no_such_module_x:f", "cannot import module"), ("plain", "use a built-in")])
+def test_a_reward_that_does_not_resolve_is_one_line(spec, said):
+    with pytest.raises(QLoRAError, match=said):
+        load_rewards([spec])
+
+
+@pytest.mark.parametrize("body, said", [("raise KeyError('x')", "raised KeyError"),
+                                        ("return [1.0]", "returned 1 values for 2 completions"),
+                                        ("return ['a', 1.0]", "returned 'a' for row 0")])
+def test_a_reward_that_misbehaves_is_one_line(tmp_path, body, said):
+    (tmp_path / "bad.py").write_text(f"def f(prompts, completions, **kw):\n    {body}\n")
+    fns = load_rewards([f"{tmp_path}/bad.py:f"])
+    with pytest.raises(QLoRAError, match=said):
+        score(fns, ["p", "p"], ["a", "b"], [[1], [2]], {})
+
+
+def test_grpo_runs_end_to_end_and_logs_trls_names(tmp_path, tiny_chat_model):
+    from qlora.cli import main
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "answer": str(a + 1)} for a in range(12)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = main(["train", "grpo", f"model={tiny_chat_model}", f"data={data}", f"out_dir={out}", "eval_fraction=0.25",
+                 "train.batch_size=2", "train.max_steps=2", "train.progress=false", "num_generations=3",
+                 "max_completion_length=4", "lora.r=4", "mode=lora", "beta=0.04", "samples_every=1",
+                 "rewards=[exact_answer,length]", "train.eval_every=null"])
+    assert code == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in logged if "loss" in r)
+    for name in ("reward", "reward_std", "rewards/exact_answer/mean", "rewards/length/mean", "frac_reward_zero_std",
+                 "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean",
+                 "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert name in step, name
+    assert 1 <= step["completions/mean_length"] <= 4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and len(samples) == 2 * 2 * 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "reward" in summary["eval_before"]
