@@ -21,13 +21,13 @@ from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 import qlora
 from memprofile.composition import describe
 from memprofile.units import human
 from qlora.arch.loading import from_pretrained_quietly
 from qlora.arch.loading import load_tokenizer as load_tokenizer_of
+from qlora.arch.multimodal import checkpoint_class
 from qlora.bundled import resolve_model
 from qlora.data.rows import read_splits as read_data_splits
 from qlora.errors import QLoRAError, RecipeFailed
@@ -144,8 +144,9 @@ def build_model(cfg: LMRecipeConfig, path: str):
     torch.manual_seed(cfg.train.seed)                  # the adapters' initialisation
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
-    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(AutoModelForCausalLM, path, dtype=dtype),
-                           load_4bit=lambda: qlora.load_4bit(path, AutoModelForCausalLM, compute_dtype=dtype),
+    cls = checkpoint_class(path)                       # a causal LM, or an image-text model's own class
+    model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(cls, path, dtype=dtype),
+                           load_4bit=lambda: qlora.load_4bit(path, cls, compute_dtype=dtype),
                            lora=lora)
     model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)
     if cfg.mlp_tile:
