@@ -6,6 +6,7 @@
     model_class_for(config)       # the class a checkpoint loads as: its image-text class, else AutoModelForCausalLM
     checkpoint_class("folder")    # the same, from a model folder or Hub id
     text_only_class(config)       # the causal-LM class of its language model alone, or None
+    text_only_arguments(config)   # {config, key_mapping}: from_pretrained's arguments that read the language model alone
 
 The rule. A model whose config nests a text config (`config.get_text_config()` is not the config itself:
 transformers 5's composite models, whatever their family) has a language model: the module its
@@ -17,6 +18,10 @@ language model's Linear layers and experts are 4-bit. A text model has no towers
 """
 from __future__ import annotations
 
+import copy
+import re
+
+import torch
 import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import (
@@ -24,7 +29,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
 )
 
-from qlora.arch.heads import output_head_paths
+from qlora.arch.heads import output_embedding, output_head_paths
 from qlora.arch.loading import users_files
 from qlora.errors import QLoRAError
 
@@ -104,3 +109,26 @@ def text_only_class(config):
     if text is None or type(text) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return None
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(text)]
+
+
+def text_only_arguments(config) -> dict:
+    """from_pretrained's arguments under which the causal-LM class of a composite config's language model reads it
+    from the composite checkpoint: `config`, its text config (a copy, its head tied where the composite model ties
+    it), and `key_mapping` (regex -> replacement): the checkpoint's names of the language model's tensors (the
+    composite model's conversion mapping reverted, as save_pretrained writes them: `language_model.model.` in
+    Gemma 3's, `model.language_model.` in Qwen3.5's) -> `model.`, of the head's -> `lm_head.`."""
+    from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers >= 5 only
+    with torch.device("meta"):
+        model = model_class_for(config)._from_config(config)
+    body, head = language_model_path(model), output_embedding(model)
+    text = copy.deepcopy(text_config_of(config))
+    text.tie_word_embeddings = head is not None and head.weight is model.get_input_embeddings().weight
+    paths = {body: "model."} if body else {}
+    paths.update({n: "lm_head." for n, m in model.named_modules() if head is not None and m is head and n})
+    mapping = {}
+    for path, target in paths.items():
+        name, p = next(iter(model.get_submodule(path).named_parameters()))
+        key = next(iter(revert_weight_conversion(model, {f"{path}.{name}": torch.empty(p.shape, device="meta")})))
+        if key.endswith("." + name):
+            mapping["^" + re.escape(key[:-len(name)])] = target
+    return {"config": text, "key_mapping": mapping}

@@ -32,7 +32,7 @@ from transformers import AutoConfig, BitsAndBytesConfig
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.heads import OUTPUT_HEAD_NAMES
 from qlora.arch.loading import from_pretrained_quietly, users_files
-from qlora.arch.multimodal import in_towers, model_class_for, text_config_of, text_only_class
+from qlora.arch.multimodal import in_towers, model_class_for, text_config_of, text_only_arguments, text_only_class
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.bundled import resolve_model
@@ -264,6 +264,7 @@ def _resolve(name_or_path, model_class, kwargs: dict, text_only: bool = False):
             config = _config(path, kwargs)
         except Exception:  # noqa: BLE001 -- any failure: from_pretrained reads it again and reports
             config = None
+        _check_auto_class(model_class, config)
     else:
         with users_files("model config", path):
             config = _config(path, kwargs)
@@ -275,10 +276,23 @@ def _resolve(name_or_path, model_class, kwargs: dict, text_only: bool = False):
                                  f"for the language model of {config.model_type!r} "
                                  f"({type(text_config_of(config)).__name__}); load the image-text model instead "
                                  "(without text_only)")
+            kwargs.update({k: v for k, v in text_only_arguments(config).items() if k not in kwargs})
     if not callable(getattr(model_class, "from_pretrained", None)):
         raise QLoRAError(f"model_class={model_class!r} has no from_pretrained; accepted: a transformers "
                          f"class such as AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification")
     return path, model_class, config
+
+
+def _check_auto_class(model_class, config) -> None:
+    """An AutoModelFor... class that has no class for this config: one line naming the class that loads it."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if config is None or mapping is None or getattr(config, "auto_map", None) or type(config) in mapping:
+        return
+    try:
+        hint = f"leave model_class out to load it as {model_class_for(config).__name__}"
+    except QLoRAError:
+        hint = "pass a transformers class that has one"
+    raise QLoRAError(f"{model_class.__name__} has no class for model type {config.model_type!r}; {hint}")
 
 
 def _skips_for_transformers(path: str, config, model_class, kwargs: dict, skip: list[str],

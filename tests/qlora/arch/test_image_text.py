@@ -220,15 +220,27 @@ def test_the_towers_are_adapted_only_when_asked(tmp_path):
     assert sorted(saved) == sorted(got)                            # by path: PEFT adapts exactly these
 
 
-def test_text_only_loads_the_language_model_or_refuses_in_one_line(tmp_path, capsys):
-    base = save_base("qwen3_5", tmp_path / "qwen3_5")
-    model = qlora.load_4bit(str(base), compute_dtype=torch.float32, text_only=True)
-    assert type(model).__name__ == "Qwen3_5ForCausalLM"
-    assert "text only: Qwen3_5ForCausalLM" in capsys.readouterr().out
-    assert {n for n, m in model.named_modules() if is_4bit(m)}
+@pytest.mark.parametrize("family,causal_lm", [("qwen3_5", "Qwen3_5ForCausalLM"), ("gemma3", "Gemma3ForCausalLM"),
+                                              ("llava", "LlamaForCausalLM"), ("mistral3", "MistralForCausalLM")])
+def test_text_only_loads_the_language_model_alone(family, causal_lm, tmp_path, capsys):
+    """text_only=True: the causal-LM class, said in one line, reading the language model and head from the
+    composite checkpoint (whatever its layout): on text its logits are the image-text 4-bit model's."""
+    base = save_base(family, tmp_path / "base")
+    model = qlora.load_4bit(str(base), compute_dtype=torch.float32, text_only=True).eval()
+    assert type(model).__name__ == causal_lm
+    assert f"text only: {causal_lm}, the language model of" in capsys.readouterr().out
+    whole = qlora.load_4bit(str(base), compute_dtype=torch.float32).eval()
+    ids = torch.randint(10, 90, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits(model, {"input_ids": ids}), logits(whole, {"input_ids": ids}), rtol=0, atol=1e-5)
+
+
+def test_text_only_is_refused_in_one_line_where_it_cannot_be(tmp_path):
+    base = save_base("qwen3_vl", tmp_path / "qwen3_vl")
+    with pytest.raises(QLoRAError) as e:
+        qlora.load_4bit(str(base), text_only=True)       # transformers has no causal LM for Qwen3-VL's text model
+    assert "no causal-LM class" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(QLoRAError, match="drop model_class"):
         qlora.load_4bit(str(base), transformers.AutoModelForCausalLM, text_only=True)
-    vl = save_base("qwen3_vl", tmp_path / "qwen3_vl")
-    with pytest.raises(QLoRAError) as e:
-        qlora.load_4bit(str(vl), text_only=True)
-    assert "no causal-LM class" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(QLoRAError, match="AutoModelForCausalLM has no class for model type 'qwen3_vl'; leave "
+                       "model_class out to load it as Qwen3VLForConditionalGeneration"):
+        qlora.load_4bit(str(base), transformers.AutoModelForCausalLM)
