@@ -248,10 +248,11 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
 def float_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     """3-D float parameters [n > 1, a, b] outside transformers' experts interface and outside convolutions (a
     position embedding [1, n, d] is not one): the experts of families whose layout the interface does not
-    describe (Llama 4 text, DBRX, JetMoE), which stay 16-bit."""
-    out = {}
+    describe (Llama 4 text, DBRX, JetMoE), which stay 16-bit. An image-text model's towers have no experts (Gemma 4's
+    vision position table [2, n, d] is not one)."""
+    out, towers = {}, tower_paths(model)
     for name, module in model.named_modules():
-        if is_experts_module(module) or isinstance(module, nn.modules.conv._ConvNd):
+        if is_experts_module(module) or isinstance(module, nn.modules.conv._ConvNd) or in_towers(name, towers):
             continue
         for pname, p in module.named_parameters(recurse=False):
             if p.ndim == 3 and p.shape[0] > 1 and p.is_floating_point() and not is_4bit_param(p):

@@ -1,12 +1,13 @@
-"""Image-text models (qlora.arch.multimodal): load_4bit, LoRA and PEFT files on six families, with an image.
+"""Image-text models (qlora.arch.multimodal): load_4bit, LoRA and PEFT files on twelve families.
 
-    .venv/bin/python -m pytest -q tests/qlora/arch/test_image_text.py      (~40 s)
+    .venv/bin/python -m pytest -q tests/qlora/arch/test_image_text.py      (~25 s)
 
-Tiny random checkpoints saved by transformers itself: Qwen3-VL, Qwen3.5 (hybrid: gated delta-net + full
-attention), Qwen3.5-MoE (hybrid and experts), Gemma 3 (sliding + full attention), LLaVA and Mistral 3. Each is
-fed a prompt holding an image (pixel values and the family's image tokens). Independent references: the plain
+Tiny random checkpoints saved by transformers itself. Six families are fed a prompt holding an image (pixel
+values and the family's image tokens): Qwen3-VL, Qwen3.5 (hybrid: gated delta-net + full attention), Qwen3.5-MoE
+(hybrid and experts), Gemma 3 (sliding + full attention), LLaVA and Mistral 3. Independent references: the plain
 float model with the language model's Linear layers and experts matrices replaced by bitsandbytes'
 quantize + dequantize of them (found here by the family's own module path, not by qlora's rule), and PEFT.
+Six more (Qwen2.5-VL, Qwen3-VL-MoE, SmolVLM, Idefics3, Llama 4, Gemma 4) are loaded and adapted on text.
 """
 from __future__ import annotations
 
@@ -70,6 +71,36 @@ FAMILIES = {
                      image_token_index=98, image_seq_length=4, vision_feature_layer=-1),
 }
 LANGUAGE_MODEL = "model.language_model"      # where each of these families keeps it (the test's own knowledge)
+
+_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+_IDEFICS = dict(text_config=dict(_TEXT, model_type="llama"), scale_factor=2, image_token_id=98,
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=16, patch_size=4))
+# six more families, loaded and adapted on text: (config, where the family keeps its language model, its towers)
+MORE_FAMILIES = {
+    "qwen2_5_vl": (dict(text_config=dict(_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                                                 "rope_theta": 10_000}),
+                        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                                           patch_size=8, spatial_merge_size=1, temporal_patch_size=2, window_size=16,
+                                           fullatt_block_indexes=[1]), **_QWEN_IDS),
+                   "model.language_model", {"model.visual"}),
+    "qwen3_vl_moe": (dict(FAMILIES["qwen3_vl"], text_config=dict(FAMILIES["qwen3_vl"]["text_config"], num_experts=4,
+                                                                  moe_intermediate_size=16, num_experts_per_tok=2)),
+                     "model.language_model", {"model.visual"}),
+    "smolvlm": (_IDEFICS, "model.text_model", {"model.vision_model", "model.connector"}),
+    "idefics3": (_IDEFICS, "model.text_model", {"model.vision_model", "model.connector"}),
+    "llama4": (dict(text_config=dict(_TEXT, head_dim=8, intermediate_size_mlp=64, num_local_experts=4,
+                                     num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layers=[1, 1],
+                                     attention_chunk_size=16),
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       image_size=16, patch_size=8, vision_output_dim=32, projector_input_dim=32,
+                                       projector_output_dim=32, pixel_shuffle_ratio=0.5)),
+               "language_model", {"vision_model", "multi_modal_projector"}),
+    "gemma4": (dict(text_config=dict(_TEXT, head_dim=8),
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)),
+               "model.language_model", {"model.vision_tower", "model.embed_vision"}),
+}
 
 
 def build(family: str) -> nn.Module:
@@ -244,3 +275,30 @@ def test_text_only_is_refused_in_one_line_where_it_cannot_be(tmp_path):
     with pytest.raises(QLoRAError, match="AutoModelForCausalLM has no class for model type 'qwen3_vl'; leave "
                        "model_class out to load it as Qwen3VLForConditionalGeneration"):
         qlora.load_4bit(str(base), transformers.AutoModelForCausalLM)
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_follow_the_one_rule(family, tmp_path, capsys):
+    """Qwen2.5-VL, Qwen3-VL-MoE, SmolVLM / Idefics3 (`text_model`), Llama 4 (its language model a causal LM of
+    its own) and Gemma 4 (an embedder beside the tower): the checkpoint's class, 4-bit and all-linear LoRA inside
+    the language model only, every tower weight as saved."""
+    from qlora.arch.multimodal import tower_paths
+    spec, language_model, towers = MORE_FAMILIES[family]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(family, **spec)
+    plain = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    plain.save_pretrained(tmp_path)
+    model = qlora.load_4bit(str(tmp_path), compute_dtype=torch.float32)
+    assert type(model) is type(plain) and set(tower_paths(model)) == towers
+    four_bit = {n for n, m in model.named_modules() if is_4bit(m)}
+    assert four_bit and all(n.startswith(language_model + ".") for n in four_bit)
+    saved = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if any(name.startswith(t + ".") for t in towers):
+            assert p.dtype == torch.float32 and torch.equal(p, saved[name]), name
+    assert "expert matrices stay" not in capsys.readouterr().out or family == "llama4"   # a tower has no experts
+    qlora.add_lora(model, qlora.LoraConfig(target_modules="all-linear"))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    assert adapted and all(n.startswith(language_model + ".") for n in adapted)
+    ids = torch.randint(10, 90, (1, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(logits(model.eval(), {"input_ids": ids})).all()
