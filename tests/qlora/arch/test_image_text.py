@@ -231,6 +231,25 @@ def test_all_linear_adapts_the_language_model_and_peft_agrees_both_ways(family, 
     torch.testing.assert_close(logits(fresh, inputs), logits(theirs, inputs), rtol=0, atol=5e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_adapted_towers_load_in_peft_with_the_live_logits(family, tmp_path):
+    """vision=True: the towers' adapters (float base) change the image's features, and PEFT reads them by path."""
+    from peft import PeftModel
+    base = save_base(family, tmp_path / "base")
+    model = qlora.load_4bit(str(base), compute_dtype=torch.float32)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", vision=True,
+                                           init_lora_weights=False))
+    qlora.save_adapter(model, tmp_path / "ours")
+    inputs = image_inputs(family, model.config)
+    live = logits(model.eval(), inputs)
+    with qlora.disable_adapters(model):
+        assert (logits(model, inputs) - live).abs().max() > 1e-3
+    peft = PeftModel.from_pretrained(nf4_reference(build(family)), tmp_path / "ours").eval()
+    assert any(n.startswith("base_model.model.model.") and "lora_A" in n and LANGUAGE_MODEL not in n
+               for n, _ in peft.named_parameters())                # PEFT put adapters on the tower too
+    torch.testing.assert_close(logits(peft, inputs), live, rtol=0, atol=5e-5)
+
+
 def test_the_towers_are_adapted_only_when_asked(tmp_path):
     """vision=True adds the towers to all-linear; a name on both sides (Gemma 3's q_proj, also in SigLIP) adapts the
     language model's; a name only in the tower (fc1) adapts the tower's; the file lists them by path for PEFT."""

@@ -35,11 +35,14 @@ def raw_tensors(folder: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe", "gemma3", "llava", "mistral3"])
-def test_both_exports_are_the_whole_model_with_the_live_logits_on_an_image(family, tmp_path):
+@pytest.mark.parametrize("family,vision", [("qwen3_vl", False), ("qwen3_5_moe", False), ("gemma3", False),
+                                           ("llava", False), ("mistral3", False), ("gemma3", True)])
+def test_both_exports_are_the_whole_model_with_the_live_logits_on_an_image(family, vision, tmp_path):
+    """(vision=True: the towers adapted too, and 4-bit; their tensors are then merged, not the checkpoint's.)"""
     base = save_base(family, tmp_path / "base")
-    model = qlora.load_4bit(str(base), compute_dtype=torch.float32)
-    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = qlora.load_4bit(str(base), compute_dtype=torch.float32, quantize_vision=vision)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                           vision=vision))
     qlora.save_adapter(model, tmp_path / "adapter")
     inputs = image_inputs(family, model.config)
     live = logits(model.eval(), inputs)
@@ -54,8 +57,11 @@ def test_both_exports_are_the_whole_model_with_the_live_logits_on_an_image(famil
         assert result.verification["passed"], result.verification
         exported = raw_tensors(out)
         assert exported.keys() == checkpoint.keys()                      # the checkpoint's own layout
-        for key in checkpoint.keys() - lm_keys:
-            assert exported[key] == checkpoint[key], key                 # vision / projector: the same bytes
+        towers = checkpoint.keys() - lm_keys
+        if vision:
+            assert any(exported[k] != checkpoint[k] for k in towers)   # merged into the towers too
+        for key in towers:
+            assert vision or exported[key] == checkpoint[key], key     # vision / projector: the same bytes
         assert any(exported[k] != checkpoint[k] for k in lm_keys)       # the language model: merged
         assert (out / "preprocessor_config.json").read_text() == (base / "preprocessor_config.json").read_text()
         loaded = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
