@@ -21,14 +21,13 @@ from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 import qlora
 from memprofile.composition import describe
 from memprofile.units import human
-from qlora.arch.loading import from_pretrained_quietly, users_files
+from qlora.arch.loading import from_pretrained_quietly
 from qlora.arch.loading import load_tokenizer as load_tokenizer_of
+from qlora.arch.multimodal import checkpoint_class
 from qlora.bundled import resolve_model
 from qlora.data.images import collate_inputs
 from qlora.data.rows import read_splits as read_data_splits
@@ -141,20 +140,12 @@ def load_tokenizer(cfg: LMRecipeConfig):
     return (path, *load_tokenizer_of(path))
 
 
-def model_class(path: str):
-    """The class a causal-LM recipe loads `path` with: AutoModelForImageTextToText for an image-text checkpoint
-    (its config's type is in that mapping: the vision tower comes along), else AutoModelForCausalLM."""
-    with users_files("model", path):
-        config = AutoConfig.from_pretrained(path)
-    return AutoModelForImageTextToText if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING else AutoModelForCausalLM
-
-
 def build_model(cfg: LMRecipeConfig, path: str):
     """The model of `mode` with the memory savers of `cfg` on; prints its trainable share and savers."""
     torch.manual_seed(cfg.train.seed)                  # the adapters' initialisation
     dtype = cfg.resolved_compute_dtype()
     lora = dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or (dtype if cfg.mode == "qlora" else None))
-    cls = model_class(path)
+    cls = checkpoint_class(path)                       # a causal LM, or an image-text model's own class
     model = build_for_mode(cfg.mode, load_float=lambda: from_pretrained_quietly(cls, path, dtype=dtype),
                            load_4bit=lambda: qlora.load_4bit(path, cls, compute_dtype=dtype), lora=lora)
     model = prepare_for_training(model, checkpointing=cfg.gradient_checkpointing, upcast_norms=cfg.upcast_norms)

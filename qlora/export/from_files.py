@@ -33,10 +33,10 @@ from qlora.export.experts import add_expert_delta_, expert_updates
 from qlora.export.layout import ModelLayout, model_class_for
 from qlora.export.requantize import Requantizer, check_requantize
 from qlora.export.result import (
-    COPIED_FILES,
     ExportResult,
     LayerUpdate,
     check_requantize_layout,
+    copy_base_files,
     finish,
     staging_folder_for,
     write_config,
@@ -199,9 +199,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 writer.write(name, value.to(out_specs[name][1]))
         write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config),
                      rq.quantization_config(out_specs) if rq else None)
-        for extra in COPIED_FILES:
-            if (folder / extra).is_file():
-                shutil.copy2(folder / extra, tmp / extra)
+        copy_base_files(folder, tmp)
         _warn_small_updates(result)
         if verify:      # an adapted path names a module (its weight) or an experts matrix (itself)
             def base_tensor(path: str) -> tuple[str, torch.Tensor]:

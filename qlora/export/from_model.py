@@ -24,7 +24,16 @@ from qlora.arch.quantized import is_4bit, is_4bit_param, is_transposed
 from qlora.errors import QLoRAError
 from qlora.export import verify as ev
 from qlora.export.requantize import Requantizer, check_requantize
-from qlora.export.result import ExportResult, LayerUpdate, check_requantize_layout, finish, staging_folder_for, write_config
+from qlora.export.result import (
+    PROCESSOR_FILES,
+    ExportResult,
+    LayerUpdate,
+    check_requantize_layout,
+    copy_base_files,
+    finish,
+    staging_folder_for,
+    write_config,
+)
 from qlora.export.writer import ShardedWriter, plan_shards
 from qlora.fsdp.shard import is_sharded
 from qlora.lora.experts import LoRAExperts
@@ -99,7 +108,8 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
                   max_shard_size: int = 2 << 30, progress: bool = True, requantize: str | None = None,
                   extra_files=()) -> ExportResult:
     """Export an in-memory (Q)LoRA model as a plain model folder, one weight at a time (module docstring).
-    `extra_files` (paths) are copied into the folder (a base folder's tokenizer files)."""
+    `extra_files` (paths) are copied into the folder (a base folder's tokenizer files); the processor files of
+    the folder the model was loaded from (preprocessor_config.json, ...) are copied too."""
     dtype = parse_dtype(dtype)
     requantize = check_requantize(requantize)
     out = Path(out)
@@ -179,6 +189,9 @@ def export_merged(model, out, *, dtype="bfloat16", force: bool = False, verify: 
             tokenizer.save_pretrained(tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
+        base = getattr(model, "name_or_path", None)
+        if base and Path(base).is_dir():        # an image-text model's processor, from the folder it was loaded from
+            copy_base_files(base, tmp, PROCESSOR_FILES)
         if verify and layers:
             _verify(model, layers, four_bit, rq, result, tmp)
         finish(tmp, out, result)

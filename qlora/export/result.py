@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +13,20 @@ from qlora.export.requantize import Requantizer
 from qlora.util.dtypes import dtype_name
 from qlora.util.staging import publish, staging_folder
 
+# an image or video model's processor: what AutoProcessor / AutoImageProcessor read beside the weights
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                "chat_template.jinja", "preprocessor_config.json")
+                "chat_template.jinja", *PROCESSOR_FILES)
+
+
+def copy_base_files(base, dest: Path, names=COPIED_FILES) -> None:
+    """Copy the files `names` that the base folder has and `dest` does not have yet (a local folder only)."""
+    base = Path(base)
+    for name in names:
+        if (base / name).is_file() and not (dest / name).exists():
+            shutil.copy2(base / name, dest / name)
 
 
 

@@ -147,7 +147,8 @@ def load_live_qlora(base_folder: Path, adapter, cls, settings: dict):
     live = load_4bit(str(base_folder), cls, quant_type=settings.get("quant_type", "nf4"),
                      double_quant=settings.get("double_quant", True),
                      compute_dtype=parse_dtype(settings.get("compute_dtype", "bfloat16")),
-                     blocksize=int(settings.get("blocksize", 64)), skip_modules=keep, **labels)
+                     blocksize=int(settings.get("blocksize", 64)), skip_modules=keep,
+                     quantize_vision=bool(settings.get("quantize_vision")), **labels)
     return load_adapter(live, adapter)
 
 

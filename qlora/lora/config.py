@@ -4,6 +4,7 @@ Field names follow PEFT's `LoraConfig`, so `adapter_config.json` maps one to one
 
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     cfg = LoraConfig(r=16, target_modules="all-linear", use_rslora=True)
+    cfg = LoraConfig(target_modules="all-linear", vision=True)    # an image-text model's towers adapted too
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from qlora.errors import QLoRAError
-from qlora.util.checks import check_numbers, must_be_int, must_be_number
+from qlora.util.checks import check_bools, check_numbers, must_be_int, must_be_number
 from qlora.util.dtypes import parse_dtype
 
 Targets = Union[str, list, tuple, None]
@@ -39,6 +40,11 @@ class LoraConfig:
     target_parameters: Optional[list] = None
     """PEFT's field: experts matrices by path suffix (`gate_up_proj`, `mlp.experts.down_proj`); each matches only
     a fused 3-D experts matrix, never a module of the same name (a dense MLP's down_proj)."""
+    vision: bool = False
+    """Image-text models (qlora.arch.multimodal): also adapt the vision / audio towers and projector. Without it
+    `all-linear`, and a name matching modules on both sides (`q_proj`), adapt the language model only; a name
+    matching only tower modules (`visual.blocks.0.attn.qkv`) adapts them. Not a PEFT field: the adapter file
+    lists the adapted modules by path."""
     modules_to_save: Optional[list] = None
     """Modules trained in full (e.g. a new classifier head); the original is kept beside the copy."""
     init_lora_weights: Union[bool, str] = True
@@ -61,6 +67,7 @@ class LoraConfig:
             raise QLoRAError(f"r={self.r!r}: the LoRA rank must be {need} (typical: 8, 16, 64)")
         check_numbers(self, ("lora_alpha",), above=0, hint="typical: r or 2·r")
         check_numbers(self, ("lora_dropout",), at_least=0, below=1)
+        check_bools(self, ("vision",))
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise QLoRAError(f"init_lora_weights={self.init_lora_weights!r}: use True, False or 'gaussian'")
         empty = lambda v: v is None or v == [] or v == ""  # noqa: E731

@@ -24,6 +24,7 @@ from torch import nn
 
 from memprofile.tensors import unpacked_shape
 from qlora.arch.experts import expert_features, matrix_name
+from qlora.arch.multimodal import tower_paths
 from qlora.arch.quantized import is_4bit, is_transposed, linear_features
 from qlora.errors import QLoRAError
 from qlora.lora.config import LoraConfig
@@ -64,20 +65,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _config_json(model: nn.Module, config: LoraConfig) -> dict:
-    return {**_peft_fields(model, config), **_experts_fields(model)}
+    return {**_peft_fields(model, config), **_explicit_targets(model)}
 
 
-def _experts_fields(model: nn.Module) -> dict:
-    """For a model with adapted experts matrices: explicit targets (PEFT resolves 'all-linear' differently on
-    mixtures of experts, and would drop some of ours), the matrices as PEFT's `target_parameters`, and
-    lora_dropout 0 (PEFT refuses dropout on parameters; the trained value is in qlora_adapter.json)."""
+def _explicit_targets(model: nn.Module) -> dict:
+    """The adapted modules by path where PEFT would resolve the config's targets to others: a model with adapted
+    experts matrices (PEFT resolves 'all-linear' differently on mixtures of experts, and would drop some of ours;
+    the matrices go as PEFT's `target_parameters`, with lora_dropout 0: PEFT refuses dropout on parameters, the
+    trained value is in qlora_adapter.json), and an image-text model (PEFT's 'all-linear' and module names
+    reach into the vision tower, qlora's only when asked: LoraConfig.vision)."""
     layers = lora_layers(model)
     matrices = sorted(f"{p.rpartition('.expert_deltas.')[0]}.{layer.weight_name}" for p, layer in layers.items()
                       if isinstance(layer, LoRAExperts))
-    if not matrices:
-        return {}
     modules = sorted(p for p, layer in layers.items() if not isinstance(layer, LoRAExperts))
-    return {"target_modules": modules, "target_parameters": matrices, "lora_dropout": 0.0}
+    if matrices:
+        return {"target_modules": modules, "target_parameters": matrices, "lora_dropout": 0.0}
+    return {"target_modules": modules} if tower_paths(model) else {}
 
 
 def _peft_fields(model: nn.Module, config: LoraConfig) -> dict:
@@ -185,6 +188,7 @@ def read_adapter_config(folder) -> LoraConfig:
         rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {},
         lora_dropout=facts.get("lora_dropout", raw.get("lora_dropout", 0.0)),
         use_rslora=raw.get("use_rslora", False), target_modules=targets,
+        vision=True,        # PEFT's rule: a file's names match everywhere (qlora writes an image-text model's by path)
         exclude_modules=raw.get("exclude_modules"), modules_to_save=raw.get("modules_to_save"),
         init_lora_weights=init if init in (True, False, "gaussian") else True,
         task_type=raw.get("task_type"), qlora={k: v for k, v in facts.items() if k != "lora_dropout"})

@@ -20,6 +20,7 @@ from torch import nn
 from memprofile.tensors import param_counts
 from qlora.arch.experts import expert_weight_names, is_experts_module, is_router, matrix_name, per_expert_names
 from qlora.arch.heads import output_head_paths
+from qlora.arch.multimodal import in_towers, tower_paths
 from qlora.arch.names import matches_target as _matches
 from qlora.arch.quantized import (
     four_bit_params,
@@ -61,10 +62,12 @@ def _closest(asked: str, names: list[str], n: int = 6) -> list[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Module path -> module that `config` adapts. Raises QLoRAError, changing nothing, when a
-    target is unknown, of an unsupported type, or already has an adapter."""
+    target is unknown, of an unsupported type, or already has an adapter. An image-text model's towers
+    (qlora.arch.multimodal) are adapted only when asked: `config.vision`, or a target naming only tower modules."""
     candidates = _candidate_modules(model)
     names = list(candidates)
     spec = config.target_modules
+    towers = [] if config.vision else tower_paths(model)
     if spec == "all-linear":
         heads = output_head_paths(model)
         found = {n: m for n, m in candidates.items()
@@ -72,18 +75,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                      and (is_4bit(m) or runs_as_linear(m))
                      and not is_router(m, model.get_submodule(n.rpartition(".")[0]) if "." in n else model))
                  or matrix_name(n, m)}
+        found = {n: m for n, m in found.items() if not in_towers(n, towers)}
         if not found:
             raise QLoRAError("target_modules='all-linear' found no Linear (or Conv1D) layers outside the output head")
         found = _without_peft_fused_names(model, found)
     else:
-        found = {n: m for n, m in candidates.items() if spec and _matches(n, spec)}
-        asked = [spec] if isinstance(spec, str) else spec
-        for one in asked:
-            if not any(_matches(n, one if isinstance(spec, str) else [one]) for n in candidates):
+        found = {}
+        for one in [spec] if isinstance(spec, str) else spec:
+            hits = {n: m for n, m in candidates.items() if _matches(n, one if isinstance(spec, str) else [one])}
+            if not hits:
                 raise QLoRAError(
                     f"target module {one!r} matches no module of {type(model).__name__}. "
                     f"Closest names in this model: {_closest(one, names)}. "
                     "Give module-path suffixes (e.g. 'q_proj', 'attention.self.query'), a regex, or 'all-linear'.")
+            text = {n: m for n, m in hits.items() if not in_towers(n, towers)}
+            found.update(text or hits)      # a name on both sides: the language model's; only in a tower: named
     for one in config.target_parameters or []:     # PEFT's target_parameters: experts matrices only
         hits = {n: m for n, m in candidates.items() if matrix_name(n, m) and _matches(n, [one])}
         if not hits:
@@ -217,6 +223,9 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         # every layer that trained on 4-bit weights (adapted or not): the export re-creates exactly those
         config.qlora["quantized_modules"] = sorted(
             {n.removesuffix(".base_layer") for n, m in model.named_modules() if is_4bit(m)})
+        towers = tower_paths(model)
+        if any(in_towers(n, towers) for n in config.qlora["quantized_modules"]):
+            config.qlora["quantize_vision"] = True      # an image-text model's towers were 4-bit too (load_4bit's option)
     experts_4bit = sorted(f"{path}.{name}" for path, module, name, _ in four_bit_params(model)
                           if is_experts_module(module))
     if experts_4bit:    # 4-bit experts matrices: the export rebuilds them through the 4-bit model (qlora.export)

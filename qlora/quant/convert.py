@@ -14,7 +14,8 @@ transposed weight, becomes a ``bitsandbytes.nn.Linear4bit``; qlora.arch.quantize
 
 What is kept in higher precision: the output head (modules named ``lm_head``, ``classifier`` or
 ``score`` and whatever ``get_output_embeddings()`` returns), embeddings and norms (they are not
-``nn.Linear``), biases (in ``compute_dtype``), and anything in ``skip_modules``.
+``nn.Linear``), biases (in ``compute_dtype``), anything in ``skip_modules``, and an image-text model's
+vision / audio towers and projector (qlora.arch.multimodal; ``quantize_vision=True`` makes them 4-bit too).
 
 Memory: a [out, in] weight becomes ``out*in/2`` bytes of packed 4-bit codes (two codes per uint8)
 plus one absmax per block of ``blocksize`` weights. With double quantization those absmax are
@@ -42,6 +43,7 @@ from torch import nn
 from memprofile.units import human
 from qlora.arch.experts import is_experts_module, is_router
 from qlora.arch.heads import output_head_paths
+from qlora.arch.multimodal import in_towers, tower_paths
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_4bit_param, is_conv1d, is_linear, linear_features, runs_as_linear
 from qlora.errors import QLoRAError
@@ -143,11 +145,18 @@ def mark_layer(layer: nn.Module, compute_dtype: torch.dtype) -> None:
     layer.weight.requires_grad_(False)
 
 
-def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[str]]:
+def float_towers(model: nn.Module, quantize_vision: bool = False) -> list[str]:
+    """The towers of an image-text model that stay in compute_dtype (qlora.arch.multimodal: vision / audio
+    encoders, projectors): all of them, none with `quantize_vision`."""
+    return [] if quantize_vision else tower_paths(model)
+
+
+def conversion_plan(model: nn.Module, skip: list[str], quantize_vision: bool = False) -> tuple[list[str], list[str]]:
     """(names of linear layers to quantize, names kept) for a model or a meta skeleton (quantized.is_linear:
-    nn.Linear or Conv1D)."""
+    nn.Linear or Conv1D). An image-text model's towers are kept unless `quantize_vision` (float_towers)."""
     modules = dict(model.named_modules())
     heads = output_head_paths(model)
+    towers = float_towers(model, quantize_vision)
     for pattern in skip:
         if not any(matches_parts(n, pattern) for n in modules if n):
             sample = [n for n, m in modules.items() if is_linear(m)][:6]
@@ -162,6 +171,7 @@ def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[
                 or not runs_as_linear(module)                  # a forward of its own that needs its float weight
                 or any(p in _ADAPTER_PARTS for p in name.split("."))
                 or isinstance(parent, nn.MultiheadAttention)  # reads out_proj.weight directly
+                or in_towers(name, towers)
                 or any(matches_parts(name, p) for p in skip)):
             kept.append(name)
         else:
@@ -169,26 +179,29 @@ def conversion_plan(model: nn.Module, skip: list[str]) -> tuple[list[str], list[
     return to_quantize, kept
 
 
-def experts_plan(model: nn.Module, skip: list[str]) -> list[str]:
+def experts_plan(model: nn.Module, skip: list[str], quantize_vision: bool = False) -> list[str]:
     """Names of the experts modules (qlora.arch.experts: transformers' fused 3-D experts) whose matrices
-    quantize_model makes 4-bit: all but those matching skip_modules, inside an adapter wrapper, or already 4-bit."""
+    quantize_model makes 4-bit: all but those matching skip_modules, inside an adapter wrapper or a float tower
+    (float_towers), or already 4-bit."""
+    towers = float_towers(model, quantize_vision)
     return [name for name, module in model.named_modules()
             if is_experts_module(module) and not any(is_4bit_param(p) for p in module.parameters(recurse=False))
             and not any(p in _ADAPTER_PARTS for p in name.split("."))
-            and not any(matches_parts(name, p) for p in skip)]
+            and not any(matches_parts(name, p) for p in skip) and not in_towers(name, towers)]
 
 
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
-                   skip_modules: list[str] | None = None) -> nn.Module:
+                   skip_modules: list[str] | None = None, quantize_vision: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` (and ``Conv1D``) of ``model`` by a 4-bit ``bitsandbytes.nn.Linear4bit``, and
     every fused 3-D experts matrix by a 4-bit one (qlora.quant.experts), in place.
 
     Kept as they are: the output head (``lm_head``/``classifier``/``score`` and whatever
     ``get_output_embeddings()`` returns), LoRA adapter matrices, ``nn.MultiheadAttention``'s
     out_proj, and every module matching ``skip_modules`` (whole dotted parts: 'down_proj',
-    'mlp.down_proj', 'layers.0'). Weights are quantized from ``compute_dtype`` on their current
-    device; biases are stored in ``compute_dtype``; everything else keeps its dtype. Layer by
+    'mlp.down_proj', 'layers.0'), and an image-text model's vision / audio towers and projector
+    (qlora.arch.multimodal) unless ``quantize_vision``. Weights are quantized from ``compute_dtype`` on their
+    current device; biases are stored in ``compute_dtype``; everything else keeps its dtype. Layer by
     layer, so peak extra memory is one layer's weight in ``compute_dtype``.
     Returns ``model``.
     """
@@ -200,8 +213,8 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
     if not isinstance(model, nn.Module):
         raise QLoRAError(f"quantize_model needs a torch.nn.Module; got {type(model).__name__}")
 
-    to_quantize, kept = conversion_plan(model, skip)
-    experts = experts_plan(model, skip)
+    to_quantize, kept = conversion_plan(model, skip, quantize_vision)
+    experts = experts_plan(model, skip, quantize_vision)
     if not to_quantize and not experts:
         existing = quant_settings(model)
         if existing is not None:
@@ -235,10 +248,11 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", double_quant: b
 def float_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     """3-D float parameters [n > 1, a, b] outside transformers' experts interface and outside convolutions (a
     position embedding [1, n, d] is not one): the experts of families whose layout the interface does not
-    describe (Llama 4 text, DBRX, JetMoE), which stay 16-bit."""
-    out = {}
+    describe (Llama 4 text, DBRX, JetMoE), which stay 16-bit. An image-text model's towers have no experts (Gemma 4's
+    vision position table [2, n, d] is not one)."""
+    out, towers = {}, tower_paths(model)
     for name, module in model.named_modules():
-        if is_experts_module(module) or isinstance(module, nn.modules.conv._ConvNd):
+        if is_experts_module(module) or isinstance(module, nn.modules.conv._ConvNd) or in_towers(name, towers):
             continue
         for pname, p in module.named_parameters(recurse=False):
             if p.ndim == 3 and p.shape[0] > 1 and p.is_floating_point() and not is_4bit_param(p):

@@ -2,11 +2,15 @@
 
     model = qlora.load_4bit("smollm2")                      # folder, Hub id, or bundled name
     enc = qlora.load_4bit("minilm", AutoModel)              # any AutoModelFor... class
+    vlm = qlora.load_4bit("path/to/qwen3-vl")               # image-text: its own class, the towers in float
+    lm = qlora.load_4bit("path/to/qwen3.5", text_only=True)   # its language model alone (Qwen3_5ForCausalLM)
 
 transformers' bitsandbytes loader streams the checkpoint and quantizes each tensor as it is read
 (the float model never sits in memory); the modules to keep in compute_dtype come from our own
 rule (qlora.quant.convert.conversion_plan on the model built on the meta device), and every loaded
 layer is checked against the asked settings and marked like a layer quantize_model makes.
+An image-text checkpoint loads as its own class (qlora.arch.multimodal.model_class_for): its language model
+is 4-bit, its vision / audio towers and projector stay in compute_dtype (`quantize_vision=True`: 4-bit too).
 
 FP8 and MXFP4 checkpoints (qlora.quant.formats) are read through transformers' own dequantization into
 compute_dtype, and our hook on its set_param_for_module makes each Linear and experts module 4-bit as soon
@@ -27,7 +31,8 @@ from transformers import AutoConfig, BitsAndBytesConfig
 
 from qlora.arch.experts import expert_weight_names, is_experts_module
 from qlora.arch.heads import OUTPUT_HEAD_NAMES
-from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.loading import from_pretrained_quietly, users_files
+from qlora.arch.multimodal import in_towers, model_class_for, text_config_of, text_only_arguments, text_only_class
 from qlora.arch.names import matches_parts
 from qlora.arch.quantized import is_4bit, is_conv1d
 from qlora.bundled import resolve_model
@@ -36,6 +41,7 @@ from qlora.quant.bnb_fixes import import_bnb
 from qlora.quant.convert import (
     conversion_plan,
     experts_plan,
+    float_towers,
     make_linear4bit,
     mark_layer,
     quantize_model,
@@ -79,11 +85,20 @@ def _check_folder(folder: str) -> None:
                          f"{', '.join(_WEIGHT_FILES)} or *.safetensors shards.{hint}")
 
 
-def _skeleton(path: str, model_class, kwargs: dict) -> nn.Module | None:
+def _config(path: str, kwargs: dict):
+    """The checkpoint's config (AutoConfig), with the caller's Hub / folder arguments."""
+    keys = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
+    return AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in keys if k in kwargs})
+
+
+def _skeleton(config, model_class, kwargs: dict) -> nn.Module | None:
     """The model built on the meta device (no memory, no weights read), or None if that fails."""
+    if config is None:
+        return None
     try:
-        keys = ("trust_remote_code", "revision", "token", "cache_dir", "local_files_only", "subfolder")
-        config = AutoConfig.from_pretrained(path, **{k: kwargs[k] for k in keys if k in kwargs})
+        text = text_config_of(config)
+        if text is not None and isinstance(text, getattr(model_class, "config_class", ())):
+            config = text                # a language model alone (text_only): built from the nested text config
         factory = getattr(model_class, "from_config", None) or model_class._from_config
         with torch.device("meta"):
             return factory(config, **({"trust_remote_code": True} if kwargs.get("trust_remote_code") else {}))
@@ -99,8 +114,9 @@ class _QuantizeWhileLoading:
     every parameter through `core_model_loading.set_param_for_module`, swapped here for the duration of one
     load (like _BlocksizeForTransformers: not for two concurrent loads in threads of one process)."""
 
-    def __init__(self, settings: dict, skip: list[str], linears=frozenset()):
+    def __init__(self, settings: dict, skip: list[str], linears=frozenset(), quantize_vision: bool = False):
         self.settings, self.skip, self.linears = settings, skip, frozenset(linears)
+        self.quantize_vision, self.towers = quantize_vision, None      # float_towers of the model being loaded
 
     def __enter__(self):
         from transformers import core_model_loading  # lazy: transformers >= 5 only
@@ -111,9 +127,12 @@ class _QuantizeWhileLoading:
             original(model, target_name, *args, **kwargs)
             path = target_name.rpartition(".")[0]
             module = model.get_submodule(path) if path else model
+            if self.towers is None:
+                self.towers = float_towers(model, self.quantize_vision)
             if path in self.linears:
                 self._linear(model, path, module)
-            elif is_experts_module(module) and not any(matches_parts(path, s) for s in self.skip):
+            elif (is_experts_module(module) and not any(matches_parts(path, s) for s in self.skip)
+                  and not in_towers(path, self.towers)):
                 matrices = [module._parameters.get(n) for n in expert_weight_names(module)]
                 if all(w is not None and w.device.type != "meta" and w.is_floating_point() for w in matrices):
                     quantize_experts(module, **self.settings)
@@ -167,16 +186,21 @@ class _BlocksizeForTransformers:
 
 def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double_quant: bool = True,
               compute_dtype: torch.dtype = torch.bfloat16, blocksize: int = 64,
-              skip_modules: list[str] | None = None, **from_pretrained_kwargs) -> nn.Module:
+              skip_modules: list[str] | None = None, quantize_vision: bool = False, text_only: bool = False,
+              **from_pretrained_kwargs) -> nn.Module:
     """Load a Hugging Face model with its Linear layers in 4-bit (bitsandbytes via transformers).
 
     ``name_or_path``: a model folder, a Hub id, or a bundled name ('smollm2', 'minilm'; see
-    qlora.bundled). ``model_class``: ``AutoModelForCausalLM`` (default) or any ``AutoModelFor...``
-    / concrete transformers class. Weights are streamed from disk and quantized tensor by tensor,
+    qlora.bundled). ``model_class``: any ``AutoModelFor...`` / concrete transformers class; default: the
+    checkpoint's own class for an image-text checkpoint (Qwen3-VL, Gemma 3, LLaVA, ...: qlora.arch.multimodal),
+    else ``AutoModelForCausalLM``. Weights are streamed from disk and quantized tensor by tensor,
     so the full-precision model never sits in memory. The output head (lm_head / classifier /
     score, get_output_embeddings()), embeddings and norms stay in ``compute_dtype`` (the loading
     dtype; transformers quantizes from it, so it is recorded as ``quantized_from_dtype``).
     ``skip_modules`` keeps more modules unquantized (same matching as ``quantize_model``).
+    An image-text model's vision / audio towers and projector stay in ``compute_dtype`` unless
+    ``quantize_vision``; ``text_only=True`` loads its language model alone, as the causal-LM class transformers
+    has for it (said in one line; refused in one line where there is none).
     A folder holding an FP8 or MXFP4 checkpoint is dequantized by transformers tensor by tensor into
     ``compute_dtype`` and made 4-bit as it is read (qlora.quant.formats); a bitsandbytes 4-bit one loads
     as it is; other quantizations are refused.
@@ -189,24 +213,27 @@ def load_4bit(name_or_path, model_class=None, *, quant_type: str = "nf4", double
     double_quant = check_double_quant(double_quant)
     skip = check_skip_modules(skip_modules)
     kwargs = _from_pretrained_kwargs(from_pretrained_kwargs, compute_dtype)
-    path, model_class = _resolve(name_or_path, model_class, kwargs)
+    path, model_class, config = _resolve(name_or_path, model_class, kwargs, text_only)
     fmt = stored_format(path) if os.path.isdir(path) else "float"     # a Hub id: transformers says
-    skips, transformers_converts, to_quantize = _skips_for_transformers(path, model_class, kwargs, skip)
+    skips, transformers_converts, to_quantize = _skips_for_transformers(path, config, model_class, kwargs, skip,
+                                                                        quantize_vision)
     settings = dict(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype, blocksize=blocksize)
     if fmt in DEQUANTIZED:
-        model = _load_dequantized(path, model_class, kwargs, fmt, settings, skip, to_quantize)
+        model = _load_dequantized(path, model_class, kwargs, fmt, settings, skip, to_quantize, quantize_vision)
     else:
-        with _QuantizeWhileLoading(settings, skip):
+        with _QuantizeWhileLoading(settings, skip, quantize_vision=quantize_vision):
             model = _load(path, model_class, kwargs, skips=skips, transformers_converts=transformers_converts,
                           **settings)
+    _say_text_only(model, path, config)
     # transformers' loader converts exact nn.Linear and Conv1D only: subclasses (Falcon's FalconLinear, ...)
     # arrive in compute_dtype and are quantized here from the same values (their float weights are in
     # memory until then: for Falcon that is the whole body, loaded in compute_dtype, not streamed)
     # (the fused 3-D experts of mixture-of-experts models were quantized while loading, one module at a time;
     # any left, e.g. a loader path that sets them otherwise, are quantized here)
-    if conversion_plan(model, skip)[0] or experts_plan(model, skip):
+    if conversion_plan(model, skip, quantize_vision)[0] or experts_plan(model, skip, quantize_vision):
         quantize_model(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                       blocksize=blocksize, skip_modules=skip or None)     # says which experts stay float
+                       blocksize=blocksize, skip_modules=skip or None,      # says which experts stay float
+                       quantize_vision=quantize_vision)
     else:
         say_float_matrices(model)
     _check_loaded(model, path, skip, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
@@ -229,29 +256,62 @@ def _from_pretrained_kwargs(given: dict, compute_dtype: torch.dtype) -> dict:
     return kwargs
 
 
-def _resolve(name_or_path, model_class, kwargs: dict):
-    """(local path or Hub id, transformers class); a local folder is checked and never asks the Hub."""
+def _resolve(name_or_path, model_class, kwargs: dict, text_only: bool = False):
+    """(local path or Hub id, transformers class, its config or None); a local folder is checked and never asks
+    the Hub. No class given: the checkpoint's (qlora.arch.multimodal.model_class_for), or with `text_only` its
+    language model's; a class given: the config when it reads (else from_pretrained says why)."""
     path = resolve_model(name_or_path)
     if os.path.isdir(path):
         _check_folder(path)
         kwargs.setdefault("local_files_only", True)
-    if model_class is None:
-        model_class = transformers.AutoModelForCausalLM
+    if text_only and model_class is not None:
+        raise QLoRAError(f"text_only=True picks the class itself (the language model's causal-LM class); drop "
+                         f"model_class={getattr(model_class, '__name__', model_class)}")
+    if model_class is not None:
+        try:
+            config = _config(path, kwargs)
+        except Exception:  # noqa: BLE001 -- any failure: from_pretrained reads it again and reports
+            config = None
+        _check_auto_class(model_class, config)
+    else:
+        with users_files("model config", path):
+            config = _config(path, kwargs)
+        model_class = model_class_for(config)
+        if text_only and text_config_of(config) is not None:
+            model_class = text_only_class(config)
+            if model_class is None:
+                raise QLoRAError(f"text_only=True: transformers {transformers.__version__} has no causal-LM class "
+                                 f"for the language model of {config.model_type!r} "
+                                 f"({type(text_config_of(config)).__name__}); load the image-text model instead "
+                                 "(without text_only)")
+            kwargs.update({k: v for k, v in text_only_arguments(config).items() if k not in kwargs})
     if not callable(getattr(model_class, "from_pretrained", None)):
         raise QLoRAError(f"model_class={model_class!r} has no from_pretrained; accepted: a transformers "
                          f"class such as AutoModelForCausalLM, AutoModel, AutoModelForSequenceClassification")
-    return path, model_class
+    return path, model_class, config
 
 
-def _skips_for_transformers(path: str, model_class, kwargs: dict,
-                            skip: list[str]) -> tuple[list[str], bool, list[str]]:
+def _check_auto_class(model_class, config) -> None:
+    """An AutoModelFor... class that has no class for this config: one line naming the class that loads it."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    if config is None or mapping is None or getattr(config, "auto_map", None) or type(config) in mapping:
+        return
+    try:
+        hint = f"leave model_class out to load it as {model_class_for(config).__name__}"
+    except QLoRAError:
+        hint = "pass a transformers class that has one"
+    raise QLoRAError(f"{model_class.__name__} has no class for model type {config.model_type!r}; {hint}")
+
+
+def _skips_for_transformers(path: str, config, model_class, kwargs: dict, skip: list[str],
+                            quantize_vision: bool = False) -> tuple[list[str], bool, list[str]]:
     """(llm_int8_skip_modules for BitsAndBytesConfig, whether transformers' loader has any layer of ours
     to quantize, the Linear layers to quantize), from the model built on the meta device (name patterns
     when that fails; then the layers to quantize are found after loading)."""
-    skeleton = _skeleton(path, model_class, kwargs)
+    skeleton = _skeleton(config, model_class, kwargs)
     if skeleton is None:
         return list(OUTPUT_HEAD_NAMES) + skip, True, []
-    to_quantize, kept = conversion_plan(skeleton, skip)
+    to_quantize, kept = conversion_plan(skeleton, skip, quantize_vision)
     if not to_quantize:
         raise QLoRAError(f"load_4bit found nothing to quantize in {type(skeleton).__name__} from "
                          f"{path!r}: no torch.nn.Linear outside the output head and "
@@ -264,14 +324,15 @@ def _skips_for_transformers(path: str, model_class, kwargs: dict,
 
 
 def _load_dequantized(path: str, model_class, kwargs: dict, fmt: str, settings: dict, skip: list[str],
-                      to_quantize: list[str]) -> nn.Module:
+                      to_quantize: list[str], quantize_vision: bool = False) -> nn.Module:
     """An FP8 / MXFP4 checkpoint (qlora.quant.formats): transformers dequantizes each weight into compute_dtype
     as it reads it, one tensor at a time, and the hook makes each Linear / experts module 4-bit as it is set."""
     if fmt == "fp8":
         check_fp8_blocks(path)
     import_bnb()
     block = quantization_config(path).get("weight_block_size") if fmt == "fp8" else None
-    with _QuantizeWhileLoading(settings, skip, linears=to_quantize), sequential_loading(), partial_fp8_blocks(block):
+    with _QuantizeWhileLoading(settings, skip, linears=to_quantize, quantize_vision=quantize_vision), \
+            sequential_loading(), partial_fp8_blocks(block):
         model = from_pretrained_quietly(model_class, path, quantization_config=dequantizing_config(fmt), **kwargs)
     model.qlora_checkpoint_format = fmt     # export_merged says the export is in float, not fmt
     return model
@@ -301,6 +362,13 @@ def _load(path: str, model_class, kwargs: dict, *, quant_type: str, double_quant
                              f"remove quantization_config from its config.json after converting the weights to "
                              f"float (see qlora.bundled.smollm2_path)") from e
         raise
+
+
+def _say_text_only(model: nn.Module, path: str, config) -> None:
+    """One line when an image-text checkpoint was loaded as its language model alone (text_only, or a causal-LM
+    class given): the towers are not in the model, nor in what its adapter and export describe."""
+    if text_config_of(config) is not None and text_config_of(getattr(model, "config", None)) is None:
+        print(f"text only: {type(model).__name__}, the language model of {path} without its vision / audio towers")
 
 
 def _is_bnb_4bit_checkpoint(path: str) -> bool:
