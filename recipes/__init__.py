@@ -19,7 +19,9 @@ qlora.data, the loop qlora.train). What the recipes share: `config` (`RecipeConf
 `causal_lm` (what sft and dpo share: their keys, model build, samples, the end of a run), `four_modes` (the
 four-mode comparison and learning-rate search), `results` (the table writer), `bundled_data` (readers of
 the offline data sets), `wordnet_chat` (WordNet 3.0 as chat and preference data), `grpo_rewards` (GRPO's
-reward functions: built in, or the user's file.py:function).
+reward functions: built in, or the user's file.py:function), `image_chat_default` (the offline image-text
+default: a LLaVA-style model built here from a Fashion-MNIST ViT and SmolLM2, photo chat rows, the held-out
+accuracy).
 pyproject.toml maps this folder (recipes/) to the package `qlora_recipes`; `qlora train` finds it by name.
 Keep this file free of heavy imports.
 """

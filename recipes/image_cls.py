@@ -99,7 +99,7 @@ class ImageClsConfig(FourModesConfig):
 
 # ------------------------------------------------------------------------------------------ data
 
-def fashion_mnist_subset(cfg: FourModesConfig, split: str, classes: list, size: Optional[int], seed: int = 0):
+def fashion_mnist_subset(split: str, classes: list, size: Optional[int], seed: int = 0):
     """[(image float [1, 28, 28] normalised, label in 0..len(classes)-1)] of `classes`, a seeded subset."""
     images, labels = fashion_mnist(split)
     relabel = {c: i for i, c in enumerate(classes)}
@@ -127,8 +127,8 @@ class HubImages:
 def load_images(cfg: ImageClsConfig):
     """(train set, test set, label names); rows are (image, label)."""
     if cfg.dataset == "fashion_mnist":
-        return (fashion_mnist_subset(cfg, "train", cfg.classes, cfg.train_size),
-                fashion_mnist_subset(cfg, "test", cfg.classes, cfg.test_size),
+        return (fashion_mnist_subset("train", cfg.classes, cfg.train_size),
+                fashion_mnist_subset("test", cfg.classes, cfg.test_size),
                 [FASHION_MNIST_CLASSES[c] for c in cfg.classes])
     from datasets import load_dataset  # lazy: datasets (~0.5 s) only for users with the Hub: e.g. food101
     ds = load_dataset(cfg.dataset)
@@ -140,14 +140,16 @@ def load_images(cfg: ImageClsConfig):
 
 # ------------------------------------------------------------------------------------------ pretraining
 
-def pretrained_backbone(cfg: ImageClsConfig) -> str:
-    """Folder of the fmnist-vit backbone (a ViTModel): cached, else pretrained now and cached.
+def pretrained_backbone(p: PretrainConfig, run: TrainConfig, cache_dir=None) -> str:
+    """Folder of the fmnist-vit backbone (a ViTModel) of settings `p`: cached in `cache_dir` (default
+    $QLORA_CACHE), else pretrained now and cached (`run` gives the log folder, log_every and progress;
+    it is not part of the key).
 
     Built in a private temp folder next to the target and renamed: a crash or a concurrent run
     never leaves a half-written folder that would be taken for a finished one."""
-    settings = dataclasses.asdict(cfg.pretrain)
+    settings = dataclasses.asdict(p)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    cache = default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{CACHE_PREFIX}-{key}"
     if (target / "config.json").is_file() and (target / "pretrain.json").is_file():
         info = json.loads((target / "pretrain.json").read_text())
@@ -157,7 +159,7 @@ def pretrained_backbone(cfg: ImageClsConfig) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
     try:
-        info = pretrain(cfg, tmp)
+        info = pretrain(p, run, tmp)
         info["settings"] = settings
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
         try:
@@ -172,11 +174,10 @@ def pretrained_backbone(cfg: ImageClsConfig) -> str:
     return str(target)
 
 
-def pretrain(cfg: ImageClsConfig, folder: Path) -> dict:
-    """Train a ViT from scratch on pretrain.classes; save its backbone (no head) into `folder`."""
-    p = cfg.pretrain
-    train_set = fashion_mnist_subset(cfg, "train", p.classes, p.train_size, seed=p.seed)
-    test_set = fashion_mnist_subset(cfg, "test", p.classes, p.test_size, seed=p.seed)
+def pretrain(p: PretrainConfig, run: TrainConfig, folder: Path) -> dict:
+    """Train a ViT from scratch on p.classes; save its backbone (no head) into `folder`."""
+    train_set = fashion_mnist_subset("train", p.classes, p.train_size, seed=p.seed)
+    test_set = fashion_mnist_subset("test", p.classes, p.test_size, seed=p.seed)
     names = [FASHION_MNIST_CLASSES[c] for c in p.classes]
     config = ViTConfig(image_size=28, patch_size=p.patch_size, num_channels=1, hidden_size=p.hidden_size,
                        intermediate_size=p.intermediate_size, num_hidden_layers=p.num_layers,
@@ -190,8 +191,8 @@ def pretrain(cfg: ImageClsConfig, folder: Path) -> dict:
           f"images of {names}, {p.epochs} epochs")
     collate, evaluate = image_collate(None, config), accuracy_eval(test_set, image_collate(None, config))
     train_config = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                               warmup_ratio=0.1, seed=p.seed, log_every=cfg.train.log_every,
-                               progress=cfg.train.progress, out_dir=str(Path(cfg.out_dir) / "pretrain"))
+                               warmup_ratio=0.1, seed=p.seed, log_every=run.log_every,
+                               progress=run.progress, out_dir=str(Path(run.out_dir) / "pretrain"))
     result = train(model, train_set, collate, lambda m, batch: m(**batch).loss, train_config, eval_fn=evaluate)
     accuracy = result.evals[-1][1]["accuracy"]
     print(f"pretraining accuracy: {100 * accuracy:.2f}% on {len(test_set)} held-out images -> {folder}")
@@ -239,7 +240,7 @@ def main(cfg: ImageClsConfig) -> list[dict]:
         raise QLoRAError(f"model={PRETRAINED_NAME} is a 28x28 grey-scale backbone for dataset=fashion_mnist; with "
                          f"dataset={cfg.dataset} give a Hub model (e.g. model=google/vit-base-patch16-224)")
     train_set, test_set, names = load_images(cfg)
-    path = pretrained_backbone(cfg) if cfg.model == PRETRAINED_NAME else resolve_model(cfg.model)
+    path = pretrained_backbone(cfg.pretrain, cfg.train) if cfg.model == PRETRAINED_NAME else resolve_model(cfg.model)
     processor = None
     with users_files("image processor and config", path):
         if cfg.dataset != "fashion_mnist":

@@ -100,16 +100,16 @@ def test_cached_backbone_is_reused(tmp_path, monkeypatch):
             "pretrain.epochs=1", "pretrain.hidden_size=16", "pretrain.intermediate_size=32", "pretrain.num_layers=1",
             "pretrain.num_heads=2", "pretrain.patch_size=14"]
     cfg = load_config(CONFIG, tiny, ns["ImageClsConfig"])
-    first = ns["pretrained_backbone"](cfg)
+    first = ns["pretrained_backbone"](cfg.pretrain, cfg.train)
 
     def no_pretraining(*args):
         raise AssertionError("pretrained again although the backbone is cached")
     # run_path returns a copy of the script's globals: patch the dict its functions actually read
     monkeypatch.setitem(ns["pretrained_backbone"].__globals__, "pretrain", no_pretraining)
-    assert ns["pretrained_backbone"](cfg) == first
+    assert ns["pretrained_backbone"](cfg.pretrain, cfg.train) == first
     other = load_config(CONFIG, tiny + ["pretrain.seed=1"], ns["ImageClsConfig"])  # other settings, other folder
     with pytest.raises(AssertionError, match="pretrained again"):
-        ns["pretrained_backbone"](other)
+        ns["pretrained_backbone"](other.pretrain, other.train)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(first).name]  # the failed one left nothing
 
 
