@@ -41,6 +41,7 @@ from qlora.util.checks import check_bools, check_ints, check_numbers
 from qlora.util.dist import is_main_process
 from qlora_recipes.config import RecipeConfig
 from qlora_recipes.four_modes import export_verified
+from qlora_recipes.image_chat_default import build_default_model
 
 MODES = ("qlora", "lora", "full")
 
@@ -134,9 +135,13 @@ def read_splits(cfg: LMRecipeConfig, bundled: dict[str, Callable]) -> tuple[list
                             train_size=cfg.train_size, eval_size=cfg.eval_size)
 
 
+BUILT_MODELS = {"fmnist-llava": build_default_model}
+"""Models the recipes build offline by name (recipes/image_chat_default.py): `model=fmnist-llava`."""
+
+
 def load_tokenizer(cfg: LMRecipeConfig):
     """(model path, tokenizer, pad id: the pad token, else EOS)."""
-    path = resolve_model(cfg.model)
+    path = str(BUILT_MODELS[cfg.model]()) if cfg.model in BUILT_MODELS else resolve_model(cfg.model)
     return (path, *load_tokenizer_of(path))
 
 

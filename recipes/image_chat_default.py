@@ -3,6 +3,7 @@ held-out accuracy that needs no generation.
 
     folder = build_default_model()                     # cached: $QLORA_CACHE/fmnist-llava-<hash of the settings>
     train_file, eval_file = write_default_data("data/fmnist-chat", n_train=2000, n_eval=200, seed=0)
+    train_file, eval_file = fashion_photo_files()       # the same, cached: what `qlora train sft_images` reads
     accuracy = heldout_accuracy(model, processor, read_rows(eval_file))     # in [0, 1]; chance is 1/10
 
 No pretrained image-text model ships in any package we can install (/work/shared/DATA.md), so this one
@@ -166,6 +167,14 @@ def write_default_data(folder, n_train: int = 2000, n_eval: int = 200, seed: int
         files.append(folder / f"{split}.jsonl")
         atomic_write(files[-1], lambda p: p.write_text("\n".join(rows) + "\n"))
     return files[0], files[1]
+
+
+def fashion_photo_files(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple[Path, Path]:
+    """write_default_data into the cache, once per (n_train, n_eval, seed): `data=fashion_photos` in the recipes."""
+    folder = default_cache_dir() / f"fmnist-chat-{n_train}-{n_eval}-{seed}"
+    if (folder / "train.jsonl").is_file() and (folder / "eval.jsonl").is_file():
+        return folder / "train.jsonl", folder / "eval.jsonl"
+    return write_default_data(folder, n_train, n_eval, seed)
 
 
 def read_rows(jsonl) -> list[dict]:

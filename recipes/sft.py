@@ -46,6 +46,7 @@ from qlora_recipes.causal_lm import (
     report_first_step,
     shown_question,
 )
+from qlora_recipes.image_chat_default import fashion_photo_files, heldout_accuracy, read_rows
 from qlora_recipes.wordnet_chat import wordnet_chat_files
 
 LOSSES = ("chunked", "model")
@@ -84,7 +85,7 @@ class SFTConfig(LMRecipeConfig):
 def load_data(cfg: SFTConfig, tokenizer, path: str) -> tuple[list[dict], list[dict], dict]:
     """(train examples, eval examples, stats): read, split, subset, encode, truncate. Rows with images bring in
     the model's processor (none: the first such row is refused)."""
-    rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_chat_files})
+    rows, eval_rows = read_splits(cfg, {"wordnet": wordnet_chat_files, "fashion_photos": fashion_photo_files})
     processor = images.load_processor(path) if any(map(images.mentions_images, rows + eval_rows)) else None
     encoder = sft_data.Encoder(tokenizer, train_on=cfg.train_on, processor=processor)
     train_set, train_stats = sft_data.encode_rows(rows, sft_data.detect_format(rows, cfg.format), encoder,
@@ -114,9 +115,13 @@ def make_loss(cfg: SFTConfig):
     return loss_fn
 
 
-def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: int):
-    """evaluate(model) -> {loss, perplexity}; prints greedy samples and appends them to samples.jsonl."""
+def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: int, path: str):
+    """evaluate(model) -> {loss, perplexity} (and, on data=fashion_photos, the held-out accuracy: the ten answers
+    scored by log-likelihood, recipes/image_chat_default.py); prints greedy samples, appends them to samples.jsonl."""
     calls = [0]
+    photos = None
+    if cfg.data == "fashion_photos":
+        processor, photos = images.load_processor(path), read_rows(fashion_photo_files()[1])[:cfg.eval_size]
 
     def evaluate(model):
         device = next(model.parameters()).device
@@ -140,7 +145,12 @@ def make_eval(cfg: SFTConfig, eval_set: list[dict], tokenizer, loss_fn, pad_id: 
         for s in samples:
             tqdm.write(f"  sample | {shown_question(s['prompt'])!r}\n    reference: {s['reference']!r}\n"
                        f"    generated: {s['generated']!r}")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        if photos:
+            metrics["accuracy"] = heldout_accuracy(model, processor, photos)
+            tqdm.write(f"eval: held-out accuracy {100 * metrics['accuracy']:.1f}% on {len(photos)} photos "
+                       "(\"What is this?\", 10 answers; chance 10%)")
+        return metrics
     return evaluate
 
 
@@ -153,7 +163,7 @@ def main(cfg: SFTConfig) -> dict:
         print(f"packing: {stats['train']['kept']:,} examples -> {len(train_set):,} rows of <= {cfg.max_length} tokens")
     model = build_model(cfg, path)
     loss_fn = make_loss(cfg)
-    evaluate = make_eval(cfg, eval_set, tokenizer, loss_fn, pad_id) if eval_set else None
+    evaluate = make_eval(cfg, eval_set, tokenizer, loss_fn, pad_id, path) if eval_set else None
     clear_samples(cfg)
     before = evaluate_before(evaluate, model)
     result = train(model, train_set, lambda batch: sft_data.collate(batch, pad_id), loss_fn, cfg.train,
@@ -161,5 +171,7 @@ def main(cfg: SFTConfig) -> dict:
     after = result.evals[-1][1] if result.evals else None
     if before and after:
         print(f"eval loss {before['loss']:.4f} -> {after['loss']:.4f} (perplexity {before['perplexity']:.2f} -> "
-              f"{after['perplexity']:.2f}) after {result.steps} steps")
+              f"{after['perplexity']:.2f}) after {result.steps} steps"
+              + (f"; held-out accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}%"
+                 if "accuracy" in after else ""))
     return finish(cfg, model, tokenizer, result, before, {"data_stats": stats, "packing": cfg.packing}, t0)

@@ -136,10 +136,11 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 @functools.lru_cache(maxsize=None)
 def recipe_config(name: str):
-    """The config dataclass of recipe `name` (the type of its main()'s first argument, as `run_recipe` finds it)."""
-    from qlora.cli.recipes import recipes_package
+    """The config dataclass of recipe `name` (the type of its main()'s first argument, as `run_recipe` finds it:
+    through the config's `recipe:` key, so `sft_images` is sft's)."""
+    from qlora.cli.recipes import find_config, recipe_name, recipes_package
     package = recipes_package()
-    module = importlib.import_module(f"{package.__name__}.{name}")
+    module = importlib.import_module(f"{package.__name__}.{recipe_name(find_config(name))}")
     hints = typing.get_type_hints(module.main)
     return next(v for k, v in hints.items() if k != "return")
 

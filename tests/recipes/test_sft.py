@@ -95,7 +95,7 @@ def test_recipes_found_by_name_and_listed(capsys):
     assert main(["train", "--help"]) == 0
     assert "sft" in capsys.readouterr().out.replace("\n", " ")
     assert main(["train", "no_such_recipe"]) == 2
-    assert "recipes: demo, dpo, grpo, image_cls, sentiment_prompt, seq_cls, sft" in capsys.readouterr().err
+    assert "recipes: demo, dpo, grpo, image_cls, sentiment_prompt, seq_cls, sft, sft_images" in capsys.readouterr().err
 
 
 def test_mlp_tiles_from_the_recipe_give_the_untiled_loss(tiny_chat_model):
