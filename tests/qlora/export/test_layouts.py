@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qlora
 from qlora.export.from_files import export_adapter
+from tests.qlora.export.test_experts import keys
 from tests.qlora.quant.test_experts import bnb_roundtrip
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,12 +53,6 @@ def save_base(family: str, folder: Path) -> Path:
     return folder
 
 
-def keys(folder: Path) -> set[str]:
-    out = set()
-    for f in Path(folder).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as s:
-            out |= set(s.keys())
-    return out
 
 
 def stock(folder: Path) -> torch.nn.Module:
