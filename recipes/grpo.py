@@ -6,8 +6,9 @@
 
 Data: rows with a `prompt` (a text, or chat messages rendered with the tokenizer's chat template and its
 generation prompt); every other column is passed to the reward functions by name (recipes/grpo_rewards.py:
-TRL's signature). The default, `arithmetic`, asks "What is A + B?" / "A - B" / "A x B" with small numbers and
-an `answer` column, scored by the built-in `exact_answer`; its eval questions are never trained on.
+TRL's signature). The default, `arithmetic`, asks "What is A + B?" / "A - B" / "A x B" with small numbers, an
+`answer` and a `format` column (the number only), scored by the built-in `exact_answer` and `format`; its eval
+questions are never trained on.
 
 One step, `train.batch_size` prompts (qlora.train.rollout, qlora.objectives.grpo):
   1. sampling: the policy itself (the same 4-bit base, adapters on, eval mode, no grad, KV cache) writes
@@ -61,7 +62,7 @@ class GRPOConfig(LMRecipeConfig):
     """The keys every causal-LM recipe shares (recipes/causal_lm.py) and GRPO's own below (TRL's names)."""
     data: str = "arithmetic"
     """Prompts: a file / folder / Hub data set with a `prompt` column, or `arithmetic` (built here, offline)."""
-    rewards: list = field(default_factory=lambda: ["exact_answer"])
+    rewards: list = field(default_factory=lambda: ["exact_answer", "format"])
     """Reward functions: built-in names (exact_answer, format, length), path/to/file.py:function, module:function."""
     reward_weights: Optional[list] = None
     """One weight per reward function (None: all 1)."""
@@ -126,7 +127,7 @@ class GRPOConfig(LMRecipeConfig):
 def arithmetic_files(folder: Optional[Path] = None, n_train: int = 2000, n_eval: int = 200, seed: int = 0):
     """(train file, eval file): questions with a checkable `answer` (A, B in 0..30: 2,883 distinct questions);
     eval questions never in training."""
-    folder = Path(folder or default_cache_dir() / "arithmetic-v1")
+    folder = Path(folder or default_cache_dir() / "arithmetic-v2")
     train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
     if train_file.is_file() and eval_file.is_file():
         return train_file, eval_file
@@ -139,7 +140,8 @@ def arithmetic_files(folder: Optional[Path] = None, n_train: int = 2000, n_eval:
         seen.add((a, b, op))
         value = a + b if op == "+" else a - b if op == "-" else a * b
         question = f"What is {a} {op} {b}? Reply with the number only."
-        rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(value)})
+        rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(value),
+                     "format": r"\s*-?\d+\.?\s*"})                       # the number only
     folder.mkdir(parents=True, exist_ok=True)
     for path, part in ((train_file, rows[:n_train]), (eval_file, rows[n_train:])):
         tmp = path.with_suffix(".tmp")
