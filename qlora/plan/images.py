@@ -63,9 +63,17 @@ def image_inputs(config, size: int) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
-def _forward_inputs(model, pixels: dict) -> dict:
+def _forward_inputs(model, pixels: dict, copies: int = 1) -> dict:
+    """The processor's tensors the model's forward takes, repeated `copies` times along the images. Float tensors
+    are zeros of their shape (fakes under a trace: no real op runs in the planner, whose workers are forked);
+    integer ones (grids, sizes) keep their values."""
     names = inspect.signature(model.forward).parameters
-    return {k: v for k, v in pixels.items() if k in names}
+    out = {}
+    for k, v in pixels.items():
+        if k in names:
+            many = v.repeat(copies, *([1] * (v.dim() - 1)))
+            out[k] = torch.zeros(many.shape, dtype=v.dtype) if v.is_floating_point() else many
+    return out
 
 
 def image_tokens(model, pixels: dict) -> int:
@@ -80,8 +88,7 @@ def image_tokens(model, pixels: dict) -> int:
 def with_images(model, batch: dict, pixels: dict, tokens: int, images: int) -> dict:
     """A new batch: `images` images per row, their `tokens` image tokens each after the first token of every row
     (labels -100 there; the image token id nowhere else), the processor's tensors repeated for each image of each
-    row, the image-token mask under the model's name for it. Float tensors are zeros of their shape (a fake
-    trace's are fakes); integer ones (grids, sizes) keep their values."""
+    row (_forward_inputs), the image-token mask under the model's name for it."""
     ids = batch["input_ids"]
     rows, seq = ids.shape
     n = images * tokens
@@ -93,9 +100,7 @@ def with_images(model, batch: dict, pixels: dict, tokens: int, images: int) -> d
     out = dict(batch, input_ids=torch.where(place, token, torch.where(ids == token, 0, ids)))
     if "labels" in batch:
         out["labels"] = torch.where(place, -100, out["input_ids"])
-    for k, v in _forward_inputs(model, pixels).items():
-        many = v.repeat(rows * images, *([1] * (v.dim() - 1)))
-        out[k] = torch.zeros(many.shape, dtype=v.dtype) if v.is_floating_point() else many
+    out.update(_forward_inputs(model, pixels, rows * images))
     mask = place.long().expand(rows, seq).clone()
     out.update({k: mask for k in TYPE_IDS if k in inspect.signature(model.forward).parameters})
     return out

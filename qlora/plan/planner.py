@@ -35,7 +35,7 @@ import numpy as np
 from memprofile.extrapolate import extrapolate, extrapolate_increments
 from memprofile.fake import TraceError, fake_tensors, new_fake_mode
 from memprofile.trace import trace_built
-from qlora.arch.multimodal import in_towers, tower_paths
+from qlora.arch.multimodal import in_towers, text_config_of, tower_paths
 from qlora.errors import QLoRAError
 from qlora.plan.build import (
     REAL_FUNCTIONS,
@@ -141,6 +141,8 @@ class Planner:
     def tower_bytes(self) -> int:
         """Bytes of the towers' weights (vision / audio encoder, projector: qlora.arch.multimodal), 0 for a text
         model: in weights_frozen (compute dtype) or weights_quantized (quantize_vision); the same at any depth."""
+        if text_config_of(self.config) is None:
+            return 0
         _, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
         towers = tower_paths(model)
         return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
