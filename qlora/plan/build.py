@@ -9,6 +9,7 @@ update, transformers' packed-sequence probe).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -43,6 +44,22 @@ REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
 # attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
 # step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
 REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """transformers' value checks (`torch_compilable_check`: an image-text model's image tokens against its image
+    features, ...) off, as TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns them off: a fake tensor has no values to check,
+    and the traced batch holds the model's own count (qlora.plan.images)."""
+    key, before = "TRANSFORMERS_DISABLE_TORCH_CHECK", os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
 
 
 def _adamw8bit_cpu(*args, **kwargs):
@@ -256,7 +273,9 @@ def loss_fn(settings: RunSettings, offloader=None):
             return preference_step(model, batch, chunk_size=size)
         if own:
             return default_loss(call_model(model, batch), batch)
-        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
+        media = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "use_cache")}
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size,
+                              **media)          # an image-text model's pixels etc. go to its forward, as sft's do
     chunked.takes_model = True
     if not settings.offload_activations:
         return chunked

@@ -49,6 +49,7 @@ from qlora.plan.build import (
     optimizer,
     replacements,
     text_config,
+    value_checks_off,
     with_layers,
 )
 from qlora.plan.images import default_image_size, image_inputs, image_tokens, with_images
@@ -114,7 +115,7 @@ class Planner:
 
     def _step(self, n: int, batch: int, seq: int):
         mode, model, opt = self._fake_model(n, seq)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
             self._count_image_tokens(model)
             return self._traced(lambda: trace_built(
                 model, lambda: self._batch(model, batch, seq), loss_fn=loss_fn(self.settings), optimizer=opt,
@@ -134,7 +135,7 @@ class Planner:
     def image_tokens(self) -> Optional[int]:
         """Tokens of one image (None without images); QLoRAError when the tower cannot be traced."""
         mode, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
             self._count_image_tokens(model)
         return self._image_tokens
 

@@ -92,8 +92,8 @@ def _tower_lines(result: dict) -> list[str]:
               f"(part of seq {result['seq']}); " if s.images else "text only (--images 0); ")
     lines = ["", f"image-text model: {images}the towers (vision / audio encoder, projector) stay in "
                  f"{dtype_name(s.dtype)}, frozen, no LoRA under all-linear; their weights are part of the weights "
-                 "above, the images' cost is the step's with images minus the same step on text tokens:", "",
-             "| configuration | towers' weights | images' activations (batch 1) | images add to the peak (batch 1) |",
+                 "above; what the images cost is the step with them minus the same step on text tokens only:", "",
+             "| configuration | towers' weights | activations: images - text (batch 1) | peak: images - text (batch 1) |",
              "|---|---|---|---|"]
     for r in rows:
         i = r.get("images")

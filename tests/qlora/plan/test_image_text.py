@@ -10,7 +10,20 @@ import pytest
 import torch
 import transformers
 
-from qlora.plan import Planner, RunSettings, format_plan, layer_period, num_layers, plan, with_layers
+from qlora.arch.multimodal import tower_paths
+from qlora.plan import (
+    Planner,
+    RunSettings,
+    build,
+    format_plan,
+    layer_period,
+    loss_fn,
+    make_batch,
+    num_layers,
+    plan,
+    with_layers,
+)
+from qlora.plan.images import add_images
 from qlora.plan.sweep import sweep
 from tests.qlora.arch.test_image_text import FAMILIES, MORE_FAMILIES
 from tests.qlora.plan.test_planner import CATEGORY_BOUND, PEAK_BOUND
@@ -48,7 +61,7 @@ def test_predicted_is_measured_with_an_image(family, layers, tmp_path):
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config(family, layers))
     model.save_pretrained(tmp_path / family)
-    settings = RunSettings(images=1)
+    settings = RunSettings(images=1, device="cpu", compute_dtype="float32")
     rows = sweep(str(tmp_path / family), configurations=("qlora-ckpt", "qlora", "lora"), batches=(2,), seqs=(32,),
                  ranks=(4,), settings=settings, compute_dtype="float32", progress=False)
     for r in rows:
@@ -57,6 +70,10 @@ def test_predicted_is_measured_with_an_image(family, layers, tmp_path):
             if k in r["predicted_bytes"] and measured:
                 err = abs(r["predicted_bytes"][k] - measured) / measured * 100
                 assert err <= (PEAK_BOUND if k == "peak" else CATEGORY_BOUND), (family, r["config"], k, err)
+    model, seen = build(config(family, layers), settings), []        # the step's loss runs the tower on the pixels
+    model.get_submodule(tower_paths(model)[0]).register_forward_hook(lambda *args: seen.append(1))
+    loss_fn(settings)(model, add_images(model, make_batch(model.config, "causal-lm", 1, 32), 1)).backward()
+    assert seen
     text = Planner(config(family, layers), RunSettings(device="cpu")).estimate(2, 32)
     with_image = Planner(config(family, layers), RunSettings(device="cpu", images=1)).estimate(2, 32)
     assert with_image.weights_frozen == text.weights_frozen and with_image.peak > text.peak   # pixels, tower
