@@ -10,15 +10,20 @@ from qlora.util.dtypes import DTYPE_NAMES, canonical_dtype
 from qlora.util.sizes import parse_size
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def positive_int(text: str, minimum: int = 1) -> int:
+    """argparse type: an integer >= 1 (>= `minimum`)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give a whole number >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= {minimum}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return positive_int(text, minimum=0)
 
 
 def dtype(text: str) -> str:

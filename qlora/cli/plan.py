@@ -27,6 +27,11 @@ def add_parser(sub) -> None:
                            "tiled MLP, both): three more length searches")
     p.add_argument("--world-size", type=args.positive_int, default=1,
                       help="FSDP ranks: per-rank bytes by formula (default 1)")
+    p.add_argument("--images", type=args.nonnegative_int, default=0,
+                   help="images per sequence of an image-text model (default 0: text only); their tokens are part "
+                        "of --seq")
+    p.add_argument("--image-size", type=args.positive_int, default=None,
+                   help="image side in pixels (default: the vision config's image_size, or 448)")
     args.run_options(p)
     p.set_defaults(func=run)
 
@@ -37,7 +42,8 @@ def run(args) -> int:
     model = args.model
     if not (model.endswith(".json") or Path(model).is_dir()):
         model = resolve_model(model)
-    settings = run_settings(args, device=args.device, lora_r=args.rank, mode=args.mode)
+    settings = run_settings(args, device=args.device, lora_r=args.rank, mode=args.mode, images=args.images,
+                            image_size=args.image_size)
     levers = LEVERS if args.levers and settings.task in ("causal-lm", "dpo") else None
     result = plan(model, args.memory, settings, seq=args.seq, effective_batch=args.effective_batch,
                   configurations=[c.strip() for c in args.configs.split(",")], world_size=args.world_size,

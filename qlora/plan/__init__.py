@@ -5,6 +5,7 @@ fake tensors (memprofile.trace), no weights and no device.
     planner.py   Planner: estimate / largest_batch / longest_seq      pool.py  forked workers, imports before the fork
     table.py     plan(): the rows, the recommendation, FSDP, levers  text.py  the plan as the CLI prints it
     sweep.py     measured vs predicted over configurations (qlora profile)
+    images.py    an image-text model's images in a step: the processor's tensors, the model's token count
 """
 from qlora.plan.build import (
                               apply_levers,

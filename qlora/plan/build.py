@@ -9,6 +9,7 @@ update, transformers' packed-sequence probe).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -23,6 +24,7 @@ from memprofile.measure import call_model, default_loss
 from memprofile.tracker import host_memory, mark_phase
 from qlora.arch.blocks import repeated_module_lists, transformer_blocks
 from qlora.arch.loading import from_pretrained_quietly
+from qlora.arch.multimodal import language_model_path, model_class_for, text_config_of
 from qlora.errors import QLoRAError
 from qlora.levers.checkpointing import enable_checkpointing
 from qlora.levers.modes import build_for_mode
@@ -42,6 +44,22 @@ REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
 # attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
 # step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
 REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+
+
+@contextlib.contextmanager
+def value_checks_off():
+    """transformers' value checks (`torch_compilable_check`: an image-text model's image tokens against its image
+    features, ...) off, as TRANSFORMERS_DISABLE_TORCH_CHECK=1 turns them off: a fake tensor has no values to check,
+    and the traced batch holds the model's own count (qlora.plan.images)."""
+    key, before = "TRANSFORMERS_DISABLE_TORCH_CHECK", os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
 
 
 def _adamw8bit_cpu(*args, **kwargs):
@@ -82,13 +100,19 @@ def load_config(config):
                          "know it, or the config.json is not a Hugging Face model config") from None
 
 
+def text_config(config):
+    """The config of the model's repeated blocks: an image-text config's text config (qlora.arch.multimodal's
+    rule), a text model's own config."""
+    return text_config_of(config) or config
+
+
 def num_layers(config) -> int:
-    return int(getattr(config, "num_hidden_layers"))
+    return int(getattr(text_config(config), "num_hidden_layers"))
 
 
 def layer_period(config) -> int:
-    """The shortest repeating pattern of `config.layer_types` (1 when every block is the same)."""
-    types = list(getattr(config, "layer_types", None) or [])
+    """The shortest repeating pattern of the blocks' `layer_types` (1 when every block is the same)."""
+    types = list(getattr(text_config(config), "layer_types", None) or [])
     for p in range(1, len(types) + 1):
         if all(types[i] == types[i % p] for i in range(len(types))):
             return p
@@ -96,33 +120,40 @@ def layer_period(config) -> int:
 
 
 def with_layers(config, n: int):
-    """A copy of `config` with `n` blocks; per-layer lists (layer_types, ...) cut to n."""
+    """A copy of `config` with `n` blocks (an image-text config's language model: its text config's); per-layer
+    lists (layer_types, ...) cut to n. The towers keep theirs."""
     total = num_layers(config)
     out = copy.deepcopy(config)
-    out.num_hidden_layers = n
-    for key, value in vars(config).items():
+    text = text_config(out)
+    for key, value in vars(text_config(config)).items():
         if isinstance(value, list) and len(value) == total and key != "architectures":
-            setattr(out, key, value[:n])
+            setattr(text, key, value[:n])
+    text.num_hidden_layers = n
     return out
 
 
-def model_class(task: str):
+def model_class(task: str, config=None):
+    """The class `qlora train` builds for `task`: a causal LM's config that nests a text config builds its
+    image-text class (qlora.arch.multimodal.model_class_for)."""
+    if TASKS[task] == "AutoModelForCausalLM" and config is not None:
+        return model_class_for(config)
     return getattr(transformers, TASKS[task])
 
 
 def build(config, settings: RunSettings, *, path: Optional[str] = None, init: bool = True):
     """The model as `qlora train` builds it. `path`: load real weights from this folder; else
     from `config` (random weights; `init=False` skips the initialisation: for fake tensors)."""
-    cls, dtype = model_class(settings.task), settings.dtype
+    cls, dtype = model_class(settings.task, config), settings.dtype
+    make = getattr(cls, "from_config", None) or cls._from_config     # an Auto class's, a model class's own
 
     def load_float():
         if path is not None:
             return from_pretrained_quietly(cls, path, dtype=dtype)
         if init:
-            return cls.from_config(config, dtype=dtype)
+            return make(config, dtype=dtype)
         from transformers.initialization import no_init_weights  # lazy: transformers >= 5 only
         with no_init_weights():
-            model = cls.from_config(config, dtype=dtype)
+            model = make(config, dtype=dtype)
         model.tie_weights()  # no_init_weights skips the tying that init_weights does
         return model
 
@@ -165,9 +196,10 @@ def first_blocks(model, total: int, n: int):
     with n blocks, without building (and quantizing) it again. The modules from the root down to
     the block list are shallow copies; nothing of `model` changes. Models loop over their block
     list (`for layer in self.layers[:num_hidden_layers]`): a shorter list runs fewer blocks."""
-    blocks = {id(b) for b in transformer_blocks(model)}     # transformers' block class, where it has one
-    stacks = [name for name, m in repeated_module_lists(model)
-              if len(m) == total and (not blocks or {id(c) for c in m} == blocks)]
+    body = language_model_path(model)         # an image-text model's blocks: its language model's
+    blocks = {id(b) for b in transformer_blocks(model.get_submodule(body) if body else model)}
+    stacks = [name for name, m in repeated_module_lists(model) if len(m) == total
+              and (body is None or name.startswith(body + ".")) and (not blocks or {id(c) for c in m} == blocks)]
     if len(stacks) != 1 or not stacks[0]:
         return None
     *path, last = stacks[0].split(".")
@@ -186,6 +218,7 @@ def first_blocks(model, total: int, n: int):
 def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
     """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
     gen = torch.Generator().manual_seed(seed)
+    config = config if task == "image-cls" else text_config(config)
     if task == "image-cls":
         pixels = torch.randn(batch, config.num_channels, seq, seq, generator=gen)
         return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
@@ -205,6 +238,7 @@ def no_cache(config) -> dict:
 
 def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
     """make_batch's shapes and dtypes, built under fake tensors (values do not matter)."""
+    config = config if task == "image-cls" else text_config(config)
     if task == "image-cls":
         return {"pixel_values": torch.zeros(batch, config.num_channels, seq, seq, dtype=dtype),
                 "labels": torch.zeros(batch, dtype=torch.long)}
@@ -239,7 +273,9 @@ def loss_fn(settings: RunSettings, offloader=None):
             return preference_step(model, batch, chunk_size=size)
         if own:
             return default_loss(call_model(model, batch), batch)
-        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size)
+        media = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "use_cache")}
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"), chunk_size=size,
+                              **media)          # an image-text model's pixels etc. go to its forward, as sft's do
     chunked.takes_model = True
     if not settings.offload_activations:
         return chunked

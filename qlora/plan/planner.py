@@ -35,6 +35,7 @@ import numpy as np
 from memprofile.extrapolate import extrapolate, extrapolate_increments
 from memprofile.fake import TraceError, fake_tensors, new_fake_mode
 from memprofile.trace import trace_built
+from qlora.arch.multimodal import in_towers, text_config_of, tower_paths
 from qlora.errors import QLoRAError
 from qlora.plan.build import (
     REAL_FUNCTIONS,
@@ -47,8 +48,11 @@ from qlora.plan.build import (
     num_layers,
     optimizer,
     replacements,
+    text_config,
+    value_checks_off,
     with_layers,
 )
+from qlora.plan.images import default_image_size, image_inputs, image_tokens, with_images
 from qlora.plan.settings import RunSettings
 
 
@@ -66,6 +70,9 @@ class Planner:
         self._models: dict = {}
         self._cache: dict = {}
         self._parts = self._mixed_parts()
+        size = settings.image_size or default_image_size(self.config)
+        self._pixels = image_inputs(self.config, size) if settings.images else None   # one image, the processor's
+        self._image_tokens = None
 
     def _fake_model(self, n: int, seq: int):
         """(fake mode, model with n blocks, its optimizer: one per model, its state does not depend
@@ -108,11 +115,39 @@ class Planner:
 
     def _step(self, n: int, batch: int, seq: int):
         mode, model, opt = self._fake_model(n, seq)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
+            self._count_image_tokens(model)
             return self._traced(lambda: trace_built(
-                model, lambda: fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype),
-                loss_fn=loss_fn(self.settings), optimizer=opt,
+                model, lambda: self._batch(model, batch, seq), loss_fn=loss_fn(self.settings), optimizer=opt,
                 host_is_device=self.settings.device == "cpu"), "the training step")
+
+    def _batch(self, model, batch: int, seq: int) -> dict:
+        out = fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype)
+        if self._pixels is None:
+            return out
+        return with_images(model, out, self._pixels, self._image_tokens, self.settings.images)
+
+    def _count_image_tokens(self, model) -> None:
+        """Inside the fake mode of `model`: the tokens of one image, the model's own count (qlora.plan.images)."""
+        if self._pixels is not None and self._image_tokens is None:
+            self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
+
+    def image_tokens(self) -> Optional[int]:
+        """Tokens of one image (None without images); QLoRAError when the tower cannot be traced."""
+        mode, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
+            self._count_image_tokens(model)
+        return self._image_tokens
+
+    def tower_bytes(self) -> int:
+        """Bytes of the towers' weights (vision / audio encoder, projector: qlora.arch.multimodal), 0 for a text
+        model: in weights_frozen (compute dtype) or weights_quantized (quantize_vision); the same at any depth."""
+        if text_config_of(self.config) is None:
+            return 0
+        _, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
+        towers = tower_paths(model)
+        return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                   if in_towers(name.rsplit(".", 1)[0], towers))
 
     def estimate(self, batch: int, seq: int):
         """memprofile StepMemory (predicted) of one steady-state step at (batch, seq)."""
@@ -195,7 +230,8 @@ class Planner:
     def longest_seq(self, budget: int, batch: int = 1, step: int = 256, max_seq: Optional[int] = None,
                     start: int = 2048) -> int:
         """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
-        `step`), up to the model's max_position_embeddings.
+        `step`; with images, the shortest multiple that holds their tokens), up to the model's
+        max_position_embeddings.
 
         Each probe is an estimate (two traces), so the search guesses: the peak is close to a
         function of the tokens, batch x seq (plus attention's seq^2 terms where a kernel keeps
@@ -203,16 +239,18 @@ class Planner:
         three nearest the budget gives the length to probe, which is kept when it fits and one
         `step` more does not. Without a point above the budget the length grows 4x; after two
         guesses that did not settle it, the bracket is halved."""
-        limit = max_seq or getattr(self.config, "max_position_embeddings", None) or 1 << 20
+        limit = max_seq or getattr(text_config(self.config), "max_position_embeddings", None) or 1 << 20
         limit = max(step, limit // step * step)
         fits = lambda s: self.estimate(batch, s).peak <= budget  # noqa: E731
-        s = min(max(start // step * step, step), limit)
+        images = self.settings.images * (self.image_tokens() or 0)
+        first = (images // step + 1) * step          # the shortest that holds the images' tokens and one more
+        s = min(max(start // step * step, first), max(limit, first))
         if fits(s):
             lo, hi = s, None
-        elif s == step or self._state_bytes(batch, s) > budget or not fits(step):
+        elif s == first or self._state_bytes(batch, s) > budget or not fits(first):
             return 0                       # weights, gradients and optimizer state alone do not fit
         else:
-            lo, hi = step, s
+            lo, hi = first, s
         guesses = 0
         while hi is None or hi - lo > step:
             if lo == limit:

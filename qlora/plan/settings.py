@@ -60,6 +60,10 @@ class RunSettings:
     """The MLP (every module named "mlp") in sequence tiles of this many tokens (qlora.levers.tiled_mlp); 0: off."""
     mlp_tile_min_tokens: int = 4096
     """With mlp_tile: tile only inputs of more than this many tokens (shorter ones run as they are)."""
+    images: int = 0
+    """Images per sequence of an image-text model (qlora.plan.images): their tokens are part of the seq."""
+    image_size: Optional[int] = None
+    """Side of each image in pixels (None: the vision config's image_size, or 448)."""
 
     def __post_init__(self):
         choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
@@ -69,7 +73,8 @@ class RunSettings:
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         check_ints(self, ("lora_r", "loss_chunk_size"))
         check_bools(self, ("checkpointing", "offload_activations"))
-        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens"), minimum=0)
+        check_ints(self, ("mlp_tile", "mlp_tile_min_tokens", "images"), minimum=0)
+        check_ints(self, ("image_size",), null="the vision config's")
         check_ints(self, ("checkpoint_blocks",), minimum=0, null="every block")
         if self.checkpoint_blocks is not None and not self.checkpointing:
             raise QLoRAError(f"checkpoint_blocks={self.checkpoint_blocks} needs checkpointing=true (or leave it null)")
@@ -114,7 +119,8 @@ class RunSettings:
         if self.checkpointing:
             ckpt = "on (non-reentrant" + ("" if self.checkpoint_blocks is None else
                                           f", the first {self.checkpoint_blocks} blocks only") + ")"
+        images = f"; {self.images} image(s) per sequence" if self.images else ""
         tile = (f"; MLP in {self.mlp_tile}-token tiles above {self.mlp_tile_min_tokens} tokens" if self.mlp_tile else "")
         return (f"{self.configuration}: {quant}{lora}{dtype_name(self.dtype)} compute; "
                 f"checkpointing {ckpt}; {loss}; {self.optimizer}; "
-                f"{'activation offload to host memory' if self.offload_activations else 'no activation offload'}{tile}")
+                f"{'activation offload to host memory' if self.offload_activations else 'no activation offload'}{tile}{images}")

@@ -28,6 +28,7 @@ from qlora.bundled import resolve_model
 from qlora.errors import QLoRAError
 from qlora.levers.modes import CONFIGURATIONS, check_mode
 from qlora.plan.build import build, loss_fn, make_batch, measured_optimizer
+from qlora.plan.images import add_images
 from qlora.plan.planner import Planner
 from qlora.plan.settings import TASKS, RunSettings
 from qlora.util.dtypes import dtype_name, parse_dtype
@@ -66,7 +67,9 @@ def sweep(model: str, *, task: str = "causal-lm", configurations=CONFIGURATIONS,
         errors = {}
         try:
             model_obj = build(hf_config, s, path=path)
-            measured = measure_step_or_oom(model_obj.to(device), make_batch(model_obj.config, task, batch, seq),
+            inputs = make_batch(model_obj.config, task, batch, seq)
+            inputs = add_images(model_obj, inputs, s.images, s.image_size) if s.images else inputs
+            measured = measure_step_or_oom(model_obj.to(device), inputs,
                                            loss_fn=loss_fn(s), optimizer=measured_optimizer(s))
             del model_obj
         except QLoRAError as e:

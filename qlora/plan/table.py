@@ -10,7 +10,9 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from qlora.plan.build import load_config
+from qlora.errors import QLoRAError
+from qlora.plan.build import load_config, text_config
+from qlora.plan.images import default_image_size
 from qlora.plan.planner import Planner
 from qlora.plan.pool import run_jobs, workers_for
 from qlora.plan.settings import RunSettings
@@ -76,6 +78,11 @@ def _row(config, settings: RunSettings, budget: int, seq: int, effective_batch: 
            "longest_seq": None if settings.task == "image-cls" else planner.longest_seq(budget, start=seq),
            "trainable_params": e.trainable_params, "total_params": e.total_params,
            "option": option(planner, budget, seq, effective_batch) if own else None}
+    row["towers"] = planner.tower_bytes()
+    if settings.images:      # the images' own cost: the same step with their tokens as text tokens, no pixels
+        text = Planner(config, replace(settings, images=0)).estimate(1, seq)
+        row["images"] = {"tokens": planner.image_tokens(), "activations": e.activations - text.activations,
+                         "peak": e.peak - text.peak}
     if world_size > 1:
         row["fsdp"] = fsdp_per_rank(e, world_size, _largest_block_bytes(planner))
     longest = row["longest_seq"]
@@ -95,6 +102,18 @@ def _lever_row(config, settings: RunSettings, name: str, budget: int, start: int
             "peak_at": e.peak_at if e else None}
 
 
+def with_image_budget(config, settings: RunSettings) -> tuple[RunSettings, Optional[str]]:
+    """`settings` and None when its images can be planned (or there are none); else the text-only settings and the
+    one-line reason (the processor cannot be built here, the tower cannot be traced on fake tensors)."""
+    if not settings.images:
+        return settings, None
+    try:
+        Planner(config, settings).image_tokens()
+    except QLoRAError as e:
+        return replace(settings, images=0), f"{e}: planned text only"
+    return settings, None
+
+
 def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int = 2048, effective_batch: int = 16,
          configurations=("full", "lora", "lora-ckpt", "qlora", "qlora-ckpt"), world_size: int = 1,
          levers: Optional[dict] = None) -> dict:
@@ -108,6 +127,7 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
     replays most of them from memprofile.fakeops.FakeOps)."""
     t0 = time.perf_counter()
     config = load_config(config)
+    settings, note = with_image_budget(config, settings)
     mode = settings.mode
     confs = list(dict.fromkeys(list(configurations) + [mode, mode + "-ckpt"]))
     modes = {}
@@ -135,8 +155,9 @@ def plan(config, budget: int, settings: RunSettings = RunSettings(), *, seq: int
             lever_out.append({"lever": name, "settings": settings.with_configuration(mode + "-ckpt"),
                               "longest_seq": own["longest_seq"], **own["at_longest"]})
     rec = recommend([by_conf[c]["option"] for c in (mode, mode + "-ckpt")])
-    moe = any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    moe = any(getattr(text_config(config), k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     return {"model": getattr(config, "_name_or_path", "") or config.model_type, "model_type": config.model_type,
             "budget": budget, "seq": seq, "effective_batch": effective_batch, "world_size": world_size,
             "assumed": settings, "rows": [by_conf[c] for c in configurations], "recommendation": rec, "moe": bool(moe),
-            "levers": lever_out, "seconds": time.perf_counter() - t0, "workers": workers}
+            "levers": lever_out, "seconds": time.perf_counter() - t0, "workers": workers,
+            "image_size": settings.image_size or default_image_size(config), "note": note}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from memprofile.composition import describe
 from memprofile.units import human
 from qlora.plan.settings import RunSettings
+from qlora.util.dtypes import dtype_name
 
 LEVERS = {"defaults": {}, "offload": {"offload_activations": True}, "tiled MLP": {"mlp_tile": 1024},
           "offload + tiled MLP": {"offload_activations": True, "mlp_tile": 1024}}
@@ -37,6 +38,8 @@ def format_plan(result: dict) -> str:
              f"{s.device}; predicted by tracing the model on fake tensors "
              f"({result['seconds']:.1f} s)",
              f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
+    if result.get("note"):
+        lines.append(result["note"])
     if result["moe"]:
         lines.append("mixture of experts: the routed rows (tokens x top_k) are the same for any routing; "
                      "lora/qlora run the experts as qlora's grouped matmuls, dequantizing a layer's matrix at once "
@@ -51,6 +54,7 @@ def format_plan(result: dict) -> str:
         lines.append(f"| {r['configuration']} | {human(r['peak_batch1'])} | "
                      f"{r['largest_batch'] or 'does not fit'} | {longest} | {human(w)} | "
                      f"{human(b['gradients'] + b['optimizer'])} | {human(b['activations'])} |")
+    lines += _tower_lines(result)
     if result["world_size"] > 1:
         n = result["world_size"]
         lines += ["", f"FSDP over {n} ranks (a formula, not a trace: weights, gradients and optimizer state / {n}, "
@@ -76,3 +80,23 @@ def format_plan(result: dict) -> str:
                      f"(predicted peak {human(rec['peak'])}"
                      + (f"; {eff} examples per step" if eff != result["effective_batch"] else "") + ")")
     return "\n".join(lines)
+
+
+def _tower_lines(result: dict) -> list[str]:
+    """An image-text model's towers (weights; with images, what the images add at batch 1) as their own table."""
+    rows, s = result["rows"], result["assumed"]
+    if not any(r.get("towers") for r in rows):
+        return []
+    side = s.image_size or result["image_size"]
+    images = (f"{s.images} image(s) of {side}x{side} px per sequence, {rows[0]['images']['tokens']} tokens each "
+              f"(part of seq {result['seq']}); " if s.images else "text only (--images 0); ")
+    lines = ["", f"image-text model: {images}the towers (vision / audio encoder, projector) stay in "
+                 f"{dtype_name(s.dtype)}, frozen, no LoRA under all-linear; their weights are part of the weights "
+                 "above; what the images cost is the step with them minus the same step on text tokens only:", "",
+             "| configuration | towers' weights | activations: images - text (batch 1) | peak: images - text (batch 1) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        i = r.get("images")
+        lines.append(f"| {r['configuration']} | {human(r['towers'])} | {human(i['activations']) if i else '-'} | "
+                     f"{human(i['peak']) if i else '-'} |")
+    return lines
