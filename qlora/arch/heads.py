@@ -27,11 +27,13 @@ def output_embedding(model):
 
 
 def decoder(model):
-    """The body of a causal LM: `get_decoder()`, unless that is the model itself (Llama 4's causal LM names its
-    base model `language_model` but keeps it in `model`): then the one child that is a transformers model."""
+    """The body of a causal LM (what returns hidden states): `get_decoder()`, unless that is the model itself
+    (Llama 4's causal LM names its base model `language_model` but keeps it in `model`): then the one child that
+    is a transformers model. A body that still has an LM head (Llama 4's image-text model: its language model is
+    a Llama4ForCausalLM) is descended into the same way."""
     body = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
     if body is not None and body is not model:
-        return body
+        return decoder(body) if output_embedding(body) is not None else body
     children = [m for _, m in model.named_children() if hasattr(m, "config") and callable(getattr(m, "forward", None))]
     if len(children) == 1:
         return children[0]

@@ -321,3 +321,18 @@ def test_more_families_follow_the_one_rule(family, tmp_path, capsys):
     assert adapted and all(n.startswith(language_model + ".") for n in adapted)
     ids = torch.randint(10, 90, (1, 8), generator=torch.Generator().manual_seed(3))
     assert torch.isfinite(logits(model.eval(), {"input_ids": ids})).all()
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_the_chunked_loss_finds_the_body_of_every_family(family):
+    """qlora's chunked head reads the hidden states of the language model's body (qlora.arch.heads.decoder): on
+    Llama 4 get_decoder() is a Llama4ForCausalLM whose output has no hidden states, so the body is below it.
+    Text-only input: the chunked loss = the model's own loss."""
+    spec, _, _ = MORE_FAMILIES[family]
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(family, **spec)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(10, 90, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(qlora.causal_lm_loss(model, ids, ids, chunk_size=5),
+                                   model(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-5)
