@@ -62,7 +62,7 @@ class GRPOConfig(LMRecipeConfig):
     """The keys every causal-LM recipe shares (recipes/causal_lm.py) and GRPO's own below (TRL's names)."""
     data: str = "arithmetic"
     """Prompts: a file / folder / Hub data set with a `prompt` column, or `arithmetic` (built here, offline)."""
-    rewards: list = field(default_factory=lambda: ["exact_answer", "format"])
+    rewards: list = field(default_factory=lambda: ["exact_answer", "length"])
     """Reward functions: built-in names (exact_answer, format, length), path/to/file.py:function, module:function."""
     reward_weights: Optional[list] = None
     """One weight per reward function (None: all 1)."""
@@ -127,7 +127,7 @@ class GRPOConfig(LMRecipeConfig):
 def arithmetic_files(folder: Optional[Path] = None, n_train: int = 2000, n_eval: int = 200, seed: int = 0):
     """(train file, eval file): questions with a checkable `answer` (A, B in 0..30: 2,883 distinct questions);
     eval questions never in training."""
-    folder = Path(folder or default_cache_dir() / "arithmetic-v2")
+    folder = Path(folder or default_cache_dir() / "arithmetic-v3")
     train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
     if train_file.is_file() and eval_file.is_file():
         return train_file, eval_file
@@ -141,7 +141,7 @@ def arithmetic_files(folder: Optional[Path] = None, n_train: int = 2000, n_eval:
         value = a + b if op == "+" else a - b if op == "-" else a * b
         question = f"What is {a} {op} {b}? Reply with the number only."
         rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(value),
-                     "format": r"\s*-?\d+\.?\s*"})                       # the number only
+                     "format": r"\s*-?\d+\.?\s*", "length": 1})         # the number only: one word
     folder.mkdir(parents=True, exist_ok=True)
     for path, part in ((train_file, rows[:n_train]), (eval_file, rows[n_train:])):
         tmp = path.with_suffix(".tmp")

@@ -8,7 +8,7 @@ one value per completion (None: this function does not score that row), the data
 name (each a list aligned with the rows), conversational completions as message lists like TRL's. Built in:
   exact_answer   1.0 when the completion's last number (else its last word) equals the `answer` column
   format         1.0 when the completion matches the `format` column's regex (re.fullmatch, DOTALL), else 0.0
-  length         -|words - target| / target against the `length` column (or 20 words), at most 0
+  length         -|words - target| / max(words, target) against the `length` column (or 20 words): in [-1, 0]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def format(prompts, completions, format, **_) -> list[float]:      # noqa: A001 
 
 def length(prompts, completions, length=None, **_) -> list[float]:
     targets = length or [20] * len(completions)
-    return [-abs(len(_text(c).split()) - t) / t for c, t in zip(completions, targets)]
+    return [-abs(len(_text(c).split()) - t) / max(len(_text(c).split()), t, 1) for c, t in zip(completions, targets)]
 
 
 BUILT_IN = {"exact_answer": exact_answer, "format": format, "length": length}
