@@ -37,6 +37,7 @@ from qlora.levers.modes import build_for_mode
 from qlora.levers.tiled_mlp import tile_mlps
 from qlora.lora.config import LoraConfig
 from qlora.train.loop import TrainConfig, check_earlier_run, plot_curves, read_metrics
+from qlora.train.rollout import left_padded
 from qlora.util.checks import check_bools, check_ints, check_numbers
 from qlora.util.dist import is_main_process
 from qlora_recipes.config import RecipeConfig
@@ -170,11 +171,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, p
     if not prompts:
         return []
     device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    ids, mask = left_padded(prompts, pad_id)
+    width = ids.shape[1]
     media = {k: v.to(device) for k, v in collate_inputs(inputs or [], width, left=True).items()}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **media, do_sample=False,
                          max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qlora.bundled import default_cache_dir
 from qlora.errors import QLoRAError
 from qlora.lora.inject import disable_adapters
-from qlora.objectives.grpo import LOSS_TYPES, SCALE_REWARDS, completion_logps, group_advantages, policy_loss
+from qlora.objectives.grpo import LOSS_TYPES, SCALE_REWARDS, completion_logps, group_advantages, nanstd, policy_loss
 from qlora.train.loop import TrainConfig, train
 from qlora.train.rollout import Sampler
 from qlora.util.checks import check_ints, check_numbers
@@ -216,7 +216,7 @@ def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
                                   max_completion_length=cfg.max_completion_length)
         lengths = roll.completion_mask.sum(1).float()
-        loss.metrics = {"reward": torch.nanmean(rewards), "reward_std": _nanstd(rewards),
+        loss.metrics = {"reward": torch.nanmean(rewards), "reward_std": torch.nan_to_num(nanstd(rewards)),
                         "frac_reward_zero_std": torch.tensor(adv.frac_zero_std), **metrics,
                         "completions/mean_length": lengths.mean(),
                         "completions/clipped_ratio": roll.clipped.float().mean(),
@@ -226,11 +226,6 @@ def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
         calls[0] += 1
         return loss
     return loss_fn
-
-
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    kept = x[~torch.isnan(x)]
-    return kept.std() if kept.numel() > 1 else torch.tensor(0.0)
 
 
 def _write_samples(cfg: GRPOConfig, step: int, examples, texts, rewards, n: int) -> None:

@@ -17,6 +17,16 @@ from dataclasses import dataclass
 import torch
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) [rows, longest prompt]: each prompt right-aligned, pad_id before it (generate's layout)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+    return ids, mask
+
+
 @dataclass
 class Rollout:
     input_ids: torch.Tensor          # [rows, P + T]: left-padded prompt, then the completion (right-padded)
@@ -41,11 +51,8 @@ class Sampler:
         model = self.model
         device = next(model.parameters()).device
         rows = [p for p in prompts for _ in range(n)]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(rows):
-            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+        ids, mask = left_padded(rows, self.pad_id)
+        width = ids.shape[1]
         was_training = model.training
         model.eval()
         options = dict(do_sample=False) if self.greedy else dict(
