@@ -19,9 +19,9 @@ A photo (resized to 28x28) is 16 patches of 7x7: 16 image tokens. Nothing connec
 model until fine-tuning, so the built model answers "What is this?" at about chance; QLoRA SFT (LoRA on the
 language model, the projector trained in full) teaches it. `heldout_accuracy` scores the ten class answers
 by their log-likelihood after the prompt and takes the argmax: deterministic, and independent of sampling.
-benchmarks/image_chat_default.py trains it and prints the accuracy before and after:
+`qlora train sft_images` (recipes/configs/sft_images.yaml) trains it and prints the accuracy before and after:
 
-    .venv/bin/python benchmarks/image_chat_default.py
+    qlora train sft_images
     .venv/bin/python -m pytest -q tests/recipes/test_image_chat_default.py
 """
 from __future__ import annotations
@@ -209,15 +209,6 @@ def answer_ids(processor, messages: list, answer: str) -> list[int]:
     full = processor.apply_chat_template(messages[:-1] + [{"role": "assistant", "content": answer}], tokenize=False)
     assert full.startswith(prompt), (prompt, full)
     return processor.tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-
-
-def encode_example(processor, messages: list) -> dict:
-    """A training example: the prompt, then the assistant's tokens; labels -100 everywhere but those tokens."""
-    enc = encode_prompt(processor, messages)
-    answer = torch.tensor(answer_ids(processor, messages, messages[-1]["content"]))
-    ids = torch.cat([enc["input_ids"][0], answer])
-    return {"input_ids": ids, "labels": torch.cat([torch.full_like(enc["input_ids"][0], -100), answer]),
-            "pixel_values": enc["pixel_values"][0]}
 
 
 @torch.no_grad()
