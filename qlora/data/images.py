@@ -45,11 +45,17 @@ URL_SCHEMES = ("http://", "https://", "data:")
 
 
 def load_processor(path):
-    """The model's processor (transformers' AutoProcessor) when it has an image processor, else None."""
+    """The model's processor (transformers' AutoProcessor) when it has an image processor, else None. One that
+    needs a package not installed (Qwen2/2.5/3-VL's and Qwen3.5's need torchvision in transformers 5) is a
+    QLoRAError naming it."""
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError):         # a text model's folder: no processor files
         return None
+    except ImportError as e:     # a part needing a package not installed: Qwen-VL's video processor, torchvision
+        said = " ".join(str(e).split()).split(". ")[0]
+        raise QLoRAError(f"{path}: the model's processor cannot be loaded here: {said}; install it (for torchvision: "
+                         "pip install torchvision, the build matching your torch)") from None
     return processor if getattr(processor, "image_processor", None) is not None else None
 
 

@@ -133,6 +133,10 @@ def summary(result: ExportResult) -> str:
                        f"agreement >= {v['thresholds']['top1_agreement_pct']:g}%)")
         lines.append(f"  vs unmerged reference: max |Δ| {r['max_abs_error']:.3g}, relative {r['relative_error']:.3g}, "
                      f"top-1 agreement {r['top1_agreement_pct']:.1f}%  {verdict}")
+        if "pixel_values" in v.get("inputs", {}) and "input_ids" in v["inputs"]:
+            lines.append(f"  inputs: {v['inputs']['input_ids'][0]} rows of text, one picture each")
+        elif v.get("text_only"):
+            lines.append(f"  inputs: text only ({v['text_only']})")
         if "vs_live_qlora" in v:
             r = v["vs_live_qlora"]
             lines.append(f"  vs live QLoRA model (bitsandbytes 4-bit forward, for information): relative "

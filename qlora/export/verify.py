@@ -26,9 +26,12 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from qlora.arch.multimodal import text_config_of
+from qlora.errors import QLoRAError
 from qlora.export.checkpoint import tensor_specs
 from qlora.export.layout import ModelLayout, model_class_for
 from qlora.lora.files import load_adapter, read_adapter_config
+from qlora.plan.images import image_inputs, image_tokens, with_images
 from qlora.quant.load import load_4bit
 from qlora.util.dtypes import parse_dtype
 
@@ -38,15 +41,17 @@ SENTENCES = ["The capital of France is Paris, and it is known for the Eiffel Tow
              "A surprisingly tender film that never quite finds its footing.",
              "def add(a, b):\n    return a + b",
              "Low-rank adapters train a small update beside a frozen, quantized base model."]
+IMAGE_SIDE = 64     # pixels: an image-text model's picture where its tower takes any size (a few image tokens)
 
 
-def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
-    """Token ids of a few fixed sentences (random ids, seeded, without a tokenizer); pixels for vision."""
+def sample_inputs(folder: Path, model, n: int = 4, seq: int = 24) -> dict:
+    """Token ids of a few fixed sentences (random ids, seeded, without a tokenizer); pixels for vision; for an
+    image-text model, one picture of random pixels in each row after its first token (`image_rows`)."""
+    config = model.config
     gen = torch.Generator().manual_seed(0)
     if getattr(config, "model_type", "") == "vit" or hasattr(config, "image_size") and hasattr(config, "num_channels"):
         return {"pixel_values": torch.randn(n, config.num_channels, config.image_size, config.image_size,
                                             generator=gen)}
-    # an image-text model's config nests its language model's (Gemma 3, Qwen-VL): text ids only, no image
     vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
     try:
         tok = AutoTokenizer.from_pretrained(folder)
@@ -55,10 +60,30 @@ def sample_inputs(folder: Path, config, n: int = 4, seq: int = 24) -> dict:
         enc = tok(SENTENCES[:n], return_tensors="pt", padding="max_length", truncation=True, max_length=seq)
         if not enc["attention_mask"].any(-1).all() or enc["input_ids"].max() >= vocab:
             raise ValueError("no usable tokenizer")   # transformers 5 builds an empty one for a bare GPT-2 folder
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        text = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     except Exception:  # noqa: BLE001 -- no tokenizer in the folder: seeded random ids
         ids = torch.randint(0, vocab, (n, seq), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return image_rows(model, text, gen) if text_config_of(config) is not None else text
+
+
+def image_rows(model, text: dict, gen: torch.Generator) -> dict:
+    """The text rows with one picture each: its image tokens inserted after the first token, the processor's
+    tensors for it (qlora.plan.images: the family's own image processor and token count, at IMAGE_SIDE pixels or
+    the tower's resolution), float ones replaced by seeded random pixels. The rows alone, with `text_only` saying
+    why, where the family's processor cannot be built here."""
+    try:
+        pixels = image_inputs(model.config, IMAGE_SIDE)
+        tokens = image_tokens(model, pixels)
+    except QLoRAError as e:
+        return {**text, "text_only": str(e)}
+    ids, mask = text["input_ids"], text["attention_mask"]
+    room = torch.zeros(ids.shape[0], tokens, dtype=ids.dtype)        # [rows, tokens]: where the picture goes
+    text = {"input_ids": torch.cat([ids[:, :1], room, ids[:, 1:]], 1),
+            "attention_mask": torch.cat([mask[:, :1], room + 1, mask[:, 1:]], 1)}
+    out = with_images(model, text, pixels, tokens, images=1)
+    return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) if k in pixels and v.is_floating_point() else v
+            for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -85,7 +110,8 @@ def _against_reference(folder: Path, adapter, result, put_back, *, live_model=No
     cls = model_class_for(json.loads((Path(folder) / "config.json").read_text()))
     dtype = parse_dtype(result.dtype)
     model = cls.from_pretrained(folder, dtype=dtype, **load_kwargs).eval()
-    inputs = sample_inputs(Path(input_folder or folder), model.config)
+    inputs = sample_inputs(Path(input_folder or folder), model)
+    text_only = inputs.pop("text_only", None)
     mask = inputs.get("attention_mask")
     exported = outputs(model, inputs)
     with torch.no_grad():
@@ -95,6 +121,8 @@ def _against_reference(folder: Path, adapter, result, put_back, *, live_model=No
     del model
     report = {"inputs": {k: list(v.shape) for k, v in inputs.items()},
               "vs_reference": compare(exported, reference, mask)}
+    if text_only:
+        report["text_only"] = text_only
     if live_model is not None:
         report["vs_live_qlora"] = compare(exported, outputs(live_model.eval(), inputs), mask)
     return report

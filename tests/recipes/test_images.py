@@ -7,14 +7,16 @@ Rows with pictures (paths relative to the data file, one and two per row) and te
 adapters move; samples are generated from the pictures. DPO: pairs whose prompts hold
 pictures, mixed with text pairs. Bad input is one line, exit 2, nothing written.
 """
+import importlib.util
 import json
 
 import pytest
 from safetensors.torch import load_file
 
 from qlora.cli import main
+from qlora.data import images
 from tests.qlora.data.test_sft import write
-from tests.qlora.data.tiny_vlm import save_tiny_vlm, write_pictures
+from tests.qlora.data.tiny_vlm import processor_for, save_tiny_vlm, write_pictures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARGS = ["train.batch_size=2", "train.max_steps=3", "train.progress=false", "samples=2", "max_new_tokens=3", "lora.r=4"]
@@ -35,9 +37,14 @@ def data(tmp_path):
     return write(folder / "rows.jsonl", [chat("a.png"), chat("a.png", "b.png", answer="Two things."), text] * 3)
 
 
-@pytest.mark.parametrize("family, mode", [("llava", "lora"), ("gemma3", "lora"), ("llava", "qlora")])
-def test_sft_with_images_end_to_end(tmp_path, smol_tok_dir, data, family, mode, capsys):
+@pytest.mark.parametrize("family, mode", [("llava", "lora"), ("gemma3", "lora"), ("llava", "qlora"),
+                                          ("qwen3_vl", "qlora")])
+def test_sft_with_images_end_to_end(tmp_path, smol_tok_dir, data, family, mode, capsys, monkeypatch):
+    """Qwen3-VL: pictures of any size (image_grid_thw, a [patches, 384] pixel_values of each batch's pictures
+    concatenated, mm_token_type_ids); its processor is handed over (its folder's needs torchvision here)."""
     model = save_tiny_vlm(family, tmp_path / family, smol_tok_dir)
+    if family == "qwen3_vl":
+        monkeypatch.setattr(images, "load_processor", lambda path: processor_for(family, smol_tok_dir))
     out = tmp_path / "run"
     assert main(["train", "sft", f"model={model}", f"data={data}", f"out_dir={out}", "eval_fraction=0.34",
                  f"mode={mode}", *ARGS]) == 0
@@ -61,6 +68,9 @@ def test_bad_image_input_exits_2_and_writes_nothing(tmp_path, smol_tok_dir, data
     cases = [(vlm, missing, ["missing.jsonl:", "nowhere.png", "not found"]),
              (vlm, unreadable, ["broken.jsonl:", "cannot read the image 'broken.png'"]),
              (tiny_chat_model, data, ["rows.jsonl:", "no image processor", "image-text model"])]
+    if importlib.util.find_spec("torchvision") is None:      # Qwen3-VL's processor needs it in transformers 5
+        qwen = save_tiny_vlm("qwen3_vl", tmp_path / "qwen3_vl", smol_tok_dir)
+        cases.append((qwen, data, ["Qwen3VLVideoProcessor requires the Torchvision library", "pip install torchvision"]))
     capsys.readouterr()                                 # the test's own saving
     for model, rows, words in cases:
         out = tmp_path / "never-written"

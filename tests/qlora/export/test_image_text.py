@@ -55,6 +55,7 @@ def test_both_exports_are_the_whole_model_with_the_live_logits_on_an_image(famil
                                 progress=False)
     for out, result in ((tmp_path / "live", live_export), (tmp_path / "files", from_files)):
         assert result.verification["passed"], result.verification
+        assert "pixel_values" in result.verification["inputs"], result.verification    # checked with a picture
         exported = raw_tensors(out)
         assert exported.keys() == checkpoint.keys()                      # the checkpoint's own layout
         towers = checkpoint.keys() - lm_keys
