@@ -7,6 +7,8 @@ the test checks that the stock trainer refuses the model without the helper (the
 that the adapter changed, that `trainer.save_model()` wrote our PEFT-format adapter, and that PEFT's
 `PeftModel.from_pretrained` on the same 4-bit base gives the trained model's logits.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -233,8 +235,11 @@ def test_trl_trainers_get_the_policys_own_base_as_reference_by_default(name, tmp
         with qlora.disable_adapters(model):
             base = model(input_ids=IDS).logits
         policy = model(input_ids=IDS).logits
+        fused = ref(input_ids=IDS, labels=IDS, fused_lm_head=True).log_probs      # TRL's head: the backbone directly
     torch.testing.assert_close(got, base, rtol=0, atol=0)
     assert (policy - base).abs().max() > 1e-3
+    want = torch.log_softmax(base[:, :-1] / getattr(trainer, "temperature", 1.0), -1).gather(-1, IDS[:, 1:, None])
+    torch.testing.assert_close(fused.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
     trainer.train()
     assert loads == []
     after = b_weights(model)
@@ -283,3 +288,21 @@ def test_sync_ref_model_is_refused_on_our_reference(tmp_path, tiny_folder, fresh
                        processing_class=_tiny_tokenizer())
     with pytest.raises(qlora.QLoRAError, match="add_lora"), shared_reference(torch.nn.Linear(2, 2)):
         pass
+
+
+def test_a_trl_without_the_loader_gets_one_warning(monkeypatch):
+    """A TRL whose trainers do not load through `create_model_from_path` (another version): for_trainer says once
+    that a second base may be loaded, naming reference_model."""
+    pytest.importorskip("trl")
+    import trl.trainer.utils
+
+    from qlora.train import hf
+    monkeypatch.setattr(hf, "_TRL_HOOKED", [])
+    monkeypatch.delattr(trl.trainer.utils, "create_model_from_path")
+    model = qlora.add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), qlora.LoraConfig(r=2, target_modules=["0"]))
+    model.config = None
+    with pytest.warns(UserWarning, match=r"qlora\.train\.hf\.reference_model"):
+        hf.for_trainer(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.for_trainer(model)
