@@ -84,6 +84,8 @@ class GRPOConfig(LMRecipeConfig):
     """Top-k sampling (0: off)."""
     beta: float = 0.0
     """Weight of the KL to the reference (the base with the adapters off); 0 as in TRL: no reference pass."""
+    use_bias_correction_kl: bool = True
+    """With beta > 0, the KL term times the probability ratio (TRL's default: the unbiased reverse-KL gradient)."""
     epsilon: float = 0.2
     """Lower clip of the probability ratio: 1 - epsilon."""
     epsilon_high: Optional[float] = None
@@ -248,7 +250,8 @@ def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
         logps = completion_logps(model, r.ids, r.attn, r.comp, cfg.loss_chunk_size)
         loss, stats = policy_loss(logps, r.old, r.advantages, r.comp[:, 1:], loss_type=cfg.loss_type,
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=r.ref,
-                                  max_completion_length=cfg.max_completion_length)
+                                  max_completion_length=cfg.max_completion_length,
+                                  use_bias_correction_kl=cfg.use_bias_correction_kl)
         loss.metrics = {**r.metrics, **{k: torch.tensor(v) for k, v in stats.items()}}
         if fresh and cfg.samples_every and calls[0] % (cfg.samples_every * cfg.train.grad_accum) == 0:
             _write_samples(cfg, step + 1, r.examples, r.texts, r.rewards, cfg.num_generations)   # steps 1, 1 + N, ...
