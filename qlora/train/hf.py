@@ -113,7 +113,7 @@ def shared_reference(model):
 def _hook_trl() -> None:
     """Once per process, where TRL is installed: wrap its `create_model_from_path` (in trl.trainer.utils, where
     trainers imported later take it from, and in every trl module that already holds it) so that reference loads
-    are answered, and SyncRefModelCallback so that it refuses our references. Warns once if TRL has neither."""
+    are answered, and SyncRefModelCallback so that it refuses our references. Warns once if TRL lacks either."""
     if _TRL_HOOKED or importlib.util.find_spec("trl") is None:
         return
     _TRL_HOOKED.append(True)
