@@ -17,7 +17,11 @@ One step, `train.batch_size` prompts (qlora.train.rollout, qlora.objectives.grpo
      group (`scale_rewards`);
   3. the reference (only when `beta` > 0): the same base with the adapters off, no grad;
   4. the policy's log-probs of the completion tokens through the chunked head, and the clipped loss of
-     `loss_type`. Each batch is used once (num_iterations 1: the sampling policy is the current one).
+     `loss_type`. With num_iterations 1 (the default) each batch is used once: the sampling policy is the current
+     one. With num_iterations N, as TRL: the sampled batch (and its rewards, advantages, reference log-probs and
+     the sampling policy's log-probs, computed once with no grad) is trained on for N optimizer steps, the ratio
+     taken against those old log-probs; the prompts the loop hands in on steps 2..N of a cycle are not used (TRL's
+     sampler repeats its prompts instead), and a run resumed from a checkpoint samples afresh at once.
 Logged with TRL's names: reward, reward_std, rewards/<name>/mean, frac_reward_zero_std, completions/mean_length,
 completions/clipped_ratio, kl (beta > 0), clip_ratio/low_mean, high_mean, region_mean (metrics.jsonl, the log,
 curves.png); sampled completions with their rewards in samples.jsonl every `samples_every` steps; the held-out
@@ -80,6 +84,8 @@ class GRPOConfig(LMRecipeConfig):
     """Top-k sampling (0: off)."""
     beta: float = 0.0
     """Weight of the KL to the reference (the base with the adapters off); 0 as in TRL: no reference pass."""
+    use_bias_correction_kl: bool = True
+    """With beta > 0, the KL term times the probability ratio (TRL's default: the unbiased reverse-KL gradient)."""
     epsilon: float = 0.2
     """Lower clip of the probability ratio: 1 - epsilon."""
     epsilon_high: Optional[float] = None
@@ -89,7 +95,7 @@ class GRPOConfig(LMRecipeConfig):
     scale_rewards: str = "group"
     """group | batch | none: what the advantages are divided by (Dr. GRPO: none)."""
     num_iterations: int = 1
-    """Updates per sampled batch (only 1: each batch is sampled by the current policy)."""
+    """Optimizer steps per sampled batch (TRL's mu; > 1: the ratio is taken against the sampling policy)."""
     samples_every: int = 10
     """Write the step's sampled completions and rewards to samples.jsonl every N steps (0: never)."""
     train_size: Optional[int] = 512
@@ -106,13 +112,10 @@ class GRPOConfig(LMRecipeConfig):
         if self.scale_rewards not in SCALE_REWARDS:
             raise QLoRAError(f"scale_rewards={self.scale_rewards!r}; allowed: {', '.join(SCALE_REWARDS)}")
         check_ints(self, ("num_generations",), 2)
-        check_ints(self, ("max_prompt_length", "max_completion_length"), 1)
+        check_ints(self, ("max_prompt_length", "max_completion_length", "num_iterations"), 1)
         check_ints(self, ("top_k", "samples_every"), 0)
         check_numbers(self, ("temperature", "top_p", "epsilon"), above=0)
         check_numbers(self, ("beta",), at_least=0)
-        if self.num_iterations != 1:
-            raise QLoRAError(f"num_iterations={self.num_iterations}: only 1 is supported (each batch is sampled by "
-                             "the current policy); use more steps instead")
         if not isinstance(self.rewards, list) or not self.rewards:
             raise QLoRAError("rewards must be a list of reward functions, e.g. rewards=[exact_answer]")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
@@ -193,36 +196,65 @@ class Scorer:
         return rewards, metrics, texts
 
 
-def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
+@dataclass
+class Rollout:
+    """One micro-batch's sampled completions and what is computed once for them (no grad)."""
+    examples: list
+    ids: torch.Tensor            # [rows, L] prompt + completion (left-padded prompts)
+    attn: torch.Tensor           # [rows, L]
+    comp: torch.Tensor           # [rows, L] 1 on completion tokens
+    advantages: torch.Tensor     # [rows]
+    rewards: torch.Tensor        # [rows] (NaN: no reward function scored the row)
+    texts: list
+    metrics: dict                # reward metrics with TRL's names
+    ref: Optional[torch.Tensor]  # [rows, L-1] the reference's log-probs (beta > 0)
+    old: Optional[torch.Tensor]  # [rows, L-1] the sampling policy's log-probs (num_iterations > 1)
+
+
+def sample_rollout(cfg: GRPOConfig, model, examples: list[dict], tokenizer, pad_id: int, scorer: Scorer) -> Rollout:
+    """Steps 1-3 of the module docstring, and the sampling policy's log-probs when the batch is reused."""
     G = cfg.num_generations
+    sampler = Sampler(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_new_tokens=cfg.max_completion_length,
+                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    roll = sampler([e["prompt_ids"] for e in examples], n=G)
+    rewards, metrics, texts = scorer(examples, roll.completions, G)
+    adv = group_advantages(rewards, G, cfg.scale_rewards)
+    device = next(model.parameters()).device
+    ids, attn, comp = roll.input_ids.to(device), roll.attention_mask.to(device), roll.completion_mask.to(device)
+    ref = old = None
+    with torch.no_grad():
+        if cfg.beta:
+            with disable_adapters(model):
+                ref = completion_logps(model, ids, attn, comp, cfg.loss_chunk_size)
+        if cfg.num_iterations > 1:
+            old = completion_logps(model, ids, attn, comp, cfg.loss_chunk_size)
+    lengths = roll.completion_mask.sum(1).float()
+    metrics = {"reward": torch.nanmean(rewards), "reward_std": torch.nan_to_num(nanstd(rewards)),
+               "frac_reward_zero_std": torch.tensor(adv.frac_zero_std), **metrics,
+               "completions/mean_length": lengths.mean(), "completions/clipped_ratio": roll.clipped.float().mean()}
+    return Rollout(examples, ids, attn, comp, adv.values.to(device), rewards, texts, metrics, ref, old)
+
+
+def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
+    """loss_fn(model, batch): a fresh rollout on the first of every num_iterations steps (one per micro-batch of the
+    step), the same one reused on the others; the clipped loss of the policy's current log-probs."""
     calls = [0]
+    rollouts = {}                 # micro-batch slot within the step -> its rollout
 
     def loss_fn(model, batch):
-        examples = batch["examples"]
-        sampler = Sampler(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_new_tokens=cfg.max_completion_length,
-                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        roll = sampler([e["prompt_ids"] for e in examples], n=G)
-        rewards, metrics, texts = scorer(examples, roll.completions, G)
-        adv = group_advantages(rewards, G, cfg.scale_rewards)
-        device = next(model.parameters()).device
-        ids, attn, comp = roll.input_ids.to(device), roll.attention_mask.to(device), roll.completion_mask.to(device)
-        ref = None
-        if cfg.beta:
-            with torch.no_grad(), disable_adapters(model):
-                ref = completion_logps(model, ids, attn, comp, cfg.loss_chunk_size)
-        logps = completion_logps(model, ids, attn, comp, cfg.loss_chunk_size)
-        mask = comp[:, 1:]
-        loss, stats = policy_loss(logps, None, adv.values.to(device), mask, loss_type=cfg.loss_type,
-                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=ref,
-                                  max_completion_length=cfg.max_completion_length)
-        lengths = roll.completion_mask.sum(1).float()
-        loss.metrics = {"reward": torch.nanmean(rewards), "reward_std": torch.nan_to_num(nanstd(rewards)),
-                        "frac_reward_zero_std": torch.tensor(adv.frac_zero_std), **metrics,
-                        "completions/mean_length": lengths.mean(),
-                        "completions/clipped_ratio": roll.clipped.float().mean(),
-                        **{k: torch.tensor(v) for k, v in stats.items()}}
-        if cfg.samples_every and calls[0] % (cfg.samples_every * cfg.train.grad_accum) == 0:   # steps 1, 1 + N, ...
-            _write_samples(cfg, calls[0] // cfg.train.grad_accum + 1, examples, texts, rewards, G)
+        slot, step = calls[0] % cfg.train.grad_accum, calls[0] // cfg.train.grad_accum
+        fresh = step % cfg.num_iterations == 0 or slot not in rollouts
+        if fresh:
+            rollouts[slot] = sample_rollout(cfg, model, batch["examples"], tokenizer, pad_id, scorer)
+        r = rollouts[slot]
+        logps = completion_logps(model, r.ids, r.attn, r.comp, cfg.loss_chunk_size)
+        loss, stats = policy_loss(logps, r.old, r.advantages, r.comp[:, 1:], loss_type=cfg.loss_type,
+                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=r.ref,
+                                  max_completion_length=cfg.max_completion_length,
+                                  use_bias_correction_kl=cfg.use_bias_correction_kl)
+        loss.metrics = {**r.metrics, **{k: torch.tensor(v) for k, v in stats.items()}}
+        if fresh and cfg.samples_every and calls[0] % (cfg.samples_every * cfg.train.grad_accum) == 0:
+            _write_samples(cfg, step + 1, r.examples, r.texts, r.rewards, cfg.num_generations)   # steps 1, 1 + N, ...
         calls[0] += 1
         return loss
     return loss_fn

@@ -11,7 +11,9 @@ Definitions (TRL's GRPOTrainer, whose numbers these equal on its own batches: te
   ratio        rho_t = exp(logp_t - old_logp_t)       (old: the policy that sampled; = logp, detached, when
                each batch is used once: num_iterations = 1)
   token loss   l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * kl_t,
-               kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1  (k3 estimator, Schulman 2020)
+               kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1  (k3 estimator, Schulman 2020), times rho_t
+               when use_bias_correction_kl (TRL's default since 1.x: the unbiased reverse-KL gradient of
+               DeepSeek-V3.2; rho_t = 1 in value when on-policy, but it changes the gradient)
   reductions   grpo     mean over sequences of (sum_t l_t m_t / sum_t m_t)              (Shao et al. 2024)
                bnpo     sum l m / sum m over the micro-batch
                dr_grpo  sum l m / (rows * max_completion_length)                       (Liu et al. 2025)
@@ -82,7 +84,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
                 loss_type: str = "dapo", epsilon_low: float = 0.2, epsilon_high: float | None = None,
                 beta: float = 0.0, ref_logps: torch.Tensor | None = None, max_completion_length: int | None = None,
-                tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+                tokens: torch.Tensor | float | None = None, use_bias_correction_kl: bool = True
+                ) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (see the module docstring) and its statistics with TRL's names
     (`kl`, `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`)."""
     if loss_type not in LOSS_TYPES:
@@ -99,8 +102,10 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps (the reference policy's log-probs)")
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token = per_token + beta * kl
-        stats["kl"] = _masked_mean(kl.detach(), mask)
+        stats["kl"] = _masked_mean(kl.detach(), mask)                  # TRL logs the corrected one
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":

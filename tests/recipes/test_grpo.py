@@ -8,6 +8,7 @@ before its adapters were added, and hand-computed rewards.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,3 +117,48 @@ def test_grpo_runs_end_to_end_and_logs_trls_names(tmp_path, tiny_chat_model):
     assert {s["step"] for s in samples} == {1, 2} and len(samples) == 2 * 2 * 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "reward" in summary["eval_before"]
+
+
+
+def test_num_iterations_reuses_each_sampled_batch_against_its_sampling_policy(tiny_llama, monkeypatch):
+    """num_iterations=2: a rollout on steps 1 and 3 only (step 2's prompts unused), its reference and old
+    log-probs computed once with no grad; step 1's ratio is 1 (old = current), step 2's loss is the clipped loss
+    of the moved policy against the old log-probs (not against itself)."""
+    import qlora_recipes.grpo as grpo
+    from qlora.objectives.grpo import completion_logps, policy_loss
+    from qlora.train.config import TrainConfig
+
+    cfg = grpo.GRPOConfig(num_iterations=2, num_generations=2, max_completion_length=4, beta=0.04, samples_every=0,
+                          train=TrainConfig(batch_size=2))
+    torch.manual_seed(0)
+    model = qlora.add_lora(tiny_llama(), qlora.LoraConfig(r=4, target_modules="all-linear"))
+    rewards = iter(torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 1.0, 3.0, 0.0]]))
+
+    def scorer(examples, completions, n):
+        return next(rewards), {}, ["text"] * len(completions)
+    rollouts, sample = [], grpo.sample_rollout
+    monkeypatch.setattr(grpo, "sample_rollout", lambda *a: rollouts.append(sample(*a)) or rollouts[-1])
+    loss_fn = grpo.make_loss(cfg, SimpleNamespace(eos_token_id=11), 0, scorer)
+    batches = [{"examples": [{"prompt": "p", "prompt_ids": ids, "columns": {}} for ids in PROMPTS]} for _ in range(3)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for call, batch in enumerate(batches):
+        loss = loss_fn(model, batch)
+        assert len(rollouts) == (1 if call < 2 else 2)
+        r = rollouts[-1]
+        with torch.no_grad():
+            logps = completion_logps(model, r.ids, r.attn, r.comp)
+        args = dict(loss_type=cfg.loss_type, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                    ref_logps=r.ref, max_completion_length=cfg.max_completion_length)
+        torch.testing.assert_close(loss.detach(), policy_loss(logps, r.old, r.advantages, r.comp[:, 1:], **args)[0])
+        losses.append((loss.detach(), policy_loss(logps, None, r.advantages, r.comp[:, 1:], **args)[0]))
+        if call != 1:                                      # the old log-probs are the sampling policy's
+            torch.testing.assert_close(r.old, logps, rtol=0, atol=1e-6)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert rollouts[0].examples is batches[0]["examples"] and rollouts[1].examples is batches[2]["examples"]
+    assert (losses[1][0] - losses[1][1]).abs() > 1e-6     # step 2: the ratio is against the old policy, not 1
+    assert rollouts[0].ref is not None and not rollouts[0].ref.requires_grad and not rollouts[0].old.requires_grad
+    with pytest.raises(QLoRAError, match="num_iterations=0"):
+        grpo.GRPOConfig(num_iterations=0)

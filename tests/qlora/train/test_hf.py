@@ -7,6 +7,8 @@ the test checks that the stock trainer refuses the model without the helper (the
 that the adapter changed, that `trainer.save_model()` wrote our PEFT-format adapter, and that PEFT's
 `PeftModel.from_pretrained` on the same 4-bit base gives the trained model's logits.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -156,83 +158,151 @@ def _reward_length(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-@pytest.mark.parametrize("name", ["kto", "grpo", "rloo", "dpo"])
-def test_trl_trainers_that_build_a_reference_load_no_second_model(name, tmp_path, tiny_folder):
-    """KTO with ref_model=reference_model(model); GRPO (beta > 0), RLOO (its default beta) and DPO (ref_model=None)
-    inside shared_reference(model): TRL's loader is never reached, the trainer's reference holds the policy's own
-    tensors and runs the base (adapters off), and training moves the adapter."""
-    trl = pytest.importorskip("trl")
-    import importlib
+@pytest.fixture
+def loads(monkeypatch):
+    """Every model or config transformers loads from a path, as (what, path): the loads TRL's
+    `create_model_from_path` makes (AutoConfig for the architecture, then `<Architecture>.from_pretrained`)."""
+    from transformers import AutoConfig, PreTrainedModel
+    seen = []
+    config_load, model_load = AutoConfig.from_pretrained.__func__, PreTrainedModel.from_pretrained.__func__
 
+    def config_spy(cls, path, *args, **kwargs):
+        seen.append(("config", str(path)))
+        return config_load(cls, path, *args, **kwargs)
+
+    def model_spy(cls, path, *args, **kwargs):
+        seen.append(("model", str(path)))
+        return model_load(cls, path, *args, **kwargs)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(config_spy))
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(model_spy))
+    return seen
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """The trainers' accelerate state is process-wide: each test's Accelerator starts fresh, and leaves none."""
     from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _trl_trainer(trl, name, model, tmp_path, **extra):
+    """TRL's `name` trainer on `model` (qlora.for_trainer'd here) with no ref_model, 2 tiny steps' worth of data."""
     from datasets import Dataset
+    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                  gradient_checkpointing=False, bf16=False, **extra)
+    prompts = [{"prompt": f"w{3 + i} w{4 + i} w5"} for i in range(8)]
+    if name == "dpo":
+        data = Dataset.from_list([{**p, "chosen": " w7 w8", "rejected": " w20 w21"} for p in prompts])
+        return trl.DPOTrainer(model=qlora.for_trainer(model), args=trl.DPOConfig(**common), train_dataset=data,
+                              processing_class=_tiny_tokenizer())
+    if name == "kto":
+        data = Dataset.from_list([{**p, "completion": f" w{7 + i} w8", "label": i % 2 == 0}
+                                  for i, p in enumerate(prompts)])
+        return trl.KTOTrainer(model=qlora.for_trainer(model), args=trl.KTOConfig(**common), train_dataset=data,
+                              processing_class=_tiny_tokenizer())
+    cls, config = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[name]
+    args = config(**common, num_generations=2, max_completion_length=4, **({"beta": 0.04} if name == "grpo" else {}))
+    assert args.beta > 0                                   # RLOO's default (0.05) keeps a reference
+    return cls(model=qlora.for_trainer(model), reward_funcs=_reward_length, args=args,
+               train_dataset=Dataset.from_list(prompts), processing_class=_tiny_tokenizer())
 
-    from qlora.train.hf import reference_model, shared_reference
-    modules = [importlib.import_module(f"trl.trainer.{m}_trainer") for m in ("dpo", "kto", "grpo", "rloo")]
-    loads = []
-    originals = {m: m.create_model_from_path for m in modules}
 
-    def counted(*args, **kwargs):
-        loads.append(args[:1])
-        raise AssertionError("TRL loaded a second copy of the base model")
-    for m in modules:
-        m.create_model_from_path = counted
+@pytest.mark.parametrize("name", ["dpo", "kto", "grpo", "rloo"])
+def test_trl_trainers_get_the_policys_own_base_as_reference_by_default(name, tmp_path, tiny_folder, loads,
+                                                                        fresh_accelerate):
+    """DPO and KTO with ref_model=None, GRPO with beta=0.04, RLOO with its default beta, given only
+    qlora.for_trainer(model): nothing is loaded (no config, no model), the trainer's reference holds the policy's
+    own tensors, its logits are the model's with adapters disabled (not the policy's), and training moves the
+    adapter."""
+    trl = pytest.importorskip("trl")
     model = qlora_model(tiny_folder)
-    with torch.no_grad():
+    with torch.no_grad():                                  # a non-zero adapter: policy != reference
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    common = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
-                  gradient_checkpointing=False, bf16=False)
-    prompts = [{"prompt": f"w{3 + i} w{4 + i} w5"} for i in range(8)]
     before = b_weights(model)
-    try:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        if name == "kto":
-            data = Dataset.from_list([{**p, "completion": f" w{7 + i} w8", "label": i % 2 == 0}
-                                      for i, p in enumerate(prompts)])
-            trainer = trl.KTOTrainer(model=qlora.for_trainer(model), ref_model=reference_model(model),
-                                     args=trl.KTOConfig(**common), train_dataset=data, processing_class=_tiny_tokenizer())
-        elif name == "dpo":
-            data = Dataset.from_list([{**p, "chosen": " w7 w8", "rejected": " w20 w21"} for p in prompts])
-            with shared_reference(model):
-                trainer = trl.DPOTrainer(model=qlora.for_trainer(model), ref_model=None, args=trl.DPOConfig(**common),
-                                         train_dataset=data, processing_class=_tiny_tokenizer())
-        else:
-            cls, config = {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[name]
-            args = config(**common, num_generations=2, max_completion_length=4, **({"beta": 0.1} if name == "grpo" else {}))
-            assert args.beta > 0
-            with shared_reference(model):
-                trainer = cls(model=qlora.for_trainer(model), reward_funcs=_reward_length, args=args,
-                              train_dataset=Dataset.from_list(prompts), processing_class=_tiny_tokenizer())
-        ref = trainer.ref_model
-        assert type(ref).__name__.startswith("Reference")
-        assert all(a is b for a, b in zip(ref.parameters(), model.parameters()))
-        trainer.train()
-    finally:
-        for m, f in originals.items():
-            m.create_model_from_path = f
-        AcceleratorState._reset_state(reset_partial_state=True)
+    loads.clear()
+    trainer = _trl_trainer(trl, name, model, tmp_path)
+    assert loads == []
+    ref = trainer.ref_model
+    assert type(ref).__name__ == "ReferenceLlamaForCausalLM"
+    assert {p.data_ptr() for p in ref.parameters()} == {p.data_ptr() for p in model.parameters()}
+    with torch.no_grad():
+        got = ref(input_ids=IDS).logits
+        with qlora.disable_adapters(model):
+            base = model(input_ids=IDS).logits
+        policy = model(input_ids=IDS).logits
+        fused = ref(input_ids=IDS, labels=IDS, fused_lm_head=True).log_probs      # TRL's head: the backbone directly
+    torch.testing.assert_close(got, base, rtol=0, atol=0)
+    assert (policy - base).abs().max() > 1e-3
+    want = torch.log_softmax(base[:, :-1] / getattr(trainer, "temperature", 1.0), -1).gather(-1, IDS[:, 1:, None])
+    torch.testing.assert_close(fused.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    trainer.train()
     assert loads == []
     after = b_weights(model)
     assert any((after[n] - before[n]).abs().max() > 0 for n in before)
 
 
-def test_shared_reference_refuses_sync_ref_model(tmp_path, tiny_folder):
+def test_loads_that_are_not_a_qlora_reference_pass_through(tmp_path, tiny_folder, loads, fresh_accelerate):
+    """With a for_trainer'd qlora model of the same folder alive, TRL's loader called outside a trainer, and a
+    DPOTrainer given the folder as a string (a full-precision policy), load what they loaded before: the policy and
+    its reference are two real models, not ours."""
     trl = pytest.importorskip("trl")
-    from accelerate.state import AcceleratorState
+    from datasets import Dataset
+    from trl.trainer.utils import create_model_from_path
+    model = qlora.for_trainer(qlora_model(tiny_folder))
+    loads.clear()
+    plain = create_model_from_path(str(tiny_folder))
+    assert loads == [("config", str(tiny_folder)), ("model", str(tiny_folder))]
+    assert not hasattr(plain, "qlora_reference") and plain is not model
+    loads.clear()
+    data = Dataset.from_list([{"prompt": "w3 w4", "chosen": " w7", "rejected": " w9"}] * 4)
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, disable_tqdm=True,
+                         gradient_checkpointing=False)
+    trainer = trl.DPOTrainer(model=str(tiny_folder), args=args, train_dataset=data, processing_class=_tiny_tokenizer())
+    assert [what for what, _ in loads].count("model") == 2
+    assert getattr(trainer.model, "qlora_config", None) is None
+    assert not hasattr(trainer.ref_model, "qlora_reference")
+
+
+def test_sync_ref_model_is_refused_on_our_reference(tmp_path, tiny_folder, fresh_accelerate):
+    """sync_ref_model=True would average the policy into its own base: refused in one line, whether the
+    reference came from TRL's load (ref_model=None) or was given, and under the kept shared_reference alias."""
+    trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from qlora.train.hf import shared_reference
+    from qlora.train.hf import reference_model, shared_reference
     model = qlora_model(tiny_folder)
     data = Dataset.from_list([{"prompt": "w3 w4", "chosen": " w7", "rejected": " w9"}] * 4)
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, sync_ref_model=True,
                          gradient_checkpointing=False, disable_tqdm=True)
-    try:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        with shared_reference(model), pytest.raises(qlora.QLoRAError, match="sync_ref_model"):
-            trl.DPOTrainer(model=qlora.for_trainer(model), args=args, train_dataset=data,
+    for ref in (None, reference_model(model)):
+        with pytest.raises(qlora.QLoRAError, match="set sync_ref_model=False"):
+            trl.DPOTrainer(model=qlora.for_trainer(model), ref_model=ref, args=args, train_dataset=data,
                            processing_class=_tiny_tokenizer())
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with shared_reference(model), pytest.raises(qlora.QLoRAError, match="set sync_ref_model=False"):
+        trl.DPOTrainer(model=qlora.for_trainer(model), args=args, train_dataset=data,
+                       processing_class=_tiny_tokenizer())
+    with pytest.raises(qlora.QLoRAError, match="add_lora"), shared_reference(torch.nn.Linear(2, 2)):
+        pass
+
+
+def test_a_trl_without_the_loader_gets_one_warning(monkeypatch):
+    """A TRL whose trainers do not load through `create_model_from_path` (another version): for_trainer says once
+    that a second base may be loaded, naming reference_model."""
+    pytest.importorskip("trl")
+    import trl.trainer.utils
+
+    from qlora.train import hf
+    monkeypatch.setattr(hf, "_TRL_HOOKED", [])
+    monkeypatch.delattr(trl.trainer.utils, "create_model_from_path")
+    model = qlora.add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), qlora.LoraConfig(r=2, target_modules=["0"]))
+    model.config = None
+    with pytest.warns(UserWarning, match=r"qlora\.train\.hf\.reference_model"):
+        hf.for_trainer(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.for_trainer(model)
