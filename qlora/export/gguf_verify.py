@@ -7,7 +7,8 @@ of the base's config). The file is read back by transformers' own GGUF loader (A
 gguf_file: it undoes llama.cpp's q/k permutation and Gemma's 1 + w itself, so our layout is checked against an
 independent reader), and, where llama-cpp-python is installed, run by llama.cpp too. Reported per reader: the
 logits' relative error ||Δ||/||ref||, top-1 agreement over every prompt position, and whether 16 greedy tokens
-match. The limits (THRESHOLDS) are what each dtype's rounding allows. When the two fp32 models would not fit
+match. The limits (THRESHOLDS, the folder export's for f16/bf16) are on the relative error and the top-1
+agreement; greedy tokens are reported (a near-tie early in a continuation changes the rest). When the two fp32 models would not fit
 in memory, the check is skipped and says so. Run: pytest tests/qlora/export/test_gguf.py.
 """
 from __future__ import annotations
@@ -24,9 +25,9 @@ from qlora.export.verify import available_memory
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.", "def fibonacci(n):")
 GREEDY_TOKENS = 16
-# dtype -> (max relative error of the logits, min top-1 agreement %, greedy tokens must match)
-THRESHOLDS = {"f16": (5e-3, 100.0, True), "bf16": (3e-2, 95.0, True), "q8_0": (5e-2, 90.0, False),
-              "q4_k_m": (None, None, False), "q5_k_m": (None, None, False), "q6_k": (None, None, False)}
+# dtype -> (max relative error of the logits, min top-1 agreement %); K-quants: reported, no limit
+THRESHOLDS = {"f16": (1e-2, 99.0), "bf16": (5e-2, 95.0), "q8_0": (1e-1, 90.0),
+              "q4_k_m": (None, None), "q5_k_m": (None, None), "q6_k": (None, None)}
 
 
 def verify_gguf(path: Path, src: MergedBase, dtype: str) -> dict:
@@ -46,12 +47,11 @@ def verify_gguf(path: Path, src: MergedBase, dtype: str) -> dict:
     del readback
     if importlib.util.find_spec("llama_cpp") is not None:
         checks["llama_cpp"] = compare(ref_logits, ref_greedy, *run_llama_cpp(path, ids))
-    limit_rel, limit_top1, greedy = THRESHOLDS[dtype]
+    limit_rel, limit_top1 = THRESHOLDS[dtype]
     passed = None if limit_rel is None else all(
-        c["relative_error"] <= limit_rel and c["top1_agreement_pct"] >= limit_top1 and (c["greedy_match"] or not greedy)
-        for c in checks.values())
+        c["relative_error"] <= limit_rel and c["top1_agreement_pct"] >= limit_top1 for c in checks.values())
     return {"mode": "gguf", "checks": checks, "passed": passed, "prompts": len(ids),
-            "thresholds": {"relative_error": limit_rel, "top1_agreement_pct": limit_top1, "greedy_match": greedy}}
+            "thresholds": {"relative_error": limit_rel, "top1_agreement_pct": limit_top1}}
 
 
 def prompt_ids(folder: Path, vocab_size: int) -> list[list[int]]:
@@ -105,11 +105,15 @@ def run(model, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[
     for ids in prompts:
         x = torch.tensor([ids])
         logits.append(model(x).logits[0].float())
-        seq = list(ids)
-        for _ in range(GREEDY_TOKENS):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-        greedy.append(seq[len(ids):])
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=_greedy_config())
+        greedy.append(out[0, len(ids):].tolist())
     return logits, greedy
+
+
+def _greedy_config():
+    """Plain greedy decoding of GREEDY_TOKENS tokens, whatever sampling defaults generation_config.json sets."""
+    from transformers import GenerationConfig  # lazy: with the check only
+    return GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, pad_token_id=0)
 
 
 def run_llama_cpp(path: Path, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -158,7 +162,7 @@ def summary_lines(v: dict) -> list[str]:
         lines.append("  -> for information (no limit for this dtype)")
     else:
         lines.append(f"  -> {'PASS' if v['passed'] else 'FAIL'} (limits: relative <= {t['relative_error']:g}, "
-                     f"agreement >= {t['top1_agreement_pct']:g}%" + (", greedy identical)" if t["greedy_match"] else ")"))
+                     f"agreement >= {t['top1_agreement_pct']:g}%; greedy tokens for information)")
     return lines
 
 
