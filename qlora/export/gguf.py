@@ -46,7 +46,7 @@ def check_gguf_dtype(dtype: str) -> str:
     if name not in GGUF_DTYPES:
         raise QLoRAError(f"--dtype {dtype!r} is not a GGUF type qlora writes; use one of {', '.join(GGUF_DTYPES)}")
     if name in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
-        raise QLoRAError(f"--dtype {name} is quantized by llama.cpp's quantizer, and llama_cpp is not installed: "
+        raise QLoRAError(f"GGUF type {name} is a K-quant, made by llama.cpp's quantizer, and llama_cpp is not installed: "
                          f"{INSTALL_LLAMA_CPP}; or export --dtype q8_0 / f16. Nothing was written.")
     return name
 

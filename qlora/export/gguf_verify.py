@@ -8,8 +8,8 @@ gguf_file: it undoes llama.cpp's q/k permutation and Gemma's 1 + w itself, so ou
 independent reader), and, where llama-cpp-python is installed, run by llama.cpp too. Reported per reader: the
 logits' relative error ||Δ||/||ref||, top-1 agreement over every prompt position, and whether 16 greedy tokens
 match. The limits (THRESHOLDS, the folder export's for f16/bf16) are on the relative error and the top-1
-agreement; greedy tokens are reported (a near-tie early in a continuation changes the rest). When the two fp32 models would not fit
-in memory, the check is skipped and says so. Run: pytest tests/qlora/export/test_gguf.py.
+agreement; greedy tokens are reported (a near-tie early in a continuation changes the rest). When the two
+fp32 models would not fit in memory, the check is skipped and says so. Run: pytest tests/qlora/export/test_gguf.py.
 """
 from __future__ import annotations
 
