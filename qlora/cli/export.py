@@ -2,6 +2,7 @@
 
     qlora export --base B --adapter A --out FOLDER [--dtype bfloat16]              # folder (default)
     qlora export --base B [--adapter A] --out model.gguf --format gguf [--dtype f16|bf16|q8_0|q4_k_m|...]
+    qlora export --base B --adapter A --out adapter.gguf --format gguf --adapter-only    # llama.cpp LoRA GGUF
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def add_parser(sub) -> None:
                    "(default) | bf16 | q8_0 | q4_k_m | q5_k_m | q6_k (K-quants need llama-cpp-python)")
     p.add_argument("--merge-onto", default="dequantized", choices=["dequantized", "original"],
                      help="dequantized: the NF4 weights the adapter was trained against (default)")
+    p.add_argument("--adapter-only", action="store_true", help="with --format gguf: the adapter alone as llama.cpp's "
+                   "LoRA GGUF (llama-cli --lora, Ollama ADAPTER), not merged")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison")
     p.add_argument("--max-shard-size", default="2GB", type=cli_args.size, help="largest output shard (default 2GB)")
@@ -48,6 +51,8 @@ def release_freed_memory_early() -> None:
 def run(args) -> int:
     if args.format == "gguf":
         return run_gguf(args)
+    if args.adapter_only:
+        raise QLoRAError("--adapter-only writes llama.cpp's LoRA GGUF; add --format gguf")
     from qlora.export import export_adapter, summary  # lazy: qlora --help imports no torch
     if args.adapter is None:
         raise QLoRAError("qlora export --format folder needs --adapter (the base folder is already a model folder); "
@@ -83,6 +88,12 @@ def run_gguf(args) -> int:
     if args.requantize not in (None, "none"):
         raise QLoRAError("--requantize writes bitsandbytes folders; with --format gguf choose --dtype q8_0 (or a "
                          "K-quant) instead")
+    if args.adapter_only:
+        from qlora.export.gguf_lora import export_lora_gguf  # lazy: as above
+        written = export_lora_gguf(args.base, args.adapter, args.out, dtype=args.dtype or "f16", force=args.force)
+        print(f"wrote {len(written) // 2} LoRA pairs to {args.out} (llama.cpp LoRA GGUF, {args.dtype or 'f16'}); "
+              f"use it over a GGUF of the base: llama-cli -m BASE.gguf --lora {args.out}")
+        return 0
     dtype = check_gguf_dtype(args.dtype or "f16")     # a K-quant without llama_cpp: refused before any reading
     release_freed_memory_early()
     result = export_gguf(args.base, args.adapter, args.out, dtype=dtype, merge_onto=args.merge_onto, force=args.force,

@@ -11,6 +11,7 @@
     gguf.py        export_gguf: the same merged stream (from_files.MergedBase) -> one llama.cpp/Ollama .gguf file
     gguf_names.py  llama.cpp's architecture keys, tensor names and layouts per model type
     gguf_vocab.py  the tokenizer and chat template as GGUF keys;  modelfile.py  the Ollama Modelfile beside the file
+    gguf_lora.py   export_lora_gguf: the adapter alone as llama.cpp's LoRA GGUF (--adapter-only)
     gguf_verify.py the GGUF file read back (transformers' GGUF loader, llama.cpp if installed) against the merged model
 """
 from qlora.export.from_files import export_adapter

@@ -183,6 +183,43 @@ def test_q8_0_is_smaller_and_blocks_are_q8_0(adapted, tmp_path):
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32      # 1-D: F32, as llama.cpp
 
 
+def test_adapter_only_is_llama_cpp_lora_gguf(adapted, tmp_path, capsys):
+    """--adapter-only: read back with gguf-py's GGUFReader, every A and B against the adapter's safetensors, B of
+    q/k in llama.cpp's row order (the permutation computed here, per head: rows 0, d/2, 1, d/2+1, ...)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from qlora import cli
+    out = tmp_path / "lora.gguf"
+    assert cli.main(["export", "--base", str(adapted / "base"), "--adapter", str(adapted / "adapter"), "--out",
+                     str(out), "--format", "gguf", "--adapter-only"]) == 0
+    assert "14 LoRA pairs" in capsys.readouterr().out
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["general.architecture"].contents() == "llama"
+    config = json.loads((adapted / "adapter" / "adapter_config.json").read_text())
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(config["lora_alpha"])
+    got = {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F16 for t in reader.tensors)
+    raw = load_file(str(adapted / "adapter" / "adapter_model.safetensors"))
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    assert len(got) == 2 * 2 * len(names)
+    for block in range(2):
+        for hf, ours in names.items():
+            a = raw[f"base_model.model.model.layers.{block}.{hf}.lora_A.weight"].float()
+            b = raw[f"base_model.model.model.layers.{block}.{hf}.lora_B.weight"].float()
+            if ours in ("attn_q", "attn_k"):
+                heads = 4 if ours == "attn_q" else 2
+                d = b.shape[0] // heads
+                order = [h * d + j for h in range(heads) for i in range(d // 2) for j in (i, i + d // 2)]
+                b = b[order]
+            torch.testing.assert_close(got[f"blk.{block}.{ours}.weight.lora_a"], a.half().float())
+            torch.testing.assert_close(got[f"blk.{block}.{ours}.weight.lora_b"], b.half().float())
+
+
 # ------------------------------------------------------------------------------------------- tokenizer, template
 
 @pytest.fixture(scope="module")
