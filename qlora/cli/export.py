@@ -99,8 +99,10 @@ def run_gguf(args) -> int:
     result = export_gguf(args.base, args.adapter, args.out, dtype=dtype, merge_onto=args.merge_onto, force=args.force,
                          verify=not args.no_verify)
     size = result.out.stat().st_size
-    print(f"exported {len(result.layers)} merged layers to {result.out} (GGUF {result.dtype}, {size / 2**20:.1f} MiB"
-          f"{', merged onto ' + result.merge_onto + ' weights' if args.adapter else ', the base without an adapter'})")
+    what = (f"{len(result.layers)} merged layers, merged onto {result.merge_onto} weights" if args.adapter
+            else "the base, no adapter")
+    print(f"exported {result.out} (GGUF {result.dtype}, {size / 2**20:.1f} MiB; {what}) and "
+          f"{result.out.with_suffix('.Modelfile').name} beside it")
     for line in summary_lines(result.verification):
         print(line)
     for w in result.warnings:
