@@ -333,6 +333,7 @@ def test_modelfile_shapes_llama3_and_gemma_render_like_their_python_twins():
 
 def run_cli(argv, capsys):
     from qlora import cli
+    capsys.readouterr()                      # what the test itself printed before (a save's progress bar)
     code = cli.main(argv)
     err = capsys.readouterr().err.strip()
     return code, err
