@@ -35,6 +35,7 @@ _LAZY = {
     "load_4bit": "qlora.quant.load", "quantize_model": "qlora.quant.convert",
     "enable_checkpointing": "qlora.levers.checkpointing", "prepare_for_training": "qlora.levers.checkpointing",
     "export_merged": "qlora.export.from_model", "export_adapter": "qlora.export.from_files",
+    "export_gguf": "qlora.export.gguf",
     "causal_lm_loss": "qlora.objectives.losses", "chunked_cross_entropy": "qlora.objectives.losses",
     "for_trainer": "qlora.train.hf",
 }

@@ -32,6 +32,7 @@ from qlora.bundled import resolve_model
 from qlora.data.images import collate_inputs
 from qlora.data.rows import read_splits as read_data_splits
 from qlora.errors import QLoRAError, RecipeFailed
+from qlora.export.gguf import check_gguf_dtype
 from qlora.levers.checkpointing import prepare_for_training
 from qlora.levers.modes import build_for_mode
 from qlora.levers.tiled_mlp import tile_mlps
@@ -41,7 +42,7 @@ from qlora.train.rollout import left_padded
 from qlora.util.checks import check_bools, check_ints, check_numbers
 from qlora.util.dist import is_main_process
 from qlora_recipes.config import RecipeConfig
-from qlora_recipes.four_modes import export_verified
+from qlora_recipes.four_modes import export_gguf_verified, export_verified
 from qlora_recipes.image_chat_default import build_default_model
 
 MODES = ("qlora", "lora", "full")
@@ -93,7 +94,10 @@ class LMRecipeConfig(RecipeConfig):
     export: bool = False
     """After training: merge the adapter into a plain model folder out_dir/merged, verified."""
     export_dtype: str = "bfloat16"
-    """dtype of the merged export."""
+    """dtype of the merged export: bfloat16 | float16 | float32; with export_format=gguf f16 | bf16 | q8_0 |
+    q4_k_m | q5_k_m | q6_k (bfloat16 = bf16; K-quants need llama-cpp-python)."""
+    export_format: str = "folder"
+    """folder: the merged model folder out_dir/merged; gguf: also out_dir/model.gguf (+ model.Modelfile), verified."""
     out_dir: str = "runs/lm"
     """Where everything goes (train.out_dir follows it)."""
 
@@ -106,6 +110,10 @@ class LMRecipeConfig(RecipeConfig):
         check_ints(self, ("eval_size",), null="")
         check_numbers(self, ("eval_fraction",), at_least=0, below=1)
         check_bools(self, ("gradient_checkpointing", "upcast_norms", "export"))
+        if self.export_format not in ("folder", "gguf"):
+            raise QLoRAError(f"export_format={self.export_format!r}: use folder or gguf")
+        if self.export and self.export_format == "gguf":
+            self.export_dtype = check_gguf_dtype(self.export_dtype)    # a K-quant without llama_cpp: before training
         if not isinstance(self.data, str) or not self.data.strip():
             raise QLoRAError("data= is empty: give a file, a folder, a Hub data set or wordnet")
 
@@ -254,9 +262,15 @@ def finish(cfg: LMRecipeConfig, model, tokenizer, result, before: Optional[dict]
         if cfg.mode == "full":
             print("export: mode=full has no adapter to merge; the trained model is in out_dir/model")
         else:
-            export = export_verified(model, out / "merged", dtype=cfg.export_dtype, tokenizer=tokenizer)
+            gguf = cfg.export_format == "gguf"
+            dtype = ("float16" if cfg.export_dtype == "f16" else "bfloat16") if gguf else cfg.export_dtype
+            export = export_verified(model, out / "merged", dtype=dtype, tokenizer=tokenizer)
             summary["export"] = {"out": str(export.out), "verification": export.verification}
             failure = None if export.verification.get("passed") is not False else export
+            if gguf and failure is None:       # the GGUF file from the verified merged folder
+                export = export_gguf_verified(out / "merged", out / "model.gguf", cfg.export_dtype)
+                summary["export_gguf"] = {"out": str(export.out), "verification": export.verification}
+                failure = None if export.verification.get("passed") is not False else export
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -18,7 +18,8 @@ import torch
 
 from qlora.data.rows import split_validation
 from qlora.errors import QLoRAError
-from qlora.export import export_merged, summary
+from qlora.export import export_gguf, export_merged, summary
+from qlora.export.gguf_verify import summary_lines
 from qlora.levers.modes import MODES, build_for_mode
 from qlora.lora.inject import count_parameters
 from qlora.train.loop import TrainConfig, TrainingDiverged, train
@@ -84,6 +85,15 @@ def export_verified(model, out, *, dtype: str = "bfloat16", tokenizer=None):
     raises RecipeFailed when result.verification["passed"] is False."""
     result = export_merged(model, out, dtype=dtype, tokenizer=tokenizer, force=True)
     print(summary(result))
+    return result
+
+
+def export_gguf_verified(merged, out, dtype: str):
+    """qlora.export_gguf of a merged folder into `out` (replacing an earlier one), its check printed."""
+    result = export_gguf(merged, None, out, dtype=dtype, force=True, progress=False)
+    print(f"exported {out} (GGUF {result.dtype}, {out.stat().st_size / 2**20:.1f} MiB)")
+    for line in summary_lines(result.verification) + [f"  warning: {w}" for w in result.warnings]:
+        print(line)
     return result
 
 

@@ -105,6 +105,83 @@ def _diff_norm(a: torch.Tensor, b: torch.Tensor, chunk_rows: int = 256) -> float
 
 # ---------------------------------------------------------------- writing
 
+class MergedBase:
+    """The base checkpoint with an adapter merged in, read one converted group at a time: what every export
+    from files writes (the folder here, the GGUF file in qlora.export.gguf). `adapter=None`: the base as is.
+
+        src = MergedBase(base, adapter)
+        for group in src.layout.groups:
+            tensors = src.group_tensors(group)     # {model tensor name: merged tensor}, one group in memory
+        src.layers                                 # a LayerUpdate per merged weight, as they were made
+
+    Everything that can be refused (a mismatched adapter, an FP8 base) is refused here, before any writing."""
+
+    def __init__(self, base, adapter=None, *, merge_onto: str = "dequantized", requantize: str | None = None):
+        if merge_onto not in ("dequantized", "original"):
+            raise QLoRAError(f"merge_onto={merge_onto!r}: use 'dequantized' (the weights the adapter was trained "
+                             "against, default) or 'original' (the unquantized base weights)")
+        self.merge_onto = merge_onto
+        self.folder, self.hf_config, files = base_weight_files(base)
+        _refuse_dequantized_base(self.folder, self.hf_config)
+        self.adapter = adapter
+        self.config = read_adapter_config(adapter) if adapter is not None else None
+        self.tensors = read_adapter_tensors(adapter) if adapter is not None else {}
+        self.settings = settings = (self.config.qlora if self.config is not None else None) or {}
+        self.layout = layout = ModelLayout(self.folder, tensor_specs(files), _config_overrides(settings, self.hf_config))
+        self.experts = _experts_of(layout, adapter, settings, merge_onto, requantize) if adapter is not None else None
+        tensors, experts = self.tensors, self.experts
+        lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k} - (experts.stems if experts else set())
+        self.saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
+        self.transposed = transposed_paths(adapter, settings, lora_paths) if adapter is not None else set()
+        self.updates = adapter_updates(tensors, lora_paths, self.transposed)
+        _check_shapes(self.updates, layout.shapes)      # everything fits before anything is written
+        self.quantized = set(settings.get("quantized_modules", []))
+        self.new_heads = {n: v for n, v in self.saved.items() if n not in layout.group_of}  # modules_to_save only
+        self.layers: list[LayerUpdate] = []
+
+    def seen(self, path: str, w: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight the adapter at `path` (a module, or an experts matrix) saw in training."""
+        if self.merge_onto == "original":
+            return w.float()
+        if self.experts and path in self.experts.quantized:
+            return roundtrip_4bit(w, self.settings)
+        return training_weight(path, w, self.settings)
+
+    def merged(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, LayerUpdate | None]:
+        """What the export holds for model tensor `name` (read as `w`), and the update added to it, if any."""
+        path = name.removesuffix(".weight")
+        if self.experts and name in self.experts.matrices:
+            return self.experts.merge(name, w, self.seen(name, w), self.tensors, self.config)
+        if name.endswith(".weight") and path in self.updates:
+            return _merge_one(path, w, self.updates[path], self.config.scaling_for(path), self.settings,
+                              self.merge_onto)
+        if name.endswith(".weight") and path in self.quantized and self.merge_onto == "dequantized":
+            return self.seen(path, w), None      # a frozen 4-bit layer: written as the weights training used
+        return w, None
+
+    def touched(self, name: str) -> bool:
+        """Whether model tensor `name` differs from the base's (else it may be copied through as stored)."""
+        path = name.removesuffix(".weight")
+        return (name in self.saved or bool(self.experts and name in self.experts.matrices)
+                or name.endswith(".weight") and (path in self.updates
+                                                 or path in self.quantized and self.merge_onto == "dequantized"))
+
+    def group_tensors(self, group) -> dict[str, torch.Tensor]:
+        """{model tensor name: merged tensor} of one group (fp32 where merged, as stored otherwise); each
+        update made is appended to `self.layers`."""
+        made = {}
+        for name, w in self.layout.read(group).items():
+            made[name], update = (self.saved[name], None) if name in self.saved else self.merged(name, w)
+            if update is not None:
+                self.layers.append(update)
+        return made
+
+    def base_tensor(self, path: str) -> tuple[str, torch.Tensor]:
+        """(model tensor name, tensor as stored) of an adapted path: a module (its weight) or an experts matrix."""
+        name = path + ".weight" if path + ".weight" in self.layout.group_of else path
+        return name, self.layout.tensor(name)
+
+
 def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "dequantized", force: bool = False,
                    verify: bool = True, verify_live: bool = True, max_shard_size: int = 2 << 30,
                    progress: bool = True, requantize: str | None = None) -> ExportResult:
@@ -120,46 +197,14 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     out = Path(out)
     if out.exists() and not force:     # before any reading: refused in one line, nothing else said
         staging_folder_for(out, force)
-    folder, hf_config, files = base_weight_files(base)
-    _refuse_dequantized_base(folder, hf_config)
-    config = read_adapter_config(adapter)
-    tensors = read_adapter_tensors(adapter)
-    settings = config.qlora or {}
-    layout = ModelLayout(folder, tensor_specs(files), _config_overrides(settings, hf_config))
-    experts = _experts_of(layout, adapter, settings, merge_onto, requantize)
-    lora_paths = {k.split(".lora_")[0] for k in tensors if ".lora_" in k} - (experts.stems if experts else set())
-    saved = {k.replace(".modules_to_save.default.", "."): v for k, v in tensors.items() if ".lora_" not in k}
-    transposed = transposed_paths(adapter, settings, lora_paths)
-    check_requantize_layout(requantize, transposed)
-    updates = adapter_updates(tensors, lora_paths, transposed)
-    _check_shapes(updates, layout.shapes)      # everything fits before anything is written
+    src = MergedBase(base, adapter, merge_onto=merge_onto, requantize=requantize)
+    layout, saved, updates = src.layout, src.saved, src.updates
+    check_requantize_layout(requantize, src.transposed)
     result = ExportResult(out=out, dtype=dtype_name(dtype), merge_onto=merge_onto)
-    quantized = set(settings.get("quantized_modules", []))
-    rq = result.requantizer = Requantizer.create(requantize, settings, dtype, quantized) if requantize else None
+    src.layers = result.layers
+    rq = result.requantizer = Requantizer.create(requantize, src.settings, dtype, src.quantized) if requantize else None
     if rq is not None:
         _check_requantize_names(layout, rq)
-
-    def seen(path: str, w: torch.Tensor) -> torch.Tensor:
-        """The fp32 weight the adapter at `path` (a module, or an experts matrix) saw in training."""
-        if merge_onto == "original":
-            return w.float()
-        return roundtrip_4bit(w, settings) if experts and path in experts.quantized else training_weight(path, w, settings)
-
-    def merged(name: str, w: torch.Tensor) -> tuple[torch.Tensor, LayerUpdate | None]:
-        """What the export holds for model tensor `name` (read as `w`), and the update added to it, if any."""
-        path = name.removesuffix(".weight")
-        if experts and name in experts.matrices:
-            return experts.merge(name, w, seen(name, w), tensors, config)
-        if name.endswith(".weight") and path in updates:
-            return _merge_one(path, w, updates[path], config.scaling_for(path), settings, merge_onto)
-        if name.endswith(".weight") and path in quantized and merge_onto == "dequantized":
-            return seen(path, w), None           # a frozen 4-bit layer: written as the weights training used
-        return w, None
-
-    def touched(name: str) -> bool:
-        path = name.removesuffix(".weight")
-        return (name in saved or bool(experts and name in experts.matrices) or (rq is not None and rq.wants(name))
-                or name.endswith(".weight") and (path in updates or path in quantized and merge_onto == "dequantized"))
 
     out_specs = {}
     for group in layout.groups:
@@ -167,8 +212,7 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
             if group.converter is None and group.name in saved:
                 shape, in_dtype = tuple(saved[group.name].shape), saved[group.name].dtype
             out_specs[key] = (shape, dtype if in_dtype.is_floating_point else in_dtype)
-    new_heads = {n: v for n, v in saved.items() if n not in layout.group_of}   # modules_to_save not in the base
-    for name, value in new_heads.items():
+    for name, value in src.new_heads.items():
         out_specs[name] = (tuple(value.shape), dtype if value.dtype.is_floating_point else value.dtype)
     plan = plan_shards(rq.expand(out_specs) if rq else out_specs, max_shard_size)
 
@@ -176,17 +220,14 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
     try:
         with ShardedWriter(tmp, plan) as writer:
             for group in tqdm(layout.groups, desc="export", unit="group", disable=not progress):
-                if group.converter is None and not touched(group.name):
+                if group.converter is None and not src.touched(group.name) and not (rq is not None
+                                                                                     and rq.wants(group.name)):
                     (key, _), out_key = group.sources[0], next(iter(group.out))
                     pieces = stream_tensor(layout.specs[key][0], key, out_specs[out_key][1])
                     if pieces is not None:      # copied through in pieces: never whole in memory
                         writer.write_stream(out_key, pieces)
                         continue
-                made = {}
-                for name, w in layout.read(group).items():
-                    made[name], update = (saved[name], None) if name in saved else merged(name, w)
-                    if update is not None:
-                        result.layers.append(update)
+                made = src.group_tensors(group)
                 if rq is not None and rq.wants(group.name):
                     path = group.name.removesuffix(".weight")
                     rq.write(writer, path, made[group.name].float(), result.layers[-1].update_norm
@@ -195,19 +236,16 @@ def export_adapter(base, adapter, out, *, dtype="bfloat16", merge_onto: str = "d
                 for key, t in layout.revert(group, made).items():   # the checkpoint's layout, as save_pretrained
                     writer.write(key, t.to(out_specs[key][1]) if t.is_floating_point() else t)
                 del made
-            for name, value in new_heads.items():
+            for name, value in src.new_heads.items():
                 writer.write(name, value.to(out_specs[name][1]))
-        write_config(tmp, hf_config, dtype, _config_overrides(settings, hf_config),
+        write_config(tmp, src.hf_config, dtype, _config_overrides(src.settings, src.hf_config),
                      rq.quantization_config(out_specs) if rq else None)
-        copy_base_files(folder, tmp)
+        copy_base_files(src.folder, tmp)
         _warn_small_updates(result)
-        if verify:      # an adapted path names a module (its weight) or an experts matrix (itself)
-            def base_tensor(path: str) -> tuple[str, torch.Tensor]:
-                name = path + ".weight" if path + ".weight" in layout.group_of else path
-                return name, layout.tensor(name)
-            result.verification = _verify(tmp, folder, adapter, settings, result, verify_live,
-                                          lambda path: seen(path, base_tensor(path)[1]),
-                                          lambda path: merged(*base_tensor(path))[0])
+        if verify:
+            result.verification = _verify(tmp, src.folder, adapter, src.settings, result, verify_live,
+                                          lambda path: src.seen(path, src.base_tensor(path)[1]),
+                                          lambda path: src.merged(*src.base_tensor(path))[0])
         finish(tmp, out, result)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
