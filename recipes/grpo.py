@@ -6,9 +6,9 @@
 
 Data: rows with a `prompt` (a text, or chat messages rendered with the tokenizer's chat template and its
 generation prompt); every other column is passed to the reward functions by name (recipes/grpo_rewards.py:
-TRL's signature). The default, `arithmetic`, asks "What is A + B?" / "A - B" / "A x B" with small numbers, an
-`answer` and a `format` column (the number only), scored by the built-in `exact_answer` and `format`; its eval
-questions are never trained on.
+TRL's signature). The default, `arithmetic`, asks "What is A + B?" (A, B in 0..30), with an `answer` column
+scored by the built-in `exact_answer` (and `format` / `length` columns for those rewards); its eval questions are
+never trained on.
 
 One step, `train.batch_size` prompts (qlora.train.rollout, qlora.objectives.grpo):
   1. sampling: the policy itself (the same 4-bit base, adapters on, eval mode, no grad, KV cache) writes
@@ -66,7 +66,7 @@ class GRPOConfig(LMRecipeConfig):
     """The keys every causal-LM recipe shares (recipes/causal_lm.py) and GRPO's own below (TRL's names)."""
     data: str = "arithmetic"
     """Prompts: a file / folder / Hub data set with a `prompt` column, or `arithmetic` (built here, offline)."""
-    rewards: list = field(default_factory=lambda: ["exact_answer", "length"])
+    rewards: list = field(default_factory=lambda: ["exact_answer"])
     """Reward functions: built-in names (exact_answer, format, length), path/to/file.py:function, module:function."""
     reward_weights: Optional[list] = None
     """One weight per reward function (None: all 1)."""
@@ -127,24 +127,18 @@ class GRPOConfig(LMRecipeConfig):
 
 
 # ------------------------------------------------------------------------------------------------ data
-def arithmetic_files(folder: Optional[Path] = None, n_train: int = 2000, n_eval: int = 200, seed: int = 0):
-    """(train file, eval file): questions with a checkable `answer` (A, B in 0..30: 2,883 distinct questions);
-    eval questions never in training."""
-    folder = Path(folder or default_cache_dir() / "arithmetic-v3")
+def arithmetic_files(folder: Optional[Path] = None, n_train: int = 800, n_eval: int = 64, seed: int = 0):
+    """(train file, eval file): "What is A + B?" with a checkable `answer` (A, B in 0..30: 961 distinct
+    questions); eval questions never in training. Also a `format` column (the number alone, a regex) and a
+    `length` column (1 word) for the built-in rewards of those names."""
+    folder = Path(folder or default_cache_dir() / "arithmetic-v4")
     train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
     if train_file.is_file() and eval_file.is_file():
         return train_file, eval_file
     rng = random.Random(seed)
-    seen, rows = set(), []
-    while len(rows) < n_train + n_eval:
-        a, b, op = rng.randint(0, 30), rng.randint(0, 30), rng.choice("+-x")
-        if (a, b, op) in seen:
-            continue
-        seen.add((a, b, op))
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        question = f"What is {a} {op} {b}? Reply with the number only."
-        rows.append({"prompt": [{"role": "user", "content": question}], "answer": str(value),
-                     "format": r"\s*-?\d+\.?\s*", "length": 1})         # the number only: one word
+    pairs = rng.sample([(a, b) for a in range(31) for b in range(31)], n_train + n_eval)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b),
+             "format": r"\s*-?\d+\.?\s*", "length": 1} for a, b in pairs]
     folder.mkdir(parents=True, exist_ok=True)
     for path, part in ((train_file, rows[:n_train]), (eval_file, rows[n_train:])):
         tmp = path.with_suffix(".tmp")
