@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import qlora
+from tests.qlora.objectives.test_grpo import _reward_length, _tiny_tokenizer
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),   # TRL configs warn about their own gradient_checkpointing key
               pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
@@ -144,18 +145,6 @@ def test_trl_dpo_trainer_uses_the_same_base_as_its_reference(tmp_path, tiny_fold
     assert any((after[n] - before[n]).abs().max() > 0 for n in before)
     logged = [r for r in trainer.state.log_history if "loss" in r]
     assert logged and all("rewards/accuracies" in r or "rewards/chosen" in r for r in logged), logged
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w1"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w1", pad_token="w0", eos_token="w2")
-
-
-def _reward_length(completions, **kwargs):
-    return [float(len(c)) for c in completions]
 
 
 @pytest.fixture
