@@ -116,12 +116,15 @@ def _greedy_config():
     return GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, pad_token_id=0)
 
 
-def run_llama_cpp(path: Path, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """The same through llama.cpp (llama-cpp-python): every position's logits, then greedy tokens."""
+def run_llama_cpp(path: Path, prompts: list[list[int]], lora: Path | None = None
+                  ) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """The same through llama.cpp (llama-cpp-python): every position's logits, then greedy tokens; `lora`: a LoRA
+    GGUF llama.cpp applies to the model at load (its --lora)."""
     import llama_cpp  # lazy: optional
 
     longest = max(len(p) for p in prompts) + GREEDY_TOKENS
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, longest), logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, longest), logits_all=True, verbose=False,
+                          lora_path=None if lora is None else str(lora))
     logits, greedy = [], []
     for ids in prompts:
         llm.reset()

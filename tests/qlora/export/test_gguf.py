@@ -389,6 +389,35 @@ def test_llama_cpp_runs_the_file(dtype, adapted, tmp_path):
     assert c["top1_agreement_pct"] >= (90 if dtype == "q8_0" else 50), c
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+def test_llama_cpp_applies_the_lora_gguf_to_the_base_gguf(adapted, tmp_path, capsys):
+    """llama.cpp loads our f16 base GGUF with our LoRA GGUF (its --lora) and writes the greedy tokens of the base
+    with the adapter merged by PEFT (an independent merge, into the same unquantized base), and not the base's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora import cli
+    from qlora.export.gguf_verify import run_llama_cpp
+    base_gguf, lora_gguf = tmp_path / "base.gguf", tmp_path / "lora.gguf"
+    assert cli.main(["export", "--base", str(adapted / "base"), "--out", str(base_gguf), "--format", "gguf"]) == 0
+    assert cli.main(["export", "--base", str(adapted / "base"), "--adapter", str(adapted / "adapter"), "--out",
+                     str(lora_gguf), "--format", "gguf", "--adapter-only"]) == 0
+    capsys.readouterr()
+    base = AutoModelForCausalLM.from_pretrained(str(adapted / "base"), dtype=torch.float32).eval()
+    prompts = ids(n=3, seq=10, seed=5).tolist()
+    _, base_greedy = run_llama_cpp(base_gguf, prompts)
+    merged = PeftModel.from_pretrained(base, str(adapted / "adapter")).merge_and_unload().eval()
+    logits, got = run_llama_cpp(base_gguf, prompts, lora=lora_gguf)
+    want = [greedy(merged, torch.tensor([p]), len(g))[0].tolist() for p, g in zip(prompts, got)]
+    assert got == want
+    assert got != base_greedy                                   # the adapter changed what llama.cpp writes
+    with torch.no_grad():
+        ref = merged(torch.tensor(prompts)).logits
+    top1 = torch.stack([(l.argmax(-1) == r.argmax(-1)).float().mean() for l, r in zip(logits, ref)]).mean()
+    assert top1 == 1.0, top1
+
+
 # ------------------------------------------------------------------------------------------- real SmolLM2
 
 @pytest.mark.slow
