@@ -72,9 +72,10 @@ def task_of(arch: str) -> str:
 
 
 def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None, variants=VARIANTS,
-             progress=None, task=None) -> list[dict]:
+             progress=None, task=None, **fields) -> list[dict]:
     """Measured vs predicted for one architecture over the grid; one dict per row. `task`: the arch's own
-    (causal-lm, seq-cls, image-cls) or dpo (a batch of preference pairs, a causal LM's)."""
+    (causal-lm, seq-cls, image-cls), dpo (a batch of preference pairs, a causal LM's) or grpo (seq: the
+    completion length); `fields`: more RunSettings (num_generations, prompt_length, beta, ...)."""
     from memprofile.measure import measure_step
     from qlora.plan import Planner, RunSettings, build, load_config, make_batch
     from qlora.plan.build import loss_fn, measured_optimizer
@@ -82,12 +83,12 @@ def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None
     task = task or task_of(arch)
     config = load_config(TINY[arch])
     seqs = seqs or ((32, 64) if task == "image-cls" else (32, 128))
-    if task not in ("causal-lm", "dpo"):
+    if task not in ("causal-lm", "dpo", "grpo"):
         variants = tuple(dict.fromkeys(("model", opt) for _, opt in variants))
     rows = []
     for conf in configurations:
         for loss, opt in variants:
-            settings = RunSettings(device="cpu", task=task, loss=loss, optimizer=opt).with_configuration(conf)
+            settings = RunSettings(device="cpu", task=task, loss=loss, optimizer=opt, **fields).with_configuration(conf)
             planner = Planner(config, settings)
             for seq in seqs:
                 cfg = config
@@ -96,7 +97,8 @@ def rows_for(arch: str, configurations=CONFIGURATIONS, batches=(1, 4), seqs=None
                 torch.manual_seed(0)
                 model = build(cfg, settings)
                 for batch in batches:
-                    m = measure_step(model, make_batch(cfg, task, batch, seq), loss_fn=loss_fn(settings),
+                    x = make_batch(cfg, task, batch, seq, prompt_length=settings.prompt_length)
+                    m = measure_step(model, x, loss_fn=loss_fn(settings),
                                      optimizer=measured_optimizer(settings), timed_steps=0)
                     p = planner.estimate(batch, seq)
                     mb, pb = m.bytes(), p.bytes()

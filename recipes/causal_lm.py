@@ -37,8 +37,8 @@ from qlora.levers.checkpointing import prepare_for_training
 from qlora.levers.modes import build_for_mode
 from qlora.levers.tiled_mlp import tile_mlps
 from qlora.lora.config import LoraConfig
+from qlora.objectives.rollout import left_padded
 from qlora.train.loop import TrainConfig, check_earlier_run, plot_curves, read_metrics
-from qlora.train.rollout import left_padded
 from qlora.util.checks import check_bools, check_ints, check_numbers
 from qlora.util.dist import is_main_process
 from qlora_recipes.config import RecipeConfig

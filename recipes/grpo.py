@@ -10,7 +10,7 @@ TRL's signature). The default, `arithmetic`, asks "What is A + B?" (A, B in 0..3
 scored by the built-in `exact_answer` (and `format` / `length` columns for those rewards); its eval questions are
 never trained on.
 
-One step, `train.batch_size` prompts (qlora.train.rollout, qlora.objectives.grpo):
+One step, `train.batch_size` prompts (qlora.objectives.rollout, qlora.objectives.grpo):
   1. sampling: the policy itself (the same 4-bit base, adapters on, eval mode, no grad, KV cache) writes
      `num_generations` completions per prompt of at most `max_completion_length` tokens, all rows at once;
   2. rewards: each function on every completion, weighted and summed; advantages relative to the prompt's
@@ -44,8 +44,8 @@ from qlora.bundled import default_cache_dir
 from qlora.errors import QLoRAError
 from qlora.lora.inject import disable_adapters
 from qlora.objectives.grpo import LOSS_TYPES, SCALE_REWARDS, completion_logps, group_advantages, nanstd, policy_loss
+from qlora.objectives.rollout import Sampler
 from qlora.train.loop import TrainConfig, train
-from qlora.train.rollout import Sampler
 from qlora.util.checks import check_ints, check_numbers
 from qlora.util.dist import is_main_process
 from qlora_recipes.causal_lm import (
@@ -246,7 +246,7 @@ def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=r.ref,
                                   max_completion_length=cfg.max_completion_length,
                                   use_bias_correction_kl=cfg.use_bias_correction_kl)
-        loss.metrics = {**r.metrics, **{k: torch.tensor(v) for k, v in stats.items()}}
+        loss.metrics = {**r.metrics, **stats}
         if fresh and cfg.samples_every and calls[0] % (cfg.samples_every * cfg.train.grad_accum) == 0:
             _write_samples(cfg, step + 1, r.examples, r.texts, r.rewards, cfg.num_generations)   # steps 1, 1 + N, ...
         calls[0] += 1
@@ -307,8 +307,10 @@ def main(cfg: GRPOConfig) -> dict:
     evaluate = make_eval(cfg, eval_set, tokenizer, pad_id, scorer) if eval_set else None
     clear_samples(cfg)
     before = evaluate_before(evaluate, model)
+    plan_as = dict(task="grpo", num_generations=cfg.num_generations, beta=cfg.beta, num_iterations=cfg.num_iterations,
+                   prompt_length=max(len(e["prompt_ids"]) for e in train_set), seq=cfg.max_completion_length)
     result = train(model, train_set, lambda examples: {"examples": examples}, loss_fn, cfg.train, eval_fn=evaluate,
-                   on_first_step=report_first_step(cfg))
+                   on_first_step=report_first_step(cfg), plan_as=plan_as)
     after = result.evals[-1][1] if result.evals else None
     if before and after:
         print(f"held-out prompts after {result.steps} steps: mean reward (greedy) {before['reward']:.4f} -> "

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
+import re
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -78,7 +82,7 @@ def export_gguf(base, adapter, out, *, dtype: str = "f16", merge_onto: str = "de
         result.warnings += write_gguf(src, spec, written.with_suffix(".f16.gguf") if f16_first else written,
                                       "f16" if f16_first else name, progress)
         if f16_first:
-            quantize_with_llama_cpp(written.with_suffix(".f16.gguf"), written, name)
+            result.warnings += quantize_with_llama_cpp(written.with_suffix(".f16.gguf"), written, name)
         if modelfile:
             from qlora.export.modelfile import write_modelfile  # lazy: only with the Modelfile
             result.warnings += write_modelfile(tmp / modelfile_name(out), out.name, src.folder)
@@ -207,15 +211,35 @@ def write_tensor(writer, t: torch.Tensor, qtype) -> None:
     writer.write_padding(fout, written)
 
 
-def quantize_with_llama_cpp(f16: Path, out: Path, dtype: str) -> None:
-    """llama.cpp's own K-quant of an f16 GGUF (llama_model_quantize, as its llama-quantize tool)."""
+def quantize_with_llama_cpp(f16: Path, out: Path, dtype: str) -> list[str]:
+    """llama.cpp's own K-quant of an f16 GGUF (llama_model_quantize, as its llama-quantize tool); its log (written
+    by C to the process's stderr) is kept out of the terminal and summed up in the returned warning lines."""
     import llama_cpp  # lazy: optional, only for K-quants
 
     ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
              "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[dtype]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
     if rc != 0:
-        raise QLoRAError(f"llama.cpp's quantizer failed ({rc}) on {f16} -> {dtype}; nothing was written")
+        last = [line for line in text.splitlines() if line.strip()][-1:] or [""]
+        raise QLoRAError(f"llama.cpp's quantizer failed ({rc}) on {f16} -> {dtype}: {last[0].strip()}; "
+                         "nothing was written")
     f16.unlink()
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
+    kinds = sorted(set(re.findall(r"falling back to\s+(\w+)", text)))
+    if not fallback:
+        return []
+    return [f"llama.cpp's {dtype}: {fallback.group(1)} of {fallback.group(2)} tensors have rows that do not split "
+            f"into its 256-value K-quant blocks and were written as {' / '.join(kinds) or 'a fallback type'} "
+            "(as llama-quantize does)"]

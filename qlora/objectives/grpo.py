@@ -69,16 +69,19 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 
 
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                     chunk_size: int = 256) -> torch.Tensor:
-    """[rows, L-1] fp32: log p(input_ids[:, t+1] | ...) where completion_mask[:, t+1] is 1, else 0."""
-    values, _, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size)
+                     chunk_size: int = 256, last_scored: int | None = None) -> torch.Tensor:
+    """[rows, L-1] fp32: log p(input_ids[:, t+1] | ...) where completion_mask[:, t+1] is 1, else 0.
+    `last_scored`: a fake-tensor trace's count of scored positions (qlora.objectives.preference.scored_logps)."""
+    values, _, scored = scored_logps(model, input_ids, attention_mask, completion_mask, chunk_size,
+                                     last_scored=last_scored)
     if values.shape[0] == scored.numel():          # every position scored (as a fake trace scores them)
         return values.view(scored.shape)
     return values.new_zeros(scored.shape).masked_scatter(scored, values)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor (no device sync here; a fake-tensor trace has no value to give)."""
+    return ((x * mask).sum() / mask.sum().clamp(min=1.0)).detach()
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,

@@ -62,16 +62,19 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 
 def scored_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor,
-                 chunk_size: int = 256, router_outputs: list | None = None, **media):
+                 chunk_size: int = 256, router_outputs: list | None = None, last_scored: int | None = None, **media):
     """(log p of each scored token [M] fp32, its row [M], the scored positions [N, L-1] bool): what
-    sequence_logps sums per row (and GRPO keeps per token)."""
+    sequence_logps sums per row (and GRPO keeps per token). `last_scored` (fake tensors only): the scored
+    positions are each row's last k (a GRPO rollout's completions), not every position but the first."""
     scored = completion_mask[:, 1:].bool()                                  # [N, L-1]
     n, length = scored.shape
     rows = torch.arange(n, device=input_ids.device)[:, None].expand_as(scored)
     if is_fake(input_ids):
         # a memory plan on fake tensors has no values to select with: its batch scores every position but the
-        # first (qlora.plan.build.preference_batch), which the same bytes give without a data-dependent shape
-        pick = lambda t: t.reshape(n * length, *t.shape[2:])              # noqa: E731
+        # first (qlora.plan.build.preference_batch) or its last `last_scored` (qlora.plan.grpo), which the same
+        # bytes give without a data-dependent shape
+        k = last_scored or length
+        pick = lambda t: t[:, length - k:].reshape(n * k, *t.shape[2:])   # noqa: E731
     else:
         pick = lambda t: t[scored]                                         # noqa: E731
     rows, targets = pick(rows), pick(input_ids[:, 1:])                      # [M]: the scored positions

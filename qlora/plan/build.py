@@ -33,6 +33,7 @@ from qlora.levers.tiled_mlp import TiledMLP, tile_mlps
 from qlora.objectives.losses import causal_lm_loss
 from qlora.objectives.preference import preference_step
 from qlora.optim import make_optimizer
+from qlora.plan.grpo import grpo_step, prompt_batch
 from qlora.plan.settings import TASKS, RunSettings
 from qlora.quant.convert import quantize_model
 from qlora.quant.load import load_4bit as load
@@ -215,8 +216,9 @@ def first_blocks(model, total: int, n: int):
     return root
 
 
-def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
-    """Inputs of one step: token ids [batch, seq] (+labels), or pixels [batch, c, seq, seq]."""
+def make_batch(config, task: str, batch: int, seq: int, seed: int = 0, prompt_length: int = 512) -> dict:
+    """Inputs of one step: token ids [batch, seq] (+labels), pixels [batch, c, seq, seq], or (grpo) prompts
+    [batch, prompt_length] and the completion length seq."""
     gen = torch.Generator().manual_seed(seed)
     config = config if task == "image-cls" else text_config(config)
     if task == "image-cls":
@@ -224,6 +226,8 @@ def make_batch(config, task: str, batch: int, seq: int, seed: int = 0) -> dict:
         return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), generator=gen)}
     if task == "dpo":
         return preference_batch(torch.randint(0, config.vocab_size, (2 * batch, seq), generator=gen))
+    if task == "grpo":
+        return prompt_batch(torch.randint(0, config.vocab_size, (batch, prompt_length), generator=gen), seq)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=gen)
     if task == "causal-lm":
         return {"input_ids": ids, "labels": ids.clone(), **no_cache(config)}
@@ -236,7 +240,7 @@ def no_cache(config) -> dict:
     return {"use_cache": False} if getattr(config, "use_cache", False) else {}
 
 
-def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
+def fake_batch(config, task: str, batch: int, seq: int, dtype, prompt_length: int = 512) -> dict:
     """make_batch's shapes and dtypes, built under fake tensors (values do not matter)."""
     config = config if task == "image-cls" else text_config(config)
     if task == "image-cls":
@@ -244,6 +248,8 @@ def fake_batch(config, task: str, batch: int, seq: int, dtype) -> dict:
                 "labels": torch.zeros(batch, dtype=torch.long)}
     if task == "dpo":
         return preference_batch(torch.zeros(2 * batch, seq, dtype=torch.long))
+    if task == "grpo":
+        return prompt_batch(torch.zeros(batch, prompt_length, dtype=torch.long), seq)
     ids = torch.zeros(batch, seq, dtype=torch.long)
     labels = ids.clone() if task == "causal-lm" else torch.zeros(batch, dtype=torch.long)
     return {"input_ids": ids, "labels": labels, **no_cache(config)}
@@ -263,7 +269,7 @@ def loss_fn(settings: RunSettings, offloader=None):
     """None (the model's own loss) or qlora's chunked loss, as memprofile's step calls it; with
     settings.offload_activations, forward and loss run under qlora.levers.offload with `offloader` (an
     Offloader class; default TracedOffloader: the host copies count as host memory in a trace)."""
-    own = settings.task not in ("causal-lm", "dpo") or (settings.task == "causal-lm" and settings.loss == "model")
+    own = settings.task not in ("causal-lm", "dpo", "grpo") or (settings.task == "causal-lm" and settings.loss == "model")
     if own and not settings.offload_activations:
         return None
     size = settings.loss_chunk_size
@@ -271,6 +277,8 @@ def loss_fn(settings: RunSettings, offloader=None):
     def chunked(model, batch):
         if settings.task == "dpo":
             return preference_step(model, batch, chunk_size=size)
+        if settings.task == "grpo":
+            return grpo_step(model, batch, settings)
         if own:
             return default_loss(call_model(model, batch), batch)
         media = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "use_cache")}

@@ -122,7 +122,7 @@ class Planner:
                 host_is_device=self.settings.device == "cpu"), "the training step")
 
     def _batch(self, model, batch: int, seq: int) -> dict:
-        out = fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype)
+        out = fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype, self.settings.prompt_length)
         if self._pixels is None:
             return out
         return with_images(model, out, self._pixels, self._image_tokens, self.settings.images)

@@ -14,10 +14,12 @@ from qlora.util.checks import check_bools, check_ints
 from qlora.util.dtypes import dtype_name, resolve_dtype
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
-         "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM"}
+         "image-cls": "AutoModelForImageClassification", "dpo": "AutoModelForCausalLM", "grpo": "AutoModelForCausalLM"}
 """dpo: preference tuning (qlora.objectives.preference.preference_step): a batch of B pairs is 2B rows of seq tokens,
 every token but the first a response token (the most the chunked log-probs can hold), a reference pass without
-gradients (adapters off) before the policy's forward and backward."""
+gradients (adapters off) before the policy's forward and backward.
+grpo: online RL (qlora.plan.grpo): a batch of B prompts of `prompt_length` tokens, `num_generations` completions
+of `seq` tokens each sampled with the KV cache, then the training step on those B x num_generations rows."""
 LOSSES = ("chunked", "model")
 
 
@@ -48,7 +50,8 @@ class RunSettings:
     device: str = "cuda"
     """Device the run will use: resolves compute_dtype auto."""
     task: str = "causal-lm"
-    """causal-lm | seq-cls | image-cls | dpo (a batch of B preference pairs: 2B rows)."""
+    """causal-lm | seq-cls | image-cls | dpo (a batch of B preference pairs: 2B rows) | grpo (B prompts, B x
+    num_generations rows; seq is the completion length)."""
     checkpoint_blocks: Optional[int] = None
     """With checkpointing: checkpoint only the first k blocks (None: every block; 0: none). A block
     left out keeps its activations and skips its recompute (qlora.prepare_for_training(checkpoint_blocks=k))."""
@@ -64,6 +67,14 @@ class RunSettings:
     """Images per sequence of an image-text model (qlora.plan.images): their tokens are part of the seq."""
     image_size: Optional[int] = None
     """Side of each image in pixels (None: the vision config's image_size, or 448)."""
+    num_generations: int = 8
+    """grpo: completions sampled per prompt (TRL's default): the step's rows are batch x num_generations."""
+    prompt_length: int = 512
+    """grpo: tokens of each prompt (TRL's max_prompt_length default); seq is the completion length."""
+    beta: float = 0.0
+    """grpo: > 0 adds the reference pass (adapters off, no grad) over every row, as the KL term needs."""
+    num_iterations: int = 1
+    """grpo: > 1 adds the sampling policy's log-probs (no grad) over every row."""
 
     def __post_init__(self):
         choices = {"mode": MODES, "loss": LOSSES, "optimizer": OPTIMIZERS, "task": tuple(TASKS),
@@ -71,7 +82,9 @@ class RunSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise QLoRAError(f"{name}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
-        check_ints(self, ("lora_r", "loss_chunk_size"))
+        check_ints(self, ("lora_r", "loss_chunk_size", "num_generations", "prompt_length", "num_iterations"))
+        if not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise QLoRAError(f"beta={self.beta!r}: use a number >= 0")
         check_bools(self, ("checkpointing", "offload_activations"))
         check_ints(self, ("mlp_tile", "mlp_tile_min_tokens", "images"), minimum=0)
         check_ints(self, ("image_size",), null="the vision config's")
@@ -109,6 +122,11 @@ class RunSettings:
         if self.task == "dpo":
             loss = (f"preference pairs (2 rows each), chunked log-probs ({self.loss_chunk_size} tokens), "
                     "a reference pass without gradients")
+        elif self.task == "grpo":
+            loss = (f"GRPO: {self.num_generations} completions per prompt of {self.prompt_length} tokens sampled with "
+                    f"the KV cache, then chunked log-probs ({self.loss_chunk_size} tokens)"
+                    + (", a reference pass without gradients" if self.beta else "")
+                    + (", the sampling policy's log-probs" if self.num_iterations > 1 else ""))
         elif self.task != "causal-lm":
             loss = "the model's own loss"
         lora = (f"LoRA r={self.lora_r} alpha={self.lora_alpha:g} dropout={self.lora_dropout:g} on "

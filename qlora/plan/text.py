@@ -40,6 +40,10 @@ def format_plan(result: dict) -> str:
              f"assumed (qlora train's defaults unless given): {s.describe().split(': ', 1)[1]}"]
     if result.get("note"):
         lines.append(result["note"])
+    if s.task == "grpo":
+        lines.append(f"grpo: a batch counts prompts, each with {s.num_generations} completions (batch x "
+                     f"{s.num_generations} rows); seq is the completion length, after prompts of {s.prompt_length} "
+                     "tokens; the peak is the larger of generation (the KV cache of every row) and the training step")
     if result["moe"]:
         lines.append("mixture of experts: the routed rows (tokens x top_k) are the same for any routing; "
                      "lora/qlora run the experts as qlora's grouped matmuls, dequantizing a layer's matrix at once "

@@ -4,7 +4,6 @@
     checkpoints.py  save / resume, safetensors only   metrics.py  metrics.jsonl, curves.png, first-step peak
     budget.py       train.memory_budget via the planner
     hf.py           for_trainer: transformers' Trainer / TRL's trainers on a qlora model
-    rollout.py      Sampler: completions sampled from the trained model itself (online RL), one interface
 """
 from qlora.optim import OPTIMIZERS
 from qlora.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint

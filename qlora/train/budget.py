@@ -23,12 +23,13 @@ from qlora.util.dtypes import dtype_name
 from qlora.util.sizes import parse_size
 
 
-def apply_memory_budget(model, train_set, collate, config, log):
+def apply_memory_budget(model, train_set, collate, config, log, plan_as: Optional[dict] = None):
     """(config with batch_size / grad_accum chosen for config.memory_budget, the predicted peak); the
     fewest checkpointed blocks that fit are switched on in `model`. Without a budget: (config, None)."""
     if not config.memory_budget:
         return config, None
-    config, predicted_peak, blocks = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget))
+    config, predicted_peak, blocks = fit_to_budget(model, train_set, collate, config, parse_size(config.memory_budget),
+                                                   plan_as)
     ckpt = ""
     if blocks is not None:   # fewer blocks recomputed: faster steps in the same budget
         enable_checkpointing(model, blocks=blocks)
@@ -70,20 +71,26 @@ def settings_of(model, train_config) -> RunSettings:
     return RunSettings(**fields)
 
 
-def fit_to_budget(model, train_set, collate, train_config, budget: int):
+def fit_to_budget(model, train_set, collate, train_config, budget: int, plan_as: Optional[dict] = None):
     """(train_config with batch_size and grad_accum chosen so that batch_size * grad_accum examples
     per step fit in `budget` bytes, the predicted peak at that micro-batch, checkpoint_blocks). The
     sequence length is that of a collated batch of the configured size; a batch with a completion_mask is
     planned as preference pairs (task dpo). With checkpointing on, the
     micro-batch is chosen with every block checkpointed, then `checkpoint_blocks` is the fewest
     (the first k) that still fit at it (each block left out skips its recompute): None when all are
-    needed (or checkpointing is off); the peak is the one with k blocks."""
-    sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
+    needed (or checkpointing is off); the peak is the one with k blocks. `plan_as`: RunSettings fields and `seq`
+    for a batch whose tensors do not say how it is planned (GRPO: its prompts become rows the step samples)."""
     settings = settings_of(model, train_config)
-    if "completion_mask" in sample:        # TRL's preference layout: batch_size pairs, 2 rows each
-        settings = replace(settings, task="dpo")
-    x = sample.get("input_ids", sample.get("pixel_values"))
-    seq = int(x.shape[-1])
+    if plan_as is not None:
+        fields = dict(plan_as)
+        seq = int(fields.pop("seq"))
+        settings = replace(settings, **fields)
+    else:
+        sample = collate([train_set[i] for i in range(min(len(train_set), train_config.batch_size))])
+        if "completion_mask" in sample:        # TRL's preference layout: batch_size pairs, 2 rows each
+            settings = replace(settings, task="dpo")
+        x = sample.get("input_ids", sample.get("pixel_values"))
+        seq = int(x.shape[-1])
     planner = Planner(model.config, settings)
     effective = train_config.batch_size * train_config.grad_accum
     largest = planner.largest_batch(budget, seq, max_batch=effective)

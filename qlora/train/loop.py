@@ -69,19 +69,20 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 
 def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainConfig,
-          eval_fn: Optional[Callable] = None, on_first_step: Optional[Callable[[TrainResult], None]] = None
-          ) -> TrainResult:
+          eval_fn: Optional[Callable] = None, on_first_step: Optional[Callable[[TrainResult], None]] = None,
+          plan_as: Optional[dict] = None) -> TrainResult:
     """Train the parameters of `model` that require grad.
 
     `collate(list_of_examples) -> batch`; `loss_fn(model, batch) -> scalar loss`;
     `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad); `on_first_step(result)` once, on
-    the main process, when the first optimizer step's peak memory and time are in `result`."""
+    the main process, when the first optimizer step's peak memory and time are in `result`. `plan_as`: how
+    train.memory_budget plans a batch whose tensors do not say (qlora.train.budget.fit_to_budget)."""
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
                               gradient_accumulation_steps=config.grad_accum,
                               cpu=not torch.cuda.is_available())
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    config, predicted_peak = apply_memory_budget(model, train_set, collate, config, accelerator.print)
+    config, predicted_peak = apply_memory_budget(model, train_set, collate, config, accelerator.print, plan_as)
     accelerator.gradient_accumulation_steps = config.grad_accum
     total = _total_steps(len(train_set), config, accelerator.process_index, accelerator.num_processes)
     if not any(p.requires_grad for p in model.parameters()):

@@ -16,7 +16,7 @@ import torch
 import qlora
 from qlora.errors import QLoRAError
 from qlora.objectives.grpo import completion_logps
-from qlora.train.rollout import Sampler
+from qlora.objectives.rollout import Sampler
 from qlora_recipes.grpo_rewards import exact_answer, load_rewards, score
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,6 +118,24 @@ def test_grpo_runs_end_to_end_and_logs_trls_names(tmp_path, tiny_chat_model):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "reward" in summary["eval_before"]
 
+
+
+def test_memory_budget_plans_the_grpo_step(tmp_path, tiny_chat_model, capsys):
+    """train.memory_budget plans B prompts x num_generations rows (task grpo: generation, then training on them):
+    the micro-batch it picks is the planner's largest number of prompts that fits, not of rows."""
+    from qlora.cli import main
+    rows = [{"prompt": f"What is {a} + 1?", "answer": str(a + 1)} for a in range(8)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "grpo", f"model={tiny_chat_model}", f"data={data}", "eval_fraction=0", "train.batch_size=4",
+            "train.max_steps=1", "train.progress=false", "num_generations=3", "max_completion_length=4", "mode=lora"]
+    assert main([*args, f"out_dir={tmp_path / 'a'}", "train.memory_budget=4GiB"]) == 0
+    said = capsys.readouterr().out
+    assert "memory_budget 4GiB: batch_size=4 grad_accum=1" in said, said
+    predicted = float(said.split("predicted peak ")[1].split(" GiB")[0]) * 2**30
+    assert main([*args, f"out_dir={tmp_path / 'b'}", f"train.memory_budget={int(predicted * 0.9)}"]) == 0
+    said = capsys.readouterr().out
+    assert "batch_size=2 grad_accum=2" in said or "batch_size=3 grad_accum=2" in said, said
 
 
 def test_num_iterations_reuses_each_sampled_batch_against_its_sampling_policy(tiny_llama, monkeypatch):

@@ -103,6 +103,26 @@ def test_family_round_trips_through_transformers(family, tmp_path, smol_tok_dir)
     assert torch.equal(greedy(model, ids(seed=3)), greedy(got, ids(seed=3)))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_runs_in_llama_cpp(family, tmp_path, smol_tok_dir):
+    """llama.cpp itself (not a reader of ours or transformers') runs each family's f16 file: its logits at every
+    position and its greedy tokens are the transformers model's."""
+    from qlora.export.gguf import export_gguf
+    from qlora.export.gguf_verify import run_llama_cpp
+    model = build(family, tmp_path / "base", smol_tok_dir)
+    export_gguf(tmp_path / "base", None, tmp_path / "m.gguf", dtype="f16", verify=False, modelfile=False,
+                progress=False)
+    prompts = ids(n=2, seq=10, seed=7).tolist()
+    logits, got = run_llama_cpp(tmp_path / "m.gguf", prompts)
+    with torch.no_grad():
+        want = model(torch.tensor(prompts)).logits
+    for mine, ref in zip(logits, want):
+        assert float((mine - ref).norm() / ref.norm()) <= F16_REL and torch.equal(mine.argmax(-1), ref.argmax(-1))
+    assert got == [greedy(model, torch.tensor([p]), len(g))[0].tolist() for p, g in zip(prompts, got)]
+
+
 def test_without_the_permutation_the_reader_disagrees(tmp_path, smol_tok_dir, monkeypatch):
     """The q/k permutation is what makes Llama round-trip: writing q/k unpermuted is detected by the check."""
     import qlora.export.gguf_names as names

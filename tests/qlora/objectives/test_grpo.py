@@ -63,7 +63,7 @@ def test_loss_gradients_and_metrics_equal_trl(loss_type, beta, bias_kl):
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-6, atol=1e-7)
     names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] + (["kl"] if beta else [])
     for name in names:
-        assert stats[name] == pytest.approx(metrics[name], abs=1e-6), name
+        assert float(stats[name]) == pytest.approx(metrics[name], abs=1e-6), name
     assert 0 < stats["clip_ratio/low_mean"] and 0 < stats["clip_ratio/high_mean"]
 
 

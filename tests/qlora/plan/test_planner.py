@@ -48,6 +48,21 @@ def test_planner_predicts_the_measured_preference_step(arch, conf, opt, batch, s
                          task="dpo"))
 
 
+@pytest.mark.parametrize("arch,conf,batch,seq,fields", [
+    ("llama", "qlora-ckpt", 2, 32, {}), ("gpt_oss", "qlora", 1, 32, {"beta": 0.04}),   # sliding window 16 < 24 + 32
+    ("qwen3_moe", "qlora-ckpt", 1, 32, {"num_iterations": 2}),
+    ("qwen3", "qlora-ckpt", 1, 160, {"num_generations": 8})])        # long completions
+def test_planner_predicts_the_measured_grpo_step(arch, conf, batch, seq, fields):
+    """task grpo: B prompts x num_generations rows written by the recipe's own Sampler (model.generate with its KV
+    cache, measured) against the traced prefill, cache growth and decode step (predicted), then the reference /
+    old log-probs (no grad) and the training step on those rows (the peak here; the generation on its own:
+    test_grpo_plan.py)."""
+    fields = {"num_generations": 4, "prompt_length": 24, **fields}
+    rows = rows_for(arch, configurations=(conf,), batches=(batch,), seqs=(seq,), variants=(("chunked", "adamw"),),
+                    task="grpo", **fields)
+    assert_rows(rows)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", REQUIRED + ("gpt2",))
 def test_the_whole_sweep_is_within_the_bounds(arch):
@@ -240,5 +255,11 @@ def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
     assert dpo.returncode == 0 and "preference pairs (2 rows each)" in dpo.stdout, dpo.stderr[-2000:]
     batch = lambda out: int(out.splitlines()[-1].split("train.batch_size=")[1].split()[0])   # noqa: E731
     assert batch(dpo.stdout) < batch(ok.stdout)         # a pair is two rows and a reference pass
+    grpo = run("--model", str(config), "--memory", "64MiB", "--configs", "qlora-ckpt", "--seq", "32", "--device", "cpu",
+               "--task", "grpo", "--num-generations", "4", "--prompt-length", "32", "--effective-batch", "64")
+    assert grpo.returncode == 0 and "4 completions per prompt of 32 tokens" in grpo.stdout, grpo.stderr[-2000:]
+    assert "grpo: a batch counts prompts" in grpo.stdout
+    largest = lambda out: int(next(r for r in out.splitlines() if r.startswith("| qlora-ckpt |")).split("|")[3])  # noqa: E731
+    assert 0 < 4 * largest(grpo.stdout) <= largest(ok.stdout)   # a prompt is 4 rows of 64 tokens, and generation
     bad = run("--model", str(config), "--memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory" in bad.stderr
