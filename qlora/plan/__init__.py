@@ -6,6 +6,7 @@ fake tensors (memprofile.trace), no weights and no device.
     table.py     plan(): the rows, the recommendation, FSDP, levers  text.py  the plan as the CLI prints it
     sweep.py     measured vs predicted over configurations (qlora profile)
     images.py    an image-text model's images in a step: the processor's tensors, the model's token count
+    grpo.py      a GRPO step: generation through the model's own KV cache, then training on its rows
 """
 from qlora.plan.build import (
                               apply_levers,

@@ -14,9 +14,12 @@ prompts of different lengths are, when B > 1) and the completion length T. The s
 On real tensors (a measured step) generation is the recipe's own sampler (qlora.objectives.rollout.Sampler), made to
 write exactly T tokens (its EOS id is one the model never samples). On fake tensors `generate` cannot run (it
 stops on values), so its memory is built from the same model calls: a prefill of the B x G prompts that fills
-the model's own cache (logits of the last position only, as generate asks), the cache grown to P + T - 1 tokens
+the model's own cache (logits of the last position only, as generate asks), the cache grown to P + T - 2 tokens
 through its own `update` (each layer as its class keeps it: all tokens, a sliding window, or none for a
-linear-attention state), then one decode step with generate's fp32 logits and sampling probabilities. Step 3
+linear-attention state), then the last two decode steps with the tensors of generate's sampling loop (an fp32
+copy of the last logits and the probabilities, [rows, vocab] each; the previous step's are still alive when the
+next are made). Logits processors (temperature != 1, top-k, top-p) would add a [rows, vocab] copy each: not
+modelled (the recipe's and TRL's defaults use none). Step 3
 scores the last T positions of every row (completions that run to max_completion_length: the most they hold).
 """
 from __future__ import annotations
@@ -89,20 +92,29 @@ def _traced_generation(model, ids: torch.Tensor, mask: torch.Tensor, T: int):
     out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)   # prefill: cache of P
     cache = out.cache
     del out
+    steps = min(2, T)                                     # decode steps run as generate runs them (below)
     for layer in getattr(cache, "layers", ()):            # each layer grown as its own class keeps tokens
         keys = getattr(layer, "keys", None)
         if not (isinstance(keys, torch.Tensor) and keys.dim() == 4 and hasattr(layer, "update")):
             continue                                      # a linear-attention state: the same size at any length
-        window, left = getattr(layer, "sliding_window", None), T - 1
+        window, left = getattr(layer, "sliding_window", None), T - steps
         while left:     # in pieces no longer than the window, the last of one token: what generate's steps leave
             n = 1 if left == 1 else min(left - 1, window or left)
             new = keys.new_zeros(1, 1, 1, 1).expand(keys.shape[0], keys.shape[1], n, keys.shape[3])   # no bytes
             layer.update(new, new)
             left -= n
     full = None if mask is None else torch.cat([mask, mask.new_ones(rows, T)], 1)      # [rows, P + T]
-    step = model(input_ids=ids[:, -1:], attention_mask=full, cache=cache, use_cache=True)
-    probs = torch.softmax(step.logits[:, -1, :].float(), -1)                             # [rows, V] fp32
-    del step, probs, cache
+    # the last decode steps with generate's sampling loop's tensors and lifetimes (transformers' _sample: an fp32
+    # copy of the last logits, the probabilities, the next tokens; the previous step's are alive until rebound)
+    tokens = ids[:, -1:]
+    for t in range(T - steps, T):
+        step = model(input_ids=tokens, attention_mask=None if full is None else full[:, :P + t + 1], cache=cache,
+                     use_cache=True)
+        next_logits = step.logits[:, -1].to(copy=True, dtype=torch.float32)           # [rows, V] fp32
+        probs = torch.softmax(next_logits, -1)                                         # [rows, V] fp32
+        tokens = probs.argmax(-1, keepdim=True)          # multinomial's shape (its values do not matter here)
+        del step
+    del next_logits, probs, cache
     ids = torch.cat([ids, ids.new_zeros(rows, T)], 1)
     comp = torch.cat([torch.zeros_like(ids[:, :P]), ids.new_ones(rows, T)], 1)
     return ids, full, comp

@@ -22,10 +22,14 @@ from qlora.plan.grpo import _sampled, _traced_generation
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("arch,batch", [("llama", 2), ("llama", 1), ("gpt_oss", 2)])   # gpt_oss: sliding window 16
-def test_traced_generation_allocates_what_the_sampler_does(arch, batch):
+@pytest.mark.parametrize("arch,batch,vocab", [("llama", 2, 512), ("llama", 1, 512), ("gpt_oss", 2, 512),
+                                              ("llama", 2, 49152)])
+def test_traced_generation_allocates_what_the_sampler_does(arch, batch, vocab):
+    """gpt_oss: a sliding window of 16 tokens; vocab 49152 (SmolLM2's): the sampling loop's [rows, vocab] tensors
+    are most of it (four are alive at its peak: this step's logits and their fp32 copy, the last step's copy and
+    probabilities)."""
     G, P, T = 4, 12, 40
-    config = load_config({**TINY[arch], "num_key_value_heads": 4})      # a cache as large as it gets
+    config = load_config({**TINY[arch], "num_key_value_heads": 4, "vocab_size": vocab})   # a cache as large as it gets
     settings = RunSettings(device="cpu", task="grpo", num_generations=G, prompt_length=P)
     torch.manual_seed(0)
     model = build(config, settings)
