@@ -22,6 +22,8 @@ One step, `train.batch_size` prompts (qlora.objectives.rollout, qlora.objectives
      the sampling policy's log-probs, computed once with no grad) is trained on for N optimizer steps, the ratio
      taken against those old log-probs; the prompts the loop hands in on steps 2..N of a cycle are not used (TRL's
      sampler repeats its prompts instead), and a run resumed from a checkpoint samples afresh at once.
+With train.grad_accum > 1 a step's micro-batches are all sampled before the first one's forward (TRL's generation
+batch; one micro-batch's rows at a time): scale_rewards=batch and dapo's token count cover the whole step.
 Logged with TRL's names: reward, reward_std, rewards/<name>/mean, frac_reward_zero_std, completions/mean_length,
 completions/clipped_ratio, kl (beta > 0), clip_ratio/low_mean, high_mean, region_mean (metrics.jsonl, the log,
 curves.png); sampled completions with their rewards in samples.jsonl every `samples_every` steps; the held-out
@@ -197,7 +199,7 @@ class Rollout:
     ids: torch.Tensor            # [rows, L] prompt + completion (left-padded prompts)
     attn: torch.Tensor           # [rows, L]
     comp: torch.Tensor           # [rows, L] 1 on completion tokens
-    advantages: torch.Tensor     # [rows]
+    advantages: Optional[torch.Tensor]   # [rows] (sample_step's, over the whole step)
     rewards: torch.Tensor        # [rows] (NaN: no reward function scored the row)
     texts: list
     metrics: dict                # reward metrics with TRL's names
@@ -206,13 +208,13 @@ class Rollout:
 
 
 def sample_rollout(cfg: GRPOConfig, model, examples: list[dict], tokenizer, pad_id: int, scorer: Scorer) -> Rollout:
-    """Steps 1-3 of the module docstring, and the sampling policy's log-probs when the batch is reused."""
+    """Steps 1 and 3 of the module docstring for one micro-batch (its rewards, the reference's log-probs), and the
+    sampling policy's log-probs when the batch is reused; the advantages are sample_step's."""
     G = cfg.num_generations
     sampler = Sampler(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_new_tokens=cfg.max_completion_length,
                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     roll = sampler([e["prompt_ids"] for e in examples], n=G)
     rewards, metrics, texts = scorer(examples, roll.completions, G)
-    adv = group_advantages(rewards, G, cfg.scale_rewards)
     device = next(model.parameters()).device
     ids, attn, comp = roll.input_ids.to(device), roll.attention_mask.to(device), roll.completion_mask.to(device)
     ref = old = None
@@ -223,35 +225,58 @@ def sample_rollout(cfg: GRPOConfig, model, examples: list[dict], tokenizer, pad_
         if cfg.num_iterations > 1:
             old = completion_logps(model, ids, attn, comp, cfg.loss_chunk_size)
     lengths = roll.completion_mask.sum(1).float()
-    metrics = {"reward": torch.nanmean(rewards), "reward_std": torch.nan_to_num(nanstd(rewards)),
-               "frac_reward_zero_std": torch.tensor(adv.frac_zero_std), **metrics,
+    metrics = {"reward": torch.nanmean(rewards), "reward_std": torch.nan_to_num(nanstd(rewards)), **metrics,
                "completions/mean_length": lengths.mean(), "completions/clipped_ratio": roll.clipped.float().mean()}
-    return Rollout(examples, ids, attn, comp, adv.values.to(device), rewards, texts, metrics, ref, old)
+    return Rollout(examples, ids, attn, comp, None, rewards, texts, metrics, ref, old)
+
+
+def sample_step(cfg: GRPOConfig, model, batches: list[list[dict]], tokenizer, pad_id: int, scorer: Scorer) -> list:
+    """Steps 1-3 for every micro-batch of a step, as TRL's generation batch: sampled one micro-batch at a time (the
+    planner's generation), the advantages over all of them (scale_rewards=batch: the whole step's std)."""
+    rollouts = [sample_rollout(cfg, model, examples, tokenizer, pad_id, scorer) for examples in batches]
+    adv = group_advantages(torch.cat([r.rewards for r in rollouts]), cfg.num_generations, cfg.scale_rewards)
+    for r, values in zip(rollouts, adv.values.split([len(r.rewards) for r in rollouts])):
+        r.advantages = values.to(r.ids.device)
+        r.metrics["frac_reward_zero_std"] = torch.tensor(adv.frac_zero_std)
+    return rollouts
 
 
 def make_loss(cfg: GRPOConfig, tokenizer, pad_id: int, scorer: Scorer):
-    """loss_fn(model, batch): a fresh rollout on the first of every num_iterations steps (one per micro-batch of the
-    step), the same one reused on the others; the clipped loss of the policy's current log-probs."""
-    calls = [0]
-    rollouts = {}                 # micro-batch slot within the step -> its rollout
+    """(prepare_step, loss_fn) for qlora.train.train. prepare_step(model, batches), with a step's grad_accum
+    micro-batches before the first one's forward: on the first of every num_iterations steps, sample_step on them
+    and their completion tokens counted over every process (dapo's normaliser: TRL's num_items_in_batch); on the
+    others the same rollouts again. loss_fn(model, batch): the clipped loss of the step's next micro-batch,
+    through the policy's current log-probs. With dapo, each micro-batch's token sum is divided by the step's
+    tokens / (grad_accum x processes): the loop divides each loss by grad_accum and DDP averages the processes,
+    so the step's gradient is that of the sum over all of its completion tokens / their count, as TRL's."""
+    state = {"step": 0, "slot": 0, "rollouts": [], "tokens": None}
+
+    def prepare_step(model, batches):
+        step = state["step"]
+        if step % cfg.num_iterations == 0 or len(state["rollouts"]) != len(batches):
+            state["rollouts"] = sample_step(cfg, model, [b["examples"] for b in batches], tokenizer, pad_id, scorer)
+            tokens = sum(r.comp.sum() for r in state["rollouts"]).float()
+            shards = len(batches)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(tokens)
+                shards *= torch.distributed.get_world_size()
+            state["tokens"] = tokens / shards
+            if cfg.samples_every and step % cfg.samples_every == 0:
+                for r in state["rollouts"]:                                       # steps 1, 1 + N, ...
+                    _write_samples(cfg, step + 1, r.examples, r.texts, r.rewards, cfg.num_generations)
+        state["step"], state["slot"] = step + 1, 0
 
     def loss_fn(model, batch):
-        slot, step = calls[0] % cfg.train.grad_accum, calls[0] // cfg.train.grad_accum
-        fresh = step % cfg.num_iterations == 0 or slot not in rollouts
-        if fresh:
-            rollouts[slot] = sample_rollout(cfg, model, batch["examples"], tokenizer, pad_id, scorer)
-        r = rollouts[slot]
+        r = state["rollouts"][state["slot"]]
+        state["slot"] += 1
         logps = completion_logps(model, r.ids, r.attn, r.comp, cfg.loss_chunk_size)
         loss, stats = policy_loss(logps, r.old, r.advantages, r.comp[:, 1:], loss_type=cfg.loss_type,
                                   epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logps=r.ref,
-                                  max_completion_length=cfg.max_completion_length,
+                                  max_completion_length=cfg.max_completion_length, tokens=state["tokens"],
                                   use_bias_correction_kl=cfg.use_bias_correction_kl)
         loss.metrics = {**r.metrics, **stats}
-        if fresh and cfg.samples_every and calls[0] % (cfg.samples_every * cfg.train.grad_accum) == 0:
-            _write_samples(cfg, step + 1, r.examples, r.texts, r.rewards, cfg.num_generations)   # steps 1, 1 + N, ...
-        calls[0] += 1
         return loss
-    return loss_fn
+    return prepare_step, loss_fn
 
 
 def _write_samples(cfg: GRPOConfig, step: int, examples, texts, rewards, n: int) -> None:
@@ -303,14 +328,14 @@ def main(cfg: GRPOConfig) -> dict:
     if not train_set:
         raise QLoRAError(f"no training prompt in {cfg.data}")
     model = build_model(cfg, path)
-    loss_fn = make_loss(cfg, tokenizer, pad_id, scorer)
+    prepare_step, loss_fn = make_loss(cfg, tokenizer, pad_id, scorer)
     evaluate = make_eval(cfg, eval_set, tokenizer, pad_id, scorer) if eval_set else None
     clear_samples(cfg)
     before = evaluate_before(evaluate, model)
     plan_as = dict(task="grpo", num_generations=cfg.num_generations, beta=cfg.beta, num_iterations=cfg.num_iterations,
                    prompt_length=max(len(e["prompt_ids"]) for e in train_set), seq=cfg.max_completion_length)
     result = train(model, train_set, lambda examples: {"examples": examples}, loss_fn, cfg.train, eval_fn=evaluate,
-                   on_first_step=report_first_step(cfg), plan_as=plan_as)
+                   on_first_step=report_first_step(cfg), plan_as=plan_as, prepare_step=prepare_step)
     after = result.evals[-1][1] if result.evals else None
     if before and after:
         print(f"held-out prompts after {result.steps} steps: mean reward (greedy) {before['reward']:.4f} -> "

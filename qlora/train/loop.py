@@ -70,13 +70,16 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainConfig,
           eval_fn: Optional[Callable] = None, on_first_step: Optional[Callable[[TrainResult], None]] = None,
-          plan_as: Optional[dict] = None) -> TrainResult:
+          plan_as: Optional[dict] = None, prepare_step: Optional[Callable] = None) -> TrainResult:
     """Train the parameters of `model` that require grad.
 
     `collate(list_of_examples) -> batch`; `loss_fn(model, batch) -> scalar loss`;
     `eval_fn(model) -> {metric: value}` (called in eval mode under no_grad); `on_first_step(result)` once, on
     the main process, when the first optimizer step's peak memory and time are in `result`. `plan_as`: how
-    train.memory_budget plans a batch whose tensors do not say (qlora.train.budget.fit_to_budget)."""
+    train.memory_budget plans a batch whose tensors do not say (qlora.train.budget.fit_to_budget).
+    `prepare_step(model, batches)`: called with the unwrapped model and all grad_accum micro-batches of a step
+    (collated, on the device) before the first one's forward, inside the step's memory account (online RL samples
+    the whole step there, as TRL's generation batch)."""
     accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
                               gradient_accumulation_steps=config.grad_accum,
                               cpu=not torch.cuda.is_available())
@@ -110,7 +113,8 @@ def train(model, train_set, collate: Callable, loss_fn: Callable, config: TrainC
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(model=model, plain=plain, optimizer=optimizer, scheduler=scheduler, params=params, config=config,
                accelerator=accelerator, sharded=sharded, out=out, total=total, predicted_peak=predicted_peak,
-               loss_fn=loss_fn, eval_fn=eval_fn, on_first_step=on_first_step, result=TrainResult(steps=position["step"]),
+               loss_fn=loss_fn, eval_fn=eval_fn, on_first_step=on_first_step, prepare_step=prepare_step,
+               result=TrainResult(steps=position["step"]),
                log=MetricsLog(out / "metrics.jsonl", accelerator.is_main_process))
     step = run.epochs(train_set, collate, position)
     return run.finish(step)
@@ -188,11 +192,21 @@ class _Run:
             for b in range(start, len(batches) - len(batches) % config.grad_accum):
                 if step >= self.total:
                     break
-                batch = _to(collate([train_set[i] for i in batches[b]]), acc.device)
+                slot = (b - start) % config.grad_accum    # start is a step's first micro-batch
+                if self.prepare_step is None:
+                    batch = _to(collate([train_set[i] for i in batches[b]]), acc.device)
+                else:                                     # the step's micro-batches at once, for prepare_step
+                    if slot == 0:
+                        ahead = [_to(collate([train_set[i] for i in batches[k]]), acc.device)
+                                 for k in range(b, b + config.grad_accum)]
+                    batch = ahead[slot]
                 if tracker is None and step == 0 and self.result.first_step_peak_bytes is None:
                     # the first optimizer step, over all of its micro-batches (grad_accum)
                     tracker = FirstStepPeak(acc.device, None if self.sharded else self.plain, batch)
                 try:
+                    if self.prepare_step is not None and slot == 0:
+                        mark_phase("prepare step")
+                        self.prepare_step(self.plain, ahead)
                     self.micro_step(batch, step, epoch)
                 except BaseException:
                     if tracker is not None:        # no account of a step that did not finish: hooks off

@@ -142,6 +142,24 @@ def test_memory_budget_plans_the_grpo_step(tmp_path, tiny_chat_model, capsys):
     assert "batch_size=2 grad_accum=2" in said or "batch_size=3 grad_accum=2" in said, said
 
 
+def test_grad_accum_and_num_iterations_from_the_command_line(tmp_path, tiny_chat_model):
+    """qlora train grpo train.grad_accum=2 num_iterations=2: the first step samples both of its micro-batches
+    (samples.jsonl: 2 x 2 prompts x 2 completions at step 1), the second trains on them again (nothing sampled)."""
+    from qlora.cli import main
+    rows = [{"prompt": f"What is {a} + 2?", "answer": str(a + 2)} for a in range(8)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "grpo", f"model={tiny_chat_model}", f"data={data}", f"out_dir={out}", "eval_fraction=0",
+                 "train.batch_size=2", "train.grad_accum=2", "train.max_steps=2", "train.progress=false",
+                 "num_generations=2", "num_iterations=2", "max_completion_length=4", "mode=lora", "samples_every=1",
+                 "train.log_every=1"]) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 8
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]
+
+
 def test_num_iterations_reuses_each_sampled_batch_against_its_sampling_policy(tiny_llama, monkeypatch):
     """num_iterations=2: a rollout on steps 1 and 3 only (step 2's prompts unused), its reference and old
     log-probs computed once with no grad; step 1's ratio is 1 (old = current), step 2's loss is the clipped loss
@@ -160,11 +178,12 @@ def test_num_iterations_reuses_each_sampled_batch_against_its_sampling_policy(ti
         return next(rewards), {}, ["text"] * len(completions)
     rollouts, sample = [], grpo.sample_rollout
     monkeypatch.setattr(grpo, "sample_rollout", lambda *a: rollouts.append(sample(*a)) or rollouts[-1])
-    loss_fn = grpo.make_loss(cfg, SimpleNamespace(eos_token_id=11), 0, scorer)
+    prepare, loss_fn = grpo.make_loss(cfg, SimpleNamespace(eos_token_id=11), 0, scorer)
     batches = [{"examples": [{"prompt": "p", "prompt_ids": ids, "columns": {}} for ids in PROMPTS]} for _ in range(3)]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     losses = []
     for call, batch in enumerate(batches):
+        prepare(model, [batch])
         loss = loss_fn(model, batch)
         assert len(rollouts) == (1 if call < 2 else 2)
         r = rollouts[-1]
@@ -184,3 +203,46 @@ def test_num_iterations_reuses_each_sampled_batch_against_its_sampling_policy(ti
     assert rollouts[0].ref is not None and not rollouts[0].ref.requires_grad and not rollouts[0].old.requires_grad
     with pytest.raises(QLoRAError, match="num_iterations=0"):
         grpo.GRPOConfig(num_iterations=0)
+
+
+def test_grad_accum_normalises_the_step_as_one_batch(tiny_llama, monkeypatch):
+    """train.grad_accum=2: prepare_step samples both micro-batches before the first forward; the advantages with
+    scale_rewards=batch use the std of the whole step, and the dapo losses (each divided by grad_accum, as the loop
+    does) give the gradient of TRL's loss of the whole step: sum over all completion tokens / their count."""
+    import qlora_recipes.grpo as grpo
+    from qlora.objectives.grpo import group_advantages, policy_loss
+    from qlora.train.config import TrainConfig
+
+    cfg = grpo.GRPOConfig(num_generations=2, max_completion_length=6, samples_every=0, scale_rewards="batch",
+                          loss_type="dapo", train=TrainConfig(batch_size=2, grad_accum=2))
+    torch.manual_seed(0)
+    model = qlora.add_lora(tiny_llama(), qlora.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    rewards = iter(torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 5.0, 3.0, 0.0]]))
+    prepare, loss_fn = grpo.make_loss(cfg, SimpleNamespace(eos_token_id=11), 0,
+                                      lambda examples, completions, n: (next(rewards), {}, ["t"] * len(completions)))
+    batches = [{"examples": [{"prompt": "p", "prompt_ids": ids, "columns": {}} for ids in prompts]}
+               for prompts in (PROMPTS, [[4, 4, 8, 1], [2]])]
+    rollouts, sample = [], grpo.sample_rollout
+    monkeypatch.setattr(grpo, "sample_rollout", lambda *a: rollouts.append(sample(*a)) or rollouts[-1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    prepare(model, batches)
+    assert len(rollouts) == 2                             # both micro-batches sampled before the first forward
+    ours = sum(loss_fn(model, b) / 2 for b in batches)
+    ours_grad = torch.autograd.grad(ours, params)
+    whole = group_advantages(torch.cat([r.rewards for r in rollouts]), 2, "batch").values
+    torch.testing.assert_close(torch.cat([r.advantages for r in rollouts]), whole)
+    per_batch = group_advantages(rollouts[0].rewards, 2, "batch").values
+    assert not torch.allclose(rollouts[0].advantages, per_batch)          # not each micro-batch's own std
+    sums = [policy_loss(completion_logps(model, r.ids, r.attn, r.comp), None, r.advantages, r.comp[:, 1:],
+                        loss_type="dapo", tokens=1.0)[0] for r in rollouts]
+    counts = [int(r.comp.sum()) for r in rollouts]
+    assert counts[0] != counts[1], counts                 # else each micro-batch's own count would give the same
+    total = sum(counts)
+    theirs = sum(sums) / total
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-7)
+    for a, b in zip(ours_grad, torch.autograd.grad(theirs, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
