@@ -231,7 +231,7 @@ class Planner:
                     start: int = 2048) -> int:
         """Longest sequence (a multiple of `step`, 256) whose predicted peak fits at `batch` (0: not even
         `step`; with images, the shortest multiple that holds their tokens), up to the model's
-        max_position_embeddings.
+        max_position_embeddings (grpo: less the prompt: seq is the completion length).
 
         Each probe is an estimate (two traces), so the search guesses: the peak is close to a
         function of the tokens, batch x seq (plus attention's seq^2 terms where a kernel keeps
@@ -240,6 +240,8 @@ class Planner:
         `step` more does not. Without a point above the budget the length grows 4x; after two
         guesses that did not settle it, the bracket is halved."""
         limit = max_seq or getattr(text_config(self.config), "max_position_embeddings", None) or 1 << 20
+        if self.settings.task == "grpo" and not max_seq:      # seq is the completion, after the prompt
+            limit -= self.settings.prompt_length
         limit = max(step, limit // step * step)
         fits = lambda s: self.estimate(batch, s).peak <= budget  # noqa: E731
         images = self.settings.images * (self.image_tokens() or 0)

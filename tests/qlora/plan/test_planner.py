@@ -261,5 +261,9 @@ def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
     assert "grpo: a batch counts prompts" in grpo.stdout
     largest = lambda out: int(next(r for r in out.splitlines() if r.startswith("| qlora-ckpt |")).split("|")[3])  # noqa: E731
     assert 0 < 4 * largest(grpo.stdout) <= largest(ok.stdout)   # a prompt is 4 rows of 64 tokens, and generation
+    longest = lambda out: int(next(r for r in out.splitlines() if r.startswith("| qlora-ckpt |")).split("|")[4])  # noqa: E731
+    roomy = run("--model", str(config), "--memory", "4GiB", "--configs", "qlora-ckpt", "--seq", "32", "--device", "cpu",
+                "--task", "grpo", "--num-generations", "4", "--prompt-length", "32")
+    assert longest(roomy.stdout) == 256          # a multiple of 256 within 512 positions less the 32 of the prompt
     bad = run("--model", str(config), "--memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory" in bad.stderr
