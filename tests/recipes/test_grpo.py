@@ -8,7 +8,6 @@ before its adapters were added, and hand-computed rewards.
 from __future__ import annotations
 
 import json
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -130,10 +129,7 @@ def test_memory_budget_plans_the_grpo_step(tmp_path, tiny_chat_model, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "grpo", f"model={tiny_chat_model}", f"data={data}", "eval_fraction=0", "train.batch_size=4",
             "train.max_steps=1", "train.progress=false", "num_generations=3", "max_completion_length=4", "mode=lora"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert main([*args, f"out_dir={tmp_path / 'a'}", "train.memory_budget=4GiB"]) == 0
-    assert not [w for w in caught if "the plan predicted" in str(w.message)]   # first step within 10 % of the plan
+    assert main([*args, f"out_dir={tmp_path / 'a'}", "train.memory_budget=4GiB"]) == 0
     said = capsys.readouterr().out
     assert "memory_budget 4GiB: batch_size=4 grad_accum=1" in said, said
     predicted = float(said.split("predicted peak ")[1].split(" GiB")[0]) * 2**30
