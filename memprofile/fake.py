@@ -10,6 +10,12 @@
   e.g. bitsandbytes' 8-bit code book); `replacements` answer a library's decisions taken from values.
 * Ops with data-dependent output shapes (`nonzero`, `.item()`) or without a meta kernel cannot run
   on fake tensors: such a model gets TraceError, one line naming the op.
+* Values that are known: `constant(t)` makes a fake whose values are t's (FakeTensorMode's constants: an op whose
+  inputs are all constants runs for real, so its output shape and values are known); `constants_up_to(n)` lets
+  such outputs of up to n elements stay constants (torch's default: 1), for small integer inputs whose values
+  decide shapes (an image's patch grid); `on_constants(fn)` runs fn for real when every tensor it is given is a
+  constant (a function that builds its result from Python lists of values, e.g. M-RoPE position ids);
+  `outside_trace()` runs ops for real inside a trace (values to make constants of).
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import importlib
 from typing import Any
 
 import torch
+import torch._subclasses.fake_tensor as _fake_module
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -121,3 +129,53 @@ def fake_tensors(mode=None, real_functions=(), replacements=()):
                          "(data-dependent shape or .item()), which a fake-tensor trace cannot know") from None
     except UnsupportedOperatorException as e:
         raise TraceError(f"operator {e.func} has no fake-tensor (meta) implementation") from None
+
+
+def outside_trace():
+    """A context in which ops run for real: neither the fake mode nor a tracker sees them."""
+    from torch.utils._python_dispatch import _disable_current_modes  # lazy: private to torch
+    return _disable_current_modes()
+
+
+def _active_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack  # lazy: private to torch
+    modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)]
+    return modes[-1] if modes else None
+
+
+def constant(t: torch.Tensor) -> torch.Tensor:
+    """A fake tensor of the running fake mode whose values are `t`'s (a copy; `t` itself outside a fake mode)."""
+    mode = _active_mode()
+    if mode is None:
+        return t
+    with outside_trace():
+        real = t.constant.clone() if isinstance(t, FakeTensor) and t.constant is not None else t.clone()
+    return mode.fake_tensor_converter.from_real_tensor(mode, real, make_constant=True)
+
+
+@contextlib.contextmanager
+def constants_up_to(numel: int):
+    """Outputs of ops on constants stay constants up to `numel` elements (torch's CONSTANT_NUMEL_LIMIT)."""
+    before = _fake_module.CONSTANT_NUMEL_LIMIT
+    _fake_module.CONSTANT_NUMEL_LIMIT = max(before, numel)
+    try:
+        yield
+    finally:
+        _fake_module.CONSTANT_NUMEL_LIMIT = before
+
+
+def on_constants(fn):
+    """fn, run for real when every fake tensor among its arguments is a constant (their values are known), its
+    tensors returned as constants; otherwise fn as it is."""
+    def run(*args, **kwargs):
+        mode = _active_mode()
+        fakes = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, FakeTensor)]
+        if mode is None or any(x.constant is None for x in fakes):
+            return fn(*args, **kwargs)
+        real_args, real_kwargs = pytree.tree_map_only(FakeTensor, lambda x: x.constant, (args, kwargs))
+        with outside_trace():                         # neither the fake mode nor a tracker sees the real ops
+            out = fn(*real_args, **real_kwargs)
+        return pytree.tree_map_only(
+            torch.Tensor, lambda t: mode.fake_tensor_converter.from_real_tensor(mode, t, make_constant=True), out)
+    run.__wrapped__ = fn
+    return run

@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from memprofile.fake import constant
 from qlora.arch.multimodal import text_config_of
 from qlora.errors import QLoRAError
 
@@ -63,23 +64,25 @@ def image_inputs(config, size: int) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
-def _forward_inputs(model, pixels: dict, copies: int = 1) -> dict:
+def forward_inputs(model, pixels: dict, copies: int = 1) -> dict:
     """The processor's tensors the model's forward takes, repeated `copies` times along the images. Float tensors
     are zeros of their shape (fakes under a trace: no real op runs in the planner, whose workers are forked);
-    integer ones (grids, sizes) keep their values."""
+    integer ones (grids, sizes) keep their values (under a trace, as constants: shapes follow from them)."""
     names = inspect.signature(model.forward).parameters
     out = {}
     for k, v in pixels.items():
         if k in names:
-            many = v.repeat(copies, *([1] * (v.dim() - 1)))
-            out[k] = torch.zeros(many.shape, dtype=v.dtype) if v.is_floating_point() else many
+            if v.is_floating_point():
+                out[k] = torch.zeros((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype)
+            else:
+                out[k] = constant(v).repeat(copies, *([1] * (v.dim() - 1)))
     return out
 
 
 def image_tokens(model, pixels: dict) -> int:
     """Image tokens the model expects for one image: the rows of its image features (real or fake tensors)."""
     with torch.no_grad():
-        out = model.get_image_features(**_forward_inputs(model, pixels))
+        out = model.get_image_features(**forward_inputs(model, pixels))
     feats = getattr(out, "pooler_output", out)
     feats = feats if isinstance(feats, (list, tuple)) else [feats]
     return sum(f.numel() // f.shape[-1] for f in feats)
@@ -88,7 +91,7 @@ def image_tokens(model, pixels: dict) -> int:
 def with_images(model, batch: dict, pixels: dict, tokens: int, images: int) -> dict:
     """A new batch: `images` images per row, their `tokens` image tokens each after the first token of every row
     (labels -100 there; the image token id nowhere else), the processor's tensors repeated for each image of each
-    row (_forward_inputs), the image-token mask under the model's name for it."""
+    row (forward_inputs), the image-token mask under the model's name for it."""
     ids = batch["input_ids"]
     rows, seq = ids.shape
     n = images * tokens
@@ -100,7 +103,7 @@ def with_images(model, batch: dict, pixels: dict, tokens: int, images: int) -> d
     out = dict(batch, input_ids=torch.where(place, token, torch.where(ids == token, 0, ids)))
     if "labels" in batch:
         out["labels"] = torch.where(place, -100, out["input_ids"])
-    out.update(_forward_inputs(model, pixels, rows * images))
+    out.update(forward_inputs(model, pixels, rows * images))
     mask = place.long().expand(rows, seq).clone()
     out.update({k: mask for k in TYPE_IDS if k in inspect.signature(model.forward).parameters})
     return out

@@ -27,13 +27,23 @@ step depends on tensor values (an "eager" expert loop, `.item()`) gets a one-lin
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Optional
 
 import numpy as np
+import torch
 
 from memprofile.extrapolate import extrapolate, extrapolate_increments
-from memprofile.fake import TraceError, fake_tensors, new_fake_mode
+from memprofile.fake import (
+    TraceError,
+    constant,
+    constants_up_to,
+    fake_tensors,
+    new_fake_mode,
+    on_constants,
+    outside_trace,
+)
 from memprofile.trace import trace_built
 from qlora.arch.multimodal import in_towers, text_config_of, tower_paths
 from qlora.errors import QLoRAError
@@ -52,8 +62,11 @@ from qlora.plan.build import (
     value_checks_off,
     with_layers,
 )
-from qlora.plan.images import default_image_size, image_inputs, image_tokens, with_images
+from qlora.plan.images import default_image_size, forward_inputs, image_inputs, image_tokens, with_images
 from qlora.plan.settings import RunSettings
+
+KNOWN_NUMEL = 1 << 20
+"""With images, op outputs of up to this many elements computed from known values stay known (memprofile.fake)."""
 
 
 class Planner:
@@ -96,6 +109,9 @@ class Planner:
         mode = new_fake_mode()
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)):
             model = self._traced(lambda: build(cfg, self.settings, init=False), "building")
+            for m in model.modules() if self.settings.images else ():
+                if callable(getattr(m, "get_rope_index", None)):     # M-RoPE positions from known values
+                    m.get_rope_index = on_constants(m.get_rope_index)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = optimizer(self.settings)(params) if params else None
         self._models[key] = (mode, model, opt)
@@ -115,22 +131,38 @@ class Planner:
 
     def _step(self, n: int, batch: int, seq: int):
         mode, model, opt = self._fake_model(n, seq)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), self._known_values():
             self._count_image_tokens(model)
             return self._traced(lambda: trace_built(
                 model, lambda: self._batch(model, batch, seq), loss_fn=loss_fn(self.settings), optimizer=opt,
                 host_is_device=self.settings.device == "cpu"), "the training step")
 
     def _batch(self, model, batch: int, seq: int) -> dict:
-        out = fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype, self.settings.prompt_length)
+        make = lambda: fake_batch(self.config, self.settings.task, batch, seq, self.settings.dtype,  # noqa: E731
+                                  self.settings.prompt_length)
         if self._pixels is None:
-            return out
-        return with_images(model, out, self._pixels, self._image_tokens, self.settings.images)
+            return make()
+        pixels = {k: v for k, v in self._pixels.items() if not v.is_floating_point()}
+        with outside_trace():      # the integer tensors as values (token ids, image grids): shapes follow from them
+            real = with_images(model, make(), pixels, self._image_tokens, self.settings.images)
+        out = {k: constant(v) if isinstance(v, torch.Tensor) else v for k, v in real.items()}
+        rows = real["input_ids"].shape[0] * self.settings.images
+        floats = {k: v for k, v in self._pixels.items() if v.is_floating_point()}
+        return {**out, **forward_inputs(model, floats, rows)}                # the pixels: fakes
+
+    def _known_values(self):
+        """With images: small integer tensors whose values decide shapes (patch grids, image-token positions) stay
+        constants through the ops on them (memprofile.fake.constants_up_to), and M-RoPE position ids (transformers'
+        `get_rope_index`, the Qwen-VL families') are computed for real from them (on_constants)."""
+        if self._pixels is None:
+            return contextlib.nullcontext()
+        return constants_up_to(KNOWN_NUMEL)
 
     def _count_image_tokens(self, model) -> None:
         """Inside the fake mode of `model`: the tokens of one image, the model's own count (qlora.plan.images)."""
         if self._pixels is not None and self._image_tokens is None:
-            self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
+            with self._known_values():
+                self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
 
     def image_tokens(self) -> Optional[int]:
         """Tokens of one image (None without images); QLoRAError when the tower cannot be traced."""

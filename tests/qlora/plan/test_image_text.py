@@ -95,8 +95,26 @@ def test_the_plan_shows_the_towers_and_the_images():
     assert "| qlora-ckpt | 82.25 KiB |" in text and result["note"] is None
 
 
-@pytest.mark.parametrize("family,reason", [("llama4", "its image processor cannot be built here (ImportError"),
-                                           ("qwen3_vl", "cannot trace the vision tower")])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe", "mistral3"])
+def test_patch_grid_families_are_planned_with_an_image(family, tmp_path):
+    """Towers whose shapes follow from the image's patch grid (Qwen-VL's and Qwen3.5's grids and M-RoPE positions,
+    Pixtral's per-image loop): the grid and the token ids are constants of the trace and the position ids are
+    computed for real (memprofile.fake.on_constants); predicted = measured with one 32-px image per row."""
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(config(family)).save_pretrained(tmp_path / family)
+    settings = RunSettings(images=1, image_size=32, device="cpu", compute_dtype="float32")
+    rows = sweep(str(tmp_path / family), configurations=("qlora-ckpt",), batches=(2,), seqs=(128,), ranks=(4,),
+                 settings=settings, compute_dtype="float32", progress=False)
+    for r in rows:
+        assert "error" not in r and "predict_error" not in r, r
+        for k, measured in r["bytes"].items():
+            if k in r["predicted_bytes"] and measured:
+                err = abs(r["predicted_bytes"][k] - measured) / measured * 100
+                assert err <= (PEAK_BOUND if k == "peak" else CATEGORY_BOUND), (family, k, err)
+    assert Planner(config(family), settings).image_tokens() > 0
+
+
+@pytest.mark.parametrize("family,reason", [("llama4", "its image processor cannot be built here (ImportError")])
 def test_images_that_cannot_be_planned_are_one_line_and_the_plan_is_text_only(family, reason):
     result = plan(config(family), 2**30, RunSettings(device="cpu", images=1, loss="model"), seq=64,
                   configurations=("qlora-ckpt",))
