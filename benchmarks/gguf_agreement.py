@@ -31,16 +31,14 @@ def lora_row(base: Path, adapter: Path, folder: Path) -> dict:
 
     from qlora.export.gguf import export_gguf
     from qlora.export.gguf_lora import export_lora_gguf
-    from qlora.export.gguf_verify import GREEDY_TOKENS, compare, prompt_ids, run, run_llama_cpp
+    from qlora.export.gguf_verify import GREEDY_TOKENS, compare, eos_ids, prompt_ids, run, run_llama_cpp
     export_gguf(base, None, folder / "base-f16.gguf", dtype="f16", verify=False, modelfile=False, progress=False)
     export_lora_gguf(base, adapter, folder / "adapter.gguf")
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     ids = prompt_ids(base, merged.config.vocab_size)
-    eos = merged.generation_config.eos_token_id
-    stop = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     c = compare(*run(merged, ids), *run_llama_cpp(folder / "base-f16.gguf", ids, lora=folder / "adapter.gguf",
-                                                  stop=stop))
+                                                  stop=eos_ids(merged.generation_config)))
     return {"dtype": "LoRA GGUF on the f16 base GGUF (llama.cpp) vs PEFT's merge", "size": (folder / "adapter.gguf")
             .stat().st_size, "checks": {"llama_cpp": c}, "prompts": len(ids), "greedy_tokens": GREEDY_TOKENS}
 

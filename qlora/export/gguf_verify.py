@@ -55,8 +55,7 @@ def verify_gguf(path: Path, src: MergedBase, dtype: str) -> dict:
     checks["transformers"] = compare(ref_logits, ref_greedy, *run(readback, ids), margin)
     del readback
     if importlib.util.find_spec("llama_cpp") is not None:
-        eos = reference.generation_config.eos_token_id
-        stop = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
+        stop = eos_ids(reference.generation_config)
         checks["llama_cpp"] = compare(ref_logits, ref_greedy, *run_llama_cpp(path, ids, stop=stop), margin)
     limit_rel, limit_top1 = THRESHOLDS[dtype]
     passed = None if limit_rel is None else all(
@@ -126,6 +125,12 @@ def _greedy_config():
     """Plain greedy decoding of GREEDY_TOKENS tokens, whatever sampling defaults generation_config.json sets."""
     from transformers import GenerationConfig  # lazy: with the check only
     return GenerationConfig(do_sample=False, max_new_tokens=GREEDY_TOKENS, pad_token_id=0)
+
+
+def eos_ids(generation_config) -> set:
+    """The token ids at which generate stops (generation_config.eos_token_id: one, a list, or none)."""
+    eos = generation_config.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
 
 
 def run_llama_cpp(path: Path, prompts: list[list[int]], lora: Path | None = None, stop=()

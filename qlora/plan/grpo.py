@@ -19,8 +19,8 @@ through its own `update` (each layer as its class keeps it: all tokens, a slidin
 linear-attention state), then the last two decode steps with the tensors of generate's sampling loop (an fp32
 copy of the last logits and the probabilities, [rows, vocab] each; the previous step's are still alive when the
 next are made). Logits processors (temperature != 1, top-k, top-p) would add a [rows, vocab] copy each: not
-modelled (the recipe's and TRL's defaults use none). Step 3
-scores the last T positions of every row (completions that run to max_completion_length: the most they hold).
+modelled (the recipe's and TRL's defaults use none). Step 3 scores the last T positions of every row
+(completions that run to max_completion_length: the most they hold).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from qlora.objectives.rollout import Sampler
 
 def prompt_batch(prompts: torch.Tensor, completion_length: int) -> dict:
     """The planner's GRPO batch: prompts [B, P] (with B > 1, the last one left-padded by one token: the batch's
-    attention mask is real, as prompts of different lengths make it; one prompt is never padded, and a mask of
-    ones is none: transformers drops it, which a fake tensor cannot show it) and T."""
+    attention mask is real, as prompts of different lengths make it; one prompt is never padded and gets no mask:
+    transformers drops a mask of ones, which it cannot see on a fake tensor) and T."""
     mask = None
     if prompts.shape[0] > 1:
         mask = torch.ones_like(prompts)

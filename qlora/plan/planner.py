@@ -159,15 +159,16 @@ class Planner:
         return constants_up_to(KNOWN_NUMEL)
 
     def _count_image_tokens(self, model) -> None:
-        """Inside the fake mode of `model`: the tokens of one image, the model's own count (qlora.plan.images)."""
+        """Inside the fake mode of `model` and _known_values: the tokens of one image, the model's own count
+        (qlora.plan.images)."""
         if self._pixels is not None and self._image_tokens is None:
-            with self._known_values():
-                self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
+            self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
 
     def image_tokens(self) -> Optional[int]:
         """Tokens of one image (None without images); QLoRAError when the tower cannot be traced."""
         mode, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off():
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), \
+                self._known_values():
             self._count_image_tokens(model)
         return self._image_tokens
 
