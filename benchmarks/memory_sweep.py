@@ -54,7 +54,8 @@ TINY = {
                       num_experts_per_tok=2),
     # mixtures of experts beyond Mixtral / Qwen3-MoE (qlora.quant.experts: 4-bit fused experts, LoRA per expert)
     "olmoe": dict(model_type="olmoe", **_TEXT, num_experts=4, num_experts_per_tok=2),
-    "deepseek_v3": dict(model_type="deepseek_v3", **{**_TEXT, "head_dim": 8}, moe_intermediate_size=64, n_routed_experts=4,
+    "deepseek_v3": dict(model_type="deepseek_v3", **{**_TEXT, "head_dim": 8, "num_key_value_heads": 4},  # MLA: kv = q heads
+                        moe_intermediate_size=64, n_routed_experts=4,
                         n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                         kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
     "gpt_oss": dict(model_type="gpt_oss", **{**_TEXT, "intermediate_size": 64}, num_local_experts=4,

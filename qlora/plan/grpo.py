@@ -100,8 +100,8 @@ def _traced_generation(model, ids: torch.Tensor, mask: torch.Tensor, T: int):
         window, left = getattr(layer, "sliding_window", None), T - steps
         while left:     # in pieces no longer than the window, the last of one token: what generate's steps leave
             n = 1 if left == 1 else min(left - 1, window or left)
-            new = keys.new_zeros(1, 1, 1, 1).expand(keys.shape[0], keys.shape[1], n, keys.shape[3])   # no bytes
-            layer.update(new, new)
+            grow = lambda t: t.new_zeros(1, 1, 1, 1).expand(t.shape[0], t.shape[1], n, t.shape[3])  # noqa: E731 no bytes
+            layer.update(grow(keys), grow(layer.values))        # keys and values apart: MLA's differ in width
             left -= n
     full = None if mask is None else torch.cat([mask, mask.new_ones(rows, T)], 1)      # [rows, P + T]
     # the last decode steps with generate's sampling loop's tensors and lifetimes (transformers' _sample: an fp32

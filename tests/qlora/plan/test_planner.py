@@ -51,6 +51,7 @@ def test_planner_predicts_the_measured_preference_step(arch, conf, opt, batch, s
 @pytest.mark.parametrize("arch,conf,batch,seq,fields", [
     ("llama", "qlora-ckpt", 2, 32, {}), ("gpt_oss", "qlora", 1, 32, {"beta": 0.04}),   # sliding window 16 < 24 + 32
     ("qwen3_moe", "qlora-ckpt", 1, 32, {"num_iterations": 2}),
+    ("deepseek_v3", "qlora-ckpt", 2, 32, {"beta": 0.04}),    # MLA: its cached keys and values differ in width
     ("qwen3", "qlora-ckpt", 1, 160, {"num_generations": 8})])        # long completions
 def test_planner_predicts_the_measured_grpo_step(arch, conf, batch, seq, fields):
     """task grpo: B prompts x num_generations rows written by the recipe's own Sampler (model.generate with its KV
