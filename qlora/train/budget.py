@@ -95,9 +95,11 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int, plan_as:
     effective = train_config.batch_size * train_config.grad_accum
     largest = planner.largest_batch(budget, seq, max_batch=effective)
     if largest == 0:
+        shorten = ("lower num_generations, max_completion_length or max_prompt_length" if settings.task == "grpo"
+                   else "shorten max_length")
         raise QLoRAError(f"train.memory_budget: even batch 1 at length {seq} is predicted to need "
                          f"{planner.estimate(1, seq).peak / 2**30:.2f} GiB ({settings.describe()}); raise the budget, "
-                         "shorten max_length, or turn gradient checkpointing on")
+                         f"{shorten}, or turn gradient checkpointing on")
     accum = math.ceil(effective / largest)
     micro = math.ceil(effective / accum)
     blocks = fewest_checkpointed_blocks(planner, budget, micro, seq) if settings.checkpointing else None

@@ -136,6 +136,10 @@ def test_memory_budget_plans_the_grpo_step(tmp_path, tiny_chat_model, capsys):
     assert main([*args, f"out_dir={tmp_path / 'b'}", f"train.memory_budget={int(predicted * 0.9)}"]) == 0
     said = capsys.readouterr().out
     assert "batch_size=2 grad_accum=2" in said or "batch_size=3 grad_accum=2" in said, said
+    assert main([*args, f"out_dir={tmp_path / 'c'}", "train.memory_budget=1MiB"]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "error" in line]        # (stderr also holds the loading bar)
+    assert len(said) == 1 and "lower num_generations" in said[0] and not (tmp_path / "c").exists()
 
 
 def test_grad_accum_and_num_iterations_from_the_command_line(tmp_path, tiny_chat_model):
