@@ -193,8 +193,13 @@ class _SavedTensorCounter:
         if self.accountant is not None:
             self.accountant.retag(t, "activations")
         if k not in self.exclude:
-            refs = self.saved.setdefault(k, [storage_nbytes(t), []])
-            refs[1].append(weakref.ref(t))
+            entry = self.saved.get(k)
+            if entry is None or not any(r() is not None for r in entry[1]):
+                # a new storage; or one at the address (or StorageImpl) of a saved storage that has died since:
+                # a new storage too, maybe of another size (keeping the dead one's size made the count depend on
+                # where the allocator put things)
+                entry = self.saved[k] = [storage_nbytes(t), []]
+            entry[1].append(weakref.ref(t))
         return t
 
     @staticmethod

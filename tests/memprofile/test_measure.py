@@ -263,3 +263,21 @@ def test_param_counts_count_a_saved_modules_copy_not_its_original():
     assert sum(weight_bytes(model).values()) == 4 * (40 + 10 + 50)     # the original's bias is memory all the same
     untied = nn.Sequential(nn.Embedding(10, 4), _SaveWrapper(nn.Linear(4, 10)))
     assert param_counts(untied) == (40 + 50, 40 + 50)
+
+
+def test_a_saved_storage_at_a_dead_ones_address_counts_its_own_size(monkeypatch):
+    """Storages are keyed by address (a fake one's by its StorageImpl): when a saved storage dies and the allocator
+    puts a new one there, the new one counts with its own size. (The counter kept the dead one's, so the planner's
+    activations depended on where the allocator put things: 105,728 instead of 132,096 bytes for a tiny Mistral 3.)
+    All keys are made equal here, which is what address reuse looks like to the counter."""
+    import memprofile.measure as measure
+
+    monkeypatch.setattr(measure, "storage_key", lambda t: ("cpu", None, 1))
+    counter = measure._SavedTensorCounter(exclude=set())
+    first = counter.pack(torch.empty(10))
+    assert counter.live_bytes() == 40
+    del first                                   # freed: its address is free for the next storage
+    second = counter.pack(torch.empty(1000))
+    assert counter.live_bytes() == 4000
+    also = counter.pack(second[:10])            # a view of a live saved storage: still one storage
+    assert counter.live_bytes() == 4000 and also is not None
