@@ -197,7 +197,10 @@ class Blocks:
             if 0 <= seq < 2 ** 62 and self.starts:
                 i = bisect.bisect_right(self.starts, seq) - 1
                 k = self.owner[i] if i >= 0 else -1
-        return f" of block {k} ({self.names[k]})" if k >= 0 else ""
+        if k < 0:
+            return ""
+        name = self.names[k]
+        return f" of block {name.rsplit('.', 1)[1]} ({name})"     # its number in its own list (a tower's, the model's)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -20,8 +20,10 @@ EXTRAPOLATED = ("weights_quantized", "weights_frozen", "weights_trainable", "gra
 """The StepMemory fields extrapolated linearly in the number of blocks (the rest are the larger trace's)."""
 
 
-def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> StepMemory:
-    """Byte counts at `layers` blocks from traces at `la` and `lb` blocks (linear in the count).
+def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int, under: str | None = None) -> StepMemory:
+    """Byte counts at `layers` blocks from traces at `la` and `lb` blocks (linear in the count). `under`: the
+    module path holding the blocks the traces differ in (an image-text model's language model; None: any), so the
+    peak's block label is renumbered for the whole model there only (a vision tower's block keeps its number).
 
     The peak is the largest of the phases' peaks, each extrapolated on its own: the peak of a whole
     step is a maximum of lines, not a line (a full fine-tune of MiniLM peaks in backward at 2-3
@@ -37,16 +39,18 @@ def extrapolate(a: StepMemory, b: StepMemory, la: int, lb: int, layers: int) -> 
     if phases and values["peak"] is not None:
         at = max(phases, key=phases.get)
         values["peak"], values["peak_at"] = phases[at], f"{at} (extrapolated per phase)"
-        _composition_at(values, at, [a, b], lambda vs: line(*vs), lambda i: i if i < lb / 2 else layers - (lb - i))
+        _composition_at(values, at, [a, b], lambda vs: line(*vs), lambda i: i if i < lb / 2 else layers - (lb - i),
+                        under)
     values["dtypes"] = {k: int(round(v + (v - a.dtypes.get(k, 0)) * (layers - lb) / (lb - la)))
                         for k, v in b.dtypes.items()}
     return StepMemory(**values)
 
 
-def _composition_at(values: dict, phase: str, traces: list, combine, block) -> None:
+def _composition_at(values: dict, phase: str, traces: list, combine, block, under: str | None = None) -> None:
     """values' at_peak / temporary_parts / peak_phase: each trace's composition at `phase`'s peak, combined
     number by number as the byte counts are (`combine([v of each trace])`), so they add up to the peak;
-    `block(i)`: the block of the whole model that block i of the last trace stands for."""
+    `block(i)`: the block of the whole model that block i of the last trace stands for (blocks under the module
+    path `under` only, when given)."""
     found = [t.phase_at_peak.get(phase) for t in traces]
     if not all(found):
         values["at_peak"], values["temporary_parts"], values["peak_phase"] = {}, {}, ""
@@ -59,7 +63,7 @@ def _composition_at(values: dict, phase: str, traces: list, combine, block) -> N
     values["temporary_parts"] = {k: v for k, v in sorted(merged("temporary_parts").items(), key=lambda kv: -kv[1]) if v}
     where = found[-1]["where"]
     match = re.search(r" of block (\d+) \(([^)]*?)(\d+)\)", where)
-    if match:
+    if match and (under is None or match.group(2).startswith(under + ".")):
         k = block(int(match.group(1)))
         where = where[:match.start()] + f" of block {k} ({match.group(2)}{k})" + where[match.end():]
     values["peak_phase"] = where + " (extrapolated)"

@@ -45,7 +45,7 @@ from memprofile.fake import (
     outside_trace,
 )
 from memprofile.trace import trace_built
-from qlora.arch.multimodal import in_towers, text_config_of, tower_paths
+from qlora.arch.multimodal import in_towers, language_model_path, text_config_of, tower_paths
 from qlora.errors import QLoRAError
 from qlora.plan.build import (
     REAL_FUNCTIONS,
@@ -191,7 +191,9 @@ class Planner:
             elif L <= 3 * p:
                 result = self._step(L, batch, seq)
             else:  # from the 2nd block on, each adds the same bytes (the 1st differs: measured)
-                result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L)
+                under = language_model_path(self._fake_model(3 * p, seq)[1])   # where the blocks differ
+                result = extrapolate(self._step(2 * p, batch, seq), self._step(3 * p, batch, seq), 2 * p, 3 * p, L,
+                                     under)
             self._cache[(batch, seq)] = result
         return self._cache[(batch, seq)]
 

@@ -128,3 +128,13 @@ def test_the_command_plans_an_image_text_config(tmp_path, capsys):
     assert "1 image(s) of 8x8 px per sequence, 4 tokens each (part of seq 64)" in out
     assert "| qlora-ckpt | 82.25 KiB |" in out and "recommendation for qlora" in out
     assert main([*common, "--images", "-1"]) == 2 and "--images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("configuration,label", [("qlora", "forward of block 7 (model.language_model.layers.7)"),
+                                                 ("qlora-ckpt", "backward of block 1 (model.language_model.layers.1)")])
+def test_the_peaks_block_is_named_in_the_whole_language_model(configuration, label):
+    """An 8-block language model is traced with 2 and 3 blocks beside its whole vision tower: the peak's block is
+    numbered in the language model of 8 (the last block's forward without checkpointing), never counted across the
+    tower's blocks too (a real-size Qwen3-VL read "block 65 (model.language_model.layers.65)" of 36)."""
+    settings = RunSettings(device="cpu", images=1).with_configuration(configuration)
+    assert Planner(config("gemma3", 8), settings).estimate(2, 64).peak_phase.startswith(label)
