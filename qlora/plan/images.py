@@ -8,7 +8,8 @@
 One rule for every family: the image processor class transformers maps to the config's type
 (IMAGE_PROCESSOR_MAPPING_NAMES, its PIL backend: no torchvision needed), built with its defaults, where the vision
 config names the same setting (patch_size, temporal_patch_size, ...) with the config's value, and, for a tower of
-a fixed resolution (a vision config with an `image_size`), resized to that resolution. It runs on a blank image of
+a fixed resolution (a vision config with an `image_size`), every size setting at that resolution (`size`,
+`crop_size`, the tiles' `max_image_size`). It runs on a blank image of
 the given size: the real `pixel_values`, `image_grid_thw`, `image_sizes`, ... shapes. The number of image tokens
 is the model's: the rows of its `get_image_features` output (what its placeholder check counts).
 """
@@ -18,7 +19,7 @@ import inspect
 
 import torch
 
-from memprofile.fake import constant
+from memprofile.fake import constant, outside_trace
 from qlora.arch.multimodal import text_config_of
 from qlora.errors import QLoRAError
 
@@ -52,10 +53,10 @@ def image_inputs(config, size: int) -> dict:
         kwargs = {k: getattr(vision, k) for k, v in vars(defaults).items()
                   if vision is not None and k in vars(vision) and isinstance(v, (int, float)) and not isinstance(v, bool)}
         side = getattr(vision, "image_size", None)
-        for key in ("size", "crop_size") if side else ():
-            given = getattr(defaults, key, None)
-            if given is not None:
-                kwargs[key] = {k: side for k in SIDES if getattr(given, k, None)}
+        for key, given in vars(defaults).items() if side else ():      # size, crop_size, max_image_size (tiles)
+            named = [k for k in SIDES if (given.get(k) if isinstance(given, dict) else getattr(given, k, None))]
+            if named and not isinstance(given, (int, float, str)):
+                kwargs[key] = {k: side for k in named}
         out = cls(**kwargs)(Image.new("RGB", (size, size)), return_tensors="pt")
     except Exception as e:  # noqa: BLE001 - a missing backend (torchvision), a family's own rule: one line
         said = " ".join(str(e).split())
@@ -65,18 +66,21 @@ def image_inputs(config, size: int) -> dict:
 
 
 def forward_inputs(model, pixels: dict, copies: int = 1) -> dict:
-    """The processor's tensors the model's forward takes, repeated `copies` times along the images. Float tensors
-    are zeros of their shape (fakes under a trace: no real op runs in the planner, whose workers are forked);
-    integer ones (grids, sizes) keep their values (under a trace, as constants: shapes follow from them)."""
+    """The processor's tensors the model's forward takes, repeated `copies` times along the images: float ones as
+    ones of their shape (not zeros: Idefics3 and SmolVLM drop all-zero images as padding), integer ones (grids,
+    sizes, masks) with their values. Made for real; inside a trace, as constants of it (memprofile.fake.constant):
+    towers that pick images or patches by value (Idefics3's padding check, its per-image patch masks) and shapes
+    that follow from grids are traced as they run."""
     names = inspect.signature(model.forward).parameters
-    out = {}
-    for k, v in pixels.items():
-        if k in names:
-            if v.is_floating_point():
-                out[k] = torch.zeros((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype)
-            else:
-                out[k] = constant(v).repeat(copies, *([1] * (v.dim() - 1)))
-    return out
+    with outside_trace():
+        out = {k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) if v.is_floating_point()
+               else v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in pixels.items() if k in names}
+    return {k: constant(v) for k, v in out.items()}
+
+
+def known_numel(pixels: dict, copies: int) -> int:
+    """Elements of the largest processor tensor of `copies` images: what ops on them make, kept as constants."""
+    return max((v.numel() * copies for v in pixels.values()), default=0)
 
 
 def image_tokens(model, pixels: dict) -> int:

@@ -62,7 +62,14 @@ from qlora.plan.build import (
     value_checks_off,
     with_layers,
 )
-from qlora.plan.images import default_image_size, forward_inputs, image_inputs, image_tokens, with_images
+from qlora.plan.images import (
+    default_image_size,
+    forward_inputs,
+    image_inputs,
+    image_tokens,
+    known_numel,
+    with_images,
+)
 from qlora.plan.settings import RunSettings
 
 KNOWN_NUMEL = 1 << 20
@@ -131,7 +138,8 @@ class Planner:
 
     def _step(self, n: int, batch: int, seq: int):
         mode, model, opt = self._fake_model(n, seq)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), self._known_values():
+        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), \
+                self._known_values(2 * batch * self.settings.images):        # (a preference batch: 2 rows each)
             self._count_image_tokens(model)
             return self._traced(lambda: trace_built(
                 model, lambda: self._batch(model, batch, seq), loss_fn=loss_fn(self.settings), optimizer=opt,
@@ -148,15 +156,16 @@ class Planner:
         out = {k: constant(v) if isinstance(v, torch.Tensor) else v for k, v in real.items()}
         rows = real["input_ids"].shape[0] * self.settings.images
         floats = {k: v for k, v in self._pixels.items() if v.is_floating_point()}
-        return {**out, **forward_inputs(model, floats, rows)}                # the pixels: fakes
+        return {**out, **forward_inputs(model, floats, rows)}                # the pixels: constants too
 
-    def _known_values(self):
-        """With images: small integer tensors whose values decide shapes (patch grids, image-token positions) stay
-        constants through the ops on them (memprofile.fake.constants_up_to), and M-RoPE position ids (transformers'
-        `get_rope_index`, the Qwen-VL families') are computed for real from them (on_constants)."""
+    def _known_values(self, images: int = 1):
+        """With `images` images: the processor's tensors (pixels, patch grids, masks) and the token ids are constants
+        of the trace and stay constants through the ops on them alone (memprofile.fake.constants_up_to), up to the
+        pixels' size: shapes and picks that follow from their values are traced as they run; M-RoPE position ids
+        (transformers' `get_rope_index`, the Qwen-VL families') are computed for real from them (on_constants)."""
         if self._pixels is None:
             return contextlib.nullcontext()
-        return constants_up_to(KNOWN_NUMEL)
+        return constants_up_to(max(KNOWN_NUMEL, known_numel(self._pixels, images)))
 
     def _count_image_tokens(self, model) -> None:
         """Inside the fake mode of `model` and _known_values: the tokens of one image, the model's own count

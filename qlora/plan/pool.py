@@ -74,7 +74,10 @@ def run_jobs(jobs: list, workers: int, config, settings: RunSettings) -> list:
     import_before_fork(config, settings)
     gc.freeze()  # the parent's objects stay out of the workers' collections: no copy-on-write of the heap
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        # one thread each: a forked child must not enter OpenMP's thread pool, made in the parent (it can hang), when
+        # a trace runs ops on its constants for real (as DataLoader's workers do)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
             return [r for rows in pool.map(_call, jobs) for r in rows]
     finally:
         gc.unfreeze()

@@ -68,3 +68,18 @@ def test_both_exports_are_the_whole_model_with_the_live_logits_on_an_image(famil
         loaded = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
         assert type(loaded).__name__ == arch
         torch.testing.assert_close(logits(loaded, inputs), live, rtol=0, atol=5e-5)
+
+
+def test_the_export_check_feeds_a_picture_to_a_family_that_tiles_and_drops_blank_ones(tmp_path):
+    """SmolVLM (Idefics3's tower): pictures are tiled at the tower's resolution and all-zero ones are dropped as
+    padding, so the check's picture is made at that resolution and is not blank (it crashed in transformers:
+    0 images after the padding check, then tiles of the processor's default 364 px)."""
+    from tests.qlora.arch.test_image_text import MORE_FAMILIES
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model("smolvlm", **MORE_FAMILIES["smolvlm"][0])
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / "base")
+    model = qlora.load_4bit(str(tmp_path / "base"), compute_dtype=torch.float32)
+    qlora.add_lora(model, qlora.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    result = qlora.export_merged(model, tmp_path / "out", dtype="float32", progress=False)
+    assert result.verification["passed"], result.verification
+    assert result.verification["inputs"]["pixel_values"][-2:] == [16, 16], result.verification

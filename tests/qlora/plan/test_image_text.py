@@ -90,7 +90,7 @@ def test_the_plan_shows_the_towers_and_the_images():
     assert "| qlora-ckpt | 82.25 KiB |" in text and result["note"] is None
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe", "mistral3", "smolvlm"])
 def test_patch_grid_families_are_planned_with_an_image(family, tmp_path):
     """Towers whose shapes follow from the image's patch grid (Qwen-VL's and Qwen3.5's grids and M-RoPE positions,
     Pixtral's per-image loop): the grid and the token ids are constants of the trace and the position ids are
