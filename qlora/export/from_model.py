@@ -80,7 +80,23 @@ def _checkpoint_layout(model, name: str, tensor: torch.Tensor) -> dict[str, torc
     """{checkpoint key: tensor} for one model tensor, as save_pretrained lays it out (renamed, and a fused
     experts matrix split into the family's per-expert tensors where its checkpoints have them)."""
     from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers >= 5 only
-    return revert_weight_conversion(model, {name: tensor})
+    return revert_weight_conversion(_PlainShapes(model), {name: tensor})
+
+
+class _PlainShapes:
+    """The live model as transformers' revert sees it, its parameters at their plain shapes: a shape-checked
+    Transpose (Qwen3-VL-MoE's experts) keeps a tensor whose shape is the model's, and a 4-bit parameter's packed
+    shape made it transpose every experts matrix (a square one then loaded transposed: wrong logits)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def get_parameter(self, name: str):
+        p = self._model.get_parameter(name)
+        return torch.empty(p.quant_state.shape, device="meta") if is_4bit_param(p) else p
 
 
 def _entries(model, dtype) -> dict:

@@ -20,6 +20,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from memprofile.fake import on_constants
 from memprofile.measure import call_model, default_loss
 from memprofile.tracker import host_memory, mark_phase
 from qlora.arch.blocks import repeated_module_lists, transformer_blocks
@@ -44,7 +45,10 @@ REAL_FUNCTIONS = (("bitsandbytes.functional", "create_dynamic_map"),)
 # transformers reads the position ids to detect packed sequences (then it builds an explicit
 # attention mask); a plan is for full, unpadded, unpacked sequences: the answer is None, as a real
 # step on such a batch finds (without it a fake trace would build the [b, 1, s, s] mask)
-REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),)
+# one_hot of known values (Gemma 4's pooling of an image's patches by their positions, whose mask then picks the
+# image's tokens) stays known: its decomposition starts from zeros, which would make it unknown
+REPLACEMENTS = (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),
+                ("torch.nn.functional", "one_hot", on_constants(torch.nn.functional.one_hot)))
 
 
 @contextlib.contextmanager

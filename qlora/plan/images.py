@@ -6,7 +6,8 @@
     batch = add_images(model, batch, images=1)      # the same for a real model's step, in one call
 
 One rule for every family: the image processor class transformers maps to the config's type
-(IMAGE_PROCESSOR_MAPPING_NAMES, its PIL backend: no torchvision needed), built with its defaults, where the vision
+(IMAGE_PROCESSOR_MAPPING_NAMES, its PIL backend: no torchvision needed; a variant without one of its own, the
+family's: `qwen3_vl_moe` -> `qwen3_vl`), built with its defaults, where the vision
 config names the same setting (patch_size, temporal_patch_size, ...) with the config's value, and, for a tower of
 a fixed resolution (a vision config with an `image_size`), every size setting at that resolution (`size`,
 `crop_size`, the tiles' `max_image_size`). It runs on a blank image of
@@ -44,7 +45,8 @@ def image_inputs(config, size: int) -> dict:
     if text_config_of(config) is None:
         raise QLoRAError(f"{config.model_type} is a text model: it takes no images (leave --images at 0)")
     try:
-        backends = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+        backends = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or IMAGE_PROCESSOR_MAPPING_NAMES.get(
+            sibling(config.model_type, IMAGE_PROCESSOR_MAPPING_NAMES)) or {}
         name = backends.get("pil") or next(iter(backends.values()), None)
         if name is None:
             raise ValueError("transformers maps no image processor to this model type")
@@ -63,6 +65,13 @@ def image_inputs(config, size: int) -> dict:
         said = type(e).__name__ + (f": {said[:157]}..." if len(said) > 160 else f": {said}" if said else "")
         raise QLoRAError(f"{config.model_type}: its image processor cannot be built here ({said})") from None
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def sibling(model_type: str, mapped) -> str | None:
+    """The longest model type in `mapped` that `model_type` extends (`qwen3_vl_moe` -> `qwen3_vl`): a family's
+    variant (its MoE) shares its processor, which transformers maps only for the family."""
+    parents = [k for k in mapped if model_type.startswith(k + "_")]
+    return max(parents, key=len, default=None)
 
 
 def forward_inputs(model, pixels: dict, copies: int = 1) -> dict:

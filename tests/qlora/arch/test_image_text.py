@@ -98,7 +98,8 @@ MORE_FAMILIES = {
                                        projector_output_dim=32, pixel_shuffle_ratio=0.5)),
                "language_model", {"vision_model", "multi_modal_projector"}),
     "gemma4": (dict(text_config=dict(_TEXT, head_dim=8),
-                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)),
+                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=4)),
                "model.language_model", {"model.vision_tower", "model.embed_vision"}),
 }
 
@@ -106,7 +107,7 @@ MORE_FAMILIES = {
 def build(family: str) -> nn.Module:
     """The family's image-text model in fp32, random weights (norms and routers too: some inits are constant)."""
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(family, **FAMILIES[family])
+    config = transformers.AutoConfig.for_model(family, **(FAMILIES.get(family) or MORE_FAMILIES[family][0]))
     model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -90,15 +90,19 @@ def test_the_plan_shows_the_towers_and_the_images():
     assert "| qlora-ckpt | 82.25 KiB |" in text and result["note"] is None
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5_moe", "mistral3", "smolvlm"])
-def test_patch_grid_families_are_planned_with_an_image(family, tmp_path):
-    """Towers whose shapes follow from the image's patch grid (Qwen-VL's and Qwen3.5's grids and M-RoPE positions,
-    Pixtral's per-image loop): the grid and the token ids are constants of the trace and the position ids are
-    computed for real (memprofile.fake.on_constants); predicted = measured with one 32-px image per row."""
+@pytest.mark.parametrize("family,seq", [("qwen3_vl", 128), ("qwen3_5_moe", 128), ("mistral3", 128), ("smolvlm", 128),
+                                        ("qwen2_5_vl", 128), ("gemma4", 320)])
+def test_patch_grid_families_are_planned_with_an_image(family, seq, tmp_path):
+    """Towers whose shapes follow from the image's patch grid or the pixels' values (Qwen-VL's and Qwen3.5's grids
+    and M-RoPE positions, Qwen2.5-VL's window index built with torch.arange, Pixtral's per-image loop, SmolVLM's
+    padding check, Gemma 4's pooling by one_hot of the patch positions): the processor's tensors and the token ids
+    are constants of the trace, factories and one_hot of known values too, and the position ids are computed for
+    real (memprofile.fake); predicted = measured with one 32-px image per row (Gemma 4 pads every image to its
+    processor's budget of 256 tokens)."""
     torch.manual_seed(0)
     transformers.AutoModelForImageTextToText.from_config(config(family)).save_pretrained(tmp_path / family)
     settings = RunSettings(images=1, image_size=32, device="cpu", compute_dtype="float32")
-    rows = sweep(str(tmp_path / family), configurations=("qlora-ckpt",), batches=(2,), seqs=(128,), ranks=(4,),
+    rows = sweep(str(tmp_path / family), configurations=("qlora-ckpt",), batches=(2,), seqs=(seq,), ranks=(4,),
                  settings=settings, compute_dtype="float32", progress=False)
     for r in rows:
         assert "error" not in r and "predict_error" not in r, r
