@@ -126,6 +126,10 @@ def write_gguf(src: MergedBase, spec: ArchSpec, path: Path, dtype: str, progress
     try:
         for group, tensors in tqdm(plan, desc="gguf", unit="group", disable=not progress):
             types = {g: q for g, _, q in tensors}
+            if group is None:                             # tensors of no model tensor (rope_freqs)
+                for gname, gt in spec.extra_tensors(config):
+                    write_tensor(writer, gt, types[gname])
+                continue
             made = src.group_tensors(group)               # one group, merged (fp32 where merged)
             for name, t in made.items():
                 for gname, gt in spec.tensors(name, t, config):
@@ -147,6 +151,9 @@ def plan_tensors(src: MergedBase, spec: ArchSpec, dtype: str) -> list:
             for gname, t in spec.tensors(name, meta, config):
                 tensors.append((gname, tuple(t.shape), ggml_type(gname, tuple(t.shape), dtype)))
         plan.append((group, tensors))
+    extra = spec.extra_tensors(config)
+    if extra:
+        plan.insert(0, (None, [(n, tuple(t.shape), ggml_type(n, tuple(t.shape), dtype)) for n, t in extra]))
     if src.new_heads:
         raise QLoRAError(f"the adapter saves {sorted(src.new_heads)[0]!r}, which the base checkpoint does not "
                          "have; GGUF export writes causal LMs of the base's layout. Nothing was written.")

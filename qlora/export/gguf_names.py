@@ -10,7 +10,8 @@ Learned from llama.cpp's convert_hf_to_gguf.py (our own code): tensor names come
 convert_hf_to_gguf.py does to the values. Llama/Mistral: q and k rows permuted (LlamaModel.permute: llama.cpp's
 rope rotates adjacent pairs, transformers' rotates halves); Gemma 2/3: RMSNorm weights stored as 1 + w (the
 model multiplies by 1 + w, llama.cpp by the stored value); Qwen3-MoE: transformers' fused experts gate_up_proj
-[E, 2I, H] split into ffn_gate_exps and ffn_up_exps [E, I, H]. Run: pytest tests/qlora/export/test_gguf.py.
+[E, 2I, H] split into ffn_gate_exps and ffn_up_exps [E, I, H]; rope scaling: linear and YaRN as metadata, Llama
+3's as a tensor of per-pair frequency factors (rope_freqs.weight). Run: pytest tests/qlora/export/test_gguf.py.
 """
 from __future__ import annotations
 
@@ -64,6 +65,13 @@ class ArchSpec:
             t = t.float() + 1                      # fp32: 1 + w rounds once, at the output dtype
         return [(f"{gguf_stem}.{suffix}", t)]
 
+    def extra_tensors(self, config) -> list[tuple[str, torch.Tensor]]:
+        """GGUF tensors that are no model tensor: Llama 3's rope frequency factors (`rope_freqs.weight`)."""
+        if rope_scaling(config) != "llama3":
+            return []
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return [("rope_freqs.weight", llama3_rope_factors(rope_parameters(config), head_dim))]
+
     def name_map(self, config):
         import gguf  # lazy: gguf is needed only to write GGUF files
         return gguf.get_tensor_name_map(self.gguf_arch, config.num_hidden_layers)
@@ -87,12 +95,22 @@ class ArchSpec:
             writer.add_value_length(head_dim)
         rotary = int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))
         writer.add_rope_dimension_count(rotary)
+        scaling, params = rope_scaling(config), rope_parameters(config)
+        if scaling in ("linear", "yarn"):
+            import gguf  # lazy: gguf is needed only to write GGUF files
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if scaling == "linear" else gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(params["factor"])
+            if scaling == "yarn":
+                writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
         if self.experts:
             writer.add_expert_count(config.num_experts)
             writer.add_expert_used_count(config.num_experts_per_tok)
             writer.add_expert_feed_forward_length(config.moe_intermediate_size)
         if self.model_type in GEMMAS and getattr(config, "sliding_window", None):
             writer.add_sliding_window(config.sliding_window)
+        if self.model_type == "gemma3_text" and getattr(config, "layer_types", None):
+            # which layers slide (llama.cpp assumes every sixth full otherwise)
+            writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
         if self.model_type == "gemma2":
             writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
             writer.add_final_logit_softcapping(config.final_logit_softcapping)
@@ -120,10 +138,17 @@ def arch_spec(config) -> ArchSpec:
     if spec is None:
         raise QLoRAError(f"GGUF export does not support model type {config.model_type!r} yet; supported: "
                          f"{', '.join(sorted(SPECS))}. Export a folder instead (--format folder). Nothing was written.")
-    scaling = rope_scaling(config)
-    if scaling not in (None, "default"):
-        raise QLoRAError(f"GGUF export does not write rope scaling {scaling!r} (model type {config.model_type}) "
-                         "yet; only models without rope scaling. Export a folder instead. Nothing was written.")
+    scaling, params = rope_scaling(config), rope_parameters(config)
+    written = {"default": (), "linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    kept = {"rope_type", "rope_theta", "type", *written.get(scaling, ())} | (
+        {"beta_fast", "beta_slow", "truncate"} if scaling == "yarn" else set())   # checked below: llama.cpp's values
+    if scaling not in (None, "default") and (scaling not in written or (scaling == "llama3" and spec.arch != "LLAMA")
+                                or set(params) - kept or params.get("beta_fast", 32) != 32
+                                or params.get("beta_slow", 1) != 1 or params.get("truncate", True) is not True):
+        raise QLoRAError(f"GGUF export does not write rope scaling {scaling!r} with {dict(params)} (model type "
+                         f"{config.model_type}) yet; it writes linear, yarn (llama.cpp's defaults) and llama3 "
+                         "(Llama). Export a folder instead. Nothing was written.")
     if spec.model_type == "gemma2" and getattr(config, "query_pre_attn_scalar", None) not in (
             None, getattr(config, "head_dim", None)):
         raise QLoRAError(f"Gemma 2 with query_pre_attn_scalar {config.query_pre_attn_scalar} != head_dim "
@@ -142,6 +167,23 @@ def rope_parameters(config) -> dict:
     if "full_attention" in params:
         params = params["full_attention"]
     return params
+
+
+def llama3_rope_factors(params: dict, head_dim: int) -> torch.Tensor:
+    """Llama 3.1's rope scaling as llama.cpp reads it: one factor per rotated pair (rope_freqs.weight, [head_dim /
+    2] fp32) by which it divides that pair's frequency. Wavelengths shorter than original / high_freq_factor keep
+    theirs (1), longer than original / low_freq_factor are divided by `factor`, and in between the division is
+    smoothed linearly in original / wavelength (Meta's formula, as transformers' `_compute_llama3_parameters`)."""
+    import math
+    theta, factor = params.get("rope_theta", 10000.0), params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    original = params["original_max_position_embeddings"]
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelen < original / high, 1.0, torch.where(wavelen > original / low, factor, factors))
+    return factors.float()
 
 
 def rope_theta(config):

@@ -46,7 +46,7 @@ def verify_gguf(path: Path, src: MergedBase, dtype: str) -> dict:
     reference = merged_model(src)
     ref_logits, ref_greedy = run(reference, ids)
     checks = {}
-    readback = read_back(path)
+    readback = read_back(path, src.layout.model.config)
 
     @torch.no_grad()
     def margin(i: int, k: int) -> float:
@@ -95,8 +95,10 @@ def merged_model(src: MergedBase):
     return model.eval()
 
 
-def read_back(path: Path):
-    """The GGUF file as transformers' GGUF loader makes a model of it (dequantized to fp32), quietly."""
+def read_back(path: Path, config=None):
+    """The GGUF file as transformers' GGUF loader makes a model of it (dequantized to fp32), quietly; with the rope
+    parameters of `config` (the source's), which its reader does not read for these architectures (rope scaling:
+    llama.cpp's check, where installed, runs the file's own)."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils  # lazy: with the check only
     from transformers import AutoModelForCausalLM  # lazy: with the check only
 
@@ -104,7 +106,9 @@ def read_back(path: Path):
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        rope = {"rope_parameters": config.rope_parameters} if getattr(config, "rope_parameters", None) else {}
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                    **rope).eval()
     finally:
         gguf_utils.tqdm = bar
 

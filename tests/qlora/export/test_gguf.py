@@ -42,6 +42,18 @@ FAMILIES = {     # name -> (config class, model class, overrides)
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=256, query_pre_attn_scalar=256,
                                                               sliding_window=64)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+    # rope scaling: Llama 3.1's (the three kinds of wavelength with head_dim 16 and 64 original positions),
+    # Gemma 3's linear on its full-attention layers, YaRN
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "gemma3_linear_rope": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+            full_attention=dict(rope_type="linear", rope_theta=1e6, factor=8.0),
+            sliding_attention=dict(rope_type="default", rope_theta=10000.0)))),
+    "qwen2_yarn_rope": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))),
 }
 F16_REL = 2e-3           # measured 3.8e-4 .. 7.6e-4 over the families (f16 rounding of random weights)
 
@@ -68,9 +80,11 @@ def build(family: str, folder: Path, tok_dir: Path, seed: int = 0, qk_scale: flo
     return model
 
 
-def read_back(path: Path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+def read_back(path: Path, like=None):
+    """transformers' reading of the file; with `like`'s rope parameters (transformers' GGUF reader does not read rope
+    scaling for these architectures: llama.cpp's test checks the file's own)."""
+    from qlora.export.gguf_verify import read_back as read
+    return read(path, like.config if like is not None else None)
 
 
 def ids(n=2, seq=12, seed=1):
@@ -90,13 +104,16 @@ def agreement(ref, got, x) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------- architectures
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+ROPE_SCALED = ("gemma3_linear_rope", "qwen2_yarn_rope")     # llama.cpp's test only: transformers reads no scaling
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ROPE_SCALED])
 def test_family_round_trips_through_transformers(family, tmp_path, smol_tok_dir):
     from qlora.export.gguf import export_gguf
     model = build(family, tmp_path / "base", smol_tok_dir)
     export_gguf(tmp_path / "base", None, tmp_path / "m.gguf", dtype="f16", verify=False, modelfile=False,
                 progress=False)
-    got = read_back(tmp_path / "m.gguf")
+    got = read_back(tmp_path / "m.gguf", model)
     assert type(got).__name__ in (type(model).__name__, "LlamaForCausalLM")   # Mistral is a Llama to llama.cpp
     rel, top1 = agreement(model, got, ids())
     assert rel <= F16_REL and top1 == 1.0, (family, rel, top1)
@@ -108,13 +125,15 @@ def test_family_round_trips_through_transformers(family, tmp_path, smol_tok_dir)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_runs_in_llama_cpp(family, tmp_path, smol_tok_dir):
     """llama.cpp itself (not a reader of ours or transformers') runs each family's f16 file: its logits at every
-    position and its greedy tokens are the transformers model's."""
+    position and its greedy tokens are the transformers model's. Rope-scaled ones: sharper attention and 48-token
+    prompts, so that positions matter (written without their scaling, each of the three fails here)."""
     from qlora.export.gguf import export_gguf
     from qlora.export.gguf_verify import run_llama_cpp
-    model = build(family, tmp_path / "base", smol_tok_dir)
+    scaled = family.endswith("_rope")
+    model = build(family, tmp_path / "base", smol_tok_dir, qk_scale=4.0 if scaled else 1.0)
     export_gguf(tmp_path / "base", None, tmp_path / "m.gguf", dtype="f16", verify=False, modelfile=False,
                 progress=False)
-    prompts = ids(n=2, seq=10, seed=7).tolist()
+    prompts = ids(n=2, seq=48 if scaled else 10, seed=7).tolist()
     logits, got = run_llama_cpp(tmp_path / "m.gguf", prompts)
     with torch.no_grad():
         want = model(torch.tensor(prompts)).logits
@@ -368,6 +387,37 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys, smol_tok_dir):
                          "--format", "gguf"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "'gpt2'" in err and "llama" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_llama3_rope_factors_are_transformers_frequencies():
+    """rope_freqs.weight: the factor by which llama.cpp divides each pair's frequency, against transformers' own
+    llama3 frequencies (base / scaled), with all three kinds of wavelength (kept, smoothed, divided)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qlora.export.gguf_names import llama3_rope_factors
+    cfg = transformers.LlamaConfig(**{**COMMON, **FAMILIES["llama3_rope"][2], "hidden_size": 64})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    base = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    factors = llama3_rope_factors(cfg.rope_parameters, 16)
+    torch.testing.assert_close(factors, (base / scaled.double()).float())
+    assert factors[0] == 1 and factors[-1] == 8 and 1 < factors[1] < 8
+
+
+def test_rope_scaling_it_cannot_write_is_one_line(tmp_path, capsys, smol_tok_dir):
+    """LongRoPE (Phi-3.5) and a YaRN with other betas than llama.cpp's: refused in one line, nothing written."""
+    import transformers
+    for name, kind, extra in (("phi", "Phi3", dict(rope_parameters=dict(
+            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+            original_max_position_embeddings=64), pad_token_id=0)),
+            ("qwen", "Qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                        original_max_position_embeddings=32, beta_fast=16)))):
+        cfg = getattr(transformers, kind + "Config")(**{**COMMON, "num_hidden_layers": 1, **extra})
+        getattr(transformers, kind + "ForCausalLM")(cfg).save_pretrained(tmp_path / name)
+        code, err = run_cli(["export", "--base", str(tmp_path / name), "--out", str(tmp_path / "o.gguf"),
+                             "--format", "gguf"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "rope scaling" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phi", "qwen"]
 
 
 def test_existing_out_is_refused_without_force(smol_gguf, capsys):
