@@ -15,6 +15,7 @@ model multiplies by 1 + w, llama.cpp by the stored value); Qwen3-MoE: transforme
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,6 @@ def llama3_rope_factors(params: dict, head_dim: int) -> torch.Tensor:
     2] fp32) by which it divides that pair's frequency. Wavelengths shorter than original / high_freq_factor keep
     theirs (1), longer than original / low_freq_factor are divided by `factor`, and in between the division is
     smoothed linearly in original / wavelength (Meta's formula, as transformers' `_compute_llama3_parameters`)."""
-    import math
     theta, factor = params.get("rope_theta", 10000.0), params["factor"]
     low, high = params["low_freq_factor"], params["high_freq_factor"]
     original = params["original_max_position_embeddings"]

@@ -107,10 +107,13 @@ def fit_to_budget(model, train_set, collate, train_config, budget: int, plan_as:
     return replace(train_config, batch_size=micro, grad_accum=accum), peak, blocks
 
 
-def check_prediction(measured: int, predicted: int, tolerance: float = 0.10) -> Optional[str]:
-    """A warning line when the first step's measured peak is more than `tolerance` from the plan."""
-    if not measured or not predicted or abs(measured - predicted) <= tolerance * measured:
+def check_prediction(measured: int, predicted: int, tolerance: float = 0.10, others: int = 0) -> Optional[str]:
+    """A warning line when the first step's measured peak, less the `others` bytes live before it that the run
+    does not own (FirstStepPeak.others: the plan does not hold them), is more than `tolerance` from the plan."""
+    own = measured - others if measured else measured
+    if not own or not predicted or abs(own - predicted) <= tolerance * own:
         return None
-    return (f"memory: the first step peaked at {measured / 2**30:.2f} GiB, the plan predicted "
-            f"{predicted / 2**30:.2f} GiB ({(predicted - measured) / measured:+.0%}); the plan assumes the "
+    besides = f" (besides {others / 2**20:.1f} MiB of other tensors live before it)" if others else ""
+    return (f"memory: the first step peaked at {own / 2**30:.2f} GiB{besides}, the plan predicted "
+            f"{predicted / 2**30:.2f} GiB ({(predicted - own) / own:+.0%}); the plan assumes the "
             "chunked loss and full-length batches")

@@ -271,7 +271,8 @@ class _Run:
                             **({"first_step_at_peak": tracker.at_peak, "first_step_peak_phase": tracker.peak_phase,
                                 "first_step_temporary_parts": tracker.temporary_parts} if tracker.at_peak else {})})
             if self.predicted_peak is not None:
-                if (msg := check_prediction(result.first_step_peak_bytes, self.predicted_peak)) is not None:
+                if (msg := check_prediction(result.first_step_peak_bytes, self.predicted_peak,
+                                            others=tracker.others)) is not None:
                     warnings.warn(msg, stacklevel=3)
             if self.on_first_step is not None and acc.is_main_process:
                 self.on_first_step(result)

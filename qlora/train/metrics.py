@@ -19,11 +19,13 @@ from memprofile.tracker import StorageTracker
 class FirstStepPeak:
     """The first optimizer step's peak (CPU: the allocator's events over the bytes live before it; CUDA:
     max_memory_allocated) and, given the model and its first batch, what is live at that peak by category
-    (memprofile.composition: `at_peak`, `peak_phase`, `temporary_parts`, adding up to the peak)."""
+    (memprofile.composition: `at_peak`, `peak_phase`, `temporary_parts`, adding up to the peak). `others`: the
+    bytes live before the step that are neither the model's weights nor the batch (a data set held as tensors,
+    the caller's own; 0 without the model), which a plan of the run does not hold."""
 
     def __init__(self, device, model=None, batch=None):
         self.device = torch.device(device)
-        self.at_peak, self.peak_phase, self.temporary_parts = {}, "", {}
+        self.at_peak, self.peak_phase, self.temporary_parts, self.others = {}, "", {}, 0
         # garbage first (tensors in reference cycles nothing reaches, from loading or the caller's earlier work): it
         # counted as live before the step, and a collection inside the step would free it (6 MiB of it made a
         # GRPO first step 18 % above its plan). Once per run: ~0.1-1 s in a process that imported transformers.
@@ -41,6 +43,8 @@ class FirstStepPeak:
             seen: set = set()
             weights = weight_bytes(model, seen)
             inputs = unique_storage_bytes(nested_tensors(batch), seen)
+            before = (torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else self.baseline)
+            self.others = max(0, before - sum(weights.values()) - inputs)
             self.account = StorageTracker(real=True, device=self.device)
             self.account.account(model, [p for p in model.parameters() if p.requires_grad], {**weights, "inputs": inputs})
             self.saved = self.account.saved_tensors()
