@@ -235,20 +235,30 @@ def test_planner_imports_bitsandbytes_without_torch_compile():
     assert out.stdout.strip() == "False"
 
 
-def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
+def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path, capsys):
     """`qlora plan` ends with os._exit (no interpreter teardown): the output must still be complete
-    and the exit status the command's (0; 2 with one line for bad input)."""
+    and the exit status the command's (0; 2 with one line for bad input): two runs in a subprocess; the
+    tasks' plans in this process (qlora.cli.main)."""
     import json
     import os
     import subprocess
     import sys
+    from types import SimpleNamespace
+
+    from qlora.cli import main
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY["llama"]))
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # stdout a buffered pipe
-    run = lambda *args: subprocess.run(  # noqa: E731
+    command = lambda *args: subprocess.run(  # noqa: E731
         [sys.executable, "-c", "import sys; from qlora.cli import entry; sys.argv[0] = 'qlora'; entry()", "plan", *args],
         capture_output=True, text=True, timeout=600, env=buffered)
-    ok = run("--model", str(config), "--memory", "64MiB", "--configs", "qlora-ckpt", "--seq", "64", "--device", "cpu")
+
+    def run(*args):
+        code = main(["plan", *args])
+        said = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=said.out, stderr=said.err)
+
+    ok = command("--model", str(config), "--memory", "64MiB", "--configs", "qlora-ckpt", "--seq", "64", "--device", "cpu")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert ok.stdout.splitlines()[-1].startswith("recommendation for qlora"), ok.stdout
     assert "| qlora-ckpt |" in ok.stdout and ok.stderr == ""
@@ -267,5 +277,5 @@ def test_the_qlora_command_prints_all_of_the_plan_and_its_status(tmp_path):
     roomy = run("--model", str(config), "--memory", "4GiB", "--configs", "qlora-ckpt", "--seq", "32", "--device", "cpu",
                 "--task", "grpo", "--num-generations", "4", "--prompt-length", "32")
     assert longest(roomy.stdout) == 256          # a multiple of 256 within 512 positions less the 32 of the prompt
-    bad = run("--model", str(config), "--memory", "lots")
+    bad = command("--model", str(config), "--memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--memory" in bad.stderr
