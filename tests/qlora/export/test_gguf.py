@@ -148,8 +148,10 @@ def test_family_runs_in_llama_cpp(family, tmp_path, smol_tok_dir):
     assert got == [greedy(model, torch.tensor([p]), len(g))[0].tolist() for p, g in zip(prompts, got)]
 
 
+@pytest.mark.slow
 def test_without_the_permutation_the_reader_disagrees(tmp_path, smol_tok_dir, monkeypatch):
-    """The q/k permutation is what makes Llama round-trip: writing q/k unpermuted is detected by the check."""
+    """The q/k permutation is what makes Llama round-trip: writing q/k unpermuted is detected by the check. (The
+    control that the default suite's round trips can fail, 12 s: behind the slow marker.)"""
     import qlora.export.gguf_names as names
     from qlora.export.gguf import export_gguf
     model = build("llama", tmp_path / "base", smol_tok_dir, qk_scale=10.0)   # attention that matters
