@@ -14,8 +14,8 @@
   inputs are all constants runs for real, so its output shape and values are known); `constants_up_to(n)` lets
   such outputs of up to n elements stay constants (torch's default: 1), for small integer inputs whose values
   decide shapes (an image's patch grid); `on_constants(fn)` runs fn for real when every tensor it is given is a
-  constant (a function that builds its result from Python lists of values, e.g. M-RoPE position ids, or one whose
-  decomposition starts from a factory, e.g. one_hot), its outputs counted as allocations of the traced step;
+  constant (a function that builds its result from Python lists of values, e.g. M-RoPE position ids, or from
+  factories, e.g. one_hot or a window index made with arange), its outputs counted as allocations of the traced step;
   `outside_trace()` runs ops for real inside a trace (values to make constants of).
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ from torch._subclasses.fake_tensor import (
     UnsupportedOperatorException,
     unset_fake_temporarily,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class TraceError(ValueError):
@@ -157,33 +156,15 @@ def constant(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def constants_up_to(numel: int):
-    """Outputs of ops on constants stay constants up to `numel` elements (torch's CONSTANT_NUMEL_LIMIT), and so do
-    those of factories of known values (`arange`, `zeros`, `full`, ...: FakeTensorMode makes them unknown, so an
-    index built from an image's grid with `torch.arange` could not pick by value). Enter it inside the fake mode."""
+    """Outputs of ops on constants stay constants up to `numel` elements (torch's CONSTANT_NUMEL_LIMIT). (FakeTensorMode
+    computes an op whose inputs are all constants for real whatever its size, and keeps the result only up to the
+    limit: factories are left fake, or an `arange` of positions would make a [seq, seq] mask real.)"""
     before = _fake_module.CONSTANT_NUMEL_LIMIT
     _fake_module.CONSTANT_NUMEL_LIMIT = max(before, numel)
     try:
-        with _KnownFactories():
-            yield
+        yield
     finally:
         _fake_module.CONSTANT_NUMEL_LIMIT = before
-
-
-class _KnownFactories(TorchDispatchMode):
-    """Factories whose values follow from their arguments alone, made as constants of the fake mode below (their
-    fakes are made by it, so a tracker above counts them) up to CONSTANT_NUMEL_LIMIT elements."""
-
-    OPS = {"arange", "zeros", "ones", "full", "scalar_tensor", "linspace", "eye"}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if (func.overloadpacket.__name__ in self.OPS and isinstance(out, FakeTensor) and out.constant is None
-                and out.numel() <= _fake_module.CONSTANT_NUMEL_LIMIT
-                and not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs)))):
-            with outside_trace():
-                out.constant = func(*args, **dict(kwargs, device=torch.device("cpu")))
-        return out
 
 
 def on_constants(fn):

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -77,7 +78,21 @@ def _adamw8bit_cpu(*args, **kwargs):
 
 def replacements(settings: RunSettings) -> tuple:
     cpu = (("bitsandbytes.functional", "optimizer_update_8bit_blockwise", _adamw8bit_cpu),)
-    return REPLACEMENTS + (cpu if settings.device == "cpu" and settings.optimizer != "adamw" else ())
+    return REPLACEMENTS + vision_utilities() + (cpu if settings.device == "cpu" and settings.optimizer != "adamw"
+                                                else ())
+
+
+def vision_utilities() -> tuple:
+    """transformers' vision utilities (`transformers.vision_utils.get_vision_*`: window indices, patch positions and
+    sequence lengths, made from an image's grid with factories and picks by value, e.g. Qwen2.5-VL's window index),
+    where the loaded modeling modules call them, run for real on known grids (on_constants)."""
+    utils = sys.modules.get("transformers.vision_utils")
+    if utils is None:
+        return ()
+    fns = {name: f for name, f in vars(utils).items() if name.startswith("get_vision_") and callable(f)}
+    return tuple((module_name, name, on_constants(f)) for module_name, module in list(sys.modules.items())
+                 if module_name.startswith("transformers.models.") and module is not None
+                 for name, f in fns.items() if getattr(module, name, None) is f)
 
 
 def load_config(config):

@@ -74,17 +74,22 @@ def sibling(model_type: str, mapped) -> str | None:
     return max(parents, key=len, default=None)
 
 
-def forward_inputs(model, pixels: dict, copies: int = 1) -> dict:
+def forward_inputs(model, pixels: dict, copies: int = 1, known: bool = True) -> dict:
     """The processor's tensors the model's forward takes, repeated `copies` times along the images: float ones as
     ones of their shape (not zeros: Idefics3 and SmolVLM drop all-zero images as padding), integer ones (grids,
-    sizes, masks) with their values. Made for real; inside a trace, as constants of it (memprofile.fake.constant):
-    towers that pick images or patches by value (Idefics3's padding check, its per-image patch masks) and shapes
-    that follow from grids are traced as they run."""
+    sizes, masks) with their values. Inside a trace the integer ones are constants of it (memprofile.fake.constant:
+    shapes that follow from grids are traced as they run), and so are the float ones when `known` (towers that pick
+    images or patches by their values: Idefics3's padding check; otherwise fakes, which cost the planner nothing)."""
     names = inspect.signature(model.forward).parameters
+    floats = {k: v for k, v in pixels.items() if k in names and v.is_floating_point()}
     with outside_trace():
-        out = {k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) if v.is_floating_point()
-               else v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in pixels.items() if k in names}
-    return {k: constant(v) for k, v in out.items()}
+        out = {k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) for k, v in floats.items() if known}
+        out.update({k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in pixels.items()
+                    if k in names and not v.is_floating_point()})
+    out = {k: constant(v) for k, v in out.items()}
+    out.update({k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) for k, v in floats.items()
+                if not known})
+    return out
 
 
 def known_numel(pixels: dict, copies: int) -> int:
@@ -92,10 +97,11 @@ def known_numel(pixels: dict, copies: int) -> int:
     return max((v.numel() * copies for v in pixels.values()), default=0)
 
 
-def image_tokens(model, pixels: dict) -> int:
-    """Image tokens the model expects for one image: the rows of its image features (real or fake tensors)."""
+def image_tokens(model, pixels: dict, known: bool = True) -> int:
+    """Image tokens the model expects for one image: the rows of its image features (real or fake tensors; `known`:
+    see forward_inputs)."""
     with torch.no_grad():
-        out = model.get_image_features(**forward_inputs(model, pixels))
+        out = model.get_image_features(**forward_inputs(model, pixels, known=known))
     feats = getattr(out, "pooler_output", out)
     feats = feats if isinstance(feats, (list, tuple)) else [feats]
     return sum(f.numel() // f.shape[-1] for f in feats)

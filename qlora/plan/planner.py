@@ -93,6 +93,7 @@ class Planner:
         size = settings.image_size or default_image_size(self.config)
         self._pixels = image_inputs(self.config, size) if settings.images else None   # one image, the processor's
         self._image_tokens = None
+        self._pixels_known = False     # the pixels' values are constants of the trace (see _with_known_pixels)
 
     def _fake_model(self, n: int, seq: int):
         """(fake mode, model with n blocks, its optimizer: one per model, its state does not depend
@@ -136,7 +137,23 @@ class Planner:
             raise QLoRAError(f"{self.config.model_type} ({self.settings.configuration}): cannot trace {what}: "
                              f"{type(e).__name__}: {msg}") from None
 
+    def _with_known_pixels(self, fn):
+        """fn(), and once more with the pixels' values known when it fails without them (a tower that picks images
+        by their values: SmolVLM's padding check; Gemma 4's pick by a mask of its patches' positions beyond
+        KNOWN_NUMEL). Known pixels cost the planner real memory and time (a batch of 896-px images is gigabytes of
+        constants), so only the towers that need them pay."""
+        try:
+            return fn()
+        except QLoRAError:
+            if self._pixels is None or self._pixels_known:
+                raise
+            self._pixels_known = True
+            return fn()
+
     def _step(self, n: int, batch: int, seq: int):
+        return self._with_known_pixels(lambda: self._traced_step(n, batch, seq))
+
+    def _traced_step(self, n: int, batch: int, seq: int):
         mode, model, opt = self._fake_model(n, seq)
         with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), \
                 self._known_values(2 * batch * self.settings.images):        # (a preference batch: 2 rows each)
@@ -156,7 +173,7 @@ class Planner:
         out = {k: constant(v) if isinstance(v, torch.Tensor) else v for k, v in real.items()}
         rows = real["input_ids"].shape[0] * self.settings.images
         floats = {k: v for k, v in self._pixels.items() if v.is_floating_point()}
-        return {**out, **forward_inputs(model, floats, rows)}                # the pixels: constants too
+        return {**out, **forward_inputs(model, floats, rows, known=self._pixels_known)}
 
     def _known_values(self, images: int = 1):
         """With `images` images: the processor's tensors (pixels, patch grids, masks) and the token ids are constants
@@ -165,21 +182,25 @@ class Planner:
         (transformers' `get_rope_index`, the Qwen-VL families') are computed for real from them (on_constants)."""
         if self._pixels is None:
             return contextlib.nullcontext()
-        return constants_up_to(max(KNOWN_NUMEL, known_numel(self._pixels, images)))
+        return constants_up_to(max(KNOWN_NUMEL, known_numel(self._pixels, images) if self._pixels_known else 0))
 
     def _count_image_tokens(self, model) -> None:
         """Inside the fake mode of `model` and _known_values: the tokens of one image, the model's own count
         (qlora.plan.images)."""
         if self._pixels is not None and self._image_tokens is None:
-            self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels), "the vision tower")
+            self._image_tokens = self._traced(lambda: image_tokens(model, self._pixels, self._pixels_known),
+                                              "the vision tower")
 
     def image_tokens(self) -> Optional[int]:
         """Tokens of one image (None without images); QLoRAError when the tower cannot be traced."""
         mode, model, _ = self._fake_model(min(self.layers, 2 * self.period), 1)
-        with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), \
-                self._known_values():
-            self._count_image_tokens(model)
-        return self._image_tokens
+
+        def count():
+            with fake_tensors(mode, REAL_FUNCTIONS, replacements(self.settings)), value_checks_off(), \
+                    self._known_values():
+                self._count_image_tokens(model)
+            return self._image_tokens
+        return self._with_known_pixels(count)
 
     def tower_bytes(self) -> int:
         """Bytes of the towers' weights (vision / audio encoder, projector: qlora.arch.multimodal), 0 for a text

@@ -96,26 +96,29 @@ def test_data_dependent_model_gets_a_one_line_trace_error():
 
 
 def test_known_values_pick_by_value_and_are_counted():
-    """Inside constants_up_to, factories of known values (torch.arange, ...) are constants of the trace, so a pick
-    by their values has a known shape (Qwen2.5-VL's window index); on_constants(fn) runs fn for real on constants
-    (one_hot: its decomposition starts from zeros) and its output is counted as an allocation. Without them the
-    same picks are data-dependent: one-line TraceErrors."""
-    from memprofile.fake import constants_up_to, on_constants
+    """on_constants(fn) runs fn for real on constants (a window index made with torch.arange and picked by value,
+    as Qwen2.5-VL's; one_hot, whose decomposition starts from zeros) and its outputs are counted as allocations;
+    inside constants_up_to, ops on those outputs stay known, so a pick by their values has a known shape. Without
+    them the same picks are data-dependent: one-line TraceErrors."""
+    from memprofile.fake import constant, constants_up_to, on_constants
 
-    def step():
-        index = torch.arange(24).reshape(4, 6)                      # 192 bytes
-        picked = features[index[index % 5 != 0]]                    # 19 rows of 8 floats
-        hot = on_constants(torch.nn.functional.one_hot)(index, 30)  # [4, 6, 30] int64: 5,760 bytes
+    def window(grid):
+        index = torch.arange(int(grid.prod())).reshape(4, 6)
+        return index[index % 5 != 0]                                # 19 of 24: a pick by value
+
+    def step(wrap):
+        features = torch.empty(24, 8)
+        grid = constant(torch.tensor([4, 6]))
+        picked = features[wrap(window)(grid)]                       # 19 rows of 8 floats
+        hot = wrap(torch.nn.functional.one_hot)(grid, 30)           # [2, 30] int64: 480 bytes
         return picked, hot
 
     tracker = StorageTracker()
-    with fake_tensors():
-        features = torch.empty(24, 8)
-        with constants_up_to(1000):
-            tracker.start()
-            picked, hot = step()
-            tracker.stop()
+    with fake_tensors(), constants_up_to(1000):
+        tracker.start()
+        picked, hot = step(on_constants)
+        tracker.stop()
         assert picked.shape == (19, 8) and hot.constant is not None
-        assert tracker.live == 5760 + 19 * 8 * 4                 # what step() returned is alive, and counted
-        with pytest.raises(TraceError), fake_tensors():
-            step()
+        assert tracker.live == 480 + 19 * 8 * 4                     # what step() returned is alive, and counted
+    with pytest.raises(TraceError), fake_tensors(), constants_up_to(1000):
+        step(lambda fn: fn)
