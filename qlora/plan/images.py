@@ -81,15 +81,13 @@ def forward_inputs(model, pixels: dict, copies: int = 1, known: bool = True) -> 
     shapes that follow from grids are traced as they run), and so are the float ones when `known` (towers that pick
     images or patches by their values: Idefics3's padding check; otherwise fakes, which cost the planner nothing)."""
     names = inspect.signature(model.forward).parameters
-    floats = {k: v for k, v in pixels.items() if k in names and v.is_floating_point()}
+    taken = {k: v for k, v in pixels.items() if k in names}
+    ones = lambda v: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype)  # noqa: E731
+    fake = {k for k, v in taken.items() if v.is_floating_point() and not known}     # made under the trace: no bytes
     with outside_trace():
-        out = {k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) for k, v in floats.items() if known}
-        out.update({k: v.repeat(copies, *([1] * (v.dim() - 1))) for k, v in pixels.items()
-                    if k in names and not v.is_floating_point()})
-    out = {k: constant(v) for k, v in out.items()}
-    out.update({k: torch.ones((v.shape[0] * copies, *v.shape[1:]), dtype=v.dtype) for k, v in floats.items()
-                if not known})
-    return out
+        real = {k: ones(v) if v.is_floating_point() else v.repeat(copies, *([1] * (v.dim() - 1)))
+                for k, v in taken.items() if k not in fake}
+    return {**{k: constant(v) for k, v in real.items()}, **{k: ones(taken[k]) for k in fake}}
 
 
 def known_numel(pixels: dict, copies: int) -> int:
